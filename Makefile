@@ -1,0 +1,41 @@
+# Two commands: `make claims` (check every claim of the paper) and `make test`.
+# Both create .venv, install requirements.txt under constraints.txt and fetch MNIST when needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip install --quiet --constraint constraints.txt
+STAMP  := $(VENV)/.installed
+MNIST  := data/mnist/.verified
+export MPLBACKEND := Agg
+export VTK_DEFAULT_OPENGL_WINDOW := vtkEGLRenderWindow
+
+.PHONY: venv data test test-all quick bench claims claims-full clean
+
+$(STAMP): requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -r requirements.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(MNIST): $(STAMP)
+	$(PY) -m common.data mnist
+
+data: $(MNIST)
+
+test: $(STAMP) $(MNIST)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP) $(MNIST)
+	$(PY) -m pytest -q
+
+quick: $(STAMP) $(MNIST)
+	@set -e; for s in exp_*.py fig_*.py; do \
+		[ -e "$$s" ] || continue; echo "== $$s --quick"; $(PY) $$s --quick; done
+
+bench: $(STAMP) $(MNIST)
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_solve.py
+
+clean:
+	rm -rf results .pytest_cache

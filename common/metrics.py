@@ -1,0 +1,87 @@
+"""Reconstruction metrics (SPEC section 4), defined once, kept apart from the training objectives.
+
+Every metric is computed from sums accumulated over the whole evaluation set (``EvalSums``), so means
+are weighted by sample count, never means of per-batch means.
+
+    mse   sum ||x - recon||^2 / (n_samples * n_features)     (what the original scripts report)
+    fvu   sum ||x - recon||^2 / sum ||x - xbar||^2, xbar = the evaluation set's own mean
+    l0    mean number of non-zero codes per sample
+    dead  fraction of latents that never fire (are never non-zero) on the evaluation set
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EvalSums:
+    """Running float64 sums over an evaluation set."""
+
+    n_samples: int
+    n_features: int
+    sse: float              # sum ||x - recon||^2
+    sum_x: torch.Tensor     # (n_features,) float64
+    sum_xx: float           # sum ||x||^2
+    nnz: float              # total non-zero codes
+    fired: torch.Tensor     # (n_latents,) bool: latent was ever non-zero
+
+    @classmethod
+    def empty(cls, n_features: int, n_latents: int) -> "EvalSums":
+        return cls(0, n_features, 0.0, torch.zeros(n_features, dtype=torch.float64), 0.0, 0.0,
+                   torch.zeros(n_latents, dtype=torch.bool))
+
+    def add(self, x: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Add a batch: x, recon (b, n_features); dense codes (b, n_latents), or with ``idx`` the
+        TopK non-zeros: codes = values (b, k), idx = their latent indices (b, k)."""
+        f64 = torch.float64
+        self.n_samples += x.shape[0]
+        self.sse += float((x - recon).pow(2).sum(dtype=f64))
+        self.sum_x += x.sum(0, dtype=f64)
+        self.sum_xx += float(x.pow(2).sum(dtype=f64))
+        nz = codes != 0
+        self.nnz += float(nz.sum())
+        if idx is None:
+            self.fired |= nz.any(0)
+        else:
+            self.fired[idx[nz]] = True
+
+
+def summarise(s: EvalSums) -> dict:
+    """{mse, fvu, l0, dead} from accumulated sums."""
+    if s.n_samples == 0:
+        raise ValueError("cannot summarise an empty evaluation set")
+    total_var = s.sum_xx - float(s.sum_x.pow(2).sum()) / s.n_samples
+    return {
+        "mse": s.sse / (s.n_samples * s.n_features),
+        "fvu": s.sse / total_var if total_var > 0 else float("nan"),
+        "l0": s.nnz / s.n_samples,
+        "dead": 1.0 - float(s.fired.double().mean()),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, batch_size: int = 4096) -> dict:
+    """Reconstruction metrics of ``model`` on ``x`` (n_samples, n_features), streamed in batches."""
+    sums = EvalSums.empty(model.n_features, model.n_latents)
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size]
+        if model.is_topk:
+            vals, idx, _ = model.encode_sparse(xb)
+            sums.add(xb, model.decode_sparse(vals, idx), vals, idx)
+        else:
+            codes = model.encode(xb)
+            sums.add(xb, model.decode(codes), codes)
+    return summarise(sums)
+
+
+def mse(x: torch.Tensor, recon: torch.Tensor) -> float:
+    """Mean over samples and features of (x - recon)^2."""
+    return float((x.double() - recon.double()).pow(2).mean())
+
+
+def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
+    """sum ||x - recon||^2 / sum ||x - mean(x)||^2 (the mean of this same set)."""
+    x64 = x.double()
+    return float((x64 - recon.double()).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())

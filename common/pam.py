@@ -1,0 +1,174 @@
+"""PAM-SGD's decoder phase: streamed sufficient statistics and the exact closed-form joint solve.
+
+Coefficient scaling (one convention for the whole project, both phases): the training loss is the
+reconstruction MSE (mean over samples *and* features) plus
+
+    alpha ||W_dec||^2 + beta ||b_dec||^2 + mu ||W - W^t||^2 + nu ||b - b^t||^2
+
+so every coefficient is relative to the MSE. The closed form works with the *sum* of squared errors, so
+it multiplies each coefficient by ``N * n_features`` (N = samples in the statistics). With that, the
+decoder solve minimises exactly the objective the encoder phase and the SGD baselines see.
+
+The solve (SPEC section 3), written for the atoms matrix ``D = W^T`` (n_latents, n_features):
+
+    c = N / (N + beta' + nu');   zbar = s_z / N;   xbar = s_x / N
+    A = (alpha' + mu') I + G - N c zbar zbar^T                        (n_latents, n_latents)
+    D = A^{-1} (mu' D^t + M^T - c zbar (N xbar + nu' b^t)^T)          (Cholesky solve)
+    b = c (xbar - D^T zbar) + nu' / (N + beta' + nu') b^t
+
+with primes the scaled coefficients, G = sum z z^T and M^T = sum z x^T.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+# The CSR product below is exact and stable; torch only warns that the CSR API is labelled beta.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+# Relative ridge added to A when alpha + mu = 0, so that A stays positive definite with dead latents.
+TINY_RIDGE = 1e-8
+
+
+@dataclass
+class DecoderStats:
+    """float64 sufficient statistics of (x, z) pairs; memory independent of the number of samples.
+
+    n (float), sum_z (n_latents,), sum_x (n_features,), zz = sum z z^T (n_latents, n_latents),
+    zx = sum z x^T (n_latents, n_features) (the SPEC's M transposed), sum_xx = sum ||x||^2,
+    nnz = number of non-zero codes, fired (n_latents,) bool.
+    """
+
+    n: float
+    sum_z: torch.Tensor
+    sum_x: torch.Tensor
+    zz: torch.Tensor
+    zx: torch.Tensor
+    sum_xx: float
+    nnz: float
+    fired: torch.Tensor
+
+    @classmethod
+    def empty(cls, n_features: int, n_latents: int) -> "DecoderStats":
+        f64 = torch.float64
+        return cls(0.0, torch.zeros(n_latents, dtype=f64), torch.zeros(n_features, dtype=f64),
+                   torch.zeros(n_latents, n_latents, dtype=f64), torch.zeros(n_latents, n_features, dtype=f64),
+                   0.0, 0.0, torch.zeros(n_latents, dtype=torch.bool))
+
+    @property
+    def n_latents(self) -> int:
+        return self.zz.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.zx.shape[1]
+
+    def _add_common(self, x64: torch.Tensor) -> None:
+        self.n += x64.shape[0]
+        self.sum_x += x64.sum(0)
+        self.sum_xx += float(x64.pow(2).sum())
+
+    def add_dense(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Add a batch: x (b, n_features), dense codes (b, n_latents)."""
+        x64, z64 = x.double(), codes.double()
+        self._add_common(x64)
+        self.sum_z += z64.sum(0)
+        self.zz.addmm_(z64.T, z64)
+        self.zx.addmm_(z64.T, x64)
+        nz = codes != 0
+        self.nnz += float(nz.sum())
+        self.fired |= nz.any(0)
+
+    def add_sparse(self, x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """Add a batch of TopK codes given by their non-zeros: vals, idx (b, k). Cost O(b k^2 + b k n)."""
+        x64, v64 = x.double(), vals.double()
+        self._add_common(x64)
+        b, k = idx.shape
+        d = self.n_latents
+        flat_v = v64.reshape(-1)
+        self.sum_z.index_add_(0, idx.reshape(-1), flat_v)
+        pairs = (idx.unsqueeze(2) * d + idx.unsqueeze(1)).reshape(-1)
+        self.zz.view(-1).index_add_(0, pairs, (v64.unsqueeze(2) * v64.unsqueeze(1)).reshape(-1))
+        # sum z x^T = Z^T X with Z^T as a sparse (n_latents, b) matrix: b*k*n multiply-adds
+        rows = torch.stack([idx.reshape(-1), torch.arange(b).repeat_interleave(k)])
+        zt = torch.sparse_coo_tensor(rows, flat_v, (d, b), check_invariants=False).coalesce().to_sparse_csr()
+        self.zx.add_(zt @ x64)
+        nz = vals != 0
+        self.nnz += float(nz.sum())
+        self.fired[idx[nz]] = True
+
+    def scaled(self, factor: float) -> "DecoderStats":
+        """The statistics with every sum multiplied by ``factor`` (mini-batch solve: factor = N / |B|)."""
+        return DecoderStats(self.n * factor, self.sum_z * factor, self.sum_x * factor, self.zz * factor,
+                            self.zx * factor, self.sum_xx * factor, self.nnz * factor, self.fired.clone())
+
+
+@torch.no_grad()
+def collect_stats(model, x: torch.Tensor, batch_size: int = 1024) -> DecoderStats:
+    """Stream ``x`` (n_samples, n_features) through the encoder and accumulate the statistics."""
+    stats = DecoderStats.empty(model.n_features, model.n_latents)
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s:s + batch_size]
+        if model.is_topk:
+            vals, idx, _ = model.encode_sparse(xb)
+            stats.add_sparse(xb, vals, idx)
+        else:
+            stats.add_dense(xb, model.encode(xb))
+    return stats
+
+
+def sse_from_stats(stats: DecoderStats, atoms: torch.Tensor, b: torch.Tensor) -> float:
+    """sum_r ||x_r - atoms^T z_r - b||^2 from the statistics alone (no pass over the data)."""
+    D, b = atoms.double(), b.double()
+    quad = float(((stats.zz @ D) * D).sum())
+    return float(stats.sum_xx - 2 * (D * stats.zx).sum() - 2 * b @ stats.sum_x + quad
+                 + 2 * b @ (D.T @ stats.sum_z) + stats.n * b @ b)
+
+
+def decoder_objective(stats: DecoderStats, atoms, b, atoms_prev, b_prev, alpha=0.0, beta=0.0, mu=0.0, nu=0.0) -> float:
+    """The decoder-phase objective in MSE units: sse / (N n) + alpha|D|^2 + beta|b|^2 + mu|D-D^t|^2 + nu|b-b^t|^2."""
+    D, b = atoms.double(), b.double()
+    reg = (alpha * float(D.pow(2).sum()) + beta * float(b.pow(2).sum())
+           + mu * float((D - atoms_prev.double()).pow(2).sum()) + nu * float((b - b_prev.double()).pow(2).sum()))
+    return sse_from_stats(stats, D, b) / (stats.n * stats.n_features) + reg
+
+
+def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.Tensor,
+                  alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0):
+    """Exact joint minimiser (atoms, b_dec) of the decoder objective (module docstring).
+
+    atoms_prev (n_latents, n_features) and b_prev (n_features,) are the anchors W^t, b^t.
+    Returns (atoms float64, b float64, info) with info = {"ridge": the ridge added to A (0 unless
+    alpha = mu = 0), "scale": N * n_features}.
+    """
+    for name, v in (("alpha", alpha), ("beta", beta), ("mu", mu), ("nu", nu)):
+        if not v >= 0:
+            raise ValueError(f"{name} must be >= 0, got {v!r}")
+    if stats.n <= 0:
+        raise ValueError("cannot solve the decoder from empty statistics")
+    N, d = stats.n, stats.n_latents
+    scale = N * stats.n_features
+    a_, b_, m_, n_ = alpha * scale, beta * scale, mu * scale, nu * scale
+    D0, bias0 = atoms_prev.detach().double(), b_prev.detach().double()
+    c = N / (N + b_ + n_)
+    zbar, xbar = stats.sum_z / N, stats.sum_x / N
+
+    A = stats.zz.clone()
+    A.addr_(zbar, zbar, alpha=-N * c)
+    ridge = 0.0
+    if a_ + m_ == 0:
+        ridge = TINY_RIDGE * (float(A.diagonal().mean()) + 1.0)
+    A.diagonal().add_(a_ + m_ + ridge)
+    rhs = stats.zx.clone()
+    rhs.addr_(zbar, N * xbar + n_ * bias0, alpha=-c)
+    if m_:
+        rhs.add_(D0, alpha=m_)
+    L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32)))
+    if int(info):
+        raise RuntimeError(f"decoder solve: A is not positive definite (leading minor {int(info)}); "
+                           "set alpha or mu > 0")
+    D = torch.cholesky_solve(rhs, L)
+    bias = c * (xbar - D.T @ zbar) + (n_ / (N + b_ + n_)) * bias0
+    return D, bias, {"ridge": ridge, "scale": scale}

@@ -1,0 +1,129 @@
+"""Figures: region maps the right way up, curves, bars, filter grids, stem plots. Always saved, never shown.
+
+Orientation convention (see ``common.data.grid``): a label raster has shape (ny, nx) with row 0 at the
+*lowest* y; ``region_map`` draws it with ``origin="lower"`` and the grid's extent, so the colour under
+a point (x, y) is the label of that point. Rasters use nearest-neighbour interpolation: labels never blend.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from .config import write_json  # noqa: E402
+
+
+def save(fig, path, numbers: dict | None = None, dpi: int = 130) -> Path:
+    """Save ``fig`` as PNG (atomically) and, if given, the numbers behind it as JSON beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    if numbers is not None:
+        write_json(path.with_suffix(".json"), numbers)
+    return path
+
+
+def label_colors(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` distinct RGB colours (n, 3): tab20 first, then a golden-ratio hue walk."""
+    base = list(plt.get_cmap("tab20").colors)
+    if n <= len(base):
+        return np.array(base[:n])
+    import colorsys
+    out = base[:]
+    h = (seed * 0.1) % 1.0
+    while len(out) < n:
+        h = (h + 0.618033988749895) % 1.0
+        k = len(out)
+        out.append(colorsys.hsv_to_rgb(h, 0.45 + 0.4 * ((k * 7) % 3) / 2, 0.7 + 0.25 * ((k * 5) % 2)))
+    return np.array(out[:n])
+
+
+def region_map(ax, labels: np.ndarray, extent, colors: np.ndarray | None = None, alpha: float = 0.55):
+    """Draw an integer label raster (ny, nx), row 0 = lowest y, as flat colours without blending.
+
+    ``extent`` = (xmin, xmax, ymin, ymax) as returned by ``common.data.grid``. Labels must be 0..L-1.
+    Returns the image artist.
+    """
+    labels = np.asarray(labels)
+    n_labels = int(labels.max()) + 1 if labels.size else 1
+    if colors is None:
+        colors = label_colors(n_labels)
+    cmap = ListedColormap(colors[:n_labels]) if n_labels > 1 else ListedColormap([colors[0], colors[0]])
+    return ax.imshow(labels, origin="lower", extent=extent, cmap=cmap, vmin=-0.5, vmax=max(n_labels - 0.5, 0.5),
+                     interpolation="nearest", alpha=alpha, aspect="auto")
+
+
+def curves(ax, series: dict, xlabel: str, ylabel: str, title: str | None = None, logy: bool = False):
+    """Line plot of {label: (x, y)}."""
+    for label, (x, y) in series.items():
+        ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def grouped_bars(ax, groups: list, series: dict, ylabel: str, title: str | None = None,
+                 errors: dict | None = None, logy: bool = False):
+    """Bars: one group per entry of ``groups``, one bar per key of ``series`` ({label: values})."""
+    n = max(len(series), 1)
+    width = 0.8 / n
+    x = np.arange(len(groups))
+    for j, (label, vals) in enumerate(series.items()):
+        err = None if errors is None else errors.get(label)
+        ax.bar(x + (j - (n - 1) / 2) * width, vals, width, yerr=err, label=label, capsize=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(g) for g in groups], rotation=0)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def image_grid(images: np.ndarray, n_cols: int, shape=(28, 28), titles=None, row_labels=None,
+               vmin=None, vmax=None, cmap="gray", cell: float = 1.0, suptitle: str | None = None):
+    """A figure with ``images`` (m, prod(shape)) laid out in rows of ``n_cols``.
+
+    With ``vmin``/``vmax`` every image shares one intensity scale; otherwise each filter is scaled
+    symmetrically around 0 by its own largest |value| (``cmap`` should then be diverging).
+    """
+    images = np.asarray(images)
+    m = images.shape[0]
+    n_rows = int(np.ceil(m / n_cols))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, cell * n_rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= m:
+            ax.axis("off")
+            continue
+        img = images[i].reshape(shape)
+        if vmin is None:
+            lim = float(np.abs(img).max()) or 1.0
+            ax.imshow(img, cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
+        else:
+            ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=7)
+        if row_labels is not None and i % n_cols == 0:
+            ax.set_ylabel(str(row_labels[i // n_cols]), fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,157 @@
+"""The sparse autoencoder: activations, tied or untied decoder, encode / decode / forward.
+
+Shapes: ``x`` (n_samples, n_features); ``preacts`` and ``codes`` (n_samples, n_latents);
+``recon`` (n_samples, n_features). Parameters (SPEC section 1):
+
+    W_enc (n_latents, n_features)   row i is the encoder direction w_i
+    b_enc (n_latents,)
+    W_dec (n_latents, n_features)   row i is dictionary atom i, i.e. the SPEC's W_dec transposed
+                                    (absent when tied: the atoms are then the rows of W_enc)
+    b_dec (n_features,)
+
+Activations:
+    topk       keep the k largest pre-activations (signed), zero the rest (the theory's TopK)
+    topk_relu  topk followed by ReLU
+    topk_abs   keep the k entries of largest |preact|, with their sign (the original scripts' choice)
+    relu       max(preact, 0); an L1 penalty on codes belongs to the training loss, not the model
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("topk", "topk_relu", "topk_abs", "relu")
+TOPK_ACTIVATIONS = ("topk", "topk_relu", "topk_abs")
+
+
+def check_activation(activation: str, k, n_latents: int) -> None:
+    """Raise ValueError for an unknown activation or a k outside 1..n_latents (TopK variants)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
+    if not isinstance(n_latents, int) or n_latents < 1:
+        raise ValueError(f"n_latents must be a positive integer, got {n_latents!r}")
+    if activation in TOPK_ACTIVATIONS:
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise ValueError(f"activation {activation!r} needs an integer k, got {k!r}")
+        if not 1 <= k <= n_latents:
+            raise ValueError(f"k must satisfy 1 <= k <= n_latents={n_latents}, got k={k}")
+
+
+def topk_sparse(preacts: torch.Tensor, k: int, activation: str = "topk"):
+    """The non-zeros of a TopK code: (values (n, k), indices (n, k)), indices into the latents.
+
+    ``topk``: the k largest preacts; ``topk_abs``: the k largest |preacts| with their sign;
+    ``topk_relu``: as ``topk`` then ReLU (some values may be 0).
+    """
+    if activation == "topk_abs":
+        idx = preacts.abs().topk(k, dim=-1).indices
+        vals = preacts.gather(-1, idx)
+    else:
+        vals, idx = preacts.topk(k, dim=-1)
+        if activation == "topk_relu":
+            vals = F.relu(vals)
+    return vals, idx
+
+
+def densify(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Scatter sparse (values, indices) (n, k) into dense codes (n, n_latents)."""
+    return torch.zeros(vals.shape[0], n_latents, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
+
+
+def activate(preacts: torch.Tensor, activation: str, k: int | None = None) -> torch.Tensor:
+    """Dense codes (n, n_latents) from pre-activations."""
+    if activation == "relu":
+        return F.relu(preacts)
+    vals, idx = topk_sparse(preacts, k, activation)
+    return densify(vals, idx, preacts.shape[-1])
+
+
+class SAE(nn.Module):
+    """A one-layer sparse autoencoder ``recon = decode(rho(W_enc x + b_enc))``.
+
+    Parameters are initialised as in the original scripts: W_enc ~ enc_init_scale * N(0, 1),
+    W_dec ~ dec_init_scale * N(0, 1), biases 0. The encoder is drawn first from ``seed``, so a tied and
+    an untied model built with the same seed share their encoder.
+    """
+
+    def __init__(self, n_features: int, n_latents: int, activation: str = "topk", k: int | None = None,
+                 tied: bool = False, enc_init_scale: float = 0.1, dec_init_scale: float = 0.01, seed: int = 0):
+        super().__init__()
+        check_activation(activation, k, n_latents)
+        if not isinstance(n_features, int) or n_features < 1:
+            raise ValueError(f"n_features must be a positive integer, got {n_features!r}")
+        self.n_features, self.n_latents = n_features, n_latents
+        self.activation, self.k, self.tied = activation, (k if activation != "relu" else None), tied
+        self.enc_init_scale, self.dec_init_scale = enc_init_scale, dec_init_scale
+        g = torch.Generator().manual_seed(int(seed))
+        self.W_enc = nn.Parameter(enc_init_scale * torch.randn(n_latents, n_features, generator=g))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        w_dec = dec_init_scale * torch.randn(n_latents, n_features, generator=g)
+        self.W_dec = None if tied else nn.Parameter(w_dec)
+        self.b_dec = nn.Parameter(torch.zeros(n_features))
+
+    # --- structure -----------------------------------------------------------------------------
+    @property
+    def is_topk(self) -> bool:
+        return self.activation in TOPK_ACTIVATIONS
+
+    @property
+    def atoms(self) -> torch.Tensor:
+        """Dictionary atoms (n_latents, n_features): W_dec's rows, or W_enc's rows when tied."""
+        return self.W_enc if self.tied else self.W_dec
+
+    def encoder_parameters(self):
+        return [self.W_enc, self.b_enc]
+
+    def decoder_parameters(self):
+        return [self.b_dec] if self.tied else [self.W_dec, self.b_dec]
+
+    def config(self) -> dict:
+        return dict(n_features=self.n_features, n_latents=self.n_latents, activation=self.activation, k=self.k,
+                    tied=self.tied, enc_init_scale=self.enc_init_scale, dec_init_scale=self.dec_init_scale)
+
+    # --- maps --------------------------------------------------------------------------------------
+    def preacts(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations (n, n_latents) = x W_enc^T + b_enc."""
+        return F.linear(x, self.W_enc, self.b_enc)
+
+    def encode_sparse(self, x: torch.Tensor):
+        """TopK models only: (values (n, k), indices (n, k), preacts (n, n_latents))."""
+        if not self.is_topk:
+            raise ValueError(f"encode_sparse needs a TopK activation, this model uses {self.activation!r}")
+        a = self.preacts(x)
+        vals, idx = topk_sparse(a, self.k, self.activation)
+        return vals, idx, a
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes (n, n_latents)."""
+        return activate(self.preacts(x), self.activation, self.k)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (n, n_features) = codes @ atoms + b_dec."""
+        return codes @ self.atoms + self.b_dec
+
+    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Reconstruction from the k non-zeros of each code: touches only k atoms per sample."""
+        return F.embedding_bag(idx, self.atoms, per_sample_weights=vals, mode="sum") + self.b_dec
+
+    def forward(self, x: torch.Tensor):
+        """Returns (recon (n, n_features), codes (n, n_latents), preacts (n, n_latents))."""
+        if self.is_topk:
+            vals, idx, a = self.encode_sparse(x)
+            return self.decode_sparse(vals, idx), densify(vals, idx, self.n_latents), a
+        a = self.preacts(x)
+        codes = F.relu(a)
+        return self.decode(codes), codes, a
+
+    # --- persistence --------------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """Everything needed to rebuild the model, decoder included."""
+        return {"config": self.config(), "state_dict": {k: v.detach().clone() for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "SAE":
+        model = cls(**ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"])
+        return model

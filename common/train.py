@@ -1,0 +1,232 @@
+"""Training: ``train`` runs SGD (untied or tied) or PAM-SGD with one loop shape, one evaluation path and
+one history format.
+
+Methods
+    sgd       the untied SAE trained end to end by Adam (the fair baseline)
+    sgd_tied  decoder atoms = encoder rows (the original scripts' baseline)
+    pam       PAM-SGD (SPEC section 3): per outer iteration (one epoch by default) an encoder phase of
+              Adam steps with the decoder fixed, then the exact closed-form decoder solve
+
+Objective (identical for every method; coefficients relative to the MSE, see ``common.pam``):
+
+    mse(x, recon) + l1 * mean_r ||z_r||_1 + alpha ||W_dec||^2 + beta ||b_dec||^2
+        + mu ||W - W^t||^2 + nu ||b - b^t||^2     (proximal terms on every trained block)
+
+with W^t, b^t the parameters at the start of the outer iteration (epoch). ``prox_form="l2"`` replaces
+the proximal terms by the original scripts' plain L2, mu ||W_enc||^2 + nu ||b_enc||^2, on the encoder only.
+``weight_decay`` is Adam's weight decay on the encoder.
+
+History: one dict per epoch (epoch 0 = at initialisation) with train_/test_ mse, fvu, l0, dead,
+``loss`` (mean training objective over the epoch's steps), ``epoch_time`` (training incl. the solve),
+``eval_time``, ``samples_seen`` (samples through gradient steps) and ``grad_steps``; PAM adds
+``objective_before_solve`` / ``objective_after_solve`` (decoder objective on the same statistics).
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import check_finite
+from .metrics import EvalSums, evaluate, summarise
+from .pam import collect_stats, decoder_objective, solve_decoder, sse_from_stats
+from .sae import SAE
+
+METHODS = ("pam", "sgd", "sgd_tied")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "pam"
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 3e-3
+    updates_per_batch: int = 1      # Adam steps per mini-batch (the PAM ablation; 1 for the baselines)
+    weight_decay: float = 0.0       # Adam weight decay on the encoder
+    l1: float = 0.0                 # L1 penalty on codes
+    mu: float = 0.0                 # proximal coefficient on weights
+    nu: float = 0.0                 # proximal coefficient on biases
+    prox_form: str = "proximal"     # "proximal" (ours) or "l2" (the original's plain L2 on the encoder)
+    alpha: float = 0.0              # ridge on W_dec
+    beta: float = 0.0               # ridge on b_dec
+    solve_batch: int = 1024         # batch size for collecting the decoder statistics
+    solve_order: str = "enc_first"  # "enc_first" or "dec_first" within an outer iteration
+    solve_every: int = 1            # solve the decoder every this many epochs
+    solve_samples: int = 0          # 0: statistics from all training data; m > 0: from m random samples, rescaled
+    grad_clip: float = 0.0          # clip the gradient norm of the optimised parameters (0 = off)
+    eval_batch: int = 4096
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(self.prox_form in ("proximal", "l2"), f"prox_form must be 'proximal' or 'l2', got {self.prox_form!r}")
+        need(self.solve_order in ("enc_first", "dec_first"),
+             f"solve_order must be 'enc_first' or 'dec_first', got {self.solve_order!r}")
+        for name in ("epochs", "batch_size", "updates_per_batch", "solve_batch", "solve_every", "eval_batch"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= (0 if name == "epochs" else 1),
+                 f"{name} must be an integer >= {0 if name == 'epochs' else 1}, got {v!r}")
+        need(isinstance(self.solve_samples, int) and self.solve_samples >= 0,
+             f"solve_samples must be an integer >= 0, got {self.solve_samples!r}")
+        for name in ("lr", "weight_decay", "l1", "mu", "nu", "alpha", "beta", "grad_clip"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, codes, trained: set) -> torch.Tensor:
+    """Everything in the training objective except the reconstruction MSE."""
+    extra = codes.new_zeros(())
+    if cfg.l1:
+        extra = extra + cfg.l1 * codes.abs().sum(-1).mean()
+    if "decoder" in trained:
+        if cfg.alpha:
+            extra = extra + cfg.alpha * model.atoms.pow(2).sum()
+        if cfg.beta:
+            extra = extra + cfg.beta * model.b_dec.pow(2).sum()
+    if cfg.prox_form == "l2":
+        if cfg.mu:
+            extra = extra + cfg.mu * model.W_enc.pow(2).sum()
+        if cfg.nu:
+            extra = extra + cfg.nu * model.b_enc.pow(2).sum()
+        return extra
+    for name, anchor in anchors.items():
+        coef = cfg.nu if name.startswith("b_") else cfg.mu
+        if coef:
+            extra = extra + coef * (getattr(model, name) - anchor).pow(2).sum()
+    return extra
+
+
+def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
+    """Decoder phase: statistics, exact solve, parameters replaced. Returns (stats or None, record)."""
+    if cfg.solve_samples and cfg.solve_samples < x_train.shape[0]:
+        pick = torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples]
+        stats = collect_stats(model, x_train[pick], cfg.solve_batch).scaled(x_train.shape[0] / cfg.solve_samples)
+        exact = False
+    else:
+        stats = collect_stats(model, x_train, cfg.solve_batch)
+        exact = True
+    prox = cfg.prox_form == "proximal"
+    coefs = dict(alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu if prox else 0.0, nu=cfg.nu if prox else 0.0)
+    D0, b0 = model.W_dec.detach().clone(), model.b_dec.detach().clone()
+    before = decoder_objective(stats, D0, b0, D0, b0, **coefs)
+    D, b, info = solve_decoder(stats, D0, b0, **coefs)
+    after = decoder_objective(stats, D, b, D0, b0, **coefs)
+    with torch.no_grad():
+        model.W_dec.copy_(D.to(model.W_dec.dtype))
+        model.b_dec.copy_(b.to(model.b_dec.dtype))
+    rec = {"objective_before_solve": before, "objective_after_solve": after, "ridge": info["ridge"]}
+    return (stats if exact else None), rec
+
+
+def _metrics_from_stats(model: SAE, stats) -> dict:
+    """Training-set metrics of the current model from the statistics the solve just used (no extra pass)."""
+    sums = EvalSums(int(stats.n), stats.n_features, sse_from_stats(stats, model.W_dec.detach(), model.b_dec.detach()),
+                    stats.sum_x, stats.sum_xx, stats.nnz, stats.fired)
+    return summarise(sums)
+
+
+def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainConfig, seed: int = 0,
+          progress: bool = True, desc: str = "") -> list[dict]:
+    """Train ``model`` in place on x_train (n_samples, n_features); evaluate on x_test every epoch.
+
+    ``seed`` drives the mini-batch order only (the model's initialisation has its own seed), so two
+    methods given the same seed see the same batches.
+    """
+    if cfg.method == "sgd_tied" and not model.tied:
+        raise ValueError("method 'sgd_tied' needs a tied model (SAE(..., tied=True))")
+    if cfg.method != "sgd_tied" and model.tied:
+        raise ValueError(f"method {cfg.method!r} needs an untied model (SAE(..., tied=False))")
+    for name, x in (("x_train", x_train), ("x_test", x_test)):
+        if x.ndim != 2 or x.shape[1] != model.n_features:
+            raise ValueError(f"{name} must have shape (n_samples, {model.n_features}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is empty")
+        check_finite(x, name)
+
+    trained = {"encoder"} if cfg.method == "pam" else {"encoder", "decoder"}
+    enc, dec = model.encoder_parameters(), ([] if cfg.method == "pam" else model.decoder_parameters())
+    groups = [{"params": enc, "weight_decay": cfg.weight_decay}]
+    if dec:
+        groups.append({"params": dec, "weight_decay": 0.0})
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    params = enc + dec
+    named = [n for n, p in model.named_parameters() if any(p is q for q in params)]
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def record(epoch, loss, epoch_time, samples, steps, train_metrics=None, extra=None):
+        t0 = time.perf_counter()
+        tr = train_metrics if train_metrics is not None else evaluate(model, x_train, cfg.eval_batch)
+        te = evaluate(model, x_test, cfg.eval_batch)
+        row = {"epoch": epoch, "loss": loss, "epoch_time": epoch_time, "samples_seen": samples, "grad_steps": steps}
+        row.update({f"train_{k}": v for k, v in tr.items()})
+        row.update({f"test_{k}": v for k, v in te.items()})
+        row["eval_time"] = time.perf_counter() - t0
+        row.update(extra or {})
+        return row
+
+    with _frozen([p for p in model.parameters() if not any(p is q for q in params)]):
+        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc)
+
+
+@contextmanager
+def _frozen(tensors):
+    """No gradient for these parameters while training (PAM's decoder is solved, not stepped)."""
+    was = [t.requires_grad for t in tensors]
+    for t in tensors:
+        t.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for t, w in zip(tensors, was):
+            t.requires_grad_(w)
+
+
+def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc):
+    pam, n = cfg.method == "pam", x_train.shape[0]
+    history = [record(0, float("nan"), 0.0, 0, 0)]
+    samples = steps = 0
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc or cfg.method, leave=False, disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        # the solve closes (enc_first) or opens (dec_first) every solve_every-th outer iteration
+        offset = 0 if cfg.solve_order == "enc_first" else 1
+        due = pam and (epoch - offset) % cfg.solve_every == 0
+        extra, stats = {}, None
+        if due and cfg.solve_order == "dec_first":
+            _, extra = _solve(model, x_train, cfg, gen)
+        anchors = {nm: p.detach().clone() for nm, p in zip(named, params)}
+        perm = torch.randperm(n, generator=gen)
+        loss_sum = 0.0
+        for s in range(0, n, cfg.batch_size):
+            xb = x_train[perm[s:s + cfg.batch_size]]
+            for _ in range(cfg.updates_per_batch):
+                recon, codes, _ = model(xb)
+                loss = F.mse_loss(recon, xb) + _objective_terms(model, cfg, anchors, codes, trained)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                steps += 1
+            loss_sum += loss.item() * xb.shape[0]
+            samples += xb.shape[0]
+        if due and cfg.solve_order == "enc_first":
+            stats, extra = _solve(model, x_train, cfg, gen)
+        epoch_time = time.perf_counter() - t0
+        train_metrics = _metrics_from_stats(model, stats) if stats is not None else None
+        row = record(epoch, loss_sum / n, epoch_time, samples, steps, train_metrics, extra)
+        history.append(row)
+        bar.set_postfix(test_mse=f"{row['test_mse']:.4f}", l0=f"{row['test_l0']:.1f}")
+    bar.close()
+    return history

@@ -1,0 +1,36 @@
+"""Metrics: sample-weighted over the whole set, independent of the batch size."""
+import numpy as np
+import torch
+
+from common.metrics import evaluate, fvu, mse
+from common.sae import SAE
+
+
+def test_evaluate_matches_direct_formulas_for_any_batch_size():
+    torch.manual_seed(0)
+    x = torch.randn(333, 8) * 3 + 2
+    for activation in ("topk", "relu"):
+        model = SAE(8, 12, activation, k=None if activation == "relu" else 3, seed=1)
+        with torch.no_grad():
+            model.b_enc.fill_(-0.05)
+            recon, codes, _ = model(x)
+        xn, rn, cn = x.double().numpy(), recon.double().numpy(), codes.numpy()
+        ref = {
+            "mse": ((xn - rn) ** 2).mean(),
+            "fvu": ((xn - rn) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum(),
+            "l0": (cn != 0).sum(1).mean(),
+            "dead": 1 - (cn != 0).any(0).mean(),
+        }
+        for bs in (1000, 100, 7):  # uneven last batch: means stay sample-weighted
+            got = evaluate(model, x, batch_size=bs)
+            for key, val in ref.items():
+                assert abs(got[key] - val) < 1e-6 * max(1, abs(val)), (activation, bs, key)  # float32 residuals
+        assert abs(mse(x, recon) - ref["mse"]) < 1e-9 and abs(fvu(x, recon) - ref["fvu"]) < 1e-9
+
+
+def test_dead_latents_counted():
+    model = SAE(4, 6, "relu", seed=2)
+    with torch.no_grad():
+        model.b_enc[:3] = -1e6  # latents 0-2 can never fire
+    assert evaluate(model, torch.randn(100, 4))["dead"] >= 0.5
+    assert np.isclose(evaluate(SAE(4, 6, "topk", 6), torch.randn(10, 4))["l0"], 6)

@@ -1,0 +1,82 @@
+"""The SAE model: activations, tied/untied decoder, sparse decode, checkpoints, input checks."""
+import pytest
+import torch
+
+from common.sae import SAE, activate, check_activation, topk_sparse
+
+
+def test_topk_variants_against_brute_force():
+    torch.manual_seed(0)
+    a = torch.randn(50, 12)
+    k = 4
+    for r in range(50):
+        row = a[r]
+        order = sorted(range(12), key=lambda i: -row[i].item())[:k]
+        expect = torch.zeros(12)
+        expect[order] = row[order]
+        assert torch.equal(activate(a, "topk", k)[r], expect)
+        assert torch.equal(activate(a, "topk_relu", k)[r], expect.clamp(min=0))
+        order_abs = sorted(range(12), key=lambda i: -abs(row[i].item()))[:k]
+        expect_abs = torch.zeros(12)
+        expect_abs[order_abs] = row[order_abs]
+        assert torch.equal(activate(a, "topk_abs", k)[r], expect_abs)
+    assert torch.equal(activate(a, "relu"), a.clamp(min=0))
+
+
+@pytest.mark.parametrize("activation", ["topk", "topk_relu", "topk_abs", "relu"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_matches_dense_formula(activation, tied):
+    torch.manual_seed(1)
+    model = SAE(7, 15, activation, k=None if activation == "relu" else 3, tied=tied, seed=2)
+    with torch.no_grad():
+        model.b_enc.normal_()
+        model.b_dec.normal_()
+    x = torch.randn(20, 7)
+    recon, codes, preacts = model(x)
+    assert torch.allclose(preacts, x @ model.W_enc.T + model.b_enc)
+    W_dec = model.W_enc.T if tied else model.W_dec.T  # the SPEC's (n_features, n_latents) decoder
+    assert torch.allclose(recon, codes @ W_dec.T + model.b_dec, atol=1e-6)
+    assert torch.allclose(codes, activate(preacts, activation, model.k))
+
+
+def test_same_seed_shares_encoder_between_tied_and_untied():
+    a, b = SAE(10, 8, "topk", 2, tied=False, seed=3), SAE(10, 8, "topk", 2, tied=True, seed=3)
+    assert torch.equal(a.W_enc, b.W_enc)
+    assert b.W_dec is None and "W_dec" in dict(a.named_parameters())
+    assert abs(a.W_enc.std().item() - 0.1) < 0.03 and abs(a.W_dec.std().item() - 0.01) < 0.003
+
+
+def test_checkpoint_round_trip_keeps_decoder(tmp_path):
+    model = SAE(6, 9, "topk", 2, seed=4)
+    with torch.no_grad():
+        model.W_dec.normal_()
+        model.b_dec.normal_()
+    path = tmp_path / "m.pt"
+    torch.save(model.checkpoint(), path)
+    back = SAE.from_checkpoint(torch.load(path))
+    assert "W_dec" in back.state_dict()
+    x = torch.randn(5, 6)
+    assert torch.equal(model(x)[0], back(x)[0])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(activation="topk", k=9), "1 <= k <= n_latents"),
+    (dict(activation="topk", k=0), "1 <= k <= n_latents"),
+    (dict(activation="topk", k=None), "integer k"),
+    (dict(activation="gelu", k=2), "unknown activation 'gelu'"),
+])
+def test_bad_model_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SAE(4, 8, **kwargs)
+
+
+def test_encode_sparse_rejects_relu():
+    with pytest.raises(ValueError, match="TopK"):
+        SAE(3, 4, "relu").encode_sparse(torch.randn(2, 3))
+
+
+def test_topk_sparse_values_match_dense():
+    a = torch.randn(30, 10)
+    vals, idx = topk_sparse(a, 3, "topk_abs")
+    assert torch.equal(torch.zeros(30, 10).scatter(-1, idx, vals), activate(a, "topk_abs", 3))
+    check_activation("relu", None, 5)
