@@ -81,7 +81,7 @@ digits = x_test[:10]                       # 10 fixed test digits for the recons
 
 # --- runs, figures, summary -----------------------------------------------------------------------
 for act, protocol in protocols.items():
-    out = run.path(act, "x").parent
+    out = run.dir(act)
     label = f"MNIST {protocol.base['activation']}"
     print(f"== {label}: {len(protocol.plan())} runs ({len(x_train)} train / {len(x_test)} test samples)")
     rows, histories, models = experiment.execute(protocol, x_train, x_test, out)

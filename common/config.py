@@ -46,8 +46,15 @@ class Run:
         return derive_seed(self.seed, *parts)
 
     def path(self, *parts) -> Path:
+        """A file path under the output folder (its folder created if missing)."""
         p = self.out.joinpath(*[str(q) for q in parts])
         p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def dir(self, *parts) -> Path:
+        """A folder under the output folder, created if missing."""
+        p = self.out.joinpath(*[str(q) for q in parts])
+        p.mkdir(parents=True, exist_ok=True)
         return p
 
 

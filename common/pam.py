@@ -23,6 +23,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.linalg
 import torch
 
 # The CSR product below is exact and stable; torch only warns that the CSR API is labelled beta.
@@ -36,7 +38,8 @@ TINY_RIDGE = 1e-8
 class DecoderStats:
     """float64 sufficient statistics of (x, z) pairs; memory independent of the number of samples.
 
-    n (float), sum_z (n_latents,), sum_x (n_features,), zz = sum z z^T (n_latents, n_latents),
+    n (float), sum_z (n_latents,), sum_x (n_features,), zz_upper: the upper triangle (diagonal included)
+    of G = sum z z^T (n_latents, n_latents; G is symmetric, so only half is accumulated: half the work),
     zx = sum z x^T (n_latents, n_features) (the SPEC's M transposed), sum_xx = sum ||x||^2,
     nnz = number of non-zero codes, fired (n_latents,) bool.
     """
@@ -44,7 +47,7 @@ class DecoderStats:
     n: float
     sum_z: torch.Tensor
     sum_x: torch.Tensor
-    zz: torch.Tensor
+    zz_upper: torch.Tensor
     zx: torch.Tensor
     sum_xx: float
     nnz: float
@@ -59,11 +62,22 @@ class DecoderStats:
 
     @property
     def n_latents(self) -> int:
-        return self.zz.shape[0]
+        return self.zz_upper.shape[0]
 
     @property
     def n_features(self) -> int:
         return self.zx.shape[1]
+
+    def gram(self) -> torch.Tensor:
+        """G = sum z z^T (n_latents, n_latents), a new symmetric matrix."""
+        g = self.zz_upper + self.zz_upper.T
+        g.diagonal().sub_(self.zz_upper.diagonal())
+        return g
+
+    def gram_times(self, m: torch.Tensor) -> torch.Tensor:
+        """G @ m for m (n_latents, c) without forming G."""
+        u = self.zz_upper
+        return u @ m + u.T @ m - u.diagonal().unsqueeze(1) * m
 
     def _add_common(self, x64: torch.Tensor) -> None:
         self.n += x64.shape[0]
@@ -75,7 +89,7 @@ class DecoderStats:
         x64, z64 = x.double(), codes.double()
         self._add_common(x64)
         self.sum_z += z64.sum(0)
-        self.zz.addmm_(z64.T, z64)
+        self.zz_upper += torch.triu(z64.T @ z64)
         self.zx.addmm_(z64.T, x64)
         nz = codes != 0
         self.nnz += float(nz.sum())
@@ -83,25 +97,28 @@ class DecoderStats:
 
     def add_sparse(self, x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """Add a batch of TopK codes given by their non-zeros: vals, idx (b, k). Cost O(b k^2 + b k n)."""
-        x64, v64 = x.double(), vals.double()
+        x64 = x.double()
         self._add_common(x64)
         b, k = idx.shape
         d = self.n_latents
+        idx, order = idx.sort(dim=1)  # so that pairs (i <= j) of positions land in the upper triangle
+        v64 = vals.gather(1, order).double()
         flat_v = v64.reshape(-1)
         self.sum_z.index_add_(0, idx.reshape(-1), flat_v)
-        pairs = (idx.unsqueeze(2) * d + idx.unsqueeze(1)).reshape(-1)
-        self.zz.view(-1).index_add_(0, pairs, (v64.unsqueeze(2) * v64.unsqueeze(1)).reshape(-1))
+        r, c = torch.triu_indices(k, k)
+        pairs = (idx[:, r] * d + idx[:, c]).reshape(-1)
+        self.zz_upper.view(-1).index_add_(0, pairs, (v64[:, r] * v64[:, c]).reshape(-1))
         # sum z x^T = Z^T X with Z^T as a sparse (n_latents, b) matrix: b*k*n multiply-adds
         rows = torch.stack([idx.reshape(-1), torch.arange(b).repeat_interleave(k)])
         zt = torch.sparse_coo_tensor(rows, flat_v, (d, b), check_invariants=False).coalesce().to_sparse_csr()
         self.zx.add_(zt @ x64)
-        nz = vals != 0
+        nz = v64 != 0
         self.nnz += float(nz.sum())
         self.fired[idx[nz]] = True
 
     def scaled(self, factor: float) -> "DecoderStats":
         """The statistics with every sum multiplied by ``factor`` (mini-batch solve: factor = N / |B|)."""
-        return DecoderStats(self.n * factor, self.sum_z * factor, self.sum_x * factor, self.zz * factor,
+        return DecoderStats(self.n * factor, self.sum_z * factor, self.sum_x * factor, self.zz_upper * factor,
                             self.zx * factor, self.sum_xx * factor, self.nnz * factor, self.fired.clone())
 
 
@@ -122,7 +139,7 @@ def collect_stats(model, x: torch.Tensor, batch_size: int = 1024) -> DecoderStat
 def sse_from_stats(stats: DecoderStats, atoms: torch.Tensor, b: torch.Tensor) -> float:
     """sum_r ||x_r - atoms^T z_r - b||^2 from the statistics alone (no pass over the data)."""
     D, b = atoms.double(), b.double()
-    quad = float(((stats.zz @ D) * D).sum())
+    quad = float((stats.gram_times(D) * D).sum())
     return float(stats.sum_xx - 2 * (D * stats.zx).sum() - 2 * b @ stats.sum_x + quad
                  + 2 * b @ (D.T @ stats.sum_z) + stats.n * b @ b)
 
@@ -155,7 +172,7 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     c = N / (N + b_ + n_)
     zbar, xbar = stats.sum_z / N, stats.sum_x / N
 
-    A = stats.zz.clone()
+    A = stats.gram()
     A.addr_(zbar, zbar, alpha=-N * c)
     ridge = 0.0
     if a_ + m_ == 0:
@@ -165,10 +182,13 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     rhs.addr_(zbar, N * xbar + n_ * bias0, alpha=-c)
     if m_:
         rhs.add_(D0, alpha=m_)
-    L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32)))
-    if int(info):
-        raise RuntimeError(f"decoder solve: A is not positive definite (leading minor {int(info)}); "
-                           "set alpha or mu > 0")
-    D = torch.cholesky_solve(rhs, L)
+    # LAPACK Cholesky in A's own memory (A is symmetric, so its transpose view is the Fortran-ordered A):
+    # no third d x d matrix at large n_latents.
+    try:
+        factor = scipy.linalg.cho_factor(A.numpy().T, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError as err:
+        raise RuntimeError(f"decoder solve: A is not positive definite ({err}); set alpha or mu > 0") from None
+    D = torch.from_numpy(scipy.linalg.cho_solve(factor, rhs.numpy(), overwrite_b=True, check_finite=False))
+    del A, factor
     bias = c * (xbar - D.T @ zbar) + (n_ / (N + b_ + n_)) * bias0
     return D, bias, {"ridge": ridge, "scale": scale}

@@ -226,3 +226,16 @@ def test_region_maps_are_the_right_way_up():
     # the same check must fail for a map drawn transposed (the original's rotation by 90 degrees)
     err_t = _check_right_way_up(x[keep], lab.T, extent, own[keep], colors, alpha=0.5)
     assert err_t.max() > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", E1_SCRIPTS)
+def test_e1_default_settings_claims(tmp_path, name):
+    """At the original settings: local PCA on the SAE's regions beats both the exact and the trained SAE,
+    and the trained SAE beats k-means (the SAE sits between k-means and local PCA)."""
+    numbers = load_script(name).main(["--out", str(tmp_path)])
+    plt.close("all")
+    mse = numbers["mse"]
+    trained = mse["sae_topk"] if mse["sae_relaxed"] is None else mse["sae_relaxed"]
+    assert mse["local_pca_on_sae_regions"] <= min(trained, mse["sae_topk"]) + 1e-12
+    assert trained < mse["kmeans"]

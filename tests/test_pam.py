@@ -84,13 +84,17 @@ def test_sparse_statistics_equal_dense_and_streaming_equals_one_batch():
     sparse = DecoderStats.empty(n_features, d)
     for s in range(0, n_samples, 64):
         sparse.add_sparse(x[s:s + 64], vals[s:s + 64], idx[s:s + 64])
-    for name in ("sum_z", "sum_x", "zz", "zx"):
+    for name in ("sum_z", "sum_x", "zz_upper", "zx"):
         assert torch.allclose(getattr(dense, name), getattr(sparse, name), atol=1e-10), name
+    G = z.double().T @ z.double()
+    assert torch.allclose(sparse.gram(), G, atol=1e-10) and torch.allclose(sparse.zx, z.double().T @ x.double(), atol=1e-10)
+    m = torch.randn(d, 3, dtype=torch.float64)
+    assert torch.allclose(sparse.gram_times(m), G @ m, atol=1e-10)
     assert dense.n == sparse.n == n_samples
     assert abs(dense.sum_xx - sparse.sum_xx) < 1e-8 and dense.nnz == sparse.nnz
     assert torch.equal(dense.fired, sparse.fired)
     # statistics are float64 and their size does not depend on n_samples
-    assert dense.zz.dtype == torch.float64 and dense.zz.shape == (d, d) and dense.zx.shape == (d, n_features)
+    assert dense.zz_upper.dtype == torch.float64 and dense.zz_upper.shape == (d, d) and dense.zx.shape == (d, n_features)
 
 
 @pytest.mark.parametrize("activation", ["topk", "topk_abs", "relu"])
@@ -114,7 +118,7 @@ def test_minibatch_statistics_rescale():
     s = DecoderStats.empty(3, 6)
     s.add_dense(x, z)
     t = s.scaled(4.0)
-    assert t.n == 200 and torch.allclose(t.zz, 4 * s.zz) and torch.allclose(t.zx, 4 * s.zx)
+    assert t.n == 200 and torch.allclose(t.gram(), 4 * s.gram()) and torch.allclose(t.zx, 4 * s.zx)
 
 
 def test_solve_rejects_bad_input():
