@@ -104,7 +104,8 @@ def main(argv=None):
     ax.scatter(*km.cluster_centers_.T, marker="*", s=260, c=km_cols, edgecolors="k", lw=1.5, zorder=5,
                label="centroids")
     ax.legend(loc="lower right", fontsize=9)
-    _finish(ax, f"(c) k-means (k={N_CLUSTERS}) on {N_KMEANS_POINTS} points:\nthe clusters are the centroids' Voronoi cells")
+    _finish(ax, f"(c) k-means (k={N_CLUSTERS}) on {N_KMEANS_POINTS} points:\n"
+                "the clusters are the centroids' Voronoi cells")
 
     ax = axes[1, 1]
     plotting.region_map(ax, pow_grid.reshape(shape), extent, colors=site_cols, alpha=0.45)
@@ -124,7 +125,7 @@ def main(argv=None):
         ax.scatter(sites[empty, 0], sites[empty, 1], marker="x", c="k", s=120, lw=2, zorder=6,
                    label="site with an empty cell")
         ax.legend(loc="lower right", fontsize=9)
-    _finish(ax, "(d) power diagram, weights w ~ U(0.5, 2.5):\n"
+    _finish(ax, f"(d) power diagram, weights w ~ U({WEIGHT_LOW:g}, {WEIGHT_HIGH:g}):\n"
                 r"cell $i$ = argmin $\|x-\mu_i\|^2 - w_i$; circles of radius $\sqrt{w_i}$")
     fig.suptitle("From Voronoi diagrams to power diagrams", fontsize=16)
     fig.tight_layout()

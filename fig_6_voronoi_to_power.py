@@ -82,7 +82,8 @@ def main(argv=None):
 
     panels = [
         (vor_lab, G.power_cells(sites, zero, VIEW), zero, "Voronoi diagram\n(all α = 0)", site_cols, None),
-        (pow_lab, G.power_cells(sites, alpha, VIEW), alpha, "Power diagram\n(α ~ U(0, 2), α₀ += 4)", site_cols, None),
+        (pow_lab, G.power_cells(sites, alpha, VIEW), alpha,
+         f"Power diagram\n(α ~ U({WEIGHT_LOW:g}, {WEIGHT_HIGH:g}), α₀ += {FIRST_SITE_BONUS:g})", site_cols, None),
         (o2_ids, o2_cells, alpha, "2nd-order power diagram\n(cell = the two power-nearest sites)", pair_cols,
          [f"{a},{b}" for a, b in pairs]),
     ]

@@ -154,7 +154,8 @@ def top_view(ax, check, sites, weights, sections, radii, colors, title, data=Non
     ax.set_aspect("equal")
     ax.set_xlabel("$x_1$")
     ax.set_ylabel("$x_2$")
-    ax.set_title(title + f"\ngrid agreement 3-D section vs 2-D power labels: {100 * check['grid_label_agreement']:.2f}%,"
+    agree = 100 * check["grid_label_agreement"]
+    ax.set_title(title + f"\ngrid agreement 3-D section vs 2-D power labels: {agree:.2f}%,"
                  f" max vertex gap {check['max_vertex_gap']:.1e}", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
 
@@ -169,7 +170,8 @@ def main(argv=None):
     heights = rng.uniform(HEIGHT_LOW, HEIGHT_HIGH, N_SITES)
     C = SPHERE_RADIUS ** 2
     if C <= np.max((heights - T0) ** 2):
-        raise ValueError(f"SPHERE_RADIUS={SPHERE_RADIUS} must exceed every |h - T0| (max {np.abs(heights - T0).max():.3f})")
+        raise ValueError(f"SPHERE_RADIUS={SPHERE_RADIUS} must exceed every |h - T0| "
+                         f"(max {np.abs(heights - T0).max():.3f})")
     weights = G.lifted_power_weights(heights, T0, C)
     lifted = G.lift(sites, heights)
     cells, sections = lifted_cells(lifted, BOX, T0)

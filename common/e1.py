@@ -215,6 +215,9 @@ def run_e1(run, c: dict) -> dict:
     extent = c["BOX"]
     pts, shape, extent = grid(extent[:2], extent[2:], c["GRID_RES"])
     k, mode = c["K"], c["MODE"]
+    if mode != "topk" and "TEMPERATURE" not in c:
+        raise ValueError(f"MODE={mode!r} is a softmax relaxation and needs a TEMPERATURE constant")
+    temperature = c.get("TEMPERATURE", 1.0)  # unused by the exact topk mode
 
     # k-means and "k-means + local PCA" (each cluster's mean plus its first principal direction)
     km = kmeans_fit(x, c["N_CLUSTERS"], seed=run.seed_for("kmeans"))
@@ -226,12 +229,12 @@ def run_e1(run, c: dict) -> dict:
                      dec_scale=c["DEC_INIT_SCALE"], centers=km["centers"])
     snaps = sorted({int(round(f * c["STEPS"])) for f in c["SNAPSHOT_FRACTIONS"]})
     log_every = max(1, c["STEPS"] // 200)
-    tr = train_e1(model, x, mode, c["STEPS"], c["LR"], c["TEMPERATURE"], c["UNIT_NORM"], c["DEC_BIAS"],
+    tr = train_e1(model, x, mode, c["STEPS"], c["LR"], temperature, c["UNIT_NORM"], c["DEC_BIAS"],
                   snapshot_steps=snaps, log_every=log_every, desc=run.name)
     xt = torch.as_tensor(x)
     exact = exact_model(model, c["UNIT_NORM"])
     with torch.no_grad():
-        recon_train = e1_forward(model, xt, mode, c["TEMPERATURE"], c["UNIT_NORM"])[0].numpy()
+        recon_train = e1_forward(model, xt, mode, temperature, c["UNIT_NORM"])[0].numpy()
         recon_topk = exact(xt)[0].numpy()
         recon_hard = hard_limit_recon(model, xt, c["UNIT_NORM"]).numpy()
 
@@ -270,8 +273,8 @@ def run_e1(run, c: dict) -> dict:
     }
 
     # main figure: k-means | SAE | k-means + local PCA | local PCA on the SAE's regions
-    sae_label = {"softmax": f"softmax relaxation (T={c['TEMPERATURE']})",
-                 "softmax_topk": f"softmax over top {k} (T={c['TEMPERATURE']})",
+    sae_label = {"softmax": f"softmax relaxation (T={temperature})",
+                 "softmax_topk": f"softmax over top {k} (T={temperature})",
                  "topk": f"exact top-{k}"}[mode]
     fig, axes = plt.subplots(1, 4, figsize=(22, 6))
     km_cols = plotting.label_colors(c["N_CLUSTERS"])
@@ -280,7 +283,8 @@ def run_e1(run, c: dict) -> dict:
     shown = recon_topk if mode == "topk" else recon_train
     t2 = (f"Top-{k} SAE, {c['N_LATENTS']} latents, {sae_label}\n"
           + ("" if mse["sae_relaxed"] is None else f"trained model MSE {mse['sae_relaxed']:.3g}, ")
-          + f"exact TopK MSE {mse['sae_topk']:.3g}\ncells: order-{k} power diagram ({len(np.unique(sae_grid))} on view)")
+          + f"exact TopK MSE {mse['sae_topk']:.3g}\n"
+          + f"cells: order-{k} power diagram ({len(np.unique(sae_grid))} on view)")
     draw_panel(axes[1], x, shown, sae_grid, extent, t2, colors=colors)
     w = exact.W_enc.detach().numpy()
     axes[1].scatter(w[:, 0], w[:, 1], s=30, marker="^", facecolors="none", edgecolors="navy", lw=1, zorder=5,
@@ -318,8 +322,9 @@ def run_e1(run, c: dict) -> dict:
         m_topk = None if j is None else hist["mse_topk"][j]
         evo.append({"step": step, "n_cells_on_view": int(len(sets_s)), "mse_topk": m_topk,
                     "mse_train": None if j is None else hist["mse_train"][j]})
-        ax.set_title(f"step {step}: {len(sets_s)} cells" + ("" if m_topk is None else f"\nexact TopK MSE {m_topk:.3g}"),
-                     fontsize=9)
+        sub = "" if m_topk is None else (f"\nexact TopK MSE {m_topk:.3g}" if mode == "topk" else
+                                          f"\ntrained MSE {hist['mse_train'][j]:.3g}, exact TopK {m_topk:.3g}")
+        ax.set_title(f"step {step}: {len(sets_s)} cells" + sub, fontsize=9)
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         ax.set_aspect("equal")

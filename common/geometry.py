@@ -365,9 +365,9 @@ def flat_residuals(x, means, components) -> np.ndarray:
     """Squared distance of each point to each affine flat ``mean_l + span(components_l)``: (n, L)."""
     x = _np(x)
     out = np.empty((x.shape[0], len(components)))
-    for l, (m, v) in enumerate(zip(means, components)):
+    for j, (m, v) in enumerate(zip(means, components)):
         c = x - m
-        out[:, l] = (c * c).sum(1) - ((c @ v.T) ** 2).sum(1)
+        out[:, j] = (c * c).sum(1) - ((c @ v.T) ** 2).sum(1)
     return out
 
 
@@ -385,8 +385,8 @@ def kflats(x, n_flats: int, rank: int, n_iter: int = 100, seed: int = 0, init_la
     history = [fit["mse"]]
     for _ in range(n_iter):
         means, comps = fit["means"], fit["components"]
-        live = [l for l in range(len(comps)) if not np.isnan(means[l]).any()]
-        res = flat_residuals(x, means[live], [comps[l] for l in live])
+        live = [j for j in range(len(comps)) if not np.isnan(means[j]).any()]
+        res = flat_residuals(x, means[live], [comps[j] for j in live])
         new = np.asarray(live)[res.argmin(1)]
         # keep the current flat on ties so the error cannot go up through tie-breaking
         cur = res[np.arange(x.shape[0]), np.searchsorted(live, labels)]

@@ -133,16 +133,14 @@ class SAE(nn.Module):
         return codes @ self.atoms + self.b_dec
 
     def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Reconstruction from the k non-zeros of each code: touches only k atoms per sample."""
+        """Reconstruction from the k non-zeros of each code: touches only k atoms per sample (inference)."""
         return F.embedding_bag(idx, self.atoms, per_sample_weights=vals, mode="sum") + self.b_dec
 
     def forward(self, x: torch.Tensor):
         """Returns (recon (n, n_features), codes (n, n_latents), preacts (n, n_latents))."""
-        if self.is_topk:
-            vals, idx, a = self.encode_sparse(x)
-            return self.decode_sparse(vals, idx), densify(vals, idx, self.n_latents), a
         a = self.preacts(x)
-        codes = F.relu(a)
+        codes = activate(a, self.activation, self.k)
+        # a dense product: its backward is far faster than a sparse gather's at these sizes (bench/)
         return self.decode(codes), codes, a
 
     # --- persistence --------------------------------------------------------------------------

