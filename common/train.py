@@ -159,7 +159,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     groups = [{"params": enc, "weight_decay": cfg.weight_decay}]
     if dec:
         groups.append({"params": dec, "weight_decay": 0.0})
-    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    opt = torch.optim.Adam(groups, lr=cfg.lr, fused=True)  # fused: ~20% faster epochs on CPU (bench/)
     params = enc + dec
     named = [n for n, p in model.named_parameters() if any(p is q for q in params)]
     gen = torch.Generator().manual_seed(int(seed))

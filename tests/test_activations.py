@@ -91,6 +91,13 @@ def test_hooked_activations_equal_hidden_states(arch, token_rule, side, tok):
         assert torch.equal(got, want), (layer, (got - want).abs().max())
 
 
+def test_bfloat16_matmuls_stay_close_to_float32(llama, tok):
+    exact = A.extract(llama, tok, TEXTS, 3, progress=False)
+    fast = A.extract(llama, tok, TEXTS, 3, dtype="bfloat16", progress=False)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    assert ((fast - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.05
+
+
 def test_early_exit_changes_nothing(llama, tok):
     fast = A.extract(llama, tok, TEXTS, 2, batch_size=2, progress=False)
     full = A.extract(llama, tok, TEXTS, 2, batch_size=2, early_exit=False, progress=False)
@@ -207,6 +214,8 @@ def test_bad_arguments_fail_before_loading(model_dir, text_file, tmp_path, monke
             A.load_activations(**kw, layer=layer)
     with pytest.raises(ValueError, match="batch_size=0"):
         A.load_activations(**kw, batch_size=0)
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        A.load_activations(**kw, dtype="float16")
     with pytest.raises(ValueError, match="padding_side='middle'"):
         A.load_activations(**kw, padding_side="middle")
     with pytest.raises(DataError, match="no such file"):
