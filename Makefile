@@ -1,4 +1,4 @@
-# Two commands: `make claims` (check every claim of the paper) and `make test`.
+# Two commands: `make claims` (check every claim of the paper) and `make test` (the test suite).
 # Both create .venv, install requirements.txt under constraints.txt and fetch MNIST when needed.
 PYTHON ?= python3
 VENV   := .venv
@@ -30,8 +30,15 @@ test-all: $(STAMP) $(MNIST)
 	$(PY) -m pytest -q
 
 quick: $(STAMP) $(MNIST)
-	@set -e; for s in exp_*.py fig_*.py; do \
+	@set -e; for s in exp_*.py fig_*.py check_claims.py; do \
 		[ -e "$$s" ] || continue; echo "== $$s --quick"; $(PY) $$s --quick; done
+
+# the main job: every claim of the paper, with an honest verdict -> results/CLAIMS.md, results/claims.json
+claims: $(STAMP) $(MNIST)
+	$(PY) check_claims.py
+
+claims-full: $(STAMP) $(MNIST)
+	$(PY) check_claims.py --full
 
 bench: $(STAMP) $(MNIST)
 	$(PY) bench/bench_train.py

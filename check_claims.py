@@ -45,7 +45,8 @@ QUICK = dict(SEEDS=2, THEORY_INSTANCES=2, THEORY_POINTS=200, MNIST_FRACTIONS=(0.
              LLM_FRACTIONS=(0.5, 1.0), LLM_EPOCHS=1)
 
 ROOT = Path(__file__).resolve().parent
-run = configure(globals(), quick=QUICK, name="claims", default_out=ROOT / "results")
+run = configure(globals(), quick=QUICK, name="claims",
+                default_out=ROOT / "results" / ("quick_claims" if "--quick" in sys.argv else ""))
 OUT = run.out
 PROFILE = "quick" if run.quick else ("full" if FULL else "fast")
 VERDICTS = ("holds", "does not hold", "inconclusive")
@@ -120,7 +121,7 @@ def random_model(n_features, n_latents, activation, k):
     with torch.no_grad():
         model.b_enc.copy_(torch.from_numpy(rng.normal(size=n_latents)))
         model.b_dec.copy_(torch.from_numpy(rng.normal(size=n_features)))
-    return model
+    return model.requires_grad_(False)  # the Jacobian check differentiates with respect to the input only
 
 
 def points(n_features):
@@ -178,7 +179,7 @@ def check_relu(n, d):
 
 def check_kmeans(n, c):
     centroids = rng.normal(size=(c, n))
-    model = SAE(n, c, "topk", 1).double()
+    model = SAE(n, c, "topk", 1).double().requires_grad_(False)
     with torch.no_grad():
         model.W_enc.copy_(torch.from_numpy(centroids))
         model.b_enc.copy_(torch.from_numpy(-0.5 * (centroids ** 2).sum(1)))

@@ -7,6 +7,7 @@ A script keeps its hyperparameters as UPPERCASE constants at the top of the file
 which reads ``sys.argv``:
 
     --NAME=value  or  --name value   override the constant NAME (type-checked against its default)
+    --FLAG                           a boolean constant FLAG set to true
     --quick                          apply the script's QUICK overrides first (tiny, for tests)
     --out DIR                        output folder (default results/<script name>/)
     --seed N                         base seed (default: the script's SEED constant, else 0)
@@ -139,8 +140,11 @@ def configure(namespace: dict, argv=None, quick: dict | None = None, name: str |
             is_quick = True
             i += 1
             continue
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        at_end = i + 1 >= len(argv) or argv[i + 1].startswith("--")
+        if not eq and at_end and isinstance(consts.get(key.upper().replace("-", "_")), bool):
+            val = "true"  # a bare --FLAG switches a boolean constant on
+        elif not eq:
+            if at_end:
                 raise ConfigError(f"--{key} needs a value (--{key}=value or --{key} value)")
             val = argv[i + 1]
             i += 1

@@ -24,8 +24,9 @@ def test_overrides_are_typed_and_written(tmp_path):
 
 def test_quick_applies_first_and_cli_wins(tmp_path):
     ns = namespace()
-    run = configure(ns, ["--quick", "--epochs=2", "--out", str(tmp_path), "--seed=7"], quick={"EPOCHS": 1, "LR": 0.5})
-    assert run.quick and ns["EPOCHS"] == 2 and ns["LR"] == 0.5 and run.seed == 7
+    run = configure(ns, ["--quick", "--epochs=2", "--out", str(tmp_path), "--seed=7", "--tied"],
+                    quick={"EPOCHS": 1, "LR": 0.5})
+    assert run.quick and ns["EPOCHS"] == 2 and ns["LR"] == 0.5 and run.seed == 7 and ns["TIED"] is True
 
 
 @pytest.mark.parametrize("argv,match", [
