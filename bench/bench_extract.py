@@ -41,7 +41,7 @@ def main():
     A.fetch_model(args.model)
     with tempfile.TemporaryDirectory() as work:
         gguf = A.gguf_path(args.model, work)
-        _, t_gguf = seconds(lambda: A._load_gguf(gguf))
+        _, t_gguf = seconds(lambda: A.load_gguf(gguf))
     (model, tokenizer), t_cached = seconds(lambda: A.load_model(args.model))
     print(f"load from GGUF: {t_gguf:.1f} s;  from the safetensors folder: {t_cached:.1f} s")
 

@@ -111,7 +111,8 @@ def gguf_path(name: str, directory) -> Path:
     return target
 
 
-def _load_gguf(path: Path):
+def load_gguf(path: Path):
+    """(causal LM with dequantised fp32 weights, tokenizer) read from a GGUF file by transformers (~40 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -130,7 +131,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} not found")
     print(f"converting {gguf.name} to safetensors in {out} (once, ~1 min) ...", file=sys.stderr)
-    model, tokenizer = _load_gguf(gguf)
+    model, tokenizer = load_gguf(gguf)
     # The weights are already dequantised fp32 tensors; drop the GGUF quantiser so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -333,7 +334,7 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
     device = next(model.parameters()).device
     rows = []
     bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress,
-               desc=f"layer {layer}, {token_rule} token")
+               desc=f"hidden_states[{layer}] ({token_rule})")
     try:
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
             for start in range(0, len(ids), batch_size):
@@ -360,6 +361,7 @@ def _atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename into ``path``; on any error remove the temporary file."""
     fd, tmp = tempfile.mkstemp(dir=_mkdir(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)
     try:
         write(tmp)
         os.replace(tmp, path)
