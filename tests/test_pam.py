@@ -97,11 +97,13 @@ def test_sparse_statistics_equal_dense_and_streaming_equals_one_batch():
     assert dense.zz_upper.dtype == torch.float64 and dense.zz_upper.shape == (d, d) and dense.zx.shape == (d, n_features)
 
 
-@pytest.mark.parametrize("activation", ["topk", "topk_abs", "relu"])
-def test_post_solve_mse_from_statistics_equals_direct_pass(activation):
+@pytest.mark.parametrize("activation,n_latents", [("topk", 20), ("topk", 200), ("topk_abs", 20), ("topk_abs", 200),
+                                                  ("relu", 20)])
+def test_post_solve_mse_from_statistics_equals_direct_pass(activation, n_latents):
+    """k / n_latents = 0.2 takes the dense path of collect_stats, 0.02 the sparse one."""
     torch.manual_seed(5)
     x = torch.randn(700, 12)
-    model = SAE(12, 20, activation, k=None if activation == "relu" else 4, seed=6)
+    model = SAE(12, n_latents, activation, k=None if activation == "relu" else 4, seed=6)
     stats = collect_stats(model, x, batch_size=128)
     D, b, _ = solve_decoder(stats, model.W_dec, model.b_dec, alpha=1e-4, mu=1e-3)
     with torch.no_grad():
