@@ -141,20 +141,29 @@ def collect_stats(model, x: torch.Tensor, batch_size: int = 1024) -> DecoderStat
     return stats
 
 
-def sse_from_stats(stats: DecoderStats, atoms: torch.Tensor, b: torch.Tensor) -> float:
-    """sum_r ||x_r - atoms^T z_r - b||^2 from the statistics alone (no pass over the data)."""
+def sse_from_stats(stats: DecoderStats, atoms: torch.Tensor, b: torch.Tensor, gram: torch.Tensor | None = None) -> float:
+    """sum_r ||x_r - atoms^T z_r - b||^2 from the statistics alone (no pass over the data).
+
+    Pass ``gram = stats.gram()`` when evaluating several decoders: one matmul each instead of two.
+    """
     D, b = atoms.double(), b.double()
-    quad = float((stats.gram_times(D) * D).sum())
+    GD = gram @ D if gram is not None else stats.gram_times(D)
+    quad = float((GD * D).sum())
     return float(stats.sum_xx - 2 * (D * stats.zx).sum() - 2 * b @ stats.sum_x + quad
                  + 2 * b @ (D.T @ stats.sum_z) + stats.n * b @ b)
 
 
-def decoder_objective(stats: DecoderStats, atoms, b, atoms_prev, b_prev, alpha=0.0, beta=0.0, mu=0.0, nu=0.0) -> float:
-    """The decoder-phase objective in MSE units: sse / (N n) + alpha|D|^2 + beta|b|^2 + mu|D-D^t|^2 + nu|b-b^t|^2."""
+def decoder_objective(stats: DecoderStats, atoms, b, atoms_prev, b_prev, alpha=0.0, beta=0.0, mu=0.0, nu=0.0,
+                      sse: float | None = None, gram: torch.Tensor | None = None) -> float:
+    """The decoder-phase objective in MSE units: sse / (N n) + alpha|D|^2 + beta|b|^2 + mu|D-D^t|^2 + nu|b-b^t|^2.
+
+    ``sse`` may be passed when already known (from ``sse_from_stats``); ``gram`` as there.
+    """
     D, b = atoms.double(), b.double()
     reg = (alpha * float(D.pow(2).sum()) + beta * float(b.pow(2).sum())
            + mu * float((D - atoms_prev.double()).pow(2).sum()) + nu * float((b - b_prev.double()).pow(2).sum()))
-    return sse_from_stats(stats, D, b) / (stats.n * stats.n_features) + reg
+    sse = sse_from_stats(stats, D, b, gram) if sse is None else sse
+    return sse / (stats.n * stats.n_features) + reg
 
 
 def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.Tensor,

@@ -108,7 +108,11 @@ def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, codes, trained
 
 
 def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
-    """Decoder phase: statistics, exact solve, parameters replaced. Returns (stats or None, record)."""
+    """Decoder phase: statistics, exact solve, parameters replaced.
+
+    Returns (training-set metrics of the new model from the same statistics, or None for a mini-batch
+    solve; record with the decoder objective before and after the solve).
+    """
     if cfg.solve_samples and cfg.solve_samples < x_train.shape[0]:
         pick = torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples]
         stats = collect_stats(model, x_train[pick], cfg.solve_batch).scaled(x_train.shape[0] / cfg.solve_samples)
@@ -119,21 +123,19 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     prox = cfg.prox_form == "proximal"
     coefs = dict(alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu if prox else 0.0, nu=cfg.nu if prox else 0.0)
     D0, b0 = model.W_dec.detach().clone(), model.b_dec.detach().clone()
-    before = decoder_objective(stats, D0, b0, D0, b0, **coefs)
+    gram = stats.gram()
+    before = decoder_objective(stats, D0, b0, D0, b0, gram=gram, **coefs)
     D, b, info = solve_decoder(stats, D0, b0, **coefs)
-    after = decoder_objective(stats, D, b, D0, b0, **coefs)
+    sse = sse_from_stats(stats, D, b, gram)
+    after = decoder_objective(stats, D, b, D0, b0, sse=sse, **coefs)
     with torch.no_grad():
         model.W_dec.copy_(D.to(model.W_dec.dtype))
         model.b_dec.copy_(b.to(model.b_dec.dtype))
     rec = {"objective_before_solve": before, "objective_after_solve": after, "ridge": info["ridge"]}
-    return (stats if exact else None), rec
-
-
-def _metrics_from_stats(model: SAE, stats) -> dict:
-    """Training-set metrics of the current model from the statistics the solve just used (no extra pass)."""
-    sums = EvalSums(int(stats.n), stats.n_features, sse_from_stats(stats, model.W_dec.detach(), model.b_dec.detach()),
-                    stats.sum_x, stats.sum_xx, stats.nnz, stats.fired)
-    return summarise(sums)
+    if not exact:
+        return None, rec
+    return summarise(EvalSums(int(stats.n), stats.n_features, sse, stats.sum_x, stats.sum_xx, stats.nnz,
+                              stats.fired)), rec
 
 
 def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainConfig, seed: int = 0,
@@ -202,7 +204,7 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
         # the solve closes (enc_first) or opens (dec_first) every solve_every-th outer iteration
         offset = 0 if cfg.solve_order == "enc_first" else 1
         due = pam and (epoch - offset) % cfg.solve_every == 0
-        extra, stats = {}, None
+        extra, train_metrics = {}, None
         if due and cfg.solve_order == "dec_first":
             _, extra = _solve(model, x_train, cfg, gen)
         anchors = {nm: p.detach().clone() for nm, p in zip(named, params)}
@@ -222,9 +224,8 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
             loss_sum += loss.item() * xb.shape[0]
             samples += xb.shape[0]
         if due and cfg.solve_order == "enc_first":
-            stats, extra = _solve(model, x_train, cfg, gen)
+            train_metrics, extra = _solve(model, x_train, cfg, gen)
         epoch_time = time.perf_counter() - t0
-        train_metrics = _metrics_from_stats(model, stats) if stats is not None else None
         row = record(epoch, loss_sum / n, epoch_time, samples, steps, train_metrics, extra)
         history.append(row)
         bar.set_postfix(test_mse=f"{row['test_mse']:.4f}", l0=f"{row['test_l0']:.1f}")

@@ -112,6 +112,7 @@ def test_post_solve_mse_from_statistics_equals_direct_pass(activation, n_latents
         recon = model(x)[0].double()
     direct = float((x.double() - recon).pow(2).sum())
     assert abs(sse_from_stats(stats, D, b) - direct) / direct < 1e-5
+    assert abs(sse_from_stats(stats, D, b, stats.gram()) - sse_from_stats(stats, D, b)) < 1e-9 * direct
 
 
 def test_minibatch_statistics_rescale():
