@@ -39,6 +39,10 @@ ABLATIONS = {
 }
 MODEL_KEYS = ("n_latents", "activation", "k", "enc_init_scale", "dec_init_scale")
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "method")
+# every setting a run's configuration is compared on: unset keys take these defaults, so e.g. the base
+# run and weight_decay=0 are recognised as the same run
+DEFAULTS = dict({f.name: f.default for f in fields(TrainConfig) if f.name != "method"},
+                enc_init_scale=0.1, dec_init_scale=0.01, fraction=1.0)
 TABLE_COLUMNS = ("method", "activation", "ablation", "value", "seed", "train_mse", "test_mse", "train_fvu", "test_fvu",
                  "l0", "dead", "epochs", "samples_seen", "n_train", "wall_time", "shared_with")
 
@@ -80,8 +84,7 @@ class Protocol:
 
     def settings(self, ablation: str, value) -> dict:
         """The full settings of one ablation value, validated."""
-        s = dict(self.base)
-        s.setdefault("fraction", 1.0)
+        s = dict(DEFAULTS, **self.base)
         if ablation != "base":
             s.update(self.ablation_overrides)
         if ablation == "updates":
@@ -129,17 +132,19 @@ def replicate_seed(base_seed: int, rep: int) -> int:
     return derive_seed(base_seed, "replicate", rep)
 
 
-def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int, progress: bool = True):
-    """Train one run; returns (row, history, model)."""
+def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int, progress: bool = True,
+            position: int | None = None):
+    """Train one run; returns (row, history, model). ``position``: the line of its progress bar."""
     s, rseed = run["settings"], replicate_seed(base_seed, run["rep"])
     if s["fraction"] < 1.0:
         x_train = x_train[subset_indices(x_train.shape[0], s["fraction"], derive_seed(rseed, "subset", s["fraction"]))]
     model = SAE(x_train.shape[1], s["n_latents"], s["activation"], s["k"], tied=run["method"] == "sgd_tied",
-                enc_init_scale=s.get("enc_init_scale", 0.1), dec_init_scale=s.get("dec_init_scale", 0.01),
+                enc_init_scale=s["enc_init_scale"], dec_init_scale=s["dec_init_scale"],
                 seed=derive_seed(rseed, "init"))
     cfg = TrainConfig(method=run["method"], **{k: v for k, v in s.items() if k in TRAIN_KEYS})
     t0 = time.perf_counter()
-    hist = train(model, x_train, x_test, cfg, seed=derive_seed(rseed, "batches"), progress=progress, desc=run["id"])
+    hist = train(model, x_train, x_test, cfg, seed=derive_seed(rseed, "batches"), progress=progress, desc=run["id"],
+                 position=position)
     last = hist[-1]
     row = {"method": run["method"], "activation": s["activation"], "ablation": run["ablation"],
            "value": run["value"], "seed": run["rep"], "train_mse": last["train_mse"], "test_mse": last["test_mse"],
@@ -149,37 +154,91 @@ def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: i
     return row, hist, model
 
 
-def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str = "base"):
+# what a forked worker trains on: set by ``execute`` just before the pool forks (shared copy-on-write)
+_WORKER_DATA: tuple = ()
+
+
+_WORKER_SLOT = 0
+
+
+def _worker_init(lock, counter) -> None:
+    global _WORKER_SLOT
+    torch.set_num_threads(1)  # one thread per worker: small matmuls scale poorly across threads
+    tqdm.set_lock(lock)
+    with counter.get_lock():
+        counter.value += 1
+        _WORKER_SLOT = counter.value  # this worker's progress-bar line (0 is the protocol's bar)
+
+
+def _worker_run(run: dict):
+    x_train, x_test, base_seed, progress = _WORKER_DATA
+    row, hist, model = run_one(run, x_train, x_test, base_seed, progress, position=_WORKER_SLOT)
+    return run["id"], row, hist, model.checkpoint()
+
+
+def _results(todo, x_train, x_test, base_seed, progress, workers):
+    """Yield (run id, row, history, model) for every run in ``todo``, in completion order.
+
+    ``workers > 1`` trains that many runs at once in forked processes of one thread each: on this
+    2-core machine two single-threaded runs finish ~25% sooner than two two-threaded runs in turn
+    (bench/bench_train.py --workers). Every run's seeds come from its plan entry, so the results do not
+    depend on the order in which runs finish.
+    """
+    if workers <= 1 or len(todo) <= 1:
+        for run in todo:
+            yield (run["id"], *run_one(run, x_train, x_test, base_seed, progress))
+        return
+    global _WORKER_DATA
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")  # the scripts are not import-safe; fork shares the data without copies
+    _WORKER_DATA = (x_train, x_test, base_seed, progress)
+    try:
+        with ctx.Pool(min(workers, len(todo)), initializer=_worker_init,
+                      initargs=(ctx.RLock(), ctx.Value("i", 0))) as pool:
+            for rid, row, hist, ckpt in pool.imap_unordered(_worker_run, todo):
+                yield rid, row, hist, SAE.from_checkpoint(ckpt)
+    finally:
+        _WORKER_DATA = ()
+
+
+def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str = "base",
+            workers: int = 1):
     """Run the protocol; write table.csv, table.json, histories.json and the base models' checkpoints.
 
-    Returns (rows, histories {run id: history}, models {run id: model} for runs of ablation ``keep_models``).
+    ``workers``: runs trained at once (forked processes, one thread each; 1 = in this process).
+    Returns (rows in plan order, histories {run id: history}, models {run id: model} for runs of
+    ablation ``keep_models``).
     """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
     runs = protocol.plan()
-    rows, histories, models, done = [], {}, {}, {}
+    histories, models, done = {}, {}, {}
     todo = [r for r in runs if r["shared_with"] is None]
+    by_id = {r["id"]: r for r in todo}
     bar = tqdm(total=len(todo), desc=f"protocol {out.name}", disable=not progress)
-    for run in runs:
-        if run["shared_with"] is not None:
-            row = dict(done[run["shared_with"]], ablation=run["ablation"], value=run["value"],
-                       shared_with=run["shared_with"])
-            histories[run["id"]] = histories[run["shared_with"]]
-        else:
-            row, hist, model = run_one(run, x_train, x_test, protocol.base_seed, progress)
-            histories[run["id"]] = hist
-            done[run["id"]] = row
-            if run["ablation"] == keep_models:
-                models[run["id"]] = model
-                ckpt = out / "models" / f"{run['method']}_rep{run['rep']}.pt"
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save(model.checkpoint(), tmp)
-                tmp.replace(ckpt)
-            bar.update(1)
-            tqdm.write(f"  {run['id']:<42} test mse {row['test_mse']:.5f}  fvu {row['test_fvu']:.4f}  "
-                       f"l0 {row['l0']:.1f}  dead {row['dead']:.2f}  {row['wall_time']:.1f}s")
-        rows.append(row)
+    for rid, row, hist, model in _results(todo, x_train, x_test, protocol.base_seed, progress, workers):
+        run = by_id[rid]
+        histories[rid], done[rid] = hist, row
+        if run["ablation"] == keep_models:
+            models[rid] = model
+            ckpt = out / "models" / f"{run['method']}_rep{run['rep']}.pt"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(model.checkpoint(), tmp)
+            tmp.replace(ckpt)
+        bar.update(1)
+        tqdm.write(f"  {rid:<42} test mse {row['test_mse']:.5f}  fvu {row['test_fvu']:.4f}  "
+                   f"l0 {row['l0']:.1f}  dead {row['dead']:.2f}  {row['wall_time']:.1f}s")
     bar.close()
+    rows = []
+    for run in runs:
+        if run["shared_with"] is None:
+            rows.append(done[run["id"]])
+        else:
+            rows.append(dict(done[run["shared_with"]], ablation=run["ablation"], value=run["value"],
+                             shared_with=run["shared_with"]))
+            histories[run["id"]] = histories[run["shared_with"]]
     write_table(rows, out)
     write_json(out / "histories.json", histories)
     return rows, histories, models

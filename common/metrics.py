@@ -32,14 +32,18 @@ class EvalSums:
         return cls(0, n_features, 0.0, torch.zeros(n_features, dtype=torch.float64), 0.0, 0.0,
                    torch.zeros(n_latents, dtype=torch.bool))
 
-    def add(self, x: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor | None = None,
+            data: bool = True) -> None:
         """Add a batch: x, recon (b, n_features); dense codes (b, n_latents), or with ``idx`` the
-        TopK non-zeros: codes = values (b, k), idx = their latent indices (b, k)."""
+        TopK non-zeros: codes = values (b, k), idx = their latent indices (b, k). ``data=False`` skips
+        the model-free sums of x (set them once with ``data_sums``)."""
         f64 = torch.float64
         self.n_samples += x.shape[0]
-        self.sse += float((x - recon).pow(2).sum(dtype=f64))
-        self.sum_x += x.sum(0, dtype=f64)
-        self.sum_xx += float(x.pow(2).sum(dtype=f64))
+        # per-sample sums in the data's precision (n_features terms), accumulated across samples in float64
+        self.sse += float((x - recon).pow(2).sum(1).sum(dtype=f64))
+        if data:
+            self.sum_x += x.sum(0, dtype=f64)
+            self.sum_xx += float(x.pow(2).sum(1).sum(dtype=f64))
         nz = codes != 0
         self.nnz += float(nz.sum())
         if idx is None:
@@ -62,17 +66,34 @@ def summarise(s: EvalSums) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, batch_size: int = 4096) -> dict:
-    """Reconstruction metrics of ``model`` on ``x`` (n_samples, n_features), streamed in batches."""
+def data_sums(x: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, float]:
+    """(sum of x over samples (n_features,) float64, sum ||x||^2): the model-free part of the metrics."""
+    sum_x, sum_xx = torch.zeros(x.shape[1], dtype=torch.float64), 0.0
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size]
+        sum_x += xb.sum(0, dtype=torch.float64)
+        sum_xx += float(xb.pow(2).sum(1).sum(dtype=torch.float64))
+    return sum_x, sum_xx
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, batch_size: int = 4096, sums_of_x=None) -> dict:
+    """Reconstruction metrics of ``model`` on ``x`` (n_samples, n_features), streamed in batches.
+
+    ``sums_of_x``: ``data_sums(x)`` computed once, for repeated evaluations of the same data.
+    """
     sums = EvalSums.empty(model.n_features, model.n_latents)
+    data = sums_of_x is None
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size]
         if model.is_topk:
             vals, idx, _ = model.encode_sparse(xb)
-            sums.add(xb, model.decode_sparse(vals, idx), vals, idx)
+            sums.add(xb, model.decode_sparse(vals, idx), vals, idx, data=data)
         else:
             codes = model.encode(xb)
-            sums.add(xb, model.decode(codes), codes)
+            sums.add(xb, model.decode(codes), codes, data=data)
+    if not data:
+        sums.sum_x, sums.sum_xx = sums_of_x[0].clone(), float(sums_of_x[1])
     return summarise(sums)
 
 

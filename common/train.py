@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import check_finite
-from .metrics import EvalSums, evaluate, summarise
+from .metrics import EvalSums, data_sums, evaluate, summarise
 from .pam import collect_stats, decoder_objective, solve_decoder, sse_from_stats
 from .sae import SAE
 
@@ -139,7 +139,7 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
 
 
 def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainConfig, seed: int = 0,
-          progress: bool = True, desc: str = "") -> list[dict]:
+          progress: bool = True, desc: str = "", position: int | None = None) -> list[dict]:
     """Train ``model`` in place on x_train (n_samples, n_features); evaluate on x_test every epoch.
 
     ``seed`` drives the mini-batch order only (the model's initialisation has its own seed), so two
@@ -165,11 +165,12 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     params = enc + dec
     named = [n for n, p in model.named_parameters() if any(p is q for q in params)]
     gen = torch.Generator().manual_seed(int(seed))
+    sums_train, sums_test = data_sums(x_train, cfg.eval_batch), data_sums(x_test, cfg.eval_batch)
 
     def record(epoch, loss, epoch_time, samples, steps, train_metrics=None, extra=None):
         t0 = time.perf_counter()
-        tr = train_metrics if train_metrics is not None else evaluate(model, x_train, cfg.eval_batch)
-        te = evaluate(model, x_test, cfg.eval_batch)
+        tr = train_metrics if train_metrics is not None else evaluate(model, x_train, cfg.eval_batch, sums_train)
+        te = evaluate(model, x_test, cfg.eval_batch, sums_test)
         row = {"epoch": epoch, "loss": loss, "epoch_time": epoch_time, "samples_seen": samples, "grad_steps": steps}
         row.update({f"train_{k}": v for k, v in tr.items()})
         row.update({f"test_{k}": v for k, v in te.items()})
@@ -178,7 +179,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         return row
 
     with _frozen([p for p in model.parameters() if not any(p is q for q in params)]):
-        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc)
+        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position)
 
 
 @contextmanager
@@ -194,11 +195,12 @@ def _frozen(tensors):
             t.requires_grad_(w)
 
 
-def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc):
+def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position):
     pam, n = cfg.method == "pam", x_train.shape[0]
     history = [record(0, float("nan"), 0.0, 0, 0)]
     samples = steps = 0
-    bar = tqdm(range(1, cfg.epochs + 1), desc=desc or cfg.method, leave=False, disable=not progress)
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc or cfg.method, leave=False, disable=not progress,
+                position=position)
     for epoch in bar:
         t0 = time.perf_counter()
         # the solve closes (enc_first) or opens (dec_first) every solve_every-th outer iteration

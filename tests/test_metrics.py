@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from common.metrics import evaluate, fvu, mse
+from common.metrics import data_sums, evaluate, fvu, mse
 from common.sae import SAE
 
 
@@ -23,7 +23,9 @@ def test_evaluate_matches_direct_formulas_for_any_batch_size():
         }
         for bs in (1000, 100, 7):  # uneven last batch: means stay sample-weighted
             got = evaluate(model, x, batch_size=bs)
+            cached = evaluate(model, x, batch_size=bs, sums_of_x=data_sums(x, 50))  # model-free sums once
             for key, val in ref.items():
+                assert abs(cached[key] - val) < 1e-6 * max(1, abs(val)), (activation, bs, key)
                 assert abs(got[key] - val) < 1e-6 * max(1, abs(val)), (activation, bs, key)  # float32 residuals
         assert abs(mse(x, recon) - ref["mse"]) < 1e-9 and abs(fvu(x, recon) - ref["fvu"]) < 1e-9
 

@@ -1,0 +1,78 @@
+"""The shared SGD-vs-PAM protocol: the plan, its fairness rules, and parallel workers changing nothing."""
+import json
+
+import pytest
+import torch
+
+from common import experiment
+
+
+def tiny_protocol(**kw):
+    base = dict(n_latents=12, activation="topk", k=3, epochs=2, batch_size=32, lr=3e-3, solve_batch=64)
+    args = dict(base=base, ablations={"base": ("-",), "weight_decay": (0.0, 1e-3), "updates": (1, 2),
+                                      "fraction": (0.5,)}, seeds=1, base_seed=7)
+    args.update(kw)
+    return experiment.Protocol(**args)
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(200, 6, generator=g), torch.randn(50, 6, generator=g)
+
+
+def test_plan_shares_identical_configurations_and_restricts_methods():
+    runs = tiny_protocol().plan()
+    by_id = {r["id"]: r for r in runs}
+    # weight_decay=0 and updates=1 are the base configuration: run once, reported in both places
+    assert by_id["sgd|weight_decay=0.0|rep0"]["shared_with"] == "sgd|base=-|rep0"
+    assert by_id["pam|updates=1|rep0"]["shared_with"] == "pam|base=-|rep0"
+    assert by_id["pam|weight_decay=0.001|rep0"]["shared_with"] is None
+    # the updates ablation concerns PAM only
+    assert {r["method"] for r in runs if r["ablation"] == "updates"} == {"pam"}
+    assert len(runs) == 3 + 3 * 2 + 2 + 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(ablations={"nope": (1,)}), "unknown ablations"),
+    (dict(ablations={"fraction": (0.0,)}), "fraction"),
+    (dict(ablations={"k": (99,)}), "k must satisfy"),
+    (dict(methods=("pam", "adam")), "unknown methods"),
+    (dict(seeds=0), "seeds"),
+])
+def test_bad_protocol_fails_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_protocol(**kw)
+
+
+def test_every_method_starts_from_the_same_point_and_fraction_runs_share_the_subset(tmp_path):
+    x_train, x_test = data()
+    rows, hist, _ = experiment.execute(tiny_protocol(ablations={"base": ("-",), "fraction": (0.5,)}),
+                                       x_train, x_test, tmp_path, progress=False)
+    # same initial encoder and decoder for pam and untied sgd: identical metrics at epoch 0
+    assert hist["pam|base=-|rep0"][0]["test_mse"] == hist["sgd|base=-|rep0"][0]["test_mse"]
+    assert {r["n_train"] for r in rows if r["ablation"] == "fraction"} == {100}
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert [r["method"] for r in table] == [r["method"] for r in rows]
+
+
+def test_parallel_workers_give_the_same_rows_in_plan_order(tmp_path):
+    x_train, x_test = data()
+    protocol = tiny_protocol()
+    serial, hs, _ = experiment.execute(protocol, x_train, x_test, tmp_path / "serial", progress=False, workers=1)
+    parallel, hp, models = experiment.execute(protocol, x_train, x_test, tmp_path / "parallel", progress=False,
+                                              workers=2)
+    assert [(r["method"], r["ablation"], r["value"]) for r in serial] == \
+           [(r["method"], r["ablation"], r["value"]) for r in parallel]
+    for a, b in zip(serial, parallel):
+        for key in ("train_mse", "test_mse", "l0", "dead", "samples_seen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["method"], a["ablation"], key)
+        assert a["shared_with"] == b["shared_with"]
+    assert set(hs) == set(hp)
+    assert set(models) == {f"{m}|base=-|rep0" for m in ("pam", "sgd", "sgd_tied")}
+    assert (tmp_path / "parallel" / "models" / "pam_rep0.pt").is_file()
+
+
+def test_bad_workers():
+    x_train, x_test = data()
+    with pytest.raises(ValueError, match="workers"):
+        experiment.execute(tiny_protocol(), x_train, x_test, "unused", workers=0)
