@@ -38,6 +38,25 @@ SPARSE_MAX_DENSITY = 0.04
 TINY_RIDGE = 1e-8
 
 
+# Dense codes: the upper triangle of z^T z is accumulated block by block (GRAM_BLOCKS^2 tiles, only those on
+# or above the diagonal), (nb + 1) / (2 nb) of the full product's work: 56% with 8 blocks.
+GRAM_BLOCKS = 8
+GRAM_MIN_BLOCK = 64
+
+
+def _add_upper_gram(upper: torch.Tensor, z: torch.Tensor) -> None:
+    """upper += the upper triangle (diagonal included) of z^T z, computing only tiles on or above the diagonal."""
+    d = z.shape[1]
+    nb = max(1, min(GRAM_BLOCKS, d // GRAM_MIN_BLOCK))
+    edges = [round(i * d / nb) for i in range(nb + 1)]
+    for i in range(nb):
+        a0, a1 = edges[i], edges[i + 1]
+        za = z[:, a0:a1]
+        upper[a0:a1, a0:a1] += torch.triu(za.T @ za)
+        if a1 < d:
+            upper[a0:a1, a1:].addmm_(za.T, z[:, a1:])
+
+
 @dataclass
 class DecoderStats:
     """float64 sufficient statistics of (x, z) pairs; memory independent of the number of samples.
@@ -93,7 +112,7 @@ class DecoderStats:
         x64, z64 = x.double(), codes.double()
         self._add_common(x64)
         self.sum_z += z64.sum(0)
-        self.zz_upper += torch.triu(z64.T @ z64)
+        _add_upper_gram(self.zz_upper, z64)
         self.zx.addmm_(z64.T, x64)
         nz = codes != 0
         self.nnz += float(nz.sum())

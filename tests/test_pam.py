@@ -97,6 +97,18 @@ def test_sparse_statistics_equal_dense_and_streaming_equals_one_batch():
     assert dense.zz_upper.dtype == torch.float64 and dense.zz_upper.shape == (d, d) and dense.zx.shape == (d, n_features)
 
 
+@pytest.mark.parametrize("d", [40, 130, 301, 700])  # 1, 2, 4 (uneven) and 8 blocks
+def test_blocked_upper_gram_equals_the_full_product(d):
+    z = torch.randn(90, d, dtype=torch.float64)
+    z[z.abs() < 0.5] = 0.0
+    stats = DecoderStats.empty(3, d)
+    stats.add_dense(torch.randn(90, 3), z)
+    stats.add_dense(torch.randn(90, 3), z)  # accumulates
+    full = 2 * z.T @ z
+    assert torch.allclose(stats.zz_upper, torch.triu(full), atol=1e-10)
+    assert torch.allclose(stats.gram(), full, atol=1e-10)
+
+
 @pytest.mark.parametrize("activation,n_latents", [("topk", 20), ("topk", 200), ("topk_abs", 20), ("topk_abs", 200),
                                                   ("relu", 20)])
 def test_post_solve_mse_from_statistics_equals_direct_pass(activation, n_latents):
