@@ -68,9 +68,17 @@ def add(cid, statement, source, ran, numbers, rule, verdict, links=(), note=""):
     print(f"[{verdict:>13}] {cid}: {statement}")
 
 
+def _from_root(path) -> str:
+    """A path as the user would type it from the project folder (absolute when outside it)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
 def script(name, args, out):
     """Run a project script; record the command and its wall time; raise if it fails."""
-    cmd = [sys.executable, str(ROOT / name), *args, "--out", str(out)]
+    cmd = [sys.executable, name, *args, "--out", _from_root(out)]
     if run.quick:
         cmd.append("--quick")
     print("$ " + " ".join(cmd[1:]), flush=True)

@@ -160,13 +160,18 @@ def collect_stats(model, x: torch.Tensor, batch_size: int = 1024) -> DecoderStat
     return stats
 
 
-def sse_from_stats(stats: DecoderStats, atoms: torch.Tensor, b: torch.Tensor, gram: torch.Tensor | None = None) -> float:
+def sse_from_stats(stats: DecoderStats, atoms: torch.Tensor, b: torch.Tensor, gram: torch.Tensor | None = None,
+                   gram_atoms: torch.Tensor | None = None) -> float:
     """sum_r ||x_r - atoms^T z_r - b||^2 from the statistics alone (no pass over the data).
 
-    Pass ``gram = stats.gram()`` when evaluating several decoders: one matmul each instead of two.
+    Pass ``gram = stats.gram()`` when evaluating several decoders: one matmul each instead of two; or
+    ``gram_atoms`` = G @ atoms when already known (``solve_decoder``'s info): no matmul at all.
     """
     D, b = atoms.double(), b.double()
-    GD = gram @ D if gram is not None else stats.gram_times(D)
+    if gram_atoms is not None:
+        GD = gram_atoms
+    else:
+        GD = gram @ D if gram is not None else stats.gram_times(D)
     quad = float((GD * D).sum())
     return float(stats.sum_xx - 2 * (D * stats.zx).sum() - 2 * b @ stats.sum_x + quad
                  + 2 * b @ (D.T @ stats.sum_z) + stats.n * b @ b)
@@ -186,12 +191,15 @@ def decoder_objective(stats: DecoderStats, atoms, b, atoms_prev, b_prev, alpha=0
 
 
 def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.Tensor,
-                  alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0):
+                  alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0,
+                  gram: torch.Tensor | None = None):
     """Exact joint minimiser (atoms, b_dec) of the decoder objective (module docstring).
 
-    atoms_prev (n_latents, n_features) and b_prev (n_features,) are the anchors W^t, b^t.
+    atoms_prev (n_latents, n_features) and b_prev (n_features,) are the anchors W^t, b^t. ``gram``: a
+    ``stats.gram()`` the caller no longer needs; its memory is reused (overwritten) for A.
     Returns (atoms float64, b float64, info) with info = {"ridge": the ridge added to A (0 unless
-    alpha = mu = 0), "scale": N * n_features}.
+    alpha = mu = 0), "scale": N * n_features, "gram_atoms": G @ atoms, read off the normal equations
+    A D = rhs (no extra matmul; for ``sse_from_stats``)}.
     """
     for name, v in (("alpha", alpha), ("beta", beta), ("mu", mu), ("nu", nu)):
         if not v >= 0:
@@ -205,7 +213,7 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     c = N / (N + b_ + n_)
     zbar, xbar = stats.sum_z / N, stats.sum_x / N
 
-    A = stats.gram()
+    A = stats.gram() if gram is None else gram
     A.addr_(zbar, zbar, alpha=-N * c)
     ridge = 0.0
     if a_ + m_ == 0:
@@ -215,6 +223,7 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     rhs.addr_(zbar, N * xbar + n_ * bias0, alpha=-c)
     if m_:
         rhs.add_(D0, alpha=m_)
+    rhs_kept = rhs.clone()
     # LAPACK Cholesky in A's own memory (A is symmetric, so its transpose view is the Fortran-ordered A):
     # no third d x d matrix at large n_latents.
     try:
@@ -224,4 +233,7 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     D = torch.from_numpy(scipy.linalg.cho_solve(factor, rhs.numpy(), overwrite_b=True, check_finite=False))
     del A, factor
     bias = c * (xbar - D.T @ zbar) + (n_ / (N + b_ + n_)) * bias0
-    return D, bias, {"ridge": ridge, "scale": scale}
+    # A D = rhs with A = G - N c zbar zbar^T + (alpha' + mu' + ridge) I  =>  G D from rhs in O(d n)
+    gram_atoms = rhs_kept.add_(D, alpha=-(a_ + m_ + ridge))
+    gram_atoms.addr_(zbar, D.T @ zbar, alpha=N * c)
+    return D, bias, {"ridge": ridge, "scale": scale, "gram_atoms": gram_atoms}

@@ -123,10 +123,10 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     prox = cfg.prox_form == "proximal"
     coefs = dict(alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu if prox else 0.0, nu=cfg.nu if prox else 0.0)
     D0, b0 = model.W_dec.detach().clone(), model.b_dec.detach().clone()
-    gram = stats.gram()
+    gram = stats.gram()  # one d x d matrix: G D0 for the objective before, then A's storage in the solve
     before = decoder_objective(stats, D0, b0, D0, b0, gram=gram, **coefs)
-    D, b, info = solve_decoder(stats, D0, b0, **coefs)
-    sse = sse_from_stats(stats, D, b, gram)
+    D, b, info = solve_decoder(stats, D0, b0, gram=gram, **coefs)
+    sse = sse_from_stats(stats, D, b, gram_atoms=info["gram_atoms"])
     after = decoder_objective(stats, D, b, D0, b0, sse=sse, **coefs)
     with torch.no_grad():
         model.W_dec.copy_(D.to(model.W_dec.dtype))

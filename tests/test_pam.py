@@ -127,6 +127,22 @@ def test_post_solve_mse_from_statistics_equals_direct_pass(activation, n_latents
     assert abs(sse_from_stats(stats, D, b, stats.gram()) - sse_from_stats(stats, D, b)) < 1e-9 * direct
 
 
+@pytest.mark.parametrize("coefs", [dict(), dict(alpha=1e-3, beta=1e-2, mu=1e-3, nu=1e-2)])
+def test_gram_atoms_from_the_normal_equations_equal_the_product(coefs):
+    torch.manual_seed(8)
+    x = torch.randn(400, 9)
+    model = SAE(9, 30, "topk", k=6, seed=9)
+    stats = collect_stats(model, x, batch_size=64)
+    D, b, info = solve_decoder(stats, model.W_dec, model.b_dec, **coefs)
+    G = stats.gram()
+    assert torch.allclose(info["gram_atoms"], G @ D, rtol=1e-9, atol=1e-9 * float(G.abs().max()))
+    exact = sse_from_stats(stats, D, b, G)
+    assert abs(sse_from_stats(stats, D, b, gram_atoms=info["gram_atoms"]) - exact) < 1e-9 * exact
+    # handing over a materialised G (overwritten for A) gives the same solve
+    D2, b2, _ = solve_decoder(stats, model.W_dec, model.b_dec, gram=stats.gram(), **coefs)
+    assert torch.equal(D, D2) and torch.equal(b, b2)
+
+
 def test_minibatch_statistics_rescale():
     x = torch.randn(50, 3)
     _, _, z = random_topk_codes(50, 6, 2, seed=7)
