@@ -295,6 +295,9 @@ def summary(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+METHOD_CMAPS = ("Blues", "Oranges", "Greens")  # matches matplotlib's first three cycle colours (the bars)
+
+
 def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -> list[Path]:
     """Per ablation: bar chart of final test MSE by value and method, and the test-MSE curves."""
     import matplotlib.pyplot as plt
@@ -312,14 +315,17 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
         errs = {m: [agg.get((ablation, v, m), (0, 0))[1] for v in values] for m in methods}
         grouped_bars(axes[0], values, series, "final test MSE", f"{label}: {ablation}", errors=errs, logy=True)
         axes[0].set_xlabel(ablation)
-        lines = {}
+        lines, colors = {}, {}
         for r in rows:
             if r["ablation"] != ablation or r["seed"] != 0:
                 continue
             h = histories[f"{r['method']}|{ablation}={r['value']}|rep0"]
             tag = r["method"] if ablation == "base" else f"{r['method']} {r['value']}"
             lines[tag] = ([e["epoch"] for e in h], [e["test_mse"] for e in h])
-        curves(axes[1], lines, "epoch", "test MSE", f"test MSE curves (seed 0)", logy=True)
+            # the bars' colour family per method (blue, orange, green), darker for later values
+            shade = 0.45 + 0.5 * values.index(r["value"]) / max(len(values) - 1, 1)
+            colors[tag] = plt.get_cmap(METHOD_CMAPS[METHODS.index(r["method"])])(shade)
+        curves(axes[1], lines, "epoch", "test MSE", f"test MSE curves (seed 0)", logy=True, colors=colors)
         if len(lines) > 8:
             axes[1].legend(fontsize=6, ncol=2)
         numbers = {"ablation": ablation, "values": values,

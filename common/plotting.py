@@ -62,10 +62,12 @@ def region_map(ax, labels: np.ndarray, extent, colors: np.ndarray | None = None,
                      interpolation="nearest", alpha=alpha, aspect="auto")
 
 
-def curves(ax, series: dict, xlabel: str, ylabel: str, title: str | None = None, logy: bool = False):
-    """Line plot of {label: (x, y)}."""
+def curves(ax, series: dict, xlabel: str, ylabel: str, title: str | None = None, logy: bool = False,
+           colors: dict | None = None):
+    """Line plot of {label: (x, y)}; ``colors`` {label: colour} (default: matplotlib's cycle)."""
     for label, (x, y) in series.items():
-        ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
+        ax.plot(x, y, label=label, marker="." if len(x) < 30 else None,
+                color=None if colors is None else colors.get(label))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
