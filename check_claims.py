@@ -287,7 +287,9 @@ add("E1-between", "The SAE's reconstruction error lies between k-means' (worse) 
 # --- 3. MNIST (E2): sample efficiency, updates and mu/nu sensitivities, PAM objective -----------------
 e2 = "exp_e2_MNIST_SGD_PAM_ablations.py"
 mnist_epochs = 50 if FULL else MNIST_EPOCHS
-frac_args = ["--ONLY=fraction", f"--FRACTIONS={','.join(map(str, MNIST_FRACTIONS))}", f"--SEEDS={SEEDS}",
+# base + fraction: in the fast profile the base run is the 100% run (same settings, run once), and it
+# regenerates the base figures (curves, reconstructions, filters, latent stems)
+frac_args = ["--ONLY=base,fraction", f"--FRACTIONS={','.join(map(str, MNIST_FRACTIONS))}", f"--SEEDS={SEEDS}",
              f"--EPOCHS={mnist_epochs}", f"--SEED={run.seed}"]
 script(e2, frac_args, OUT / "e2_fraction")
 sens_args = ["--ONLY=updates,mu_nu", "--ACTIVATIONS=topk", "--METHODS=pam", f"--SEEDS={SEEDS}",
@@ -324,7 +326,8 @@ def efficiency_claim(cid, label, rows, fractions, links, source, settings):
 for act in ("topk", "relu"):
     d = OUT / "e2_fraction" / act
     efficiency_claim(f"E2-sample-efficiency-{act}", f"MNIST {act}", table(d / "table.json"), MNIST_FRACTIONS,
-                     [d / "ablation_fraction.png", d / "ablation_fraction.json", d / "table.csv"],
+                     [d / "ablation_fraction.png", d / "ablation_fraction.json", d / "table.csv",
+                      d / "curves_base.png", d / "reconstructions.png"],
                      "paper E2 (sample efficiency)",
                      {"command": commands[-2]["command"], "seeds": SEEDS, "epochs": f"min({mnist_epochs}, rule)"})
 
@@ -374,14 +377,15 @@ add("PAM-objective-decreases", "The PAM-SGD objective (after each decoder solve)
 e3 = "exp_e3_LLM_SGD_PAM_ablations.py"
 llm_epochs = 100 if FULL else LLM_EPOCHS
 extra = LLM_ARGS.split()
-script(e3, ["--ONLY=fraction", f"--FRACTIONS={','.join(map(str, LLM_FRACTIONS))}", f"--SEEDS={SEEDS}",
+script(e3, ["--ONLY=base,fraction", f"--FRACTIONS={','.join(map(str, LLM_FRACTIONS))}", f"--SEEDS={SEEDS}",
             f"--EPOCHS={llm_epochs}", f"--ABLATION_EPOCHS={llm_epochs}", f"--SEED={run.seed}"] + extra,
        OUT / "e3_fraction")
 d3 = OUT / "e3_fraction"
 meta = json.loads((d3 / "activations.json").read_text())
 efficiency_claim("E3-sample-efficiency", f"LLM activations ({meta.get('model')}, layer {meta.get('layer')})",
                  table(d3 / "table.json"), LLM_FRACTIONS,
-                 [d3 / "ablation_fraction.png", d3 / "ablation_fraction.json", d3 / "table.csv"],
+                 [d3 / "ablation_fraction.png", d3 / "ablation_fraction.json", d3 / "table.csv",
+                  d3 / "curves_base.png", d3 / "latent_stems.png"],
                  "paper E3 (sample efficiency; paper used Gemma-2-2B)",
                  {"command": commands[-1]["command"], "seeds": SEEDS, "epochs": llm_epochs})
 script(e3, ["--ONLY=activation", "--ACTIVATION_VALUES=relu", f"--SEEDS={SEEDS}", f"--EPOCHS={llm_epochs}",

@@ -64,7 +64,7 @@ def main():
     print(f"solve (Cholesky + triangular solves): {t_solve:.1f} s ({f_solve / t_solve / 1e9:.0f} GFLOP/s, "
           f"{100 * f_solve / t_solve / 1e9 / rate64:.0f}% of float64 matmul rate)  peak RSS {peak_gb():.2f} GB")
     t0 = time.perf_counter()
-    sse = sse_from_stats(stats, D, b)
+    sse = sse_from_stats(stats, D, b, gram_atoms=info["gram_atoms"])  # as training does: G D from the solve
     t_mse = time.perf_counter() - t0
     print(f"post-solve training MSE from the statistics: {sse / (N * n):.6f} in {t_mse:.1f} s (no pass over the data)")
     total = t_stats + t_solve + t_mse
