@@ -9,7 +9,7 @@ MNIST  := data/mnist/.verified
 export MPLBACKEND := Agg
 export VTK_DEFAULT_OPENGL_WINDOW := vtkEGLRenderWindow
 
-.PHONY: venv data test test-all quick bench claims claims-full clean
+.PHONY: venv data test test-all quick bench bench-e3 claims claims-full clean
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ claims-full: $(STAMP) $(MNIST)
 bench: $(STAMP) $(MNIST)
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_solve.py
+
+# per-epoch E3 costs and the projected full-protocol time (extracts the LLM activations first if not cached)
+bench-e3: $(STAMP)
+	$(PY) bench/bench_e3_protocol.py
 
 clean:
 	rm -rf results .pytest_cache
