@@ -1,6 +1,6 @@
 """Check every claim of the paper with one command: writes results/CLAIMS.md and results/claims.json.
 
-    python check_claims.py            # fast profile (reduced epochs; <= 20 min here + one-time LLM extraction)
+    python check_claims.py            # fast profile (reduced epochs: 18.5 min here + one-time LLM extraction)
     python check_claims.py --full     # the paper's settings (hours)
     python check_claims.py --quick    # seconds: structure only (used by the tests), verdicts meaningless
 
