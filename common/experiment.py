@@ -182,8 +182,9 @@ def _results(todo, x_train, x_test, base_seed, progress, workers):
 
     ``workers > 1`` trains that many runs at once in forked processes of one thread each: on this
     2-core machine two single-threaded runs at once give 6-15% more epochs per second than one
-    two-threaded run at a time (bench/bench_train.py: MNIST SGD 1.16 vs 1.37 s, PAM 1.44 vs 1.53 s). Every run's seeds come from its plan entry, so the results do not
-    depend on the order in which runs finish.
+    two-threaded run at a time (bench/bench_train.py: MNIST SGD 1.16 vs 1.37 s, PAM 1.44 vs 1.53 s).
+    Every run's seeds come from its plan entry, so the results do not depend on the order in which
+    runs finish.
     """
     if workers <= 1 or len(todo) <= 1:
         for run in todo:

@@ -32,18 +32,13 @@ class EvalSums:
         return cls(0, n_features, 0.0, torch.zeros(n_features, dtype=torch.float64), 0.0, 0.0,
                    torch.zeros(n_latents, dtype=torch.bool))
 
-    def add(self, x: torch.Tensor, recon: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor | None = None,
-            data: bool = True) -> None:
-        """Add a batch: x, recon (b, n_features); dense codes (b, n_latents), or with ``idx`` the
-        TopK non-zeros: codes = values (b, k), idx = their latent indices (b, k). ``data=False`` skips
-        the model-free sums of x (set them once with ``data_sums``)."""
-        f64 = torch.float64
-        self.n_samples += x.shape[0]
+    def add(self, recon_error: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Add a batch's model-dependent sums: recon_error = x - recon (b, n_features); dense codes
+        (b, n_latents), or with ``idx`` the TopK non-zeros: codes = values (b, k), idx = their latent
+        indices (b, k). The model-free sums of x come from ``data_sums``."""
+        self.n_samples += recon_error.shape[0]
         # per-sample sums in the data's precision (n_features terms), accumulated across samples in float64
-        self.sse += float((x - recon).pow(2).sum(1).sum(dtype=f64))
-        if data:
-            self.sum_x += x.sum(0, dtype=f64)
-            self.sum_xx += float(x.pow(2).sum(1).sum(dtype=f64))
+        self.sse += float(recon_error.pow(2).sum(1).sum(dtype=torch.float64))
         nz = codes != 0
         self.nnz += float(nz.sum())
         if idx is None:
@@ -80,20 +75,19 @@ def data_sums(x: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, fl
 def evaluate(model, x: torch.Tensor, batch_size: int = 4096, sums_of_x=None) -> dict:
     """Reconstruction metrics of ``model`` on ``x`` (n_samples, n_features), streamed in batches.
 
-    ``sums_of_x``: ``data_sums(x)`` computed once, for repeated evaluations of the same data.
+    ``sums_of_x``: ``data_sums(x)``, passed when the same data are evaluated repeatedly (training).
     """
     sums = EvalSums.empty(model.n_features, model.n_latents)
-    data = sums_of_x is None
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size]
         if model.is_topk:
             vals, idx, _ = model.encode_sparse(xb)
-            sums.add(xb, model.decode_sparse(vals, idx), vals, idx, data=data)
+            sums.add(xb - model.decode_sparse(vals, idx), vals, idx)
         else:
             codes = model.encode(xb)
-            sums.add(xb, model.decode(codes), codes, data=data)
-    if not data:
-        sums.sum_x, sums.sum_xx = sums_of_x[0].clone(), float(sums_of_x[1])
+            sums.add(xb - model.decode(codes), codes)
+    sum_x, sum_xx = sums_of_x if sums_of_x is not None else data_sums(x, batch_size)
+    sums.sum_x, sums.sum_xx = sum_x.clone(), float(sum_xx)
     return summarise(sums)
 
 
