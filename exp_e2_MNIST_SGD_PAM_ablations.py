@@ -44,6 +44,7 @@ ONLY = ("base", "updates", "fraction", "weight_decay", "mu_nu")
 SEEDS = 1                        # replicate seeds, derived from SEED
 SEED = 42
 WORKERS = 2                      # runs trained at once, one thread each (2 cores: 6-15% more throughput than 1)
+RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 N_TRAIN = 0                      # 0: all 60,000 training images
 N_TEST = 0                       # 0: all 10,000 test images
 QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 1.0), WEIGHT_DECAYS=(0.0, 1e-3),
@@ -85,7 +86,7 @@ for act, protocol in protocols.items():
     out = run.dir(act)
     label = f"MNIST {protocol.base['activation']}"
     print(f"== {label}: {len(protocol.plan())} runs ({len(x_train)} train / {len(x_test)} test samples)")
-    rows, histories, models = experiment.execute(protocol, x_train, x_test, out, workers=WORKERS)
+    rows, histories, models = experiment.execute(protocol, x_train, x_test, out, workers=WORKERS, resume=RESUME)
     experiment.ablation_figures(rows, histories, out, label)
     if "base" in only:
         experiment.base_curves(histories, out, label)

@@ -58,6 +58,7 @@ ONLY = ("base", "updates", "fraction", "activation", "weight_decay", "mu_nu", "k
 SEEDS = 1
 SEED = 42
 WORKERS = 2                      # runs trained at once, one thread each (MNIST, 2 cores: 6-15% more throughput than 1)
+RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 QUICK = dict(SOURCE="synthetic", N_TEXTS=400, N_LATENTS=48, K=6, EPOCHS=2, ABLATION_EPOCHS=2, BATCH_SIZE=64,
              UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6))
 
@@ -105,7 +106,7 @@ print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} t
 # --- runs, figures, summary -----------------------------------------------------------------------
 label = f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}"
 print(f"== {label}: {len(protocol.plan())} runs")
-rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out, workers=WORKERS)
+rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out, workers=WORKERS, resume=RESUME)
 experiment.ablation_figures(rows, histories, run.out, label)
 if "base" in only:
     experiment.base_curves(histories, run.out, label)

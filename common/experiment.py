@@ -9,12 +9,18 @@ and every replicate seed. Fairness rules, enforced here rather than in each scri
 - runs whose full configuration coincides (e.g. the base run and ``weight_decay=0``) are run once and
   reported in both places, marked ``shared_with``;
 - the reported numbers are reconstruction metrics on held-out data; the test set picks nothing.
+
+Every finished run is written at once to ``<out>/runs/<run>.json`` (atomically), so a protocol that is
+interrupted (hours for E3) can be started again and goes on where it stopped: a run file is reused
+only when its configuration, the data, the base seed and the source of ``common/`` are all the same.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import multiprocessing as mp
+import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -202,11 +208,53 @@ def _results(todo, x_train, x_test, base_seed, progress, workers):
         _WORKER_DATA = ()
 
 
+def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> str:
+    """What a finished run depends on besides its configuration: the data, the seed, the training code."""
+    h = hashlib.sha256()
+    for t in (x_train, x_test):
+        a = t.detach().to("cpu").contiguous().numpy()
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.data)
+    h.update(str(int(base_seed)).encode())
+    for src in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()
+
+
+def run_file(out: Path, run: dict) -> Path:
+    return Path(out) / "runs" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", run["id"]) + ".json")
+
+
+def _checkpoint_path(out: Path, run: dict) -> Path:
+    return Path(out) / "models" / f"{run['method']}_rep{run['rep']}.pt"
+
+
+def _finished(out: Path, run: dict, stamp: str, need_model: bool):
+    """(row, history, model or None) of an earlier invocation's identical run, or None."""
+    path = run_file(out, run)
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] != run["key"] or saved["fingerprint"] != stamp:
+            return None
+        model = None
+        if need_model:
+            model = SAE.from_checkpoint(torch.load(_checkpoint_path(out, run)))
+        return saved["row"], saved["history"], model
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # unreadable leftovers are retrained, never trusted
+        tqdm.write(f"  ignoring {path.name} ({type(e).__name__}: {e}); retraining")
+        return None
+
+
 def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str = "base",
-            workers: int = 1):
+            workers: int = 1, resume: bool = True):
     """Run the protocol; write table.csv, table.json, histories.json and the base models' checkpoints.
 
     ``workers``: runs trained at once (forked processes, one thread each; 1 = in this process).
+    ``resume``: reuse the runs an earlier invocation finished with the same configuration, data, seed and
+    code (``runs/*.json``); False trains everything again.
     Returns (rows in plan order, histories {run id: history}, models {run id: model} for runs of
     ablation ``keep_models``).
     """
@@ -214,8 +262,20 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
     runs = protocol.plan()
+    stamp = fingerprint(x_train, x_test, protocol.base_seed)
     histories, models, done = {}, {}, {}
-    todo = [r for r in runs if r["shared_with"] is None]
+    todo = []
+    for run in (r for r in runs if r["shared_with"] is None):
+        found = _finished(out, run, stamp, run["ablation"] == keep_models) if resume else None
+        if found is None:
+            todo.append(run)
+            continue
+        done[run["id"]], histories[run["id"]], model = found
+        if model is not None:
+            models[run["id"]] = model
+    if done:
+        tqdm.write(f"  resuming: {len(done)} runs finished earlier with the same settings, data and code "
+                   f"({out / 'runs'}); {len(todo)} to train")
     by_id = {r["id"]: r for r in todo}
     bar = tqdm(total=len(todo), desc=f"protocol {out.name}", disable=not progress)
     for rid, row, hist, model in _results(todo, x_train, x_test, protocol.base_seed, progress, workers):
@@ -223,11 +283,13 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
         histories[rid], done[rid] = hist, row
         if run["ablation"] == keep_models:
             models[rid] = model
-            ckpt = out / "models" / f"{run['method']}_rep{run['rep']}.pt"
+            ckpt = _checkpoint_path(out, run)
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
             torch.save(model.checkpoint(), tmp)
             tmp.replace(ckpt)
+        # after the checkpoint: a run file implies everything it needs is on disk
+        write_json(run_file(out, run), {"key": run["key"], "fingerprint": stamp, "row": row, "history": hist})
         bar.update(1)
         tqdm.write(f"  {rid:<42} test mse {row['test_mse']:.5f}  fvu {row['test_fvu']:.4f}  "
                    f"l0 {row['l0']:.1f}  dead {row['dead']:.2f}  {row['wall_time']:.1f}s")

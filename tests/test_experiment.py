@@ -76,3 +76,48 @@ def test_bad_workers():
     x_train, x_test = data()
     with pytest.raises(ValueError, match="workers"):
         experiment.execute(tiny_protocol(), x_train, x_test, "unused", workers=0)
+
+
+def test_an_interrupted_protocol_resumes_where_it_stopped(tmp_path, monkeypatch):
+    x_train, x_test = data()
+    protocol = tiny_protocol()
+    first, h1, m1 = experiment.execute(protocol, x_train, x_test, tmp_path, progress=False)
+    trained = []
+    real = experiment.run_one
+    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run["id"]) or real(run, *a, **k))
+    # "interrupt": one finished run is lost, another left as a corrupt file
+    lost = experiment.run_file(tmp_path, {"id": "sgd|fraction=0.5|rep0"})
+    corrupt = experiment.run_file(tmp_path, {"id": "pam|weight_decay=0.001|rep0"})
+    lost.unlink()
+    corrupt.write_text("{\"key\": ")
+    again, h2, m2 = experiment.execute(protocol, x_train, x_test, tmp_path, progress=False)
+    assert sorted(trained) == ["pam|weight_decay=0.001|rep0", "sgd|fraction=0.5|rep0"]
+    for a, b in zip(first, again):
+        assert (a["method"], a["ablation"], a["value"], a["shared_with"]) == \
+               (b["method"], b["ablation"], b["value"], b["shared_with"])
+        assert b["test_mse"] == pytest.approx(a["test_mse"], rel=1e-5)
+    assert set(h2) == set(h1)
+    # the base models come back from their checkpoints
+    assert set(m2) == set(m1)
+    for rid in m1:
+        for k, v in m1[rid].state_dict().items():
+            assert torch.equal(v, m2[rid].state_dict()[k])
+
+
+def test_resume_never_reuses_runs_made_with_other_data_or_settings(tmp_path, monkeypatch):
+    x_train, x_test = data()
+    experiment.execute(tiny_protocol(ablations={"base": ("-",)}), x_train, x_test, tmp_path, progress=False)
+    trained = []
+    real = experiment.run_one
+    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run["id"]) or real(run, *a, **k))
+    experiment.execute(tiny_protocol(ablations={"base": ("-",)}), x_train + 1e-3, x_test, tmp_path, progress=False)
+    assert len(trained) == 3                      # other data
+    trained.clear()
+    base = dict(n_latents=12, activation="topk", k=3, epochs=2, batch_size=32, lr=1e-3, solve_batch=64)
+    experiment.execute(tiny_protocol(ablations={"base": ("-",)}, base=base), x_train + 1e-3, x_test, tmp_path,
+                       progress=False)
+    assert len(trained) == 3                      # another learning rate
+    trained.clear()
+    experiment.execute(tiny_protocol(ablations={"base": ("-",)}, base=base), x_train + 1e-3, x_test, tmp_path,
+                       progress=False, resume=False)
+    assert len(trained) == 3                      # asked not to resume

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common.sae import SAE, activate, check_activation, topk_sparse
+from common.sae import SPARSE_DECODE_MAX_DENSITY, SAE, activate, check_activation, topk_sparse
 
 
 def test_topk_variants_against_brute_force():
@@ -37,6 +37,35 @@ def test_forward_matches_dense_formula(activation, tied):
     W_dec = model.W_enc.T if tied else model.W_dec.T  # the SPEC's (n_features, n_latents) decoder
     assert torch.allclose(recon, codes @ W_dec.T + model.b_dec, atol=1e-6)
     assert torch.allclose(codes, activate(preacts, activation, model.k))
+
+
+@pytest.mark.parametrize("activation", ["topk", "topk_relu", "topk_abs"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("k", [2, 9])  # below and above the sparse-decode density (d = 20)
+def test_forward_gradients_equal_the_dense_formulas(activation, tied, k):
+    """Whichever decode forward() picks, the loss and every parameter's gradient are those of the dense
+    formula recon = codes @ atoms + b_dec, computed independently in float64."""
+    assert 2 <= SPARSE_DECODE_MAX_DENSITY * 20 < 9
+    torch.manual_seed(3)
+    model = SAE(6, 20, activation, k=k, tied=tied, seed=4)
+    with torch.no_grad():
+        model.b_enc.normal_()
+        model.b_dec.normal_()
+    x = torch.randn(30, 6)
+    recon, codes, _ = model(x)
+    loss = (recon - x).pow(2).mean() + 0.01 * codes.abs().sum(1).mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    ref = {name: p.detach().double().requires_grad_() for name, p in model.named_parameters()}
+    a = x.double() @ ref["W_enc"].T + ref["b_enc"]
+    mask = torch.zeros_like(a).scatter(1, topk_sparse(a.detach(), k, activation)[1], 1.0)
+    z = a * mask if activation != "topk_relu" else (a * mask).clamp(min=0)
+    atoms = ref["W_enc"] if tied else ref["W_dec"]
+    loss_ref = (z @ atoms + ref["b_dec"] - x.double()).pow(2).mean() + 0.01 * z.abs().sum(1).mean()
+    grads_ref = torch.autograd.grad(loss_ref, list(ref.values()))
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    for (name, _), g, r in zip(model.named_parameters(), grads, grads_ref):
+        assert torch.allclose(g.double(), r, rtol=1e-4, atol=1e-6), name
 
 
 def test_same_seed_shares_encoder_between_tied_and_untied():
