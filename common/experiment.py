@@ -12,7 +12,8 @@ and every replicate seed. Fairness rules, enforced here rather than in each scri
 
 Every finished run is written at once to ``<out>/runs/<run>.json`` (atomically), so a protocol that is
 interrupted (hours for E3) can be started again and goes on where it stopped: a run file is reused
-only when its configuration, the data, the base seed and the source of ``common/`` are all the same.
+only when its configuration, the data, the base seed and the training code (TRAINING_SOURCES) are all
+the same.
 """
 from __future__ import annotations
 
@@ -208,6 +209,10 @@ def _results(todo, x_train, x_test, base_seed, progress, workers):
         _WORKER_DATA = ()
 
 
+# the modules a run's numbers depend on (the data enter by content, so extraction code is not among them)
+TRAINING_SOURCES = ("config.py", "data.py", "experiment.py", "metrics.py", "pam.py", "sae.py", "train.py")
+
+
 def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> str:
     """What a finished run depends on besides its configuration: the data, the seed, the training code."""
     h = hashlib.sha256()
@@ -216,9 +221,9 @@ def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> 
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.data)
     h.update(str(int(base_seed)).encode())
-    for src in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        h.update(src.name.encode())
-        h.update(src.read_bytes())
+    for name in TRAINING_SOURCES:
+        h.update(name.encode())
+        h.update((Path(__file__).resolve().parent / name).read_bytes())
     return h.hexdigest()
 
 

@@ -59,7 +59,7 @@ class TrainConfig:
     solve_every: int = 1            # solve the decoder every this many epochs
     solve_samples: int = 0          # 0: statistics from all training data; m > 0: from m random samples, rescaled
     grad_clip: float = 0.0          # clip the gradient norm of the optimised parameters (0 = off)
-    eval_batch: int = 4096
+    eval_batch: int = 1024
 
     def __post_init__(self):
         def need(cond, msg):
