@@ -42,6 +42,7 @@ claims-full: $(STAMP) $(MNIST)
 
 bench: $(STAMP) $(MNIST)
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_solve.py
 
 # per-epoch E3 costs and the projected full-protocol time (extracts the LLM activations first if not cached)
