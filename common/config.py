@@ -120,7 +120,8 @@ def configure(namespace: dict, argv=None, quick: dict | None = None, name: str |
     """Apply command-line overrides to the UPPERCASE constants of ``namespace`` (a module's globals).
 
     Returns the ``Run``; also updates ``namespace`` in place so the script reads its constants as usual.
-    The output folder is ``--out``, else ``default_out``, else ``results/<name>`` (name: the script's stem).
+    The output folder is ``--out``, else ``default_out``, else ``results/<name>`` (``results/quick/<name>``
+    with ``--quick``; name: the script's stem).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     name = name or Path(namespace.get("__file__", "script")).stem
@@ -173,7 +174,9 @@ def configure(namespace: dict, argv=None, quick: dict | None = None, name: str |
     if "SEED" in consts:
         seed = consts["SEED"]
     seed = 0 if seed is None else seed
-    out_dir = Path(out) if out else Path(default_out) if default_out else ROOT / "results" / name
+    # a --quick run never overwrites the figures (or the resumable runs) of a real one
+    default = ROOT / "results" / ("quick" if is_quick else "") / name
+    out_dir = Path(out) if out else Path(default_out) if default_out else default
     out_dir.mkdir(parents=True, exist_ok=True)
     run = Run(name=name, out=out_dir, seed=int(seed), quick=is_quick, values=dict(consts))
     write_json(out_dir / "config.json",

@@ -10,7 +10,7 @@ and every replicate seed. Fairness rules, enforced here rather than in each scri
   reported in both places, marked ``shared_with``;
 - the reported numbers are reconstruction metrics on held-out data; the test set picks nothing.
 
-Every finished run is written at once to ``<out>/runs/<run>.json`` (atomically), so a protocol that is
+Every finished run is written at once to ``<out>/runs/<run id>_<config hash>.json`` (atomically), so a protocol that is
 interrupted (hours for E3) can be started again and goes on where it stopped: a run file is reused
 only when its configuration, the data, the base seed and the training code (TRAINING_SOURCES) are all
 the same.
@@ -228,7 +228,10 @@ def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> 
 
 
 def run_file(out: Path, run: dict) -> Path:
-    return Path(out) / "runs" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", run["id"]) + ".json")
+    """Where a finished run is kept: named by its id and a hash of its full configuration, so runs of the
+    same id with other settings (e.g. a --quick run in the same folder) never overwrite each other."""
+    digest = hashlib.sha256(run["key"].encode()).hexdigest()[:10]
+    return Path(out) / "runs" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', run['id'])}_{digest}.json"
 
 
 def _checkpoint_path(out: Path, run: dict) -> Path:

@@ -49,3 +49,10 @@ def test_write_json_is_atomic(tmp_path):
     p = write_json(tmp_path / "a.json", {"x": float("nan"), "y": (1, 2)})
     assert json.loads(p.read_text())["y"] == [1, 2]
     assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_default_output_folders_keep_quick_runs_apart(tmp_path, monkeypatch):
+    import common.config as config
+    monkeypatch.setattr(config, "ROOT", tmp_path)
+    assert configure(namespace(), []).out == tmp_path / "results" / "demo_script"
+    assert configure(namespace(), ["--quick"]).out == tmp_path / "results" / "quick" / "demo_script"

@@ -86,8 +86,9 @@ def test_an_interrupted_protocol_resumes_where_it_stopped(tmp_path, monkeypatch)
     real = experiment.run_one
     monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run["id"]) or real(run, *a, **k))
     # "interrupt": one finished run is lost, another left as a corrupt file
-    lost = experiment.run_file(tmp_path, {"id": "sgd|fraction=0.5|rep0"})
-    corrupt = experiment.run_file(tmp_path, {"id": "pam|weight_decay=0.001|rep0"})
+    plan = {r["id"]: r for r in protocol.plan()}
+    lost = experiment.run_file(tmp_path, plan["sgd|fraction=0.5|rep0"])
+    corrupt = experiment.run_file(tmp_path, plan["pam|weight_decay=0.001|rep0"])
     lost.unlink()
     corrupt.write_text("{\"key\": ")
     again, h2, m2 = experiment.execute(protocol, x_train, x_test, tmp_path, progress=False)
@@ -121,3 +122,5 @@ def test_resume_never_reuses_runs_made_with_other_data_or_settings(tmp_path, mon
     experiment.execute(tiny_protocol(ablations={"base": ("-",)}, base=base), x_train + 1e-3, x_test, tmp_path,
                        progress=False, resume=False)
     assert len(trained) == 3                      # asked not to resume
+    # the earlier settings' run files are still there, beside the new ones
+    assert len(list((tmp_path / "runs").glob("pam_base_-_rep0_*.json"))) == 2
