@@ -188,8 +188,8 @@ def _results(todo, x_train, x_test, base_seed, progress, workers):
     """Yield (run id, row, history, model) for every run in ``todo``, in completion order.
 
     ``workers > 1`` trains that many runs at once in forked processes of one thread each: on this
-    2-core machine two single-threaded runs at once give 6-15% more epochs per second than one
-    two-threaded run at a time (bench/bench_train.py: MNIST SGD 1.16 vs 1.37 s, PAM 1.44 vs 1.53 s).
+    2-core machine two single-threaded runs at once give at least as many epochs per second as one
+    two-threaded run at a time, and vary less (figures: README, bench/bench_train.py).
     Every run's seeds come from its plan entry, so the results do not depend on the order in which
     runs finish.
     """
@@ -247,7 +247,12 @@ def _finished(out: Path, run: dict, stamp: str, need_model: bool):
             return None
         model = None
         if need_model:
-            model = SAE.from_checkpoint(torch.load(_checkpoint_path(out, run)))
+            # the checkpoint path is per method and repeat, not per configuration: another setting run in
+            # the same folder overwrites it, so it must carry the same run key and fingerprint
+            ckpt = torch.load(_checkpoint_path(out, run))
+            if ckpt.get("key") != run["key"] or ckpt.get("fingerprint") != stamp:
+                return None
+            model = SAE.from_checkpoint(ckpt)
         return saved["row"], saved["history"], model
     except FileNotFoundError:
         return None
@@ -294,7 +299,7 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
             ckpt = _checkpoint_path(out, run)
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
-            torch.save(model.checkpoint(), tmp)
+            torch.save({**model.checkpoint(), "key": run["key"], "fingerprint": stamp}, tmp)
             tmp.replace(ckpt)
         # after the checkpoint: a run file implies everything it needs is on disk
         write_json(run_file(out, run), {"key": run["key"], "fingerprint": stamp, "row": row, "history": hist})
@@ -360,7 +365,9 @@ def summary(rows: list[dict], title: str) -> str:
                     cells.append("– | –")
             ranked = sorted(means, key=means.get)
             winner = ranked[0] if ranked else "–"
-            margin = f"{(means[ranked[1]] - means[ranked[0]]) / means[ranked[0]] * 100:.1f}%" if len(ranked) > 1 else "–"
+            margin = "–"
+            if len(ranked) > 1:
+                margin = f"{(means[ranked[1]] - means[ranked[0]]) / means[ranked[0]] * 100:.1f}%"
             lines.append(f"| {v} | " + " | ".join(cells) + f" | {winner} | {margin} |")
         lines.append("")
     return "\n".join(lines)

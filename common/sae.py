@@ -25,7 +25,7 @@ ACTIVATIONS = ("topk", "topk_relu", "topk_abs", "relu")
 TOPK_ACTIVATIONS = ("topk", "topk_relu", "topk_abs")
 # forward() decodes TopK codes from their k non-zeros (embedding_bag, with its own backward) up to this
 # density k / n_latents, and by a dense product above it. Time of one Adam step, sparse vs dense decode
-# (bench/bench_decode.py, one thread, decoder trained): MNIST (784, d 256, k 15, batch 128) about 0.6x;
+# (bench/bench_decode.py, one thread, decoder trained): MNIST (784, d 256, k 15, batch 128) 0.65x;
 # LLM (640, d 4096, batch 256) k 320 53 vs 77 ms, k 640 69 vs 83 ms, k 1024 90 vs 90, k 1280 103 vs 91.
 SPARSE_DECODE_MAX_DENSITY = 0.2
 
@@ -157,6 +157,13 @@ class SAE(nn.Module):
         if self.k <= SPARSE_DECODE_MAX_DENSITY * self.n_latents:
             return self.decode_sparse(vals, idx), codes, a
         return self.decode(codes), codes, a
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward``'s reconstruction alone: with the sparse decode, the dense codes are never built."""
+        if self.is_topk and self.k <= SPARSE_DECODE_MAX_DENSITY * self.n_latents:
+            vals, idx, _ = self.encode_sparse(x)
+            return self.decode_sparse(vals, idx)
+        return self(x)[0]
 
     # --- persistence --------------------------------------------------------------------------
     def checkpoint(self) -> dict:

@@ -77,34 +77,36 @@ class TrainConfig:
              f"solve_samples must be an integer >= 0, got {self.solve_samples!r}")
         for name in ("lr", "weight_decay", "l1", "mu", "nu", "alpha", "beta", "grad_clip"):
             v = getattr(self, name)
-            need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                 f"{name} must be a finite number >= 0, got {v!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, codes, trained: set) -> torch.Tensor:
-    """Everything in the training objective except the reconstruction MSE."""
-    extra = codes.new_zeros(())
+def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, codes, trained: set):
+    """Everything in the training objective except the reconstruction MSE; None when nothing applies.
+    ``codes`` (dense) are needed only with an L1 penalty."""
+    terms = []
     if cfg.l1:
-        extra = extra + cfg.l1 * codes.abs().sum(-1).mean()
+        terms.append(cfg.l1 * codes.abs().sum(-1).mean())
     if "decoder" in trained:
         if cfg.alpha:
-            extra = extra + cfg.alpha * model.atoms.pow(2).sum()
+            terms.append(cfg.alpha * model.atoms.pow(2).sum())
         if cfg.beta:
-            extra = extra + cfg.beta * model.b_dec.pow(2).sum()
+            terms.append(cfg.beta * model.b_dec.pow(2).sum())
     if cfg.prox_form == "l2":
         if cfg.mu:
-            extra = extra + cfg.mu * model.W_enc.pow(2).sum()
+            terms.append(cfg.mu * model.W_enc.pow(2).sum())
         if cfg.nu:
-            extra = extra + cfg.nu * model.b_enc.pow(2).sum()
-        return extra
-    for name, anchor in anchors.items():
-        coef = cfg.nu if name.startswith("b_") else cfg.mu
-        if coef:
-            extra = extra + coef * (getattr(model, name) - anchor).pow(2).sum()
-    return extra
+            terms.append(cfg.nu * model.b_enc.pow(2).sum())
+    else:
+        for name, anchor in anchors.items():
+            coef = cfg.nu if name.startswith("b_") else cfg.mu
+            if coef:
+                terms.append(coef * (getattr(model, name) - anchor).pow(2).sum())
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
@@ -215,8 +217,14 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
         for s in range(0, n, cfg.batch_size):
             xb = x_train.index_select(0, perm[s:s + cfg.batch_size])  # 3x faster than x[idx]
             for _ in range(cfg.updates_per_batch):
-                recon, codes, _ = model(xb)
-                loss = F.mse_loss(recon, xb) + _objective_terms(model, cfg, anchors, codes, trained)
+                if cfg.l1:
+                    recon, codes, _ = model(xb)
+                else:  # no dense codes needed: a TopK model skips building them
+                    recon, codes = model.reconstruct(xb), None
+                loss = F.mse_loss(recon, xb)
+                penalty = _objective_terms(model, cfg, anchors, codes, trained)
+                if penalty is not None:
+                    loss = loss + penalty
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:

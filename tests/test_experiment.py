@@ -124,3 +124,27 @@ def test_resume_never_reuses_runs_made_with_other_data_or_settings(tmp_path, mon
     assert len(trained) == 3                      # asked not to resume
     # the earlier settings' run files are still there, beside the new ones
     assert len(list((tmp_path / "runs").glob("pam_base_-_rep0_*.json"))) == 2
+
+
+def test_resume_never_returns_a_model_that_another_setting_overwrote(tmp_path, monkeypatch):
+    """models/<method>_rep<r>.pt is shared by every setting of a folder: default, then another base
+    setting (overwrites it), then the default again must not return the second setting's models."""
+    x_train, x_test = data()
+    only_base = {"base": ("-",)}
+    _, _, m1 = experiment.execute(tiny_protocol(ablations=only_base), x_train, x_test, tmp_path, progress=False)
+    other = dict(n_latents=12, activation="topk", k=3, epochs=2, batch_size=32, lr=1e-2, solve_batch=64)
+    _, _, m2 = experiment.execute(tiny_protocol(ablations=only_base, base=other), x_train, x_test, tmp_path,
+                                  progress=False)
+    trained = []
+    real = experiment.run_one
+    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run["id"]) or real(run, *a, **k))
+    _, _, m3 = experiment.execute(tiny_protocol(ablations=only_base), x_train, x_test, tmp_path, progress=False)
+    assert sorted(trained) == sorted(m1)          # the base runs were trained again, not resumed
+    for rid in m1:
+        assert not torch.equal(m2[rid].W_enc, m1[rid].W_enc)
+        for name, v in m1[rid].state_dict().items():
+            assert torch.equal(v, m3[rid].state_dict()[name]), (rid, name)
+    # and now that the checkpoints are the default's again, a fourth call resumes everything
+    trained.clear()
+    experiment.execute(tiny_protocol(ablations=only_base), x_train, x_test, tmp_path, progress=False)
+    assert trained == []

@@ -68,6 +68,20 @@ def test_forward_gradients_equal_the_dense_formulas(activation, tied, k):
         assert torch.allclose(g.double(), r, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("activation", ["topk", "topk_abs", "relu"])
+@pytest.mark.parametrize("k", [2, 9])
+def test_reconstruct_is_forwards_reconstruction_with_its_gradients(activation, k):
+    """reconstruct() (training without L1) skips the dense codes but must give forward()'s recon and grads."""
+    model = SAE(6, 20, activation, k=k, seed=5)
+    x = torch.randn(30, 6, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for recon in (model(x)[0], model.reconstruct(x)):
+        grads.append(torch.autograd.grad((recon - x).pow(2).mean(), list(model.parameters())))
+        grads[-1] = (recon.detach(), *grads[-1])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_same_seed_shares_encoder_between_tied_and_untied():
     a, b = SAE(10, 8, "topk", 2, tied=False, seed=3), SAE(10, 8, "topk", 2, tied=True, seed=3)
     assert torch.equal(a.W_enc, b.W_enc)
