@@ -2,13 +2,15 @@
 
 Prints, per method, the median epoch time split into training (for PAM: encoder pass + decoder
 statistics + solve) and evaluation, the estimated useful GFLOP/s, and the machine's dense float32
-matmul rate measured in the same run. Never fails: it reports.
+matmul rate measured in the same run. With ``--repeats R`` every method is trained R times from scratch
+and the median over all epochs is printed with the range of the per-repeat medians (the spread between
+runs on this shared 2-core VM is larger than within one). Never fails: it reports.
 
 Then, with ``--workers 2`` (the default), the throughput of the protocol runner's parallel mode: two
 runs of the same method trained at once in forked processes of one thread each; the effective epoch
 time is the wall time over the epochs of both runs.
 
-    .venv/bin/python bench/bench_train.py [--epochs 3] [--activation topk] [--workers 2]
+    .venv/bin/python bench/bench_train.py [--epochs 3] [--repeats 3] [--activation topk] [--workers 2]
 """
 import argparse
 import multiprocessing as mp
@@ -75,26 +77,36 @@ def parallel_epoch(method, activation, epochs, workers, x_train, x_test) -> floa
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="serial runs per method, each from scratch")
     ap.add_argument("--activation", default="topk", choices=["topk", "relu"])
     ap.add_argument("--workers", type=int, default=2, help="parallel single-thread runs (0: skip this part)")
     args = ap.parse_args()
+    if args.epochs < 1 or args.repeats < 1:
+        ap.error(f"--epochs and --repeats must be >= 1, got {args.epochs} and {args.repeats}")
     x_train, _, x_test, _ = load_mnist()
     n, nf = x_train.shape
     d, k = 256, 15
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MNIST {n} train / {len(x_test)} test")
     rate32 = matmul_rate()
-    print(f"dense matmul rate (2048^2, float32): {rate32:.0f} GFLOP/s; float64: {matmul_rate(torch.float64):.0f} GFLOP/s")
+    print(f"dense matmul rate (2048^2, float32): {rate32:.0f} GFLOP/s; "
+          f"float64: {matmul_rate(torch.float64):.0f} GFLOP/s")
     for method in ("sgd", "sgd_tied", "pam"):
-        model = SAE(nf, d, args.activation, k if args.activation != "relu" else None, tied=method == "sgd_tied", seed=0)
-        cfg = TrainConfig(method=method, epochs=args.epochs, batch_size=128, lr=3e-3)
-        hist = train(model, x_train, x_test, cfg, seed=1, progress=False)[1:]
-        t_train = statistics.median(h["epoch_time"] for h in hist)
-        t_eval = statistics.median(h["eval_time"] for h in hist)
+        hists = []
+        for _ in range(args.repeats):
+            model = SAE(nf, d, args.activation, k if args.activation != "relu" else None,
+                        tied=method == "sgd_tied", seed=0)
+            cfg = TrainConfig(method=method, epochs=args.epochs, batch_size=128, lr=3e-3)
+            hists.append(train(model, x_train, x_test, cfg, seed=1, progress=False)[1:])
+        epochs = [h for hist in hists for h in hist]
+        t_train = statistics.median(h["epoch_time"] for h in epochs)
+        t_eval = statistics.median(h["eval_time"] for h in epochs)
+        per_run = [statistics.median(h["epoch_time"] + h["eval_time"] for h in hist) for hist in hists]
         f_train, f_eval = flops(method, n, len(x_test), nf, d, k, n // 128)
         total = t_train + t_eval
-        print(f"{method:>8}: epoch {total:.2f} s  (train {t_train:.2f} s + eval {t_eval:.2f} s)  "
-              f"~{(f_train + f_eval) / total / 1e9:.0f} GFLOP/s useful  ({100 * (f_train + f_eval) / total / 1e9 / rate32:.0f}% "
-              f"of matmul peak)  test mse {hist[-1]['test_mse']:.4f}")
+        useful = (f_train + f_eval) / total / 1e9
+        print(f"{method:>8}: epoch {total:.2f} s  (train {t_train:.2f} s + eval {t_eval:.2f} s; "
+              f"{args.repeats} runs: {min(per_run):.2f}-{max(per_run):.2f} s)  ~{useful:.0f} GFLOP/s useful "
+              f"({100 * useful / rate32:.0f}% of matmul peak)  test mse {hists[-1][-1]['test_mse']:.4f}")
     if args.workers > 1:
         for method in ("sgd", "sgd_tied", "pam"):
             t = parallel_epoch(method, args.activation, args.epochs, args.workers, x_train, x_test)
