@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import pam
 from common.pam import DecoderStats, collect_stats, decoder_objective, solve_decoder, sse_from_stats
 from common.sae import SAE
 
@@ -75,7 +76,9 @@ def test_solve_is_a_stationary_point_and_never_increases_objective():
         assert decoder_objective(stats, Dp, bp, D0, b0, **coefs) >= after
 
 
-def test_sparse_statistics_equal_dense_and_streaming_equals_one_batch():
+@pytest.mark.parametrize("pair_chunk", [1024, 7])  # batches of 64 in one piece, and in uneven chunks
+def test_sparse_statistics_equal_dense_and_streaming_equals_one_batch(pair_chunk, monkeypatch):
+    monkeypatch.setattr(pam, "PAIR_CHUNK", pair_chunk)
     n_samples, n_features, d, k = 500, 11, 40, 5
     x = torch.randn(n_samples, n_features)
     vals, idx, z = random_topk_codes(n_samples, d, k, seed=4)
@@ -87,7 +90,8 @@ def test_sparse_statistics_equal_dense_and_streaming_equals_one_batch():
     for name in ("sum_z", "sum_x", "zz_upper", "zx"):
         assert torch.allclose(getattr(dense, name), getattr(sparse, name), atol=1e-10), name
     G = z.double().T @ z.double()
-    assert torch.allclose(sparse.gram(), G, atol=1e-10) and torch.allclose(sparse.zx, z.double().T @ x.double(), atol=1e-10)
+    assert torch.allclose(sparse.gram(), G, atol=1e-10)
+    assert torch.allclose(sparse.zx, z.double().T @ x.double(), atol=1e-10)
     m = torch.randn(d, 3, dtype=torch.float64)
     assert torch.allclose(sparse.gram_times(m), G @ m, atol=1e-10)
     assert dense.n == sparse.n == n_samples
