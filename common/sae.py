@@ -103,6 +103,11 @@ class SAE(nn.Module):
         return self.activation in TOPK_ACTIVATIONS
 
     @property
+    def decodes_sparse(self) -> bool:
+        """Whether ``forward`` decodes from the k non-zeros (TopK with k <= SPARSE_DECODE_MAX_DENSITY d)."""
+        return self.is_topk and self.k <= SPARSE_DECODE_MAX_DENSITY * self.n_latents
+
+    @property
     def atoms(self) -> torch.Tensor:
         """Dictionary atoms (n_latents, n_features): W_dec's rows, or W_enc's rows when tied."""
         return self.W_enc if self.tied else self.W_dec
@@ -154,13 +159,13 @@ class SAE(nn.Module):
             return self.decode(codes), codes, a
         vals, idx = topk_sparse(a, self.k, self.activation)
         codes = densify(vals, idx, self.n_latents)
-        if self.k <= SPARSE_DECODE_MAX_DENSITY * self.n_latents:
+        if self.decodes_sparse:
             return self.decode_sparse(vals, idx), codes, a
         return self.decode(codes), codes, a
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``forward``'s reconstruction alone: with the sparse decode, the dense codes are never built."""
-        if self.is_topk and self.k <= SPARSE_DECODE_MAX_DENSITY * self.n_latents:
+        if self.decodes_sparse:
             vals, idx, _ = self.encode_sparse(x)
             return self.decode_sparse(vals, idx)
         return self(x)[0]

@@ -74,11 +74,12 @@ def test_reconstruct_is_forwards_reconstruction_with_its_gradients(activation, k
     """reconstruct() (training without L1) skips the dense codes but must give forward()'s recon and grads."""
     model = SAE(6, 20, activation, k=k, seed=5)
     x = torch.randn(30, 6, generator=torch.Generator().manual_seed(6))
-    grads = []
-    for recon in (model(x)[0], model.reconstruct(x)):
-        grads.append(torch.autograd.grad((recon - x).pow(2).mean(), list(model.parameters())))
-        grads[-1] = (recon.detach(), *grads[-1])
-    for a, b in zip(*grads):
+    assert model.decodes_sparse == (activation != "relu" and k == 2)
+
+    def recon_and_grads(recon):
+        return (recon.detach(), *torch.autograd.grad((recon - x).pow(2).mean(), list(model.parameters())))
+
+    for a, b in zip(recon_and_grads(model(x)[0]), recon_and_grads(model.reconstruct(x))):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
