@@ -9,7 +9,7 @@ MNIST  := data/mnist/.verified
 export MPLBACKEND := Agg
 export VTK_DEFAULT_OPENGL_WINDOW := vtkEGLRenderWindow
 
-.PHONY: venv data test test-all quick bench bench-e3 claims claims-full clean
+.PHONY: venv data test test-all quick bench bench-e3 peers bench-peers claims claims-full clean
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,25 @@ bench: $(STAMP) $(MNIST)
 # per-epoch E3 costs and the projected full-protocol time (extracts the LLM activations first if not cached)
 bench-e3: $(STAMP)
 	$(PY) bench/bench_e3_protocol.py
+
+# Peer SAE libraries (SAELens, EleutherAI sparsify) in their own venv, so .venv (what `make test` uses) stays
+# as it is; torch stays 2.13.0 through constraints.txt (checked after the install).
+PEERS_VENV  := .venv-peers
+PEERS_PY    := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): requirements.txt requirements-peers.txt constraints.txt
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet --constraint constraints.txt -r requirements.txt -r requirements-peers.txt
+	$(PEERS_PY) -c "import torch; v = torch.__version__; assert v.split('+')[0] == '2.13.0', f'torch {v}, not 2.13.0'"
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+# our trainers next to SAELens and sparsify on MNIST, one table (20 epochs: ~8 min); fetches MNIST if missing
+bench-peers: $(PEERS_STAMP)
+	test -e $(MNIST) || $(PEERS_PY) -m common.data mnist
+	$(PEERS_PY) bench/bench_peers.py
 
 clean:
 	rm -rf results .pytest_cache

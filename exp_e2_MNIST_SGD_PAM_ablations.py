@@ -8,23 +8,30 @@ table.csv / table.json (a row per run), histories.json, summary.md, models/*.pt.
 
     python exp_e2_MNIST_SGD_PAM_ablations.py                     # the paper's protocol
     python exp_e2_MNIST_SGD_PAM_ablations.py --only=base,fraction --seeds=3 --EPOCHS=20
+    python exp_e2_MNIST_SGD_PAM_ablations.py --RECIPE=modern --TUNE=True   # the field's recipe, tuned per method
+
+With --TUNE=True each method's hyperparameters are first chosen on a validation split of the training
+images (TUNE_GRID, the same number of trials per method; <activation>/tuning/tuning.md), then every run
+uses them and is reported on the test set.
 """
 import math
 
 import torch
 
-from common import experiment
+from common import experiment, tuning
 from common.config import configure, write_text
 from common.data import load_mnist
 from common.plotting import image_grid, save
+from common.recipe import RECIPES, recipe_settings
 
 # --- the paper's / original settings -------------------------------------------------------------
+RECIPE = "paper"                 # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
 ACTIVATIONS = ("topk", "relu")   # run in this order
 N_LATENTS = 256
 K = 15
 L1 = 0.0                         # L1 on codes for relu (the MNIST original used none)
 TOPK_VARIANT = "topk"            # "topk" (signed, the theory's) or "topk_abs" (the original script's)
-LR = 3e-3
+LR = 0.0                         # 0: the recipe's (paper 3e-3; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 1.6e-3)
 EPOCHS = 50
 BATCH_SIZE = 128
 SOLVE_BATCH = 1024               # batch for collecting the decoder statistics only
@@ -47,10 +54,23 @@ WORKERS = 2                      # runs trained at once, one thread each (2 core
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 N_TRAIN = 0                      # 0: all 60,000 training images
 N_TEST = 0                       # 0: all 10,000 test images
+# --- tuning on a validation split (common/tuning.py): the same number of trials for every method ---------
+TUNE = False
+TUNE_TRIALS = 8                  # per method; every grid below has at least this many points
+TUNE_EPOCHS = 0                  # 0: EPOCHS
+TUNE_VAL_FRACTION = 0.1          # of the training images, held out for choosing (the test set chooses nothing)
+TUNE_GRID = {
+    "sgd": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "weight_decay": (0.0, 1e-4)},
+    "sgd_tied": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "weight_decay": (0.0, 1e-4)},
+    "pam": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "mu_nu": (0.0, 1e-4, 1e-3), "alpha": (0.0, 1e-5),
+            "solve_order": ("enc_first", "dec_first")},
+}
 QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 1.0), WEIGHT_DECAYS=(0.0, 1e-3),
-             MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4)
+             MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4, TUNE_TRIALS=2)
 
 run = configure(globals(), quick=QUICK)
+if RECIPE not in RECIPES:
+    raise ValueError(f"--RECIPE={RECIPE!r}: accepted {', '.join(RECIPES)}")
 
 
 def fraction_epochs(f):
@@ -63,15 +83,21 @@ ablations = {"base": ("-",), "updates": UPDATES, "fraction": FRACTIONS, "weight_
 only = experiment.parse_only(ONLY, list(ablations))
 
 # --- the protocol per activation (validated here, before any data is loaded) ---------------------
-protocols = {}
+recipe = recipe_settings(RECIPE, N_LATENTS, paper_lr=3e-3)
+if LR:
+    recipe["lr"] = LR
+protocols, trials = {}, {}
 for act in ACTIVATIONS:
     protocols[act] = experiment.Protocol(
-        base=dict(n_latents=N_LATENTS, activation=TOPK_VARIANT if act == "topk" else act, k=K,
+        base=dict(recipe, n_latents=N_LATENTS, activation=TOPK_VARIANT if act == "topk" else act, k=K,
                   l1=L1 if act == "relu" else 0.0, enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE,
-                  epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, solve_batch=SOLVE_BATCH, mu=MU, nu=NU,
+                  epochs=EPOCHS, batch_size=BATCH_SIZE, solve_batch=SOLVE_BATCH, mu=MU, nu=NU,
                   alpha=ALPHA, beta=BETA, prox_form=PROX_FORM),
         ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
         fraction_epochs=fraction_epochs)
+    if TUNE:
+        grids = {m: TUNE_GRID[m] for m in METHODS}
+        trials[act] = tuning.plan_trials(protocols[act], grids, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)
 
 # --- data (after every setting is validated) ----------------------------------------------------------
 x_train, _, x_test, _ = load_mnist()
@@ -84,7 +110,13 @@ digits = x_test[:10]                       # 10 fixed test digits for the recons
 # --- runs, figures, summary -----------------------------------------------------------------------
 for act, protocol in protocols.items():
     out = run.dir(act)
-    label = f"MNIST {protocol.base['activation']}"
+    label = f"MNIST {protocol.base['activation']}, {RECIPE} recipe" + (", tuned" if TUNE else "")
+    chosen = None
+    if TUNE:
+        print(f"== {label}: tuning, {len(trials[act])} trials on a validation split")
+        chosen = tuning.tune(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, x_train,
+                             TUNE_VAL_FRACTION, out / "tuning", run.seed, workers=WORKERS, resume=RESUME)
+        protocol = tuning.tuned_protocol(protocol, chosen)
     print(f"== {label}: {len(protocol.plan())} runs ({len(x_train)} train / {len(x_test)} test samples)")
     rows, histories, models = experiment.execute(protocol, x_train, x_test, out, workers=WORKERS, resume=RESUME)
     experiment.ablation_figures(rows, histories, out, label)
@@ -111,6 +143,6 @@ for act, protocol in protocols.items():
                                  suptitle=f"{label} {m}: decoder atoms (first {n_show})")
                 save(fig, out / f"filters_{m}_decoder.png", {"latents": list(range(n_show))})
         experiment.stem_plots(base, digits, out, label)
-    text = experiment.summary(rows, f"E2, {label}: SGD vs PAM-SGD")
+    text = experiment.summary(rows, f"E2, {label}: SGD vs PAM-SGD", tuning=chosen)
     write_text(out / "summary.md", text)
     print(text)

@@ -9,6 +9,11 @@ with the training statistics only.
     python exp_e3_LLM_SGD_PAM_ablations.py                                  # the paper's protocol
     python exp_e3_LLM_SGD_PAM_ablations.py --MODEL=google/gemma-2-2b --LAYER=12   # where a hub exists
     python exp_e3_LLM_SGD_PAM_ablations.py --only=base,activation --seeds=3 --EPOCHS=20
+    python exp_e3_LLM_SGD_PAM_ablations.py --RECIPE=modern --TUNE=True   # the field's recipe, tuned per method
+
+With --TUNE=True each method's hyperparameters are first chosen on a validation split of the training
+activations (TUNE_GRID, the same number of trials per method; tuning/tuning.md), then every run uses
+them and is reported on the test split.
 
 Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was extracted),
 curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
@@ -16,8 +21,9 @@ with L0 and dead fraction), histories.json, summary.md, models/*.pt.
 """
 import torch
 
-from common import activations, experiment
+from common import activations, experiment, tuning
 from common.config import configure, write_json, write_text
+from common.recipe import RECIPES, recipe_settings
 
 # --- activations -----------------------------------------------------------------------------------
 SOURCE = "llm"                    # "llm", or "synthetic" (a sparse-dictionary stand-in, for --quick and tests)
@@ -31,11 +37,12 @@ EXTRACT_BATCH = 8
 EXTRACT_DTYPE = "float32"         # or "bfloat16" (faster matmuls, the stored activations stay float32)
 TEST_FRACTION = 0.1               # split 90/10; standardised with the training statistics only
 # --- the SAE and its training (paper) ---------------------------------------------------------------
+RECIPE = "paper"                  # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
 N_LATENTS = 4096
 K = 320
 ACTIVATION = "topk"               # base runs: topk (signed), topk_abs (the original script's), or relu
 L1 = 1e-5                         # L1 on codes whenever the activation is relu
-LR = 1e-3
+LR = 0.0                          # 0: the recipe's (paper 1e-3; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 4e-4)
 EPOCHS = 100
 ABLATION_EPOCHS = 50
 BATCH_SIZE = 256
@@ -59,12 +66,26 @@ SEEDS = 1
 SEED = 42
 WORKERS = 2                      # runs trained at once, one thread each (2 cores: faster than one run on both)
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
+# --- tuning on a validation split (common/tuning.py): the same number of trials for every method ---------
+TUNE = False
+TUNE_TRIALS = 6                   # per method; every grid below has at least this many points
+TUNE_EPOCHS = 10                  # 0: EPOCHS
+TUNE_VAL_FRACTION = 0.1           # of the training activations, held out for choosing (the test split chooses nothing)
+TUNE_GRID = {
+    "sgd": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "weight_decay": (0.0, 1e-4)},
+    "sgd_tied": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "weight_decay": (0.0, 1e-4)},
+    "pam": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "mu_nu": (1e-4, 1e-3, 1e-2), "alpha": (0.0, 1e-5),
+            "solve_order": ("enc_first", "dec_first")},
+}
 QUICK = dict(SOURCE="synthetic", N_TEXTS=400, N_LATENTS=48, K=6, EPOCHS=2, ABLATION_EPOCHS=2, BATCH_SIZE=64,
-             UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6))
+             UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6),
+             TUNE_TRIALS=2, TUNE_EPOCHS=2)
 
 run = configure(globals(), quick=QUICK)
 if SOURCE not in ("llm", "synthetic"):
     raise ValueError(f"SOURCE must be 'llm' or 'synthetic', got {SOURCE!r}")
+if RECIPE not in RECIPES:
+    raise ValueError(f"--RECIPE={RECIPE!r}: accepted {', '.join(RECIPES)}")
 
 ablations = {"base": ("-",), "updates": UPDATES, "fraction": FRACTIONS, "activation": ACTIVATION_VALUES,
              "weight_decay": WEIGHT_DECAYS, "mu_nu": MU_NUS, "k": KS}
@@ -81,12 +102,17 @@ def synthetic(n_samples, n_features=64, n_atoms=256, k=8, seed=0):
 
 
 # --- the protocol (validated before any extraction) --------------------------------------------------
+recipe = recipe_settings(RECIPE, N_LATENTS, paper_lr=1e-3)
+if LR:
+    recipe["lr"] = LR
 protocol = experiment.Protocol(
-    base=dict(n_latents=N_LATENTS, activation=ACTIVATION, k=K, l1=L1 if ACTIVATION == "relu" else 0.0,
+    base=dict(recipe, n_latents=N_LATENTS, activation=ACTIVATION, k=K, l1=L1 if ACTIVATION == "relu" else 0.0,
               enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE, epochs=EPOCHS, batch_size=BATCH_SIZE,
-              lr=LR, solve_batch=SOLVE_BATCH, mu=MU, nu=NU, alpha=ALPHA, beta=BETA),
+              solve_batch=SOLVE_BATCH, mu=MU, nu=NU, alpha=ALPHA, beta=BETA),
     ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
     ablation_overrides={"epochs": ABLATION_EPOCHS}, relu_l1=L1)
+if TUNE:
+    tuning.plan_trials(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)
 
 # --- activations -------------------------------------------------------------------------------------
 if SOURCE == "synthetic":
@@ -104,7 +130,13 @@ print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} t
       f"x {x_train.shape[1]} features")
 
 # --- runs, figures, summary -----------------------------------------------------------------------
-label = f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}"
+label = f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}, {RECIPE} recipe" + (", tuned" if TUNE else "")
+chosen = None
+if TUNE:
+    print(f"== {label}: tuning on a validation split")
+    chosen = tuning.tune(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, x_train,
+                         TUNE_VAL_FRACTION, run.out / "tuning", run.seed, workers=WORKERS, resume=RESUME)
+    protocol = tuning.tuned_protocol(protocol, chosen)
 print(f"== {label}: {len(protocol.plan())} runs")
 rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out, workers=WORKERS, resume=RESUME)
 experiment.ablation_figures(rows, histories, run.out, label)
@@ -112,6 +144,6 @@ if "base" in only:
     experiment.base_curves(histories, run.out, label)
     base = {m: models[f"{m}|base=-|rep0"] for m in METHODS if f"{m}|base=-|rep0" in models}
     experiment.stem_plots(base, x_test[:3], run.out, label)
-text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD")
+text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD", tuning=chosen)
 write_text(run.out / "summary.md", text)
 print(text)

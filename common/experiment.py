@@ -21,6 +21,7 @@ import csv
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from .config import derive_seed, write_json, write_text
 from .data import subset_indices
 from .sae import SAE, check_activation
-from .train import METHODS, TrainConfig, train
+from .train import METHODS, NonFiniteError, TrainConfig, train
 
 # ablation name -> the methods it concerns (None: all)
 ABLATIONS = {
@@ -45,14 +46,20 @@ ABLATIONS = {
     "activation": None,
     "k": None,
 }
-MODEL_KEYS = ("n_latents", "activation", "k", "enc_init_scale", "dec_init_scale")
+MODEL_KEYS = ("n_latents", "activation", "k", "enc_init_scale", "dec_init_scale", "init")
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "method")
 # every setting a run's configuration is compared on: unset keys take these defaults, so e.g. the base
 # run and weight_decay=0 are recognised as the same run
 DEFAULTS = dict({f.name: f.default for f in fields(TrainConfig) if f.name != "method"},
-                enc_init_scale=0.1, dec_init_scale=0.01, fraction=1.0)
+                enc_init_scale=0.1, dec_init_scale=0.01, init="paper", fraction=1.0)
 TABLE_COLUMNS = ("method", "activation", "ablation", "value", "seed", "train_mse", "test_mse", "train_fvu", "test_fvu",
-                 "l0", "dead", "epochs", "samples_seen", "n_train", "wall_time", "shared_with")
+                 "l0", "dead", "uninformative", "epochs", "samples_seen", "n_train", "wall_time", "train_time",
+                 "tuned", "shared_with")
+
+
+def uninformative(test_fvu: float) -> bool:
+    """A model with test FVU >= 1 reconstructs no better than the test set's mean: it never counts as a win."""
+    return not test_fvu < 1.0
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Protocol:
     ablation_overrides: dict = field(default_factory=dict)
     fraction_epochs: object = None
     relu_l1: float = 0.0
+    method_settings: dict = field(default_factory=dict)  # method -> settings of that method only (tuned values)
 
     def __post_init__(self):
         unknown = sorted(set(self.ablations) - set(ABLATIONS))
@@ -86,13 +94,22 @@ class Protocol:
         extra = sorted(set(self.base) - known)
         if extra:
             raise ValueError(f"unknown base settings {extra}; accepted: {', '.join(sorted(known))}")
+        for method, settings in self.method_settings.items():
+            if method not in METHODS:
+                raise ValueError(f"method_settings: unknown method {method!r}; accepted: {', '.join(METHODS)}")
+            extra = sorted(set(settings) - known)
+            if extra:
+                raise ValueError(f"method_settings[{method!r}]: unknown settings {extra}")
         for name, values in self.ablations.items():
             for v in values:
-                self.settings(name, v)  # raises on a bad value before anything runs
+                for m in self.methods:
+                    self.settings(name, v, m)  # raises on a bad value before anything runs
 
-    def settings(self, ablation: str, value) -> dict:
-        """The full settings of one ablation value, validated."""
+    def settings(self, ablation: str, value, method: str | None = None) -> dict:
+        """The full settings of one ablation value (for ``method``: with its own settings), validated.
+        Order: defaults, base, the method's settings, ablation overrides, the ablation's value."""
         s = dict(DEFAULTS, **self.base)
+        s.update(self.method_settings.get(method, {}))
         if ablation != "base":
             s.update(self.ablation_overrides)
         if ablation == "updates":
@@ -116,7 +133,7 @@ class Protocol:
         if not 0.0 < s["fraction"] <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {s['fraction']!r}")
         check_activation(s["activation"], s["k"], s["n_latents"])
-        TrainConfig(method="pam", **{k: v for k, v in s.items() if k in TRAIN_KEYS})
+        TrainConfig(method=method or "pam", **{k: v for k, v in s.items() if k in TRAIN_KEYS})
         return s
 
     def plan(self) -> list[dict]:
@@ -126,12 +143,14 @@ class Protocol:
             for ablation, values in self.ablations.items():
                 methods = ABLATIONS[ablation] or self.methods
                 for value in values:
-                    s = self.settings(ablation, value)
                     for method in (m for m in self.methods if m in methods):
+                        s = self.settings(ablation, value, method)
                         rid = f"{method}|{ablation}={value}|rep{rep}"
                         key = json.dumps([method, rep, sorted(s.items())], default=str)
+                        tuned = self.method_settings.get(method)
                         runs.append({"id": rid, "method": method, "ablation": ablation, "value": value, "rep": rep,
-                                     "settings": s, "key": key, "shared_with": seen.get(key)})
+                                     "settings": s, "key": key, "shared_with": seen.get(key),
+                                     "tuned": json.dumps(tuned, sort_keys=True) if tuned else ""})
                         seen.setdefault(key, rid)
         return runs
 
@@ -148,7 +167,7 @@ def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: i
         x_train = x_train[subset_indices(x_train.shape[0], s["fraction"], derive_seed(rseed, "subset", s["fraction"]))]
     model = SAE(x_train.shape[1], s["n_latents"], s["activation"], s["k"], tied=run["method"] == "sgd_tied",
                 enc_init_scale=s["enc_init_scale"], dec_init_scale=s["dec_init_scale"],
-                seed=derive_seed(rseed, "init"))
+                seed=derive_seed(rseed, "init"), init=s["init"])
     cfg = TrainConfig(method=run["method"], **{k: v for k, v in s.items() if k in TRAIN_KEYS})
     t0 = time.perf_counter()
     hist = train(model, x_train, x_test, cfg, seed=derive_seed(rseed, "batches"), progress=progress, desc=run["id"],
@@ -157,8 +176,9 @@ def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: i
     row = {"method": run["method"], "activation": s["activation"], "ablation": run["ablation"],
            "value": run["value"], "seed": run["rep"], "train_mse": last["train_mse"], "test_mse": last["test_mse"],
            "train_fvu": last["train_fvu"], "test_fvu": last["test_fvu"], "l0": last["test_l0"],
-           "dead": last["test_dead"], "epochs": cfg.epochs, "samples_seen": last["samples_seen"],
-           "n_train": x_train.shape[0], "wall_time": time.perf_counter() - t0, "shared_with": ""}
+           "dead": last["test_dead"], "uninformative": uninformative(last["test_fvu"]), "epochs": cfg.epochs,
+           "samples_seen": last["samples_seen"], "n_train": x_train.shape[0], "wall_time": time.perf_counter() - t0,
+           "train_time": sum(e["epoch_time"] for e in hist), "tuned": run.get("tuned", ""), "shared_with": ""}
     return row, hist, model
 
 
@@ -178,10 +198,20 @@ def _worker_init(lock, counter) -> None:
         _WORKER_SLOT = counter.value  # this worker's progress-bar line (0 is the protocol's bar)
 
 
+def _run_or_divergence(run: dict, x_train, x_test, base_seed, progress, position=None):
+    """run_one; a run marked ``may_diverge`` (a tuning trial) that diverges gives (None, error text, None)."""
+    try:
+        return run_one(run, x_train, x_test, base_seed, progress, position)
+    except NonFiniteError as err:
+        if not run.get("may_diverge"):
+            raise
+        return None, str(err), None
+
+
 def _worker_run(run: dict):
     x_train, x_test, base_seed, progress = _WORKER_DATA
-    row, hist, model = run_one(run, x_train, x_test, base_seed, progress, position=_WORKER_SLOT)
-    return run["id"], row, hist, model.checkpoint()
+    row, hist, model = _run_or_divergence(run, x_train, x_test, base_seed, progress, position=_WORKER_SLOT)
+    return run["id"], row, hist, model.checkpoint() if model is not None else None
 
 
 def _results(todo, x_train, x_test, base_seed, progress, workers):
@@ -195,7 +225,7 @@ def _results(todo, x_train, x_test, base_seed, progress, workers):
     """
     if workers <= 1 or len(todo) <= 1:
         for run in todo:
-            yield (run["id"], *run_one(run, x_train, x_test, base_seed, progress))
+            yield (run["id"], *_run_or_divergence(run, x_train, x_test, base_seed, progress))
         return
     global _WORKER_DATA
     ctx = mp.get_context("fork")  # the scripts are not import-safe; fork shares the data without copies
@@ -204,7 +234,7 @@ def _results(todo, x_train, x_test, base_seed, progress, workers):
         with ctx.Pool(min(workers, len(todo)), initializer=_worker_init,
                       initargs=(ctx.RLock(), ctx.Value("i", 0))) as pool:
             for rid, row, hist, ckpt in pool.imap_unordered(_worker_run, todo):
-                yield rid, row, hist, SAE.from_checkpoint(ckpt)
+                yield rid, row, hist, SAE.from_checkpoint(ckpt) if ckpt is not None else None
     finally:
         _WORKER_DATA = ()
 
@@ -249,7 +279,7 @@ def _finished(out: Path, run: dict, stamp: str, need_model: bool):
         if need_model:
             # the checkpoint path is per method and repeat, not per configuration: another setting run in
             # the same folder overwrites it, so it must carry the same run key and fingerprint
-            ckpt = torch.load(_checkpoint_path(out, run))
+            ckpt = torch.load(_checkpoint_path(out, run), weights_only=True)
             if ckpt.get("key") != run["key"] or ckpt.get("fingerprint") != stamp:
                 return None
             model = SAE.from_checkpoint(ckpt)
@@ -271,42 +301,9 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
     Returns (rows in plan order, histories {run id: history}, models {run id: model} for runs of
     ablation ``keep_models``).
     """
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    out = Path(out)
     runs = protocol.plan()
-    stamp = fingerprint(x_train, x_test, protocol.base_seed)
-    histories, models, done = {}, {}, {}
-    todo = []
-    for run in (r for r in runs if r["shared_with"] is None):
-        found = _finished(out, run, stamp, run["ablation"] == keep_models) if resume else None
-        if found is None:
-            todo.append(run)
-            continue
-        done[run["id"]], histories[run["id"]], model = found
-        if model is not None:
-            models[run["id"]] = model
-    if done:
-        tqdm.write(f"  resuming: {len(done)} runs finished earlier with the same settings, data and code "
-                   f"({out / 'runs'}); {len(todo)} to train")
-    by_id = {r["id"]: r for r in todo}
-    bar = tqdm(total=len(todo), desc=f"protocol {out.name}", disable=not progress)
-    for rid, row, hist, model in _results(todo, x_train, x_test, protocol.base_seed, progress, workers):
-        run = by_id[rid]
-        histories[rid], done[rid] = hist, row
-        if run["ablation"] == keep_models:
-            models[rid] = model
-            ckpt = _checkpoint_path(out, run)
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({**model.checkpoint(), "key": run["key"], "fingerprint": stamp}, tmp)
-            tmp.replace(ckpt)
-        # after the checkpoint: a run file implies everything it needs is on disk
-        write_json(run_file(out, run), {"key": run["key"], "fingerprint": stamp, "row": row, "history": hist})
-        bar.update(1)
-        tqdm.write(f"  {rid:<42} test mse {row['test_mse']:.5f}  fvu {row['test_fvu']:.4f}  "
-                   f"l0 {row['l0']:.1f}  dead {row['dead']:.2f}  {row['wall_time']:.1f}s")
-    bar.close()
+    done, histories, models = train_runs([r for r in runs if r["shared_with"] is None], x_train, x_test, out,
+                                         protocol.base_seed, progress, keep_models, workers, resume)
     rows = []
     for run in runs:
         if run["shared_with"] is None:
@@ -318,6 +315,55 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
     write_table(rows, out)
     write_json(out / "histories.json", histories)
     return rows, histories, models
+
+
+def train_runs(runs: list[dict], x_train, x_test, out: Path, base_seed: int, progress: bool = True,
+               keep_models: str | None = "base", workers: int = 1, resume: bool = True):
+    """Train every run (plan entries), reusing finished ones; each is written to ``runs/`` when it ends.
+
+    A run marked ``may_diverge`` that diverges is returned with row None and its error text as history,
+    and is never saved. Returns (rows {id: row}, histories {id: history}, models {id: model} for runs of
+    ablation ``keep_models``).
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    out = Path(out)
+    stamp = fingerprint(x_train, x_test, base_seed)
+    histories, models, done = {}, {}, {}
+    todo = []
+    for run in runs:
+        found = _finished(out, run, stamp, run["ablation"] == keep_models) if resume else None
+        if found is None:
+            todo.append(run)
+            continue
+        done[run["id"]], histories[run["id"]], model = found
+        if model is not None:
+            models[run["id"]] = model
+    if done:
+        tqdm.write(f"  resuming: {len(done)} runs finished earlier with the same settings, data and code "
+                   f"({out / 'runs'}); {len(todo)} to train")
+    by_id = {r["id"]: r for r in todo}
+    bar = tqdm(total=len(todo), desc=f"runs {out.name}", disable=not progress)
+    for rid, row, hist, model in _results(todo, x_train, x_test, base_seed, progress, workers):
+        run = by_id[rid]
+        histories[rid], done[rid] = hist, row
+        bar.update(1)
+        if row is None:
+            tqdm.write(f"  {rid:<42} diverged: {hist}")
+            continue
+        if run["ablation"] == keep_models:
+            models[rid] = model
+            ckpt = _checkpoint_path(out, run)
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_name(f".{ckpt.name}.{os.getpid()}.tmp")
+            torch.save({**model.checkpoint(), "key": run["key"], "fingerprint": stamp}, tmp)
+            tmp.replace(ckpt)
+        # after the checkpoint: a run file implies everything it needs is on disk
+        write_json(run_file(out, run), {"key": run["key"], "fingerprint": stamp, "row": row, "history": hist})
+        tqdm.write(f"  {rid:<42} test mse {row['test_mse']:.5f}  fvu {row['test_fvu']:.4f}  "
+                   f"l0 {row['l0']:.1f}  dead {row['dead']:.2f}  {row['wall_time']:.1f}s")
+    bar.close()
+    return done, histories, models
 
 
 def write_table(rows: list[dict], out: Path) -> None:
@@ -340,29 +386,45 @@ def aggregate(rows: list[dict], metric: str = "test_mse") -> dict:
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
-def summary(rows: list[dict], title: str) -> str:
-    """Markdown: per ablation and value, which method has the lowest test MSE and by how much."""
-    agg, l0 = aggregate(rows), aggregate(rows, "l0")
-    lines = [f"# {title}", "", "Final test MSE (mean ± std over seeds; lower is better) and test L0. "
-             "'margin' = how much higher the runner-up's mean test MSE is, relative to the winner's.", ""]
+def summary(rows: list[dict], title: str, tuning: dict | None = None) -> str:
+    """Markdown: per ablation and value, each method's test MSE, FVU, dead fraction and L0, and which
+    method has the lowest test MSE and by how much. A method whose mean test FVU is >= 1 is marked
+    "uninformative" and never wins. ``tuning``: {method: chosen settings}, listed first."""
+    agg = {m: aggregate(rows, m) for m in ("test_mse", "test_fvu", "dead", "l0")}
+    lines = [f"# {title}", "", "Final test MSE (mean ± std over seeds; lower is better), test FVU, dead fraction "
+             "(latents that never fire on the test set) and test L0. 'margin' = how much higher the runner-up's "
+             "mean test MSE is, relative to the winner's. A method with test FVU >= 1 (no better than predicting "
+             "the mean) is marked *uninformative* and never wins.", ""]
+    if tuning:
+        lines += ["Hyperparameters chosen on a validation split of the training data (never the test set):", ""]
+        lines += [f"- {m}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                                          for k, v in chosen.items()) for m, chosen in tuning.items()]
+        lines.append("")
     order = []
     for r in rows:
         if (r["ablation"], r["value"]) not in order:
             order.append((r["ablation"], r["value"]))
+    present = [m for m in METHODS if any(r["method"] == m for r in rows)]
     for ablation in dict.fromkeys(a for a, _ in order):
-        lines += [f"## {ablation}", "", "| value | " + " | ".join(f"{m} test MSE | {m} L0" for m in METHODS)
-                  + " | winner | margin |", "|---" * (2 + 2 * len(METHODS) + 1) + "|"]
+        lines += [f"## {ablation}", "", "| value | " + " | ".join(f"{m} test MSE | FVU | dead | L0" for m in present)
+                  + " | winner | margin |", "|---" * (2 + 4 * len(present) + 1) + "|"]
         for a, v in order:
             if a != ablation:
                 continue
             cells, means = [], {}
-            for m in METHODS:
-                if (a, v, m) in agg:
-                    mean, std, n = agg[(a, v, m)]
-                    means[m] = mean
-                    cells.append(f"{mean:.5f}" + (f" ± {std:.5f}" if n > 1 else "") + f" | {l0[(a, v, m)][0]:.1f}")
+            for m in present:
+                if (a, v, m) not in agg["test_mse"]:
+                    cells.append("– | – | – | –")
+                    continue
+                mean, std, n = agg["test_mse"][(a, v, m)]
+                fvu = agg["test_fvu"][(a, v, m)][0]
+                if uninformative(fvu):
+                    mark = " *uninformative*"
                 else:
-                    cells.append("– | –")
+                    mark = ""
+                    means[m] = mean
+                cells.append(f"{mean:.5f}" + (f" ± {std:.5f}" if n > 1 else "") + mark
+                             + f" | {fvu:.4f} | {100 * agg['dead'][(a, v, m)][0]:.1f}% | {agg['l0'][(a, v, m)][0]:.1f}")
             ranked = sorted(means, key=means.get)
             winner = ranked[0] if ranked else "–"
             margin = "–"
@@ -377,22 +439,31 @@ METHOD_CMAPS = ("Blues", "Oranges", "Greens")  # matches matplotlib's first thre
 
 
 def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -> list[Path]:
-    """Per ablation: bar chart of final test MSE by value and method, and the test-MSE curves."""
+    """Per ablation: bars of final test MSE, test FVU (1 = the mean's error: above it a model is
+    uninformative) and dead fraction by value and method, and the test-MSE curves of seed 0."""
     import matplotlib.pyplot as plt
 
     from .plotting import curves, grouped_bars, save
 
     out = Path(out)
-    agg = aggregate(rows)
+    agg = {m: aggregate(rows, m) for m in ("test_mse", "test_fvu", "dead")}
     paths = []
     for ablation in dict.fromkeys(r["ablation"] for r in rows):
         values = list(dict.fromkeys(r["value"] for r in rows if r["ablation"] == ablation))
-        methods = [m for m in METHODS if any((ablation, v, m) in agg for v in values)]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-        series = {m: [agg.get((ablation, v, m), (np.nan,))[0] for v in values] for m in methods}
-        errs = {m: [agg.get((ablation, v, m), (0, 0))[1] for v in values] for m in methods}
-        grouped_bars(axes[0], values, series, "final test MSE", f"{label}: {ablation}", errors=errs, logy=True)
-        axes[0].set_xlabel(ablation)
+        methods = [m for m in METHODS if any((ablation, v, m) in agg["test_mse"] for v in values)]
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        numbers = {"ablation": ablation, "values": values}
+        for ax, metric, ylabel, logy in ((axes[0, 0], "test_mse", "final test MSE", True),
+                                         (axes[0, 1], "test_fvu", "final test FVU", True),
+                                         (axes[1, 0], "dead", "dead fraction (test)", False)):
+            series = {m: [agg[metric].get((ablation, v, m), (np.nan,))[0] for v in values] for m in methods}
+            errs = {m: [agg[metric].get((ablation, v, m), (0, 0))[1] for v in values] for m in methods}
+            grouped_bars(ax, values, series, ylabel, f"{label}: {ablation}", errors=errs, logy=logy)
+            ax.set_xlabel(ablation)
+            if metric == "test_fvu":
+                ax.axhline(1.0, color="k", lw=0.8, ls="--", label="FVU 1: uninformative")
+                ax.legend(fontsize=8)
+            numbers[f"mean_{metric}"], numbers[f"std_{metric}"] = series, errs
         lines, colors = {}, {}
         for r in rows:
             if r["ablation"] != ablation or r["seed"] != 0:
@@ -403,12 +474,10 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
             # the bars' colour family per method (blue, orange, green), darker for later values
             shade = 0.45 + 0.5 * values.index(r["value"]) / max(len(values) - 1, 1)
             colors[tag] = plt.get_cmap(METHOD_CMAPS[METHODS.index(r["method"])])(shade)
-        curves(axes[1], lines, "epoch", "test MSE", f"test MSE curves (seed 0)", logy=True, colors=colors)
+        curves(axes[1, 1], lines, "epoch", "test MSE", "test MSE curves (seed 0)", logy=True, colors=colors)
         if len(lines) > 8:
-            axes[1].legend(fontsize=6, ncol=2)
-        numbers = {"ablation": ablation, "values": values,
-                   "mean_test_mse": series, "std_test_mse": errs,
-                   "curves": {k: {"epoch": v[0], "test_mse": v[1]} for k, v in lines.items()}}
+            axes[1, 1].legend(fontsize=6, ncol=2)
+        numbers["curves"] = {k: {"epoch": v[0], "test_mse": v[1]} for k, v in lines.items()}
         paths.append(save(fig, out / f"ablation_{ablation}.png", numbers))
     return paths
 
@@ -419,7 +488,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
 
     from .plotting import curves, save
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     numbers = {}
     for i, split in enumerate(("train", "test")):
         series = {}
@@ -427,8 +496,16 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
             h = histories.get(f"{m}|base=-|rep{rep}")
             if h:
                 series[m] = ([e["epoch"] for e in h], [e[f"{split}_mse"] for e in h])
-        curves(axes[i], series, "epoch", f"{split} MSE", f"{label}: {split} MSE", logy=True)
+        curves(axes[i], series, "epoch", f"{split} MSE", f"{label}: {split} MSE (equal epochs)", logy=True)
         numbers[split] = {k: {"epoch": v[0], "mse": v[1]} for k, v in series.items()}
+    # equal wall-clock view: test MSE against cumulative training seconds (evaluation excluded)
+    series = {}
+    for m in METHODS:
+        h = histories.get(f"{m}|base=-|rep{rep}")
+        if h:
+            series[m] = (np.cumsum([e["epoch_time"] for e in h]).tolist(), [e["test_mse"] for e in h])
+    curves(axes[2], series, "training seconds", "test MSE", f"{label}: test MSE (equal wall clock)", logy=True)
+    numbers["test_vs_seconds"] = {k: {"seconds": v[0], "mse": v[1]} for k, v in series.items()}
     return save(fig, Path(out) / "curves_base.png", numbers)
 
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from .data import check_array
 
 
 @dataclass
@@ -49,8 +52,9 @@ class EvalSums:
 
 def summarise(s: EvalSums) -> dict:
     """{mse, fvu, l0, dead} from accumulated sums."""
-    if s.n_samples == 0:
-        raise ValueError("cannot summarise an empty evaluation set")
+    if s.n_samples <= 0:
+        raise ValueError(f"cannot summarise an empty evaluation set (n_samples={s.n_samples}): "
+                         "evaluate on at least one sample")
     total_var = s.sum_xx - float(s.sum_x.pow(2).sum()) / s.n_samples
     return {
         "mse": s.sse / (s.n_samples * s.n_features),
@@ -92,12 +96,28 @@ def evaluate(model, x: torch.Tensor, batch_size: int = 1024, sums_of_x=None) -> 
     return summarise(sums)
 
 
+def _pair(x, recon) -> tuple[np.ndarray, np.ndarray]:
+    """Checked float64 copies of x (n_samples, n_features), n_samples >= 1, and recon of the same shape."""
+    x = check_array(x, "x", ("n_samples", "n_features"))
+    if x.shape[0] == 0:
+        raise ValueError("x must have shape (n_samples, n_features) with n_samples >= 1, "
+                         f"got {x.shape}")
+    recon = check_array(recon, "recon", x.shape, hint=" (the shape of x)")
+    return x, recon
+
+
 def mse(x: torch.Tensor, recon: torch.Tensor) -> float:
-    """Mean over samples and features of (x - recon)^2."""
-    return float((x.double() - recon.double()).pow(2).mean())
+    """Mean over samples and features of (x - recon)^2; x and recon (n_samples, n_features), finite."""
+    x, recon = _pair(x, recon)
+    return float(np.mean((x - recon) ** 2))
 
 
 def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
-    """sum ||x - recon||^2 / sum ||x - mean(x)||^2 (the mean of this same set)."""
-    x64 = x.double()
-    return float((x64 - recon.double()).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
+    """sum ||x - recon||^2 / sum ||x - mean(x)||^2 (the mean of this same set); shapes as in ``mse``.
+
+    Raises ValueError when x has no variance (every row equal): the ratio is undefined."""
+    x, recon = _pair(x, recon)
+    total = float(((x - x.mean(0)) ** 2).sum())
+    if not total > 0:
+        raise ValueError(f"fvu is undefined: x {x.shape} has zero variance around its mean (every row equal)")
+    return float(((x - recon) ** 2).sum()) / total

@@ -198,11 +198,16 @@ def decoder_objective(stats: DecoderStats, atoms, b, atoms_prev, b_prev, alpha=0
 
 def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.Tensor,
                   alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0,
-                  gram: torch.Tensor | None = None):
+                  gram: torch.Tensor | None = None, keep_unfired: bool = False):
     """Exact joint minimiser (atoms, b_dec) of the decoder objective (module docstring).
 
     atoms_prev (n_latents, n_features) and b_prev (n_features,) are the anchors W^t, b^t. ``gram``: a
     ``stats.gram()`` the caller no longer needs; its memory is reused (overwritten) for A.
+    ``keep_unfired``: a latent that never fired in the statistics (its row of G and of sum z x^T is 0)
+    does not enter the reconstruction, so with alpha = 0 the objective leaves its atom free (mu = 0) or
+    pins it to atoms_prev (mu > 0); the tiny ridge would set a free one to 0. With keep_unfired such atoms
+    keep atoms_prev: still an exact minimiser. With alpha > 0 the minimiser mu/(alpha+mu) atoms_prev is
+    unique and kept as solved.
     Returns (atoms float64, b float64, info) with info = {"ridge": the ridge added to A (0 unless
     alpha = mu = 0), "scale": N * n_features, "gram_atoms": G @ atoms, read off the normal equations
     A D = rhs (no extra matmul; for ``sse_from_stats``)}.
@@ -242,4 +247,8 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     # A D = rhs with A = G - N c zbar zbar^T + (alpha' + mu' + ridge) I  =>  G D from rhs in O(d n)
     gram_atoms = rhs_kept.add_(D, alpha=-(a_ + m_ + ridge))
     gram_atoms.addr_(zbar, D.T @ zbar, alpha=N * c)
+    if keep_unfired and a_ == 0:
+        unfired = ~stats.fired
+        D[unfired] = D0[unfired]
+        gram_atoms[unfired] = 0.0  # rows of G of latents that never fired are 0
     return D, bias, {"ridge": ridge, "scale": scale, "gram_atoms": gram_atoms}

@@ -1,13 +1,15 @@
 """The sparse autoencoder: activations, tied or untied decoder, encode / decode / forward.
 
 Shapes: ``x`` (n_samples, n_features); ``preacts`` and ``codes`` (n_samples, n_latents);
-``recon`` (n_samples, n_features). Parameters (SPEC section 1):
+``recon`` (n_samples, n_features). Parameters (docs/DESIGN.md, section 1):
 
     W_enc (n_latents, n_features)   row i is the encoder direction w_i
     b_enc (n_latents,)
     W_dec (n_latents, n_features)   row i is dictionary atom i, i.e. the SPEC's W_dec transposed
                                     (absent when tied: the atoms are then the rows of W_enc)
     b_dec (n_features,)
+    centre (n_features,)            a buffer, not trained: subtracted from x before encoding
+                                    (zero unless the training recipe centres the input)
 
 Activations:
     topk       keep the k largest pre-activations (signed), zero the rest (the theory's TopK)
@@ -16,6 +18,8 @@ Activations:
     relu       max(preact, 0); an L1 penalty on codes belongs to the training loss, not the model
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,25 @@ TOPK_ACTIVATIONS = ("topk", "topk_relu", "topk_abs")
 # (bench/bench_decode.py, one thread, decoder trained): MNIST (784, d 256, k 15, batch 128) 0.65x;
 # LLM (640, d 4096, batch 256) k 320 53 vs 77 ms, k 640 69 vs 83 ms, k 1024 90 vs 90, k 1280 103 vs 91.
 SPARSE_DECODE_MAX_DENSITY = 0.2
+INITS = ("paper", "transpose_unit")
+
+
+class SAEOutput(NamedTuple):
+    """``SAE.forward``: reconstruction (n, n_features), dense codes and pre-activations (n, n_latents)."""
+
+    recon: torch.Tensor
+    codes: torch.Tensor
+    preacts: torch.Tensor
+
+
+class TopKOutput(NamedTuple):
+    """``SAE.forward_topk``: reconstruction (n, n_features), the k non-zeros of each code (values and
+    latent indices, (n, k)) and the pre-activations (n, n_latents)."""
+
+    recon: torch.Tensor
+    vals: torch.Tensor
+    idx: torch.Tensor
+    preacts: torch.Tensor
 
 
 def check_activation(activation: str, k, n_latents: int) -> None:
@@ -74,28 +97,41 @@ def activate(preacts: torch.Tensor, activation: str, k: int | None = None) -> to
 
 
 class SAE(nn.Module):
-    """A one-layer sparse autoencoder ``recon = decode(rho(W_enc x + b_enc))``.
+    """A one-layer sparse autoencoder ``recon = decode(rho(W_enc (x - centre) + b_enc))``.
 
-    Parameters are initialised as in the original scripts: W_enc ~ enc_init_scale * N(0, 1),
-    W_dec ~ dec_init_scale * N(0, 1), biases 0. The encoder is drawn first from ``seed``, so a tied and
-    an untied model built with the same seed share their encoder.
+    ``init="paper"`` (the original scripts): W_enc ~ enc_init_scale * N(0, 1), W_dec ~ dec_init_scale *
+    N(0, 1); the encoder is drawn first from ``seed``, so a tied and an untied model built with the same
+    seed share their encoder. ``init="transpose_unit"`` (SAELens, sparsify): random unit-norm atoms, and
+    the encoder equal to them (W_enc = W_dec^T in the docs' orientation); the two scales are not used.
+    Biases and the centre start at 0 (the training recipe may set b_dec and the centre from the data).
     """
 
     def __init__(self, n_features: int, n_latents: int, activation: str = "topk", k: int | None = None,
-                 tied: bool = False, enc_init_scale: float = 0.1, dec_init_scale: float = 0.01, seed: int = 0):
+                 tied: bool = False, enc_init_scale: float = 0.1, dec_init_scale: float = 0.01, seed: int = 0,
+                 init: str = "paper"):
         super().__init__()
         check_activation(activation, k, n_latents)
         if not isinstance(n_features, int) or n_features < 1:
             raise ValueError(f"n_features must be a positive integer, got {n_features!r}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
         self.n_features, self.n_latents = n_features, n_latents
         self.activation, self.k, self.tied = activation, (k if activation != "relu" else None), tied
-        self.enc_init_scale, self.dec_init_scale = enc_init_scale, dec_init_scale
+        self.enc_init_scale, self.dec_init_scale, self.init = enc_init_scale, dec_init_scale, init
         g = torch.Generator().manual_seed(int(seed))
-        self.W_enc = nn.Parameter(enc_init_scale * torch.randn(n_latents, n_features, generator=g))
+        if init == "paper":
+            w_enc = enc_init_scale * torch.randn(n_latents, n_features, generator=g)
+            w_dec = dec_init_scale * torch.randn(n_latents, n_features, generator=g)
+        else:
+            w_dec = torch.randn(n_latents, n_features, generator=g)
+            w_dec /= w_dec.norm(dim=1, keepdim=True)
+            w_enc = w_dec.clone()
+        self.W_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        w_dec = dec_init_scale * torch.randn(n_latents, n_features, generator=g)
         self.W_dec = None if tied else nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(n_features))
+        self.register_buffer("centre", torch.zeros(n_features))
+        self._centred = False
 
     # --- structure -----------------------------------------------------------------------------
     @property
@@ -120,11 +156,30 @@ class SAE(nn.Module):
 
     def config(self) -> dict:
         return dict(n_features=self.n_features, n_latents=self.n_latents, activation=self.activation, k=self.k,
-                    tied=self.tied, enc_init_scale=self.enc_init_scale, dec_init_scale=self.dec_init_scale)
+                    tied=self.tied, enc_init_scale=self.enc_init_scale, dec_init_scale=self.dec_init_scale,
+                    init=self.init)
+
+    @torch.no_grad()
+    def set_centre(self, centre: torch.Tensor) -> None:
+        """Subtract ``centre`` (n_features,) from every input before encoding (fixed, not trained)."""
+        if tuple(centre.shape) != (self.n_features,):
+            raise ValueError(f"centre must have shape ({self.n_features},), got {tuple(centre.shape)}")
+        self.centre.copy_(centre)
+        self._centred = bool(self.centre.any())
+
+    @property
+    def encoder_bias(self) -> torch.Tensor:
+        """The bias of the affine map x -> preacts: b_enc - W_enc centre (b_enc when not centred). The
+        power-diagram weights of docs/DESIGN.md use this bias."""
+        return self.b_enc - self.W_enc @ self.centre if self._centred else self.b_enc
 
     # --- maps --------------------------------------------------------------------------------------
     def preacts(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-activations (n, n_latents) = x W_enc^T + b_enc."""
+        """Pre-activations (n, n_latents) = (x - centre) W_enc^T + b_enc."""
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"x must have shape (n_samples, {self.n_features}), got {tuple(x.shape)}")
+        if self._centred:
+            x = x - self.centre
         return F.linear(x, self.W_enc, self.b_enc)
 
     def encode_sparse(self, x: torch.Tensor):
@@ -147,28 +202,28 @@ class SAE(nn.Module):
         """Reconstruction from the k non-zeros of each code: touches only k atoms per sample (inference)."""
         return F.embedding_bag(idx, self.atoms, per_sample_weights=vals, mode="sum") + self.b_dec
 
-    def forward(self, x: torch.Tensor):
-        """Returns (recon (n, n_features), codes (n, n_latents), preacts (n, n_latents)).
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        """SAEOutput(recon (n, n_features), codes (n, n_latents), preacts (n, n_latents)).
 
         A TopK model with k <= SPARSE_DECODE_MAX_DENSITY * n_latents decodes from its k non-zeros
         (``decode_sparse``): the same reconstruction and gradients as the dense product, at a fraction
         of the cost of the decoder's forward and backward."""
-        a = self.preacts(x)
         if not self.is_topk:
+            a = self.preacts(x)
             codes = activate(a, self.activation)
-            return self.decode(codes), codes, a
-        vals, idx = topk_sparse(a, self.k, self.activation)
-        codes = densify(vals, idx, self.n_latents)
-        if self.decodes_sparse:
-            return self.decode_sparse(vals, idx), codes, a
-        return self.decode(codes), codes, a
+            return SAEOutput(self.decode(codes), codes, a)
+        out = self.forward_topk(x)
+        return SAEOutput(out.recon, densify(out.vals, out.idx, self.n_latents), out.preacts)
+
+    def forward_topk(self, x: torch.Tensor) -> TopKOutput:
+        """TopK models: ``forward`` without the dense codes (their k non-zeros instead)."""
+        vals, idx, a = self.encode_sparse(x)
+        recon = self.decode_sparse(vals, idx) if self.decodes_sparse else self.decode(densify(vals, idx, self.n_latents))
+        return TopKOutput(recon, vals, idx, a)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward``'s reconstruction alone: with the sparse decode, the dense codes are never built."""
-        if self.decodes_sparse:
-            vals, idx, _ = self.encode_sparse(x)
-            return self.decode_sparse(vals, idx)
-        return self(x)[0]
+        """``forward``'s reconstruction alone: a TopK model never builds the dense codes."""
+        return self.forward_topk(x).recon if self.is_topk else self(x).recon
 
     # --- persistence --------------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -178,5 +233,8 @@ class SAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "SAE":
         model = cls(**ckpt["config"])
-        model.load_state_dict(ckpt["state_dict"])
+        state = dict(ckpt["state_dict"])
+        state.setdefault("centre", torch.zeros(model.n_features))  # checkpoints from before the centre
+        model.load_state_dict(state)
+        model.set_centre(model.centre.clone())
         return model

@@ -4,8 +4,8 @@ one history format.
 Methods
     sgd       the untied SAE trained end to end by Adam (the fair baseline)
     sgd_tied  decoder atoms = encoder rows (the original scripts' baseline)
-    pam       PAM-SGD (SPEC section 3): per outer iteration (one epoch by default) an encoder phase of
-              Adam steps with the decoder fixed, then the exact closed-form decoder solve
+    pam       PAM-SGD (docs/DESIGN.md, section 3): per outer iteration (one epoch by default) an encoder
+              phase of Adam steps with the decoder fixed, then the exact closed-form decoder solve
 
 Objective (identical for every method; coefficients relative to the MSE, see ``common.pam``):
 
@@ -15,6 +15,19 @@ Objective (identical for every method; coefficients relative to the MSE, see ``c
 with W^t, b^t the parameters at the start of the outer iteration (epoch). ``prox_form="l2"`` replaces
 the proximal terms by the original scripts' plain L2, mu ||W_enc||^2 + nu ||b_enc||^2, on the encoder only.
 ``weight_decay`` is Adam's weight decay on the encoder.
+
+The field's TopK recipe (``common.recipe``; each element its own setting, all off by default = the paper):
+``b_dec_init`` ("zero", "mean", "median": b_dec set from the training data before training),
+``centre_input`` (that same point subtracted from x before encoding), ``unit_norm_atoms`` (sgd: the
+gradient component parallel to each atom removed before, and the atoms renormalised after, every step),
+``aux_k`` / ``aux_coef`` / ``dead_after`` (the AuxK loss: the residual reconstructed by the aux_k
+highest pre-activations among latents that have not fired in the last ``dead_after`` training samples,
+0 = one epoch; TopK models), ``keep_dead_atoms`` (pam: a latent that never fired keeps its atom in the
+solve), ``lr_schedule`` ("constant", or "warmup_decay": linear warm-up over min(warmup_steps, a tenth of
+the run) then linear decay to 0).
+
+Every epoch the loss and the parameters are checked finite (and after every decoder solve): a run that
+diverges raises ``NonFiniteError`` naming the run, the method and the epoch.
 
 History: one dict per epoch (epoch 0 = at initialisation) with train_/test_ mse, fvu, l0, dead,
 ``loss`` (mean training objective over the epoch's steps), ``epoch_time`` (training incl. the solve),
@@ -26,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +48,16 @@ from tqdm.auto import tqdm
 from .data import check_finite
 from .metrics import EvalSums, data_sums, evaluate, summarise
 from .pam import collect_stats, decoder_objective, solve_decoder, sse_from_stats
+from .recipe import centre_of
 from .sae import SAE
 
 METHODS = ("pam", "sgd", "sgd_tied")
+B_DEC_INITS = ("zero", "mean", "median")
+LR_SCHEDULES = ("constant", "warmup_decay")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or parameter."""
 
 
 @dataclass
@@ -60,6 +80,16 @@ class TrainConfig:
     solve_samples: int = 0          # 0: statistics from all training data; m > 0: from m random samples, rescaled
     grad_clip: float = 0.0          # clip the gradient norm of the optimised parameters (0 = off)
     eval_batch: int = 1024
+    # the field's TopK recipe (common.recipe): every element off by default (the paper's protocol)
+    b_dec_init: str = "zero"        # "zero", "mean" or "median" (geometric) of the training data
+    centre_input: bool = False      # subtract that point from x before encoding (needs b_dec_init != "zero")
+    unit_norm_atoms: bool = False   # sgd: unit-norm atoms kept through every step
+    aux_k: int = 0                  # AuxK: dead latents used to reconstruct the residual (0 = off)
+    aux_coef: float = 1 / 32        # AuxK loss coefficient (relative to the MSE)
+    dead_after: int = 0             # AuxK: dead = not fired in this many training samples (0 = one epoch)
+    keep_dead_atoms: bool = False   # pam: a latent that never fired keeps its atom in the solve
+    lr_schedule: str = "constant"   # or "warmup_decay"
+    warmup_steps: int = 1000        # warmup_decay: linear warm-up steps (at most a tenth of the run)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -69,20 +99,26 @@ class TrainConfig:
         need(self.prox_form in ("proximal", "l2"), f"prox_form must be 'proximal' or 'l2', got {self.prox_form!r}")
         need(self.solve_order in ("enc_first", "dec_first"),
              f"solve_order must be 'enc_first' or 'dec_first', got {self.solve_order!r}")
+        need(self.b_dec_init in B_DEC_INITS, f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(not (self.centre_input and self.b_dec_init == "zero"),
+             "centre_input needs a centre: set b_dec_init to 'mean' or 'median'")
+        for name in ("centre_input", "unit_norm_atoms", "keep_dead_atoms"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "updates_per_batch", "solve_batch", "solve_every", "eval_batch"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= (0 if name == "epochs" else 1),
                  f"{name} must be an integer >= {0 if name == 'epochs' else 1}, got {v!r}")
-        need(isinstance(self.solve_samples, int) and self.solve_samples >= 0,
-             f"solve_samples must be an integer >= 0, got {self.solve_samples!r}")
-        for name in ("lr", "weight_decay", "l1", "mu", "nu", "alpha", "beta", "grad_clip"):
+        for name in ("solve_samples", "aux_k", "dead_after", "warmup_steps"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                 f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("lr", "weight_decay", "l1", "mu", "nu", "alpha", "beta", "grad_clip", "aux_coef"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"{name} must be a finite number >= 0, got {v!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, codes, trained: set):
@@ -127,7 +163,7 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     D0, b0 = model.W_dec.detach().clone(), model.b_dec.detach().clone()
     gram = stats.gram()  # one d x d matrix: G D0 for the objective before, then A's storage in the solve
     before = decoder_objective(stats, D0, b0, D0, b0, gram=gram, **coefs)
-    D, b, info = solve_decoder(stats, D0, b0, gram=gram, **coefs)
+    D, b, info = solve_decoder(stats, D0, b0, gram=gram, keep_unfired=cfg.keep_dead_atoms, **coefs)
     sse = sse_from_stats(stats, D, b, gram_atoms=info["gram_atoms"])
     after = decoder_objective(stats, D, b, D0, b0, sse=sse, **coefs)
     with torch.no_grad():
@@ -158,6 +194,14 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
             raise ValueError(f"{name} is empty")
         check_finite(x, name)
 
+    with torch.no_grad():
+        if cfg.b_dec_init != "zero":
+            point = centre_of(x_train, cfg.b_dec_init).to(model.b_dec.dtype)
+            model.b_dec.copy_(point)
+            if cfg.centre_input:
+                model.set_centre(point)
+        if cfg.unit_norm_atoms and cfg.method == "sgd":
+            model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True))
     trained = {"encoder"} if cfg.method == "pam" else {"encoder", "decoder"}
     enc, dec = model.encoder_parameters(), ([] if cfg.method == "pam" else model.decoder_parameters())
     groups = [{"params": enc, "weight_decay": cfg.weight_decay}]
@@ -197,12 +241,67 @@ def _frozen(tensors):
             t.requires_grad_(w)
 
 
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """warmup_decay: the learning rate's multiplier at optimiser step ``step`` (0-based) of ``total``:
+    linear warm-up to 1 over ``warmup`` steps, then linear decay to 0 at the end of the run."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(total - warmup, 1))
+
+
+def _aux_loss(model: SAE, xb, out, dead: torch.Tensor, cfg: TrainConfig):
+    """AuxK (Gao et al. 2024; sparsify's scaling): reconstruct the residual x - recon (no gradient into the
+    main reconstruction) from the min(aux_k, #dead) highest pre-activations among dead latents, ReLU'd as
+    in both (topk_abs: |a| selects, the sign is kept), decoded without b_dec; MSE weighted by
+    aux_coef * min(#dead / aux_k, 1). None when no latent is dead."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return None
+    k_aux = min(cfg.aux_k, n_dead)
+    score = out.preacts.abs() if model.activation == "topk_abs" else out.preacts
+    idx = score.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+    vals = out.preacts.gather(-1, idx)
+    if model.activation != "topk_abs":
+        # only a positive pre-activation can grow into the top k; a signed target would let a dead latent
+        # reconstruct the residual with a negative value (its atom turned around) and stay dead
+        vals = F.relu(vals)
+    e_hat = F.embedding_bag(idx, model.atoms, per_sample_weights=vals, mode="sum")
+    scale = min(n_dead / cfg.aux_k, 1.0)
+    return cfg.aux_coef * scale * F.mse_loss(e_hat, (xb - out.recon).detach())
+
+
+@torch.no_grad()
+def _project_atom_gradient(W_dec: torch.nn.Parameter) -> None:
+    """Remove from each atom's gradient its component along the (unit-norm) atom."""
+    if W_dec.grad is not None:
+        W_dec.grad.sub_((W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec)
+
+
+def _check_finite(model: SAE, loss: float, where: str) -> None:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if not math.isfinite(loss) or bad:
+        raise NonFiniteError(f"{where}: {'loss ' + repr(loss) if not math.isfinite(loss) else ''}"
+                             f"{' and ' if bad and not math.isfinite(loss) else ''}"
+                             f"{'non-finite parameters ' + ', '.join(bad) if bad else ''}; "
+                             "lower the learning rate or check the data's scale")
+
+
 def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position):
     pam, n = cfg.method == "pam", x_train.shape[0]
     history = [record(0, float("nan"), 0.0, 0, 0)]
     samples = steps = 0
+    where = f"{desc or 'training'} ({cfg.method})"
+    unit_norm = cfg.unit_norm_atoms and cfg.method == "sgd"
+    aux = cfg.aux_k > 0 and model.is_topk
+    since_fired = torch.zeros(model.n_latents, dtype=torch.long)   # training samples since each latent fired
+    dead_after = cfg.dead_after or n
+    total_steps = cfg.epochs * math.ceil(n / cfg.batch_size) * cfg.updates_per_batch
+    sched = None
+    if cfg.lr_schedule == "warmup_decay":
+        warmup = max(1, min(cfg.warmup_steps, total_steps // 10))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc or cfg.method, leave=False, disable=not progress,
-                position=position)
+               position=position)
     for epoch in bar:
         t0 = time.perf_counter()
         # the solve closes (enc_first) or opens (dec_first) every solve_every-th outer iteration
@@ -211,30 +310,54 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
         extra, train_metrics = {}, None
         if due and cfg.solve_order == "dec_first":
             _, extra = _solve(model, x_train, cfg, gen)
+            _check_finite(model, 0.0, f"{where}, epoch {epoch}, after the decoder solve")
         anchors = {nm: p.detach().clone() for nm, p in zip(named, params)}
         perm = torch.randperm(n, generator=gen)
         loss_sum = 0.0
         for s in range(0, n, cfg.batch_size):
             xb = x_train.index_select(0, perm[s:s + cfg.batch_size])  # 3x faster than x[idx]
             for _ in range(cfg.updates_per_batch):
-                if cfg.l1:
-                    recon, codes, _ = model(xb)
-                else:  # no dense codes needed: a TopK model skips building them
-                    recon, codes = model.reconstruct(xb), None
+                codes = aux_term = None
+                if cfg.l1 or not model.is_topk:
+                    out = model(xb)
+                    recon, codes = out.recon, out.codes
+                    if aux:
+                        fired = (codes != 0).any(0)
+                else:  # no dense codes needed: a TopK model decodes from its k non-zeros
+                    out = model.forward_topk(xb)
+                    recon = out.recon
+                    if aux:
+                        fired = torch.zeros(model.n_latents, dtype=torch.bool)
+                        fired[out.idx[out.vals != 0]] = True
+                if aux:
+                    aux_term = _aux_loss(model, xb, out, since_fired >= dead_after, cfg)
                 loss = F.mse_loss(recon, xb)
                 penalty = _objective_terms(model, cfg, anchors, codes, trained)
                 if penalty is not None:
                     loss = loss + penalty
+                total = loss if aux_term is None else loss + aux_term
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                total.backward()
+                if unit_norm:
+                    _project_atom_gradient(model.W_dec)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
+                if unit_norm:
+                    with torch.no_grad():
+                        model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True))
+                if sched is not None:
+                    sched.step()
+                if aux:
+                    since_fired += xb.shape[0]
+                    since_fired[fired] = 0
                 steps += 1
             loss_sum += loss.item() * xb.shape[0]
             samples += xb.shape[0]
+        _check_finite(model, loss_sum, f"{where}, epoch {epoch}")
         if due and cfg.solve_order == "enc_first":
             train_metrics, extra = _solve(model, x_train, cfg, gen)
+            _check_finite(model, 0.0, f"{where}, epoch {epoch}, after the decoder solve")
         epoch_time = time.perf_counter() - t0
         row = record(epoch, loss_sum / n, epoch_time, samples, steps, train_metrics, extra)
         history.append(row)

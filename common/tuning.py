@@ -1,0 +1,140 @@
+"""Hyperparameter tuning on a validation split held out from the training data (never the test set).
+
+Fairness (docs/DESIGN.md, section 5): every method gets the same number of trials, the same epochs, the
+same split and the same seeds; each trial is one configuration drawn without replacement from that
+method's own grid (which must have at least that many points); the winner is the trial with the lowest validation MSE. A trial that diverges counts
+as a failed trial (its error is recorded), never as a result. The chosen values are then used to
+retrain on the whole training set, and only that model is evaluated on the test set.
+
+A grid maps a setting name to its candidate values; ``mu_nu`` sets ``mu`` and ``nu`` together:
+
+    {"sgd": {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (0.0, 1e-4)},
+     "pam": {"lr": (3e-4, 1e-3, 3e-3), "mu_nu": (0.0, 1e-4, 1e-3), "solve_order": ("enc_first", "dec_first")}}
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import derive_seed, write_json, write_text
+from .data import subset_indices
+from .experiment import Protocol, train_runs
+
+ALIASES = {"mu_nu": ("mu", "nu")}
+
+
+def expand(values: dict) -> dict:
+    """Grid names -> settings (``mu_nu`` -> ``mu`` and ``nu``)."""
+    out = {}
+    for name, v in values.items():
+        for key in ALIASES.get(name, (name,)):
+            out[key] = v
+    return out
+
+
+def validation_split(n_samples: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, validation indices): a seeded random ``fraction`` of the training samples held out."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+    val = subset_indices(n_samples, fraction, seed)
+    mask = torch.ones(n_samples, dtype=torch.bool)
+    mask[val] = False
+    return mask.nonzero().flatten(), val.sort().values
+
+
+def trials(grid: dict, n_trials: int, seed: int) -> list[dict]:
+    """``n_trials`` distinct configurations of ``grid``, drawn with a seed (a grid smaller than that is an error)."""
+    if not grid:
+        raise ValueError("an empty grid has nothing to tune")
+    for name, values in grid.items():
+        if not isinstance(values, (tuple, list)) or not values:
+            raise ValueError(f"grid entry {name!r} must be a non-empty tuple of values, got {values!r}")
+    names = list(grid)
+    points = [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+    if len(points) < n_trials:
+        raise ValueError(f"a grid of {len(points)} points cannot give {n_trials} trials: every method gets the "
+                         f"same number of trials, so each grid needs at least that many points")
+    pick = np.random.default_rng(seed).choice(len(points), size=n_trials, replace=False)
+    return [points[i] for i in sorted(pick)]
+
+
+def plan_trials(protocol: Protocol, grids: dict, n_trials: int, epochs: int, seed: int) -> list[dict]:
+    """Every tuning trial as a run (the protocol's base settings, the method's trial values, ``epochs``),
+    validated before any data is loaded."""
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"tuning trials must be a positive integer, got {n_trials!r}")
+    unknown = sorted(set(grids) - set(protocol.methods))
+    if unknown:
+        raise ValueError(f"tuning grid names methods {unknown} that the protocol does not run "
+                         f"({', '.join(protocol.methods)})")
+    runs = []
+    for method in protocol.methods:
+        if method not in grids:
+            raise ValueError(f"tuning: no grid for method {method!r}; every method is tuned with the same effort")
+        for i, values in enumerate(trials(grids[method], n_trials, derive_seed(seed, "trials", method))):
+            tuned = Protocol(base=protocol.base, ablations={}, methods=(method,), base_seed=protocol.base_seed,
+                             method_settings={method: dict(expand(values), epochs=epochs)})
+            s = tuned.settings("base", "-", method)
+            runs.append({"id": f"tune|{method}|trial{i}", "method": method, "ablation": "tune", "value": i,
+                         "rep": 0, "settings": s, "values": values, "may_diverge": True,
+                         "key": json.dumps([method, "tune", sorted(s.items())], default=str), "shared_with": None})
+    return runs
+
+
+def tune(protocol: Protocol, grids: dict, n_trials: int, epochs: int, x_train: torch.Tensor, val_fraction: float,
+         out: Path, seed: int, workers: int = 1, progress: bool = True, resume: bool = True) -> dict:
+    """Choose each method's settings by validation MSE; returns {method: chosen grid values}.
+
+    Writes ``<out>/tuning.json`` (every trial: values, validation MSE / FVU / dead, or its divergence)
+    and ``<out>/tuning.md``. The trials are resumable runs under ``<out>/runs``.
+    """
+    runs = plan_trials(protocol, grids, n_trials, epochs, seed)
+    fit, val = validation_split(x_train.shape[0], val_fraction, derive_seed(seed, "validation"))
+    x_fit, x_val = x_train[fit], x_train[val]
+    done, histories, _ = train_runs(runs, x_fit, x_val, out, protocol.base_seed, progress, keep_models=None,
+                                    workers=workers, resume=resume)
+    table, chosen = [], {}
+    for method in protocol.methods:
+        best = None
+        for run in (r for r in runs if r["method"] == method):
+            row = done[run["id"]]
+            entry = {"method": method, "trial": run["value"], "values": run["values"]}
+            if row is None:
+                entry.update(val_mse=math.inf, diverged=histories[run["id"]])
+            else:
+                entry.update(val_mse=row["test_mse"], val_fvu=row["test_fvu"], val_dead=row["dead"], diverged="")
+                if best is None or row["test_mse"] < best[0]:
+                    best = (row["test_mse"], run["values"])
+            table.append(entry)
+        if best is None:
+            raise RuntimeError(f"tuning: every trial of {method} diverged; see {out / 'tuning.json'}")
+        chosen[method] = best[1]
+    counts = {m: sum(e["method"] == m for e in table) for m in protocol.methods}
+    write_json(out / "tuning.json", {"trials_per_method": counts, "epochs": epochs, "val_fraction": val_fraction,
+                                     "n_fit": int(x_fit.shape[0]), "n_val": int(x_val.shape[0]),
+                                     "grids": grids, "chosen": chosen,
+                                     "trials": [dict(e, val_mse=e["val_mse"] if math.isfinite(e["val_mse"]) else None)
+                                                for e in table]})
+    lines = [f"# Tuning: {n_trials} trials per method at most, {epochs} epochs, validation = {val_fraction:g} of the "
+             f"training data ({x_val.shape[0]} samples; fit on {x_fit.shape[0]})", "",
+             "| method | trial | values | val MSE | val FVU | val dead | chosen |", "|---|---|---|---|---|---|---|"]
+    for e in table:
+        mark = "**yes**" if e["values"] == chosen[e["method"]] else ""
+        if e["diverged"]:
+            lines.append(f"| {e['method']} | {e['trial']} | {e['values']} | diverged | – | – | |")
+        else:
+            lines.append(f"| {e['method']} | {e['trial']} | {e['values']} | {e['val_mse']:.5f} | {e['val_fvu']:.4f} | "
+                         f"{100 * e['val_dead']:.1f}% | {mark} |")
+    write_text(out / "tuning.md", "\n".join(lines) + "\n")
+    return chosen
+
+
+def tuned_protocol(protocol: Protocol, chosen: dict) -> Protocol:
+    """The protocol with each method's chosen values as its own settings."""
+    from dataclasses import replace
+    return replace(protocol, method_settings={m: expand(v) for m, v in chosen.items()})
