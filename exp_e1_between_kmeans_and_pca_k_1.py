@@ -2,7 +2,7 @@
 
 Three views of the same 100 points: k-means (3 clusters), a Top-1 SAE with 40 latents whose partition
 is drawn from its exact power-diagram cells, and "k-means + local PCA"; plus local PCA (rank 1) on the
-SAE's own regions, which can only be more accurate than the SAE (SPEC section 2, item 5).
+SAE's own regions, which can only be more accurate than the SAE (docs/DESIGN.md, section 2, item 5).
 Original training: softmax relaxation of Top-1 (temperature 0.3) over unit-norm encoder rows and
 atoms, Adam 3e-3, 5000 full-batch steps; we also report the exact Top-1 model with those parameters.
 

@@ -3,7 +3,7 @@
 Three views of the same 100 points: k-means (3 clusters), a Top-3 SAE with 80 latents whose partition
 is drawn from its exact order-3 power-diagram cells (one colour per active set), and "k-means + local
 PCA"; plus local PCA on the SAE's own regions (rank min(3, 2) = 2: exact in 2-D), which can only be
-more accurate than the SAE (SPEC section 2, item 5).
+more accurate than the SAE (docs/DESIGN.md, section 2, item 5).
 Original training: encoder rows initialised at data points, codes = softmax (temperature 0.3) over the
 top 3 pre-activations, unit-norm rows and atoms, Adam 8e-3, 7500 full-batch steps; we also report the
 exact Top-3 model (codes = pre-activations) with the same parameters.

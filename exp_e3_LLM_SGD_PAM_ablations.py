@@ -36,6 +36,7 @@ MAX_TOKENS = 128
 EXTRACT_BATCH = 8
 EXTRACT_DTYPE = "float32"         # or "bfloat16" (faster matmuls, the stored activations stay float32)
 TEST_FRACTION = 0.1               # split 90/10; standardised with the training statistics only
+N_TRAIN = 0                       # 0: every training activation; N: the first N of them (after the split)
 # --- the SAE and its training (paper) ---------------------------------------------------------------
 RECIPE = "paper"                  # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
 N_LATENTS = 4096
@@ -124,6 +125,8 @@ else:
                                            n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
                                            dtype=EXTRACT_DTYPE)
 x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
+if N_TRAIN:
+    x_train = x_train[:N_TRAIN]
 write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
                                                standardised="per feature, training mean and std"))
 print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} train / {x_test.shape[0]} test "

@@ -1,4 +1,4 @@
-"""Figure 7: a 2-D power diagram is the plane section of a 3-D Voronoi diagram (SPEC section 2, item 6).
+"""Figure 7: a 2-D power diagram is the plane section of a 3-D Voronoi diagram (docs/DESIGN.md, section 2, item 6).
 
 Sites p_i in [-1, 1]^2 are lifted to (p_i, h_i). We compute the true 3-D Voronoi cells of the lifted
 sites (halfspace intersection, clipped to a box), render them as translucent polyhedra (pyvista,

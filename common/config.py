@@ -184,6 +184,23 @@ def configure(namespace: dict, argv=None, quick: dict | None = None, name: str |
     return run
 
 
+def script_constants(path) -> dict:
+    """A script's UPPERCASE constants with literal values, read from its source without running it (so a
+    caller such as check_claims.py reads the paper's settings from the script that owns them)."""
+    import ast
+    tree = ast.parse(Path(path).read_text())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.isupper():
+                try:
+                    out[name] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass  # not a literal (e.g. a value computed from another module)
+    return out
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}

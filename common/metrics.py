@@ -1,4 +1,4 @@
-"""Reconstruction metrics (SPEC section 4), defined once, kept apart from the training objectives.
+"""Reconstruction metrics (docs/DESIGN.md, section 4), defined once, kept apart from the training objectives.
 
 Every metric is computed from sums accumulated over the whole evaluation set (``EvalSums``), so means
 are weighted by sample count, never means of per-batch means.

@@ -9,7 +9,7 @@ so every coefficient is relative to the MSE. The closed form works with the *sum
 it multiplies each coefficient by ``N * n_features`` (N = samples in the statistics). With that, the
 decoder solve minimises exactly the objective the encoder phase and the SGD baselines see.
 
-The solve (SPEC section 3), written for the atoms matrix ``D = W^T`` (n_latents, n_features):
+The solve (docs/DESIGN.md, section 3.4), for the atoms matrix ``D = W_dec`` (n_latents, n_features):
 
     c = N / (N + beta' + nu');   zbar = s_z / N;   xbar = s_x / N
     A = (alpha' + mu') I + G - N c zbar zbar^T                        (n_latents, n_latents)
@@ -66,7 +66,7 @@ class DecoderStats:
 
     n (float), sum_z (n_latents,), sum_x (n_features,), zz_upper: the upper triangle (diagonal included)
     of G = sum z z^T (n_latents, n_latents; G is symmetric, so only half is accumulated: half the work),
-    zx = sum z x^T (n_latents, n_features) (the SPEC's M transposed), sum_xx = sum ||x||^2,
+    zx = sum z x^T (n_latents, n_features) (the paper's M transposed; P in docs/DESIGN.md 3.3), sum_xx = sum ||x||^2,
     nnz = number of non-zero codes, fired (n_latents,) bool.
     """
 

@@ -15,13 +15,13 @@ A recipe is a set of defaults for the elements below; each element is also a set
                        docs/DESIGN.md: it keeps PAM's decoder solve exact)
     unit-norm atoms    unit_norm_atoms (TrainConfig)   False       True        after every SGD step each atom
                        is renormalised and, before it, the gradient component parallel to each atom removed
-                       (SAELens normalize_sae_decoder / sparsify normalize_decoder). PAM: see DESIGN.md
+                       (SAELens normalize_sae_decoder / sparsify normalize_decoder). PAM: docs/DESIGN.md 3.7
     AuxK loss          aux_k, aux_coef, dead_after     0           512, 1/32   Gao et al. 2024 (OpenAI's
                        (TrainConfig)                                           k_aux and coefficient; SAELens
                        uses coefficient 1, k_aux = n_features / 2, dead after 1000 steps; sparsify 1.3.3 has it
                        off by default)
     dead atoms in PAM  keep_dead_atoms (TrainConfig)   False       True        a latent that never fired keeps
-                       its previous atom in the decoder solve (an exact minimiser; DESIGN.md)
+                       its previous atom in the decoder solve (an exact minimiser; docs/DESIGN.md 3.6)
     learning rate      lr                              script's    2e-4 / sqrt(n_latents / 2^14)  sparsify
     schedule           lr_schedule, warmup_steps       constant    warm-up then linear decay to 0 (sparsify)
 """

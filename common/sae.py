@@ -5,7 +5,7 @@ Shapes: ``x`` (n_samples, n_features); ``preacts`` and ``codes`` (n_samples, n_l
 
     W_enc (n_latents, n_features)   row i is the encoder direction w_i
     b_enc (n_latents,)
-    W_dec (n_latents, n_features)   row i is dictionary atom i, i.e. the SPEC's W_dec transposed
+    W_dec (n_latents, n_features)   row i is dictionary atom i, i.e. the paper's W_dec transposed
                                     (absent when tied: the atoms are then the rows of W_enc)
     b_dec (n_features,)
     centre (n_features,)            a buffer, not trained: subtracted from x before encoding

@@ -1,6 +1,7 @@
-"""check_claims.py --quick: the report's structure (every claim present, verdicts valid, numbers finite)."""
+"""check_claims.py --quick: the report's structure (every claim present, categories, verdicts per protocol,
+strict numbers), replicate seeds that differ and are counted once. The verdict rules themselves are tested in
+tests/test_claims_rules.py, the theory checks and their negative controls in tests/test_theory.py."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -8,45 +9,69 @@ from pathlib import Path
 
 import pytest
 
+from common.claims import CATEGORIES, VERDICTS, across_protocols
+
 ROOT = Path(__file__).resolve().parent.parent
-EXPECTED = ["T1-piecewise-affine", "T2-topk-power-diagram", "T2b-k-subset-form", "T2c-topk-abs",
-            "T3-relu-power-diagram", "T4-kmeans-top1", "T5-local-pca-bound", "T6-lifting", "E1-local-pca-vs-sae",
-            "E1-between", "E2-sample-efficiency-topk-vs-sgd", "E2-sample-efficiency-topk-vs-sgd_tied",
-            "E2-sample-efficiency-relu-vs-sgd", "E2-sample-efficiency-relu-vs-sgd_tied", "E2-updates-direction",
-            "E2-mu-nu-direction", "PAM-decoder-step", "PAM-objective-decreases", "E3-sample-efficiency-vs-sgd",
-            "E3-sample-efficiency-vs-sgd_tied", "E3-relu-sparsity"]
+THEORY = ["T1-piecewise-affine", "T1b-relu-piecewise-affine", "T2-topk-power-diagram", "T2b-k-subset-form",
+          "T2c-topk-abs", "T3-relu-power-diagram", "T4-kmeans-top1", "T4b-kmeans-autoencoder", "T6-lifting",
+          "T7-kflats-optimal"]
+BOTH_PROTOCOLS = ["E2-sample-efficiency-topk-vs-sgd", "E2-sample-efficiency-topk-vs-sgd_tied",
+                  "E2-sample-efficiency-relu-vs-sgd", "E2-sample-efficiency-relu-vs-sgd_tied",
+                  "E2-full-data-equal-epochs", "E2-full-data-equal-seconds", "E2-relu-sparsity-low-data",
+                  "E2-weight-decay", "E3-sample-efficiency-vs-sgd", "E3-sample-efficiency-vs-sgd_tied", "E3-k",
+                  "E3-weight-decay", "E3-relu-sparsity"]
+EXPECTED = THEORY + ["E1-between", "E2-sample-efficiency-topk-vs-sgd", "E2-sample-efficiency-topk-vs-sgd_tied",
+                     "E2-sample-efficiency-relu-vs-sgd", "E2-sample-efficiency-relu-vs-sgd_tied",
+                     "E2-full-data-equal-epochs", "E2-full-data-equal-seconds", "E2-relu-sparsity-low-data",
+                     "E2-weight-decay", "E2-updates-direction", "E2-mu-nu-direction", "PAM-decoder-step",
+                     "PAM-convergence", "E3-sample-efficiency-vs-sgd", "E3-sample-efficiency-vs-sgd_tied", "E3-k",
+                     "E3-weight-decay", "E3-relu-sparsity", "E3-updates-direction", "E3-mu-nu-direction"]
 
 
-def numbers_in(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from numbers_in(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from numbers_in(v)
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield obj
-
-
-@pytest.mark.skipif(not (ROOT / "data" / "mnist" / "train-images-idx3-ubyte").exists(), reason="MNIST not fetched")
-def test_quick_profile_report_structure(tmp_path):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    if not (ROOT / "data" / "mnist" / "train-images-idx3-ubyte").exists():
+        pytest.skip("MNIST not fetched")
+    out = tmp_path_factory.mktemp("claims")
     env = dict(os.environ, MPLBACKEND="Agg", VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow")
-    res = subprocess.run([sys.executable, str(ROOT / "check_claims.py"), "--quick", "--out", str(tmp_path)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, str(ROOT / "check_claims.py"), "--quick", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads((tmp_path / "claims.json").read_text())
-    assert report["profile"] == "quick"
-    assert [c["id"] for c in report["claims"]] == EXPECTED
-    md = (tmp_path / "CLAIMS.md").read_text()
-    for c in report["claims"]:
-        assert c["verdict"] in ("holds", "does not hold", "inconclusive"), c
+    return out, json.loads((out / "claims.json").read_text())
+
+
+def test_quick_profile_report_structure(report):
+    out, rep = report
+    assert rep["profile"] == "quick" and rep["protocols"] == ["paper", "modern"]
+    assert [c["id"] for c in rep["claims"]] == EXPECTED
+    md = (out / "CLAIMS.md").read_text()
+    # the three tallies open the report, each on its own line, before the table
+    first = md.index("| claim |")
+    for title in ("Theory statements", "Paper's empirical claims", "Implementation checks"):
+        assert md.index(title) < first
+    for c in rep["claims"]:
+        assert c["verdict"] in VERDICTS and c["category"] in CATEGORIES, c["id"]
         assert c["statement"] and c["source"] and c["rule"] and c["ran"]
-        nums = list(numbers_in(c["numbers"]))
-        assert nums and all(math.isfinite(x) for x in nums), c["id"]
+        if c["id"] in BOTH_PROTOCOLS:
+            assert set(c["protocols"]) == {"paper", "modern"}, c["id"]
+            assert (c["verdict"], c["depends_on_protocol"]) == across_protocols(c["protocols"])
         for link in c["links"]:
-            assert (tmp_path / link).exists(), link
-        assert f"## {c['id']}" in md and c["verdict"] in md
-    assert sum(report["counts"].values()) == len(EXPECTED)
-    assert all(c["returncode"] == 0 for c in report["commands"]) and len(report["commands"]) == 10
+            assert (out / link).exists(), link
+        assert f"## {c['id']}" in md
+    cats = {c["id"]: c["category"] for c in rep["claims"]}
+    assert all(cats[t] == "theory" for t in THEORY) and cats["PAM-decoder-step"] == "implementation"
+    assert sum(sum(v.values()) for v in rep["tallies"].values()) == len(EXPECTED)
+    assert all(c["returncode"] == 0 for c in rep["commands"]) and len(rep["commands"]) == 21
     # the theory statements are exact: they hold even on the quick profile
-    assert all(c["verdict"] == "holds" for c in report["claims"] if c["id"].startswith("T"))
+    assert all(c["verdict"] == "holds" for c in rep["claims"] if c["category"] == "theory")
+
+
+def test_replicates_differ_and_are_counted_once(report):
+    _, rep = report
+    claim = next(c for c in rep["claims"] if c["id"] == "E2-sample-efficiency-topk-vs-sgd")
+    for protocol, per_fraction in claim["numbers"].items():
+        for fraction, nums in per_fraction.items():
+            for method in ("pam", "sgd"):
+                values = nums[method]["values"]
+                assert len(values) == rep["seeds"], (protocol, fraction, method)  # each seed once
+                assert len(set(values)) == len(values), (protocol, fraction, method)  # seeds differ

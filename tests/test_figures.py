@@ -83,7 +83,7 @@ def test_cli_quick_run(tmp_path):
 def test_e1_numbers(quick_runs, name):
     d, numbers = quick_runs[name]
     mse = json.loads((d / "partitions.json").read_text())["mse"]
-    assert mse["local_pca_on_sae_regions"] <= mse["sae_topk"] + 1e-12  # SPEC section 2, item 5
+    assert mse["local_pca_on_sae_regions"] <= mse["sae_topk"] + 1e-12  # docs/DESIGN.md, section 2, item 5
     assert mse["kmeans_local_pca"] <= mse["kmeans"] + 1e-12          # a rank-1 flat contains the centroid
     assert numbers["topk_sets_equal_power_cells"] == 1.0
     relaxed = "k_3hard" not in name

@@ -1,4 +1,4 @@
-"""The exact decoder solve (SPEC section 3) against independent computations."""
+"""The exact decoder solve (docs/DESIGN.md, section 3.4) against independent computations."""
 import numpy as np
 import pytest
 import torch

@@ -34,7 +34,7 @@ def test_forward_matches_dense_formula(activation, tied):
     x = torch.randn(20, 7)
     recon, codes, preacts = model(x)
     assert torch.allclose(preacts, x @ model.W_enc.T + model.b_enc)
-    W_dec = model.W_enc.T if tied else model.W_dec.T  # the SPEC's (n_features, n_latents) decoder
+    W_dec = model.W_enc.T if tied else model.W_dec.T  # the paper's (n_features, n_latents) decoder (docs/DESIGN.md, section 1)
     assert torch.allclose(recon, codes @ W_dec.T + model.b_dec, atol=1e-6)
     assert torch.allclose(codes, activate(preacts, activation, model.k))
 
