@@ -26,7 +26,8 @@ import numpy as np
 
 from common import claims as C
 from common import theory
-from common.config import configure, script_constants
+from common.config import at_least, boolean, configure, each, in_range, one_of, satisfies, script_constants, text
+from common.experiment import run_id
 
 # --- profiles ------------------------------------------------------------------------------------
 FULL = False                 # --full: the scripts' own settings
@@ -49,6 +50,30 @@ LLM_RELU_SUBSET = 2250       # fast profile: E3's ReLU sparsity on this many tra
 LLM_KS = (20, 80, 320)       # fast profile
 LLM_ARGS = ""                # extra overrides for the E3 script, e.g. "--MODEL=smollm2" (space separated)
 SEED = 0
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+    "FULL": boolean(),
+    "SEEDS": at_least(1),
+    "DIRECTION_SEEDS": at_least(1),
+    "PROTOCOLS": each(one_of("paper", "modern")),
+    "TUNE_TRIALS": at_least(1),
+    "THEORY_INSTANCES": at_least(1),
+    "THEORY_POINTS": at_least(10),
+    "SMALL_FRACTION": in_range(0, 1, lo_open=True) & satisfies(
+        lambda f, c: f >= max(min(c["MNIST_FRACTIONS"]), min(c["LLM_FRACTIONS"])),
+        "at least the smallest of --MNIST_FRACTIONS and of --LLM_FRACTIONS (a claim needs a fraction to judge)"),
+    "MNIST_FRACTIONS": each(in_range(0, 1, lo_open=True)),
+    "MNIST_EPOCHS": at_least(1),
+    "MNIST_SUBSET": in_range(0, 60_000),
+    "CONVERGENCE_EPOCHS": at_least(2),
+    "LLM_FRACTIONS": each(in_range(0, 1, lo_open=True)),
+    "LLM_EPOCHS": at_least(1),
+    "LLM_TUNE_EPOCHS": at_least(1),
+    "LLM_SUBSET": at_least(0),
+    "LLM_RELU_SUBSET": at_least(0),
+    "LLM_KS": each(at_least(1)),
+    "LLM_ARGS": text(),
+    "SEED": at_least(0),
+}
 QUICK = dict(SEEDS=2, DIRECTION_SEEDS=2, TUNE_TRIALS=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
              MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, CONVERGENCE_EPOCHS=3, MNIST_SUBSET=400, LLM_FRACTIONS=(0.1,),
              LLM_EPOCHS=1, LLM_TUNE_EPOCHS=1, LLM_SUBSET=200, LLM_RELU_SUBSET=200, LLM_KS=(3, 6))
@@ -60,9 +85,6 @@ OUT = run.out
 PROFILE = "quick" if run.quick else ("full" if FULL else "fast")
 E2, E3 = "exp_e2_MNIST_SGD_PAM_ablations.py", "exp_e3_LLM_SGD_PAM_ablations.py"
 E2_PAPER, E3_PAPER = script_constants(ROOT / E2), script_constants(ROOT / E3)
-bad = sorted(set(PROTOCOLS) - {"paper", "modern"})
-if bad or not PROTOCOLS:
-    raise SystemExit(f"--PROTOCOLS: unknown {bad}; accepted: paper, modern")
 claims, commands = [], {}
 
 
@@ -91,6 +113,8 @@ def script(tag, name, args, out):
            if Path(out).resolve().is_relative_to(ROOT) else str(Path(out).resolve())]
     if run.quick:
         cmd.append("--quick")
+    if run.overwrite:  # each script's folder holds the results of the earlier configuration too
+        cmd.append("--OVERWRITE=True")
     print("$ " + " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=ROOT)
@@ -163,12 +187,12 @@ for v, res in e1.items():
     m = res["mse"]
     between[v] = {"k": res["k"], "kmeans": m["kmeans"], "exact_topk_sae": m["sae_topk"],
                   "kmeans_local_pca_same_rank": m["kmeans_local_pca_rank_k"],
-                  "between": bool(m["kmeans_local_pca_rank_k"] <= m["sae_topk"] <= m["kmeans"])}
+                  "verdict": C.between_verdict(m["kmeans_local_pca_rank_k"], m["sae_topk"], m["kmeans"])}
 add("E1-between", "paper-empirical", "The exact Top-K SAE's reconstruction error lies between k-means' (worse) and "
     "k-means + local PCA of the same rank K (better)", "paper E1 figures",
     {"scripts": [commands[f"exp_e1_between_kmeans_and_pca_{v}"]["command"] for v in e1]}, between,
-    "holds if k-means + rank-min(K, 2) local PCA <= exact TopK SAE <= k-means for every script; does not hold otherwise",
-    "holds" if all(b["between"] for b in between.values()) else "does not hold",
+    "E1 rule (common/claims.py) for every script: holds if all hold",
+    "holds" if all(b["verdict"] == "holds" for b in between.values()) else "does not hold",
     links=[OUT / f"exp_e1_between_kmeans_and_pca_{v}" / f for v in e1 for f in ("partitions.png", "partitions.json")],
     note="in 2-D a rank-2 local PCA is exact, so at K = 3 the lower bound is 0; the paper's K = 3 panels use a "
          "softmax relaxation (the scripts report its MSE too)")
@@ -223,11 +247,11 @@ for view in ("epochs", "seconds"):
     for protocol in PROTOCOLS:
         d = OUT / protocol / "e2_topk" / "topk"
         hist = json.loads((d / "histories.json").read_text())
-        reps = sorted({int(k.rsplit("rep", 1)[1]) for k in hist if k.startswith("pam|base=-")})
-        final = {m: [hist[f"{m}|base=-|rep{r}"][-1]["test_mse"] for r in reps] for m in ("pam", "sgd")}
+        reps = sorted({r["replicate"] for r in table(d / "table.json") if r["ablation"] == "base"})
+        final = {m: [hist[run_id(m, "base", "-", r)][-1]["test_mse"] for r in reps] for m in ("pam", "sgd")}
         if view == "seconds":  # each method's test MSE once the faster one has spent its whole budget
             for r in reps:
-                hp, hs = hist[f"pam|base=-|rep{r}"], hist[f"sgd|base=-|rep{r}"]
+                hp, hs = hist[run_id("pam", "base", "-", r)], hist[run_id("sgd", "base", "-", r)]
                 tp, ts = np.cumsum([e["epoch_time"] for e in hp]), np.cumsum([e["epoch_time"] for e in hs])
                 budget = min(tp[-1], ts[-1])
                 final["pam"][r] = hp[int(np.searchsorted(tp, budget, side="right")) - 1]["test_mse"]
@@ -296,7 +320,7 @@ direction_claims("E2", "e2_pam_sensitivity", "paper E2 ablations (updates, mu/nu
 solves = worse = 0
 for folder in ("e2_pam_sensitivity", "e2_convergence", "e2_weight_decay"):
     for rid, h in json.loads((OUT / "paper" / folder / "topk" / "histories.json").read_text()).items():
-        for e in (e for e in h[1:] if rid.startswith("pam|") and "objective_before_solve" in e):
+        for e in (e for e in h[1:] if "objective_before_solve" in e):  # PAM's epochs (only they solve)
             solves += 1
             worse += e["objective_after_solve"] > e["objective_before_solve"] * (1 + 1e-12)
 add("PAM-decoder-step", "implementation", "The exact decoder step never increases the PAM objective",
@@ -305,22 +329,13 @@ add("PAM-decoder-step", "implementation", "The exact decoder step never increase
     "1e-12); does not hold otherwise", "holds" if worse == 0 else "does not hold",
     links=[OUT / "paper" / "e2_pam_sensitivity" / "topk" / "histories.json"])
 conv = json.loads((OUT / "paper" / "e2_convergence" / "topk" / "histories.json").read_text())
-objs = {rid: [e["objective_after_solve"] for e in h[1:]] for rid, h in conv.items() if rid.startswith("pam|")}
-tail = {rid: o[len(o) // 2:] for rid, o in objs.items()}
-rises = sum(b > a * 1.01 for o in objs.values() for a, b in zip(o, o[1:]))
-steps = sum(len(o) - 1 for o in objs.values())
-settled = all(o[-1] <= o[0] and (max(t) - min(t)) <= 0.05 * min(t) for o, t in zip(objs.values(), tail.values()))
+objs = {rid: [e["objective_after_solve"] for e in h[1:]] for rid, h in conv.items() if "objective_after_solve" in h[-1]}
 add("PAM-convergence", "paper-empirical", "Over many epochs the PAM-SGD objective (after each decoder solve) decreases "
     "and settles, up to SGD noise", "paper (convergence; its 'solid theoretical foundations')",
     {"paper": commands["paper/e2_convergence"]["command"]},
-    {"runs": {rid: {"first": o[0], "last": o[-1], "min": min(o), "epochs": len(o)} for rid, o in objs.items()},
-     "epoch_steps": steps, "rises_over_1pct": int(rises)},
-    "holds if the last objective is <= the first, the second half varies by <= 5% and no epoch raises it by more "
-    "than 1%; does not hold if more than 10% of epochs raise it by more than 1% or it ends above where it began; "
-    "inconclusive otherwise",
-    "holds" if settled and rises == 0 else (
-        "does not hold" if rises > 0.1 * max(steps, 1) or any(o[-1] > o[0] for o in objs.values())
-        else "inconclusive"),
+    {"runs": {rid: {"first": o[0], "last": o[-1], "min": min(o), "epochs": len(o),
+                    "rises_over_1pct": sum(b > a * 1.01 for a, b in zip(o, o[1:]))} for rid, o in objs.items()}},
+    "convergence rule (common/claims.py)", C.convergence_verdict(list(objs.values())),
     links=[OUT / "paper" / "e2_convergence" / "topk" / "histories.json",
            OUT / "paper" / "e2_convergence" / "topk" / "curves_base.png"])
 
@@ -379,3 +394,4 @@ C.write_report(OUT, claims, list(commands.values()),
                {"profile": PROFILE, "seeds": SEEDS, "direction_seeds": DIRECTION_SEEDS, "protocols": list(PROTOCOLS),
                 "command": "python check_claims.py" + (" --full" if FULL else "") + (" --quick" if run.quick else "")})
 print(f"\nwrote {OUT / 'CLAIMS.md'}: {C.tally(claims)}")
+run.finish()

@@ -15,14 +15,17 @@ images (TUNE_GRID, the same number of trials per method; <activation>/tuning/tun
 uses them and is reported on the test set.
 """
 import math
+import os
 
 import torch
 
 from common import experiment, tuning
-from common.config import configure, write_text
+from common.config import above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_text
 from common.data import load_mnist
 from common.plotting import image_grid, save
 from common.recipe import RECIPES, recipe_settings
+from common.train import device_available, resolve_device
+from common.sae import TOPK_ACTIVATIONS
 
 # --- the paper's / original settings -------------------------------------------------------------
 RECIPE = "paper"                 # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
@@ -50,7 +53,9 @@ MU_NUS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 ONLY = ("base", "updates", "fraction", "weight_decay", "mu_nu")
 SEEDS = 1                        # replicate seeds, derived from SEED
 SEED = 42
-WORKERS = 2                      # runs trained at once, one thread each (2 cores: faster than one run on both)
+WORKERS = 0                      # runs trained at once in single-thread processes; 0: one per core this process
+                                 # may use (small matmuls scale poorly across threads: README, bench/bench_train.py)
+DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; on a GPU one run at a time
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 N_TRAIN = 0                      # 0: all 60,000 training images
 N_TEST = 0                       # 0: all 10,000 test images
@@ -65,12 +70,51 @@ TUNE_GRID = {
     "pam": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "mu_nu": (0.0, 1e-4, 1e-3), "alpha": (0.0, 1e-5),
             "solve_order": ("enc_first", "dec_first")},
 }
+ACCEPT = {  # what each constant accepts: checked by configure() before any data is loaded (common/config.py)
+    "RECIPE": one_of(*RECIPES),
+    "ACTIVATIONS": each(one_of("topk", "relu")),
+    "N_LATENTS": at_least(1),
+    "K": in_range(1, "N_LATENTS"),
+    "L1": at_least(0),
+    "TOPK_VARIANT": one_of(*TOPK_ACTIVATIONS),
+    "LR": at_least(0),
+    "EPOCHS": at_least(1),
+    "BATCH_SIZE": at_least(1),
+    "SOLVE_BATCH": at_least(1),
+    "ENC_INIT_SCALE": above(0),
+    "DEC_INIT_SCALE": at_least(0),
+    "MU": at_least(0),
+    "NU": at_least(0),
+    "ALPHA": at_least(0),
+    "BETA": at_least(0),
+    "PROX_FORM": one_of("proximal", "l2"),
+    "METHODS": each(one_of(*experiment.METHODS)),
+    "UPDATES": each(at_least(1)),
+    "FRACTIONS": each(in_range(0, 1, lo_open=True)),
+    "WEIGHT_DECAYS": each(at_least(0)),
+    "MU_NUS": each(at_least(0)),
+    "ONLY": each(one_of("base", "updates", "fraction", "weight_decay", "mu_nu")),
+    "SEEDS": at_least(1),
+    "SEED": at_least(0),
+    "WORKERS": at_least(0),
+    "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
+    "RESUME": boolean(),
+    "N_TRAIN": in_range(0, 60_000),
+    "N_TEST": in_range(0, 10_000),
+    "TUNE": boolean(),
+    "TUNE_TRIALS": at_least(1) & satisfies(
+        lambda n, c: not c["TUNE"] or all(n <= math.prod(map(len, c["TUNE_GRID"][m].values())) for m in c["METHODS"]),
+        "at most the number of points of every method's TUNE_GRID"),
+    "TUNE_EPOCHS": at_least(0),
+    "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
+    "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+}
 QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 1.0), WEIGHT_DECAYS=(0.0, 1e-3),
              MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4, TUNE_TRIALS=2)
 
 run = configure(globals(), quick=QUICK)
-if RECIPE not in RECIPES:
-    raise ValueError(f"--RECIPE={RECIPE!r}: accepted {', '.join(RECIPES)}")
+device = resolve_device(DEVICE)
+workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
 
 
 def fraction_epochs(f):
@@ -115,14 +159,15 @@ for act, protocol in protocols.items():
     if TUNE:
         print(f"== {label}: tuning, {len(trials[act])} trials on a validation split")
         chosen = tuning.tune(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, x_train,
-                             TUNE_VAL_FRACTION, out / "tuning", run.seed, workers=WORKERS, resume=RESUME)
+                             TUNE_VAL_FRACTION, out / "tuning", run.seed, workers=workers, resume=RESUME, device=device)
         protocol = tuning.tuned_protocol(protocol, chosen)
     print(f"== {label}: {len(protocol.plan())} runs ({len(x_train)} train / {len(x_test)} test samples)")
-    rows, histories, models = experiment.execute(protocol, x_train, x_test, out, workers=WORKERS, resume=RESUME)
+    rows, histories, models = experiment.execute(protocol, x_train, x_test, out, workers=workers, resume=RESUME, device=device)
     experiment.ablation_figures(rows, histories, out, label)
     if "base" in only:
         experiment.base_curves(histories, out, label)
-        base = {m: models[f"{m}|base=-|rep0"] for m in METHODS if f"{m}|base=-|rep0" in models}
+        base = {m: models[experiment.run_id(m, "base", "-", 0)] for m in METHODS
+            if experiment.run_id(m, "base", "-", 0) in models}
         with torch.no_grad():
             recons = {m: model(digits)[0] for m, model in base.items()}
         stack = torch.cat([digits] + list(recons.values())).numpy()
@@ -146,3 +191,5 @@ for act, protocol in protocols.items():
     text = experiment.summary(rows, f"E2, {label}: SGD vs PAM-SGD", tuning=chosen)
     write_text(out / "summary.md", text)
     print(text)
+run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed),
+                 "n_train": len(x_train), "n_test": len(x_test)})

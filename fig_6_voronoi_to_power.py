@@ -16,7 +16,7 @@ from matplotlib.patches import Circle, Polygon
 
 from common import geometry as G
 from common import plotting
-from common.config import configure
+from common.config import above, at_least, box, configure, finite
 from common.data import grid
 
 SEED = 42
@@ -26,6 +26,18 @@ WEIGHT_LOW, WEIGHT_HIGH = 0.0, 2.0
 FIRST_SITE_BONUS = 4.0
 VIEW = (-4.0, 4.0, -4.0, 4.0)
 GRID_RES = 500
+
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+    "SEED": at_least(0),
+    "N_SITES": at_least(3),                 # the 2nd-order diagram needs pairs of sites, and a third site
+    "SITE_LOW": finite(),
+    "SITE_HIGH": above("SITE_LOW"),
+    "WEIGHT_LOW": at_least(0),              # circles of radius sqrt(alpha)
+    "WEIGHT_HIGH": above("WEIGHT_LOW"),
+    "FIRST_SITE_BONUS": at_least(0),
+    "VIEW": box("x", "y"),
+    "GRID_RES": at_least(2),
+}
 
 QUICK = dict(GRID_RES=80)
 
@@ -107,6 +119,7 @@ def main(argv=None):
         fig.tight_layout()
         plotting.save(fig, run.path(name), {**numbers, "circle_radii": radii})
     print(f"[{run.name}] {len(pairs)} order-2 cells on view: {pairs.tolist()} -> {run.out}")
+    run.finish()
     return numbers
 
 

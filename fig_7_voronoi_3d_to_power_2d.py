@@ -15,7 +15,6 @@ viewer (the original variation was mirrored).
 
     python fig_7_voronoi_3d_to_power_2d.py [--quick] [--out DIR] [--seed N]
 """
-import os
 import sys
 
 import matplotlib.pyplot as plt
@@ -27,7 +26,7 @@ from scipy.spatial import ConvexHull
 from common import e1
 from common import geometry as G
 from common import plotting
-from common.config import configure, write_json
+from common.config import above, at_least, atomic_write, box, configure, finite, satisfies, write_json
 from common.data import grid, toy_e1
 
 SEED = 42
@@ -47,6 +46,29 @@ VAR_STEPS = 3000
 VAR_LR = 1e-2
 VAR_A_MARGIN = 0.3             # A = max alpha + margin: the lowest lifted site sits sqrt(margin) above T0
 VAR_BOX = (-2.0, 2.0, -2.0, 2.0)
+
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+    "SEED": at_least(0),
+    "N_SITES": at_least(1),
+    "SITE_LOW": finite(),
+    "SITE_HIGH": above("SITE_LOW"),
+    "HEIGHT_LOW": finite(),
+    "HEIGHT_HIGH": above("HEIGHT_LOW"),
+    "T0": satisfies(lambda t, c: c["BOX"][4] < t < c["BOX"][5], "a number strictly inside BOX's t range"),
+    "SPHERE_RADIUS": satisfies(lambda r, c: r > max(abs(c["HEIGHT_LOW"] - c["T0"]), abs(c["HEIGHT_HIGH"] - c["T0"])),
+                               "a number > every |height - T0| (max(|HEIGHT_LOW - T0|, |HEIGHT_HIGH - T0|))"),
+    "BOX": box("x1", "x2", "t"),
+    "GRID_RES": at_least(2),
+    "WINDOW_W": at_least(100),
+    "WINDOW_H": at_least(100),
+    "VAR_N_POINTS": at_least(1),
+    "VAR_DATA_SEED": at_least(0),
+    "VAR_N_LATENTS": at_least(1),
+    "VAR_STEPS": at_least(1),
+    "VAR_LR": above(0),
+    "VAR_A_MARGIN": above(0),
+    "VAR_BOX": box("x", "y"),
+}
 
 QUICK = dict(GRID_RES=60, VAR_STEPS=50, WINDOW_W=700, WINDOW_H=520)
 
@@ -126,15 +148,14 @@ def render_3d(path, lifted, cells, sections, t0, box3, colors, radii, title, sub
     # viewer on the -x2 side, a little to the left and above: x1 points right, x2 away (not mirrored)
     pl.camera_position = [tuple(c + span * np.array([-0.9, -2.3, 1.3])), tuple(c), (0, 0, 1)]
     pl.camera.zoom(zoom)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    pl.screenshot(str(tmp))
-    pl.close()
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: pl.screenshot(str(tmp)))
+    finally:
+        pl.close()
     return path
 
 
-def top_view(ax, check, sites, weights, sections, radii, colors, title, data=None, recon=None):
+def top_view(ax, check, sites, sections, radii, colors, title, data=None):
     """2-D companion: power diagram from power distances (raster), 3-D section polygons (dashed)."""
     plotting.region_map(ax, check["labels2d"], check["extent"], colors=colors, alpha=0.45)
     for s in sections:
@@ -183,7 +204,7 @@ def main(argv=None):
               f"weights alpha_i = C - h_i^2 (C = {C:.2f}); red circles: radius sqrt(alpha_i)\n"
               "higher site -> smaller weight -> smaller cell (some cells miss the plane)", window, zoom=1.15)
     fig, ax = plt.subplots(figsize=(7.5, 7.8))
-    top_view(ax, check, sites, weights, sections, radii, colors,
+    top_view(ax, check, sites, sections, radii, colors,
              f"Power diagram, weights $C - h_i^2$ (raster) and the section of the 3-D cells (dashed)")
     fig.tight_layout()
     numbers = {"sites": sites, "heights": heights, "t0": T0, "C": C, "weights": weights, "box": BOX,
@@ -216,7 +237,7 @@ def main(argv=None):
               f"A = {A:.2f}; the section at t = 0 is the SAE's Top-1 partition (black dots: E1 data);\n"
               "red circles: radius sqrt(alpha) where alpha > 0", window, data=x, label_every=1)
     fig, ax = plt.subplots(figsize=(7.5, 7.8))
-    top_view(ax, v_check, v_sites, v_alpha, v_sections, v_radii, v_colors,
+    top_view(ax, v_check, v_sites, v_sections, v_radii, v_colors,
              "Top-1 SAE on E1: its power diagram (raster) and the section of the lifted cells (dashed)", data=x)
     fig.tight_layout()
     mse = float(np.mean((x - recon.numpy()) ** 2))
@@ -230,6 +251,7 @@ def main(argv=None):
     print(f"[{run.name}] section vs power labels: {check['grid_label_agreement']:.4f} (variation "
           f"{v_check['grid_label_agreement']:.4f}), max vertex gap {check['max_vertex_gap']:.1e}; "
           f"variation SAE MSE {mse:.4f} -> {run.out}")
+    run.finish()
     return {"main": numbers, "variation": v_numbers}
 
 

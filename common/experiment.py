@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import multiprocessing as mp
-import os
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import derive_seed, write_json, write_text
+from .config import atomic_write, derive_seed, write_json, write_text
 from .data import subset_indices
 from .sae import SAE, check_activation
 from .train import METHODS, NonFiniteError, TrainConfig, train
@@ -48,13 +48,20 @@ ABLATIONS = {
 }
 MODEL_KEYS = ("n_latents", "activation", "k", "enc_init_scale", "dec_init_scale", "init")
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "method")
-# every setting a run's configuration is compared on: unset keys take these defaults, so e.g. the base
-# run and weight_decay=0 are recognised as the same run
+# every setting a run's configuration is compared on: unset keys take these defaults (TrainConfig's and
+# SAE's own, read from them: defaults live in one place), so e.g. the base run and weight_decay=0 are
+# recognised as the same run
 DEFAULTS = dict({f.name: f.default for f in fields(TrainConfig) if f.name != "method"},
-                enc_init_scale=0.1, dec_init_scale=0.01, init="paper", fraction=1.0)
-TABLE_COLUMNS = ("method", "activation", "ablation", "value", "seed", "train_mse", "test_mse", "train_fvu", "test_fvu",
+                **{k: p.default for k, p in inspect.signature(SAE.__init__).parameters.items()
+                   if k in MODEL_KEYS and p.default is not inspect.Parameter.empty}, fraction=1.0)
+TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "train_mse", "test_mse", "train_fvu", "test_fvu",
                  "l0", "dead", "uninformative", "epochs", "samples_seen", "n_train", "wall_time", "train_time",
                  "tuned", "shared_with")
+
+
+def run_id(method: str, ablation: str, value, replicate: int) -> str:
+    """The one name of a run (files, histories, models): built here, never parsed back."""
+    return f"{method}|{ablation}={value}|rep{replicate}"
 
 
 def uninformative(test_fvu: float) -> bool:
@@ -90,7 +97,7 @@ class Protocol:
             raise ValueError(f"unknown methods {bad}; accepted: {', '.join(METHODS)}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds must be a positive integer, got {self.seeds!r}")
-        known = set(MODEL_KEYS) | set(TRAIN_KEYS) | {"fraction", "n_features"}
+        known = set(MODEL_KEYS) | set(TRAIN_KEYS) | {"fraction"}
         extra = sorted(set(self.base) - known)
         if extra:
             raise ValueError(f"unknown base settings {extra}; accepted: {', '.join(sorted(known))}")
@@ -145,7 +152,7 @@ class Protocol:
                 for value in values:
                     for method in (m for m in self.methods if m in methods):
                         s = self.settings(ablation, value, method)
-                        rid = f"{method}|{ablation}={value}|rep{rep}"
+                        rid = run_id(method, ablation, value, rep)
                         key = json.dumps([method, rep, sorted(s.items())], default=str)
                         tuned = self.method_settings.get(method)
                         runs.append({"id": rid, "method": method, "ablation": ablation, "value": value, "rep": rep,
@@ -160,21 +167,21 @@ def replicate_seed(base_seed: int, rep: int) -> int:
 
 
 def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int, progress: bool = True,
-            position: int | None = None):
-    """Train one run; returns (row, history, model). ``position``: the line of its progress bar."""
+            position: int | None = None, device: str = "cpu"):
+    """Train one run on ``device``; returns (row, history, model). ``position``: the line of its progress bar."""
     s, rseed = run["settings"], replicate_seed(base_seed, run["rep"])
     if s["fraction"] < 1.0:
         x_train = x_train[subset_indices(x_train.shape[0], s["fraction"], derive_seed(rseed, "subset", s["fraction"]))]
     model = SAE(x_train.shape[1], s["n_latents"], s["activation"], s["k"], tied=run["method"] == "sgd_tied",
                 enc_init_scale=s["enc_init_scale"], dec_init_scale=s["dec_init_scale"],
-                seed=derive_seed(rseed, "init"), init=s["init"])
+                seed=derive_seed(rseed, "init"), init=s["init"]).to(device)
     cfg = TrainConfig(method=run["method"], **{k: v for k, v in s.items() if k in TRAIN_KEYS})
     t0 = time.perf_counter()
     hist = train(model, x_train, x_test, cfg, seed=derive_seed(rseed, "batches"), progress=progress, desc=run["id"],
                  position=position)
     last = hist[-1]
     row = {"method": run["method"], "activation": s["activation"], "ablation": run["ablation"],
-           "value": run["value"], "seed": run["rep"], "train_mse": last["train_mse"], "test_mse": last["test_mse"],
+           "value": run["value"], "replicate": run["rep"], "train_mse": last["train_mse"], "test_mse": last["test_mse"],
            "train_fvu": last["train_fvu"], "test_fvu": last["test_fvu"], "l0": last["test_l0"],
            "dead": last["test_dead"], "uninformative": uninformative(last["test_fvu"]), "epochs": cfg.epochs,
            "samples_seen": last["samples_seen"], "n_train": x_train.shape[0], "wall_time": time.perf_counter() - t0,
@@ -198,10 +205,10 @@ def _worker_init(lock, counter) -> None:
         _WORKER_SLOT = counter.value  # this worker's progress-bar line (0 is the protocol's bar)
 
 
-def _run_or_divergence(run: dict, x_train, x_test, base_seed, progress, position=None):
+def _run_or_divergence(run: dict, x_train, x_test, base_seed, progress, position=None, device="cpu"):
     """run_one; a run marked ``may_diverge`` (a tuning trial) that diverges gives (None, error text, None)."""
     try:
-        return run_one(run, x_train, x_test, base_seed, progress, position)
+        return run_one(run, x_train, x_test, base_seed, progress, position, device)
     except NonFiniteError as err:
         if not run.get("may_diverge"):
             raise
@@ -214,7 +221,7 @@ def _worker_run(run: dict):
     return run["id"], row, hist, model.checkpoint() if model is not None else None
 
 
-def _results(todo, x_train, x_test, base_seed, progress, workers):
+def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
     """Yield (run id, row, history, model) for every run in ``todo``, in completion order.
 
     ``workers > 1`` trains that many runs at once in forked processes of one thread each: on this
@@ -225,8 +232,10 @@ def _results(todo, x_train, x_test, base_seed, progress, workers):
     """
     if workers <= 1 or len(todo) <= 1:
         for run in todo:
-            yield (run["id"], *_run_or_divergence(run, x_train, x_test, base_seed, progress))
+            yield (run["id"], *_run_or_divergence(run, x_train, x_test, base_seed, progress, device=device))
         return
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"workers > 1 fork cpu processes; on {device} train one run at a time (workers=1)")
     global _WORKER_DATA
     ctx = mp.get_context("fork")  # the scripts are not import-safe; fork shares the data without copies
     _WORKER_DATA = (x_train, x_test, base_seed, progress)
@@ -240,7 +249,7 @@ def _results(todo, x_train, x_test, base_seed, progress, workers):
 
 
 # the modules a run's numbers depend on (the data enter by content, so extraction code is not among them)
-TRAINING_SOURCES = ("config.py", "data.py", "experiment.py", "metrics.py", "pam.py", "sae.py", "train.py")
+TRAINING_SOURCES = ("config.py", "data.py", "experiment.py", "metrics.py", "pam.py", "recipe.py", "sae.py", "train.py")
 
 
 def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> str:
@@ -292,18 +301,19 @@ def _finished(out: Path, run: dict, stamp: str, need_model: bool):
 
 
 def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str = "base",
-            workers: int = 1, resume: bool = True):
+            workers: int = 1, resume: bool = True, device: str = "cpu"):
     """Run the protocol; write table.csv, table.json, histories.json and the base models' checkpoints.
 
     ``workers``: runs trained at once (forked processes, one thread each; 1 = in this process).
     ``resume``: reuse the runs an earlier invocation finished with the same configuration, data, seed and
-    code (``runs/*.json``); False trains everything again.
+    code (``runs/*.json``); False trains everything again. ``device``: where every run trains (a run's
+    numbers may differ across devices by float rounding; the run files do not record it).
     Returns (rows in plan order, histories {run id: history}, models {run id: model} for runs of
     ablation ``keep_models``).
     """
     runs = protocol.plan()
     done, histories, models = train_runs([r for r in runs if r["shared_with"] is None], x_train, x_test, out,
-                                         protocol.base_seed, progress, keep_models, workers, resume)
+                                         protocol.base_seed, progress, keep_models, workers, resume, device)
     rows = []
     for run in runs:
         if run["shared_with"] is None:
@@ -318,7 +328,7 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
 
 
 def train_runs(runs: list[dict], x_train, x_test, out: Path, base_seed: int, progress: bool = True,
-               keep_models: str | None = "base", workers: int = 1, resume: bool = True):
+               keep_models: str | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu"):
     """Train every run (plan entries), reusing finished ones; each is written to ``runs/`` when it ends.
 
     A run marked ``may_diverge`` that diverges is returned with row None and its error text as history,
@@ -344,7 +354,7 @@ def train_runs(runs: list[dict], x_train, x_test, out: Path, base_seed: int, pro
                    f"({out / 'runs'}); {len(todo)} to train")
     by_id = {r["id"]: r for r in todo}
     bar = tqdm(total=len(todo), desc=f"runs {out.name}", disable=not progress)
-    for rid, row, hist, model in _results(todo, x_train, x_test, base_seed, progress, workers):
+    for rid, row, hist, model in _results(todo, x_train, x_test, base_seed, progress, workers, device):
         run = by_id[rid]
         histories[rid], done[rid] = hist, row
         bar.update(1)
@@ -352,12 +362,9 @@ def train_runs(runs: list[dict], x_train, x_test, out: Path, base_seed: int, pro
             tqdm.write(f"  {rid:<42} diverged: {hist}")
             continue
         if run["ablation"] == keep_models:
-            models[rid] = model
-            ckpt = _checkpoint_path(out, run)
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_name(f".{ckpt.name}.{os.getpid()}.tmp")
-            torch.save({**model.checkpoint(), "key": run["key"], "fingerprint": stamp}, tmp)
-            tmp.replace(ckpt)
+            models[rid] = model.cpu()  # figures and checkpoints are made on the cpu
+            state = {**model.checkpoint(), "key": run["key"], "fingerprint": stamp}
+            atomic_write(_checkpoint_path(out, run), lambda tmp: torch.save(state, tmp))
         # after the checkpoint: a run file implies everything it needs is on disk
         write_json(run_file(out, run), {"key": run["key"], "fingerprint": stamp, "row": row, "history": hist})
         tqdm.write(f"  {rid:<42} test mse {row['test_mse']:.5f}  fvu {row['test_fvu']:.4f}  "
@@ -369,13 +376,14 @@ def train_runs(runs: list[dict], x_train, x_test, out: Path, base_seed: int, pro
 def write_table(rows: list[dict], out: Path) -> None:
     out = Path(out)
     write_json(out / "table.json", rows)
-    tmp = out / ".table.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in TABLE_COLUMNS})
-    tmp.replace(out / "table.csv")
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k, "") for k in TABLE_COLUMNS})
+    atomic_write(out / "table.csv", write_csv)
 
 
 def aggregate(rows: list[dict], metric: str = "test_mse") -> dict:
@@ -463,12 +471,13 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
             if metric == "test_fvu":
                 ax.axhline(1.0, color="k", lw=0.8, ls="--", label="FVU 1: uninformative")
                 ax.legend(fontsize=8)
-            numbers[f"mean_{metric}"], numbers[f"std_{metric}"] = series, errs
+            numbers[f"mean_{metric}"] = {m: [v if np.isfinite(v) else None for v in vals] for m, vals in series.items()}
+            numbers[f"std_{metric}"] = errs
         lines, colors = {}, {}
         for r in rows:
-            if r["ablation"] != ablation or r["seed"] != 0:
+            if r["ablation"] != ablation or r["replicate"] != 0:
                 continue
-            h = histories[f"{r['method']}|{ablation}={r['value']}|rep0"]
+            h = histories[run_id(r["method"], ablation, r["value"], 0)]
             tag = r["method"] if ablation == "base" else f"{r['method']} {r['value']}"
             lines[tag] = ([e["epoch"] for e in h], [e["test_mse"] for e in h])
             # the bars' colour family per method (blue, orange, green), darker for later values
@@ -493,7 +502,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
     for i, split in enumerate(("train", "test")):
         series = {}
         for m in METHODS:
-            h = histories.get(f"{m}|base=-|rep{rep}")
+            h = histories.get(run_id(m, "base", "-", rep))
             if h:
                 series[m] = ([e["epoch"] for e in h], [e[f"{split}_mse"] for e in h])
         curves(axes[i], series, "epoch", f"{split} MSE", f"{label}: {split} MSE (equal epochs)", logy=True)
@@ -501,7 +510,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
     # equal wall-clock view: test MSE against cumulative training seconds (evaluation excluded)
     series = {}
     for m in METHODS:
-        h = histories.get(f"{m}|base=-|rep{rep}")
+        h = histories.get(run_id(m, "base", "-", rep))
         if h:
             series[m] = (np.cumsum([e["epoch_time"] for e in h]).tolist(), [e["test_mse"] for e in h])
     curves(axes[2], series, "training seconds", "test MSE", f"{label}: test MSE (equal wall clock)", logy=True)

@@ -80,11 +80,16 @@ class DecoderStats:
     fired: torch.Tensor
 
     @classmethod
-    def empty(cls, n_features: int, n_latents: int) -> "DecoderStats":
-        f64 = torch.float64
-        return cls(0.0, torch.zeros(n_latents, dtype=f64), torch.zeros(n_features, dtype=f64),
-                   torch.zeros(n_latents, n_latents, dtype=f64), torch.zeros(n_latents, n_features, dtype=f64),
-                   0.0, 0.0, torch.zeros(n_latents, dtype=torch.bool))
+    def empty(cls, n_features: int, n_latents: int, device=None) -> "DecoderStats":
+        """Zero statistics on ``device`` (default cpu), float64."""
+        z = dict(dtype=torch.float64, device=device)
+        return cls(0.0, torch.zeros(n_latents, **z), torch.zeros(n_features, **z), torch.zeros(n_latents, n_latents, **z),
+                   torch.zeros(n_latents, n_features, **z), 0.0, 0.0,
+                   torch.zeros(n_latents, dtype=torch.bool, device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.zx.device
 
     @property
     def n_latents(self) -> int:
@@ -112,7 +117,8 @@ class DecoderStats:
 
     def add_dense(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """Add a batch: x (b, n_features), dense codes (b, n_latents)."""
-        x64, z64 = x.double(), codes.double()
+        x64, z64 = x.to(self.device, torch.float64), codes.to(self.device, torch.float64)
+        codes = z64
         self._add_common(x64)
         self.sum_z += z64.sum(0)
         _add_upper_gram(self.zz_upper, z64)
@@ -123,7 +129,7 @@ class DecoderStats:
 
     def add_sparse(self, x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """Add a batch of TopK codes given by their non-zeros: vals, idx (b, k). Cost O(b k^2 + b k n)."""
-        x64 = x.double()
+        x64, vals, idx = x.to(self.device, torch.float64), vals.to(self.device), idx.to(self.device)
         self._add_common(x64)
         b, k = idx.shape
         d = self.n_latents
@@ -131,14 +137,14 @@ class DecoderStats:
         v64 = vals.gather(1, order).double()
         flat_v = v64.reshape(-1)
         self.sum_z.index_add_(0, idx.reshape(-1), flat_v)
-        r, c = torch.triu_indices(k, k)
+        r, c = torch.triu_indices(k, k, device=self.device)
         zz = self.zz_upper.view(-1)
         for s in range(0, b, PAIR_CHUNK):
             i_c, v_c = idx[s:s + PAIR_CHUNK], v64[s:s + PAIR_CHUNK]
             zz.index_add_(0, (i_c[:, r] * d + i_c[:, c]).reshape(-1), (v_c[:, r] * v_c[:, c]).reshape(-1))
         # sum z x^T = Z^T X with Z^T as a sparse (n_latents, b) matrix: b*k*n multiply-adds, accumulated in
         # place (no (n_latents, n_features) temporary per batch)
-        rows = torch.stack([idx.reshape(-1), torch.arange(b).repeat_interleave(k)])
+        rows = torch.stack([idx.reshape(-1), torch.arange(b, device=self.device).repeat_interleave(k)])
         zt = torch.sparse_coo_tensor(rows, flat_v, (d, b), check_invariants=False).coalesce().to_sparse_csr()
         self.zx.addmm_(zt, x64)
         nz = v64 != 0
@@ -153,8 +159,9 @@ class DecoderStats:
 
 @torch.no_grad()
 def collect_stats(model, x: torch.Tensor, batch_size: int = 1024) -> DecoderStats:
-    """Stream ``x`` (n_samples, n_features) through the encoder and accumulate the statistics."""
-    stats = DecoderStats.empty(model.n_features, model.n_latents)
+    """Stream ``x`` (n_samples, n_features) through the encoder and accumulate the statistics (float64, on
+    x's device)."""
+    stats = DecoderStats.empty(model.n_features, model.n_latents, x.device)
     sparse = model.is_topk and model.k < SPARSE_MAX_DENSITY * model.n_latents
     for s in range(0, x.shape[0], batch_size):
         xb = x[s:s + batch_size]
@@ -235,14 +242,21 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     if m_:
         rhs.add_(D0, alpha=m_)
     rhs_kept = rhs.clone()
-    # LAPACK Cholesky in A's own memory (A is symmetric, so its transpose view is the Fortran-ordered A):
-    # no third d x d matrix at large n_latents.
-    try:
-        factor = scipy.linalg.cho_factor(A.numpy().T, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError as err:
-        raise RuntimeError(f"decoder solve: A is not positive definite ({err}); set alpha or mu > 0") from None
-    D = torch.from_numpy(scipy.linalg.cho_solve(factor, rhs.numpy(), overwrite_b=True, check_finite=False))
-    del A, factor
+    if A.device.type == "cpu":
+        # LAPACK Cholesky in A's own memory (A is symmetric, so its transpose view is the Fortran-ordered A):
+        # no third d x d matrix at large n_latents.
+        try:
+            factor = scipy.linalg.cho_factor(A.numpy().T, lower=True, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError as err:
+            raise RuntimeError(f"decoder solve: A is not positive definite ({err}); set alpha or mu > 0") from None
+        D = torch.from_numpy(scipy.linalg.cho_solve(factor, rhs.numpy(), overwrite_b=True, check_finite=False))
+        del A, factor
+    else:  # on an accelerator: torch's Cholesky in float64 on the device
+        L, info_ = torch.linalg.cholesky_ex(A)
+        if int(info_) != 0:
+            raise RuntimeError("decoder solve: A is not positive definite; set alpha or mu > 0")
+        D = torch.cholesky_solve(rhs, L)
+        del A, L
     bias = c * (xbar - D.T @ zbar) + (n_ / (N + b_ + n_)) * bias0
     # A D = rhs with A = G - N c zbar zbar^T + (alpha' + mu' + ridge) I  =>  G D from rhs in O(d n)
     gram_atoms = rhs_kept.add_(D, alpha=-(a_ + m_ + ridge))

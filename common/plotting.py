@@ -6,7 +6,6 @@ a point (x, y) is the label of that point. Rasters use nearest-neighbour interpo
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -16,17 +15,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from .config import write_json  # noqa: E402
+from .config import atomic_write, write_json  # noqa: E402
 
 
 def save(fig, path, numbers: dict | None = None, dpi: int = 130) -> Path:
     """Save ``fig`` as PNG (atomically) and, if given, the numbers behind it as JSON beside it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     if numbers is not None:
         write_json(path.with_suffix(".json"), numbers)
     return path

@@ -168,6 +168,11 @@ class SAE(nn.Module):
         self._centred = bool(self.centre.any())
 
     @property
+    def centred(self) -> bool:
+        """Whether a non-zero centre is subtracted from the input before encoding."""
+        return self._centred
+
+    @property
     def encoder_bias(self) -> torch.Tensor:
         """The bias of the affine map x -> preacts: b_enc - W_enc centre (b_enc when not centred). The
         power-diagram weights of docs/DESIGN.md use this bias."""
@@ -228,7 +233,8 @@ class SAE(nn.Module):
     # --- persistence --------------------------------------------------------------------------
     def checkpoint(self) -> dict:
         """Everything needed to rebuild the model, decoder included."""
-        return {"config": self.config(), "state_dict": {k: v.detach().clone() for k, v in self.state_dict().items()}}
+        return {"config": self.config(),
+                "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "SAE":

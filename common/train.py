@@ -60,6 +60,41 @@ class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or parameter."""
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``; a clear error otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; accepted: {DEVICES}") from None
+    check_device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA device is available here; accepted: {DEVICES}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def device_available(name: str) -> bool:
+    """Whether ``resolve_device(name)`` would succeed here."""
+    try:
+        resolve_device(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_device(device: torch.device) -> None:
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported: the metrics and PAM's statistics need "
+                         f"float64 (mps has none); accepted: {DEVICES}")
+
+
 @dataclass
 class TrainConfig:
     method: str = "pam"
@@ -78,7 +113,6 @@ class TrainConfig:
     solve_order: str = "enc_first"  # "enc_first" or "dec_first" within an outer iteration
     solve_every: int = 1            # solve the decoder every this many epochs
     solve_samples: int = 0          # 0: statistics from all training data; m > 0: from m random samples, rescaled
-    grad_clip: float = 0.0          # clip the gradient norm of the optimised parameters (0 = off)
     eval_batch: int = 1024
     # the field's TopK recipe (common.recipe): every element off by default (the paper's protocol)
     b_dec_init: str = "zero"        # "zero", "mean" or "median" (geometric) of the training data
@@ -114,7 +148,7 @@ class TrainConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                  f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("lr", "weight_decay", "l1", "mu", "nu", "alpha", "beta", "grad_clip", "aux_coef"):
+        for name in ("lr", "weight_decay", "l1", "mu", "nu", "alpha", "beta", "aux_coef"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"{name} must be a finite number >= 0, got {v!r}")
@@ -152,7 +186,7 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     solve; record with the decoder objective before and after the solve).
     """
     if cfg.solve_samples and cfg.solve_samples < x_train.shape[0]:
-        pick = torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples]
+        pick = torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples].to(x_train.device)
         stats = collect_stats(model, x_train[pick], cfg.solve_batch).scaled(x_train.shape[0] / cfg.solve_samples)
         exact = False
     else:
@@ -180,9 +214,14 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
           progress: bool = True, desc: str = "", position: int | None = None) -> list[dict]:
     """Train ``model`` in place on x_train (n_samples, n_features); evaluate on x_test every epoch.
 
-    ``seed`` drives the mini-batch order only (the model's initialisation has its own seed), so two
+    Everything runs on the model's device (``model.to(device)`` first; the data are moved there once);
+    PAM's statistics and solve stay float64 there. ``seed`` drives the mini-batch order only (drawn on the
+    cpu, so every device sees the same batches; the model's initialisation has its own seed), so two
     methods given the same seed see the same batches.
     """
+    device = model.W_enc.device
+    check_device(device)
+    x_train, x_test = x_train.to(device), x_test.to(device)
     if cfg.method == "sgd_tied" and not model.tied:
         raise ValueError("method 'sgd_tied' needs a tied model (SAE(..., tied=True))")
     if cfg.method != "sgd_tied" and model.tied:
@@ -288,12 +327,13 @@ def _check_finite(model: SAE, loss: float, where: str) -> None:
 
 def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position):
     pam, n = cfg.method == "pam", x_train.shape[0]
-    history = [record(0, float("nan"), 0.0, 0, 0)]
+    history = [record(0, None, 0.0, 0, 0)]  # no training loss before the first epoch
     samples = steps = 0
     where = f"{desc or 'training'} ({cfg.method})"
     unit_norm = cfg.unit_norm_atoms and cfg.method == "sgd"
     aux = cfg.aux_k > 0 and model.is_topk
-    since_fired = torch.zeros(model.n_latents, dtype=torch.long)   # training samples since each latent fired
+    device = model.W_enc.device
+    since_fired = torch.zeros(model.n_latents, dtype=torch.long, device=device)  # samples since each latent fired
     dead_after = cfg.dead_after or n
     total_steps = cfg.epochs * math.ceil(n / cfg.batch_size) * cfg.updates_per_batch
     sched = None
@@ -312,7 +352,7 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
             _, extra = _solve(model, x_train, cfg, gen)
             _check_finite(model, 0.0, f"{where}, epoch {epoch}, after the decoder solve")
         anchors = {nm: p.detach().clone() for nm, p in zip(named, params)}
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(device)
         loss_sum = 0.0
         for s in range(0, n, cfg.batch_size):
             xb = x_train.index_select(0, perm[s:s + cfg.batch_size])  # 3x faster than x[idx]
@@ -327,7 +367,7 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
                     out = model.forward_topk(xb)
                     recon = out.recon
                     if aux:
-                        fired = torch.zeros(model.n_latents, dtype=torch.bool)
+                        fired = torch.zeros(model.n_latents, dtype=torch.bool, device=device)
                         fired[out.idx[out.vals != 0]] = True
                 if aux:
                     aux_term = _aux_loss(model, xb, out, since_fired >= dead_after, cfg)
@@ -340,8 +380,6 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
                 total.backward()
                 if unit_norm:
                     _project_atom_gradient(model.W_dec)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 if unit_norm:
                     with torch.no_grad():

@@ -87,7 +87,7 @@ def plan_trials(protocol: Protocol, grids: dict, n_trials: int, epochs: int, see
 
 
 def tune(protocol: Protocol, grids: dict, n_trials: int, epochs: int, x_train: torch.Tensor, val_fraction: float,
-         out: Path, seed: int, workers: int = 1, progress: bool = True, resume: bool = True) -> dict:
+         out: Path, seed: int, workers: int = 1, progress: bool = True, resume: bool = True, device: str = "cpu") -> dict:
     """Choose each method's settings by validation MSE; returns {method: chosen grid values}.
 
     Writes ``<out>/tuning.json`` (every trial: values, validation MSE / FVU / dead, or its divergence)
@@ -97,7 +97,7 @@ def tune(protocol: Protocol, grids: dict, n_trials: int, epochs: int, x_train: t
     fit, val = validation_split(x_train.shape[0], val_fraction, derive_seed(seed, "validation"))
     x_fit, x_val = x_train[fit], x_train[val]
     done, histories, _ = train_runs(runs, x_fit, x_val, out, protocol.base_seed, progress, keep_models=None,
-                                    workers=workers, resume=resume)
+                                    workers=workers, resume=resume, device=device)
     table, chosen = [], {}
     for method in protocol.methods:
         best = None

@@ -176,3 +176,30 @@ def test_write_report_rejects_non_finite_numbers(tmp_path):
     with pytest.raises(ValueError, match="E2-bad.*numbers.pam.mean"):
         write_report(tmp_path, [claim("ok"), bad], [], {"profile": "quick"})
     assert not (tmp_path / "claims.json").exists()
+
+
+def test_between_rule_and_its_negative_control():
+    from common.claims import between_verdict
+    assert between_verdict(0.1, 0.2, 0.3) == "holds"
+    assert between_verdict(0.0, 0.0, 0.3) == "holds"          # an exact comparator (2-D, rank 2)
+    assert between_verdict(0.1, 0.35, 0.3) == "does not hold"  # the SAE worse than k-means
+    assert between_verdict(0.25, 0.2, 0.3) == "does not hold"  # the SAE better than its same-rank comparator
+    with pytest.raises(ValueError, match="value must be finite"):
+        between_verdict(0.1, float("nan"), 0.3)
+
+
+def test_convergence_rule_and_its_negative_controls():
+    from common.claims import convergence_verdict
+    settling = [1.0 / (1 + t) + 0.5 for t in range(40)]
+    assert convergence_verdict([settling, [v * 1.1 for v in settling]]) == "holds"
+    rising = list(reversed(settling))
+    assert convergence_verdict([rising]) == "does not hold"                       # ends above its start
+    noisy = [settling[t] * (1.03 if t % 3 == 0 and t > 0 else 1.0) for t in range(40)]
+    assert convergence_verdict([noisy]) == "does not hold"                        # > 10% of epochs rise > 1%
+    one_bump = list(settling)
+    one_bump[20] *= 1.02
+    assert convergence_verdict([one_bump]) == "inconclusive"                      # one 2% rise: neither
+    still_falling = [2.0 - 0.04 * t for t in range(40)]
+    assert convergence_verdict([still_falling]) == "inconclusive"                 # not settled yet
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        convergence_verdict([[1.0]])

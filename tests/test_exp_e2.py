@@ -47,7 +47,8 @@ def test_quick_run_writes_every_output(tmp_path):
 def test_bad_override_fails_before_work(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--ONLY=base,nope", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "--only: unknown ['nope']" in res.stderr
+    assert res.returncode == 2 and "--ONLY=base,nope: expected a non-empty comma-separated list" in res.stderr
     res = subprocess.run([sys.executable, str(SCRIPT), "--K=999", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "1 <= k <= n_latents=256" in res.stderr
+    assert res.returncode == 2 and "--K=999: expected an integer in [1, --N_LATENTS (= 256)]" in res.stderr
+    assert not any(tmp_path.iterdir())

@@ -31,8 +31,11 @@ def test_quick_run_on_synthetic_activations(tmp_path):
 
 
 def test_bad_settings_fail_before_extraction(tmp_path):
-    for arg, msg in (("--K=5000", "1 <= k <= n_latents=4096"), ("--SOURCE=web", "SOURCE must be"),
-                     ("--ONLY=base,colour", "unknown ['colour']"), ("--FRACTIONS=0,1", "fraction must be in")):
+    for arg, msg in (("--K=5000", "--K=5000: expected an integer in [1, --N_LATENTS (= 4096)]"),
+                     ("--SOURCE=web", "--SOURCE=web: expected one of llm, synthetic"),
+                     ("--ONLY=base,colour", "--ONLY=base,colour: expected"),
+                     ("--FRACTIONS=0,1", "each a number in (0, 1]")):
         res = subprocess.run([sys.executable, str(SCRIPT), arg, "--out", str(tmp_path)], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
-        assert res.returncode != 0 and msg in res.stderr, (arg, res.stderr[-500:])
+        assert res.returncode == 2 and msg in res.stderr, (arg, res.stderr[-500:])
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,185 @@
+"""The output folder: nothing written before the settings are checked, one writer at a time, another
+configuration refused unless --OVERWRITE=True (which removes its files), the same one resumed, and a
+manifest of every file written with its sha256."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, at_least, configure, lock_output, one_of, write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+E1 = ROOT / "exp_e1_between_kmeans_and_pca_k_1.py"
+E2 = ROOT / "exp_e2_MNIST_SGD_PAM_ablations.py"
+E3 = ROOT / "exp_e3_LLM_SGD_PAM_ablations.py"
+FIG6 = ROOT / "fig_6_voronoi_to_power.py"
+E3_QUICK = ["--quick", "--ONLY=base,k", "--METHODS=pam,sgd", "--WORKERS=1"]   # ~10 s on synthetic activations
+HIDDEN = {".lock", ".written", "manifest.json"}
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: bytes} of every file under ``folder`` (the lock file aside)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def script(path, *args, timeout=120):
+    env = dict(os.environ, MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def namespace(**changes):
+    ns = {"__file__": "/x/demo_script.py", "EPOCHS": 50, "ACTIVATION": "topk", "WORKERS": 2, "SEED": 0}
+    ns["ACCEPT"] = {"EPOCHS": at_least(1), "ACTIVATION": one_of("topk", "relu"), "WORKERS": at_least(1),
+                    "SEED": at_least(0)}
+    ns.update(changes)
+    return ns
+
+
+# --- bad values: exit 2, one line naming the flag, nothing written ----------------------------------------
+BAD = [(E2, ["--EPOCHS=0"], "--EPOCHS"), (E2, ["--N_TRAIN=-5", "--N_TEST=-9995"], "--N_TRAIN"),
+       (E2, ["--N_TEST=-9995"], "--N_TEST"), (E2, ["--ACTIVATIONS="], "--ACTIVATIONS"),
+       (E2, ["--UPDATES="], "--UPDATES"), (E2, ["--METHODS="], "--METHODS"), (E2, ["--ONLY="], "--ONLY"),
+       (E1, ["--TEMPERATURE=0"], "--TEMPERATURE"), (E3, ["--TEST_FRACTION=1.5"], "--TEST_FRACTION"),
+       (E3, ["--WORKERS=0"], "--WORKERS"), (E3, ["--WORKERS=two"], "--WORKERS"),
+       (E3, ["--MODEL=gemma-3-270M"], "--MODEL"), (E3, ["--K=0"], "--K"), (E3, ["--quick", "--KS=3,99"], "--KS")]
+
+
+@pytest.mark.parametrize("path,args,flag", BAD, ids=[f"{p.stem[:6]}{' '.join(a)}" for p, a, _ in BAD])
+def test_bad_value_exits_2_with_one_line_and_writes_nothing(tmp_path, path, args, flag):
+    """Into a finished run's folder: its config.json is not overwritten, nothing is added; (two cases) into a
+    new folder: it is never created."""
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "config.json").write_text('{"a finished run": true}\n')
+    outs = [finished] + ([tmp_path / "fresh"] if flag in ("--EPOCHS", "--MODEL") else [])
+    for out in outs:
+        res = script(path, *args, "--out", out)
+        assert res.returncode == 2, res.stderr[-2000:]
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{flag}=" in lines[0] and "expected" in lines[0], res.stderr
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "fresh").exists()
+    assert snapshot(finished) == {"config.json": b'{"a finished run": true}\n'}
+
+
+def test_range_errors_name_the_flag_not_an_internal_field(tmp_path):
+    res = script(E3, "--TEST_FRACTION=1.5", "--out", tmp_path / "o")
+    assert "--TEST_FRACTION=1.5: expected a number in (0, 1)" in res.stderr and "test_fraction" not in res.stderr
+
+
+# --- the lock -----------------------------------------------------------------------------------------------
+def test_second_writer_is_refused_at_once(tmp_path):
+    out = tmp_path / "busy"
+    with lock_output(out):
+        res = script(FIG6, "--quick", "--out", out)
+    assert res.returncode == 2
+    assert f"--out {out}: the folder is in use by another run (process {os.getpid()}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == [".lock"]       # nothing written
+    run = configure(namespace(), ["--out", str(out)])          # released: the folder can be used again
+    run.finish()
+
+
+# --- record, manifest, another configuration, resume (in-process, fast) ----------------------------------------
+def test_manifest_lists_the_files_written_with_their_hashes(tmp_path):
+    out = tmp_path / "out"
+    run = configure(namespace(), ["--out", str(out)])
+    write_text(out / "table.csv", "a,b\n")
+    write_text(out / "topk" / "summary.md", "# s\n")
+    write_text(tmp_path / "elsewhere.txt", "not this run's")
+    manifest = json.loads(run.finish(data={"fingerprint": "abc"}).read_text())
+    assert set(manifest["files"]) == {"config.json", "table.csv", "topk/summary.md"}
+    assert all(manifest["files"][f] == sha256(out / f) for f in manifest["files"])
+    assert manifest["settings"]["constants"]["EPOCHS"] == 50 and manifest["data"] == {"fingerprint": "abc"}
+    assert len(manifest["code"]["sha256"]) == 64 and "common/config.py" in manifest["code"]["files"]
+
+
+def test_another_configuration_is_refused_then_replaced_with_overwrite(tmp_path):
+    out = tmp_path / "out"
+    run = configure(namespace(), ["--out", str(out)])
+    write_text(out / "ablation_k.png", "stale figure")
+    write_text(out / "runs" / "k3.json", "{}")
+    write_text(out / "table.csv", "old\n")
+    run.finish()
+    (out / "notes.txt").write_text("the user's own file")
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"another configuration \(--EPOCHS 50 there, 3 here\).*--OVERWRITE=True"):
+        configure(namespace(), ["--EPOCHS=3", "--out", str(out)])
+    assert snapshot(out) == before
+    run = configure(namespace(), ["--EPOCHS=3", "--out", str(out), "--OVERWRITE=True"])
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".written", "config.json", "notes.txt"]
+    write_text(out / "table.csv", "new\n")
+    manifest = json.loads(run.finish().read_text())
+    assert set(manifest["files"]) == {"config.json", "table.csv"}
+    assert json.loads((out / "config.json").read_text())["constants"]["EPOCHS"] == 3
+
+
+def test_the_same_configuration_resumes(tmp_path):
+    out = tmp_path / "out"
+    run = configure(namespace(), ["--out", str(out)])
+    write_text(out / "runs" / "a.json", "{}")
+    run.release()                                       # interrupted: no manifest
+    run = configure(namespace(), ["--out", str(out), "--WORKERS=1"])   # WORKERS changes no result: same configuration
+    write_text(out / "runs" / "b.json", "{}")
+    manifest = json.loads(run.finish().read_text())
+    assert set(manifest["files"]) == {"config.json", "runs/a.json", "runs/b.json"}   # the reused run is listed
+
+
+def test_a_folder_of_an_older_version_is_not_overwritten_blindly(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"script": "demo_script", "seed": 0, "constants": {"EPOCHS": 7}}))
+    with pytest.raises(ConfigError, match="older version that kept no list of its files"):
+        configure(namespace(), ["--out", str(out), "--OVERWRITE=True"])
+
+
+# --- a real protocol (E3 on synthetic activations) ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def e3_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e3") / "run"
+    res = script(E3, *E3_QUICK, "--out", out, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_e3_manifest_matches_the_folder(e3_run):
+    manifest = json.loads((e3_run / "manifest.json").read_text())
+    on_disk = {p.relative_to(e3_run).as_posix() for p in e3_run.rglob("*") if p.is_file() and p.name not in HIDDEN}
+    assert set(manifest["files"]) == on_disk and "ablation_k.png" in on_disk and "models/pam_rep0.pt" in on_disk
+    assert all(manifest["files"][f] == sha256(e3_run / f) for f in on_disk)
+    assert len(manifest["data"]["fingerprint"]) == 64 and manifest["settings"]["constants"]["ONLY"] == ["base", "k"]
+    assert not [p for p in e3_run.rglob("*") if ".tmp" in p.name]     # every temporary file was renamed
+
+
+def test_e3_same_configuration_resumes(e3_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(e3_run, out)
+    res = script(E3, *E3_QUICK, "--out", out, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming: 4 runs finished earlier" in res.stderr + res.stdout and "; 0 to train" in res.stderr + res.stdout
+
+
+def test_e3_other_configuration_refused_then_overwritten_without_stale_files(e3_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(e3_run, out)
+    before = snapshot(out)
+    res = script(E3, *E3_QUICK[:-3], "--ONLY=base", "--METHODS=pam,sgd", "--WORKERS=1", "--out", out)
+    assert res.returncode == 2 and "--ONLY base,k there, base here" in res.stderr and "--OVERWRITE=True" in res.stderr
+    assert snapshot(out) == before
+    res = script(E3, *E3_QUICK[:-3], "--ONLY=base", "--METHODS=pam,sgd", "--WORKERS=1", "--out", out,
+                 "--OVERWRITE=True", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name not in HIDDEN}
+    assert not [f for f in files if "ablation_k" in f or "_k_" in f], files     # the earlier k ablation is gone
+    assert set(json.loads((out / "manifest.json").read_text())["files"]) == files
