@@ -117,13 +117,18 @@ device = resolve_device(DEVICE)
 workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
 
 
-def fraction_epochs(f):
-    """The original's epoch rule for the training-fraction ablation (capped by EPOCHS for --quick)."""
-    return min(EPOCHS, min(20, max(10, math.floor(20 * f))))
+def fraction_epochs(settings, f):
+    """The original's epoch rule for a training-fraction run (capped by EPOCHS for --quick)."""
+    settings["epochs"] = min(EPOCHS, min(20, max(10, math.floor(20 * f))))
 
 
-ablations = {"base": ("-",), "updates": UPDATES, "fraction": FRACTIONS, "weight_decay": WEIGHT_DECAYS,
-             "mu_nu": MU_NUS}
+# the paper's ablations: the settings each gives its values (adding one here is all it takes)
+Ablation = experiment.Ablation
+ablations = {"base": experiment.BASE,
+             "updates": Ablation(("updates_per_batch",), UPDATES, methods=("pam",)),
+             "fraction": Ablation(("fraction",), FRACTIONS, then=fraction_epochs),
+             "weight_decay": Ablation(("weight_decay",), WEIGHT_DECAYS),
+             "mu_nu": Ablation(("mu", "nu"), MU_NUS)}
 only = experiment.parse_only(ONLY, list(ablations))
 
 # --- the protocol per activation (validated here, before any data is loaded) ---------------------
@@ -137,8 +142,7 @@ for act in ACTIVATIONS:
                   l1=L1 if act == "relu" else 0.0, enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE,
                   epochs=EPOCHS, batch_size=BATCH_SIZE, solve_batch=SOLVE_BATCH, mu=MU, nu=NU,
                   alpha=ALPHA, beta=BETA, prox_form=PROX_FORM),
-        ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
-        fraction_epochs=fraction_epochs)
+        ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed)
     if TUNE:
         grids = {m: TUNE_GRID[m] for m in METHODS}
         trials[act] = tuning.plan_trials(protocols[act], grids, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)

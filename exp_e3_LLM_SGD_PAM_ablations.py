@@ -150,8 +150,21 @@ run = configure(globals(), quick=QUICK)
 device = resolve_device(DEVICE)
 workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
 
-ablations = {"base": ("-",), "updates": UPDATES, "fraction": FRACTIONS, "activation": ACTIVATION_VALUES,
-             "weight_decay": WEIGHT_DECAYS, "mu_nu": MU_NUS, "k": KS}
+def relu_l1(settings, activation):
+    """A ReLU run takes the L1 penalty on its codes (a TopK run needs none)."""
+    if activation == "relu":
+        settings["l1"] = L1
+
+
+# the paper's ablations: the settings each gives its values (adding one here is all it takes)
+Ablation = experiment.Ablation
+ablations = {"base": experiment.BASE,
+             "updates": Ablation(("updates_per_batch",), UPDATES, methods=("pam",)),
+             "fraction": Ablation(("fraction",), FRACTIONS),
+             "activation": Ablation(("activation",), ACTIVATION_VALUES, then=relu_l1),
+             "weight_decay": Ablation(("weight_decay",), WEIGHT_DECAYS),
+             "mu_nu": Ablation(("mu", "nu"), MU_NUS),
+             "k": Ablation(("k",), KS)}
 only = experiment.parse_only(ONLY, list(ablations))
 
 
@@ -173,7 +186,7 @@ protocol = experiment.Protocol(
               enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE, epochs=EPOCHS, batch_size=BATCH_SIZE,
               solve_batch=SOLVE_BATCH, mu=MU, nu=NU, alpha=ALPHA, beta=BETA),
     ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
-    ablation_overrides={"epochs": ABLATION_EPOCHS}, relu_l1=L1)
+    ablation_overrides={"epochs": ABLATION_EPOCHS})
 if TUNE:
     tuning.plan_trials(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)
 

@@ -15,7 +15,6 @@ The constants are read from the script's source, so the projection follows edits
     .venv/bin/python bench/bench_e3_protocol.py [--epochs 2]
 """
 import argparse
-import ast
 import multiprocessing as mp
 import statistics
 import sys
@@ -27,25 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common import activations, experiment  # noqa: E402
+from common.config import script_constants  # noqa: E402
 from common.sae import SAE  # noqa: E402
 from common.train import TrainConfig, train  # noqa: E402
 
 SCRIPT = ROOT / "exp_e3_LLM_SGD_PAM_ablations.py"
 _DATA = ()
-
-
-def script_constants(path: Path) -> dict:
-    """The script's top-level UPPERCASE constants that are plain literals (nothing is executed)."""
-    out = {}
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-            if name.isupper():
-                try:
-                    out[name] = ast.literal_eval(node.value)
-                except ValueError:
-                    pass
-    return out
 
 
 def _measure(job):
@@ -68,6 +54,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
     c = script_constants(SCRIPT)
+    c["LR"] = c["LR"] or 1e-3  # LR = 0 is the recipe's: the paper's 1e-3 (the bench times the paper recipe)
     X, meta = activations.load_activations()
     x_train, x_test, _, _ = activations.split_standardise(X, c["TEST_FRACTION"], seed=0)
     global _DATA
@@ -102,13 +89,17 @@ def main():
             return fixed + per * n + per_u * (u - 1) * n
         return fixed + max(per, 0.0) * n
 
-    protocol = experiment.Protocol(
+    A = experiment.Ablation
+    protocol = experiment.Protocol(  # the script's protocol shape (its plan decides which runs are shared)
         base=dict(n_latents=c["N_LATENTS"], activation=c["ACTIVATION"], k=k0, l1=0.0, epochs=c["EPOCHS"],
                   batch_size=c["BATCH_SIZE"], lr=c["LR"], mu=c["MU"], nu=c["NU"]),
-        ablations={"base": ("-",), "updates": c["UPDATES"], "fraction": c["FRACTIONS"],
-                   "activation": c["ACTIVATION_VALUES"], "weight_decay": c["WEIGHT_DECAYS"], "mu_nu": c["MU_NUS"],
-                   "k": c["KS"]},
-        ablation_overrides={"epochs": c["ABLATION_EPOCHS"]}, relu_l1=c["L1"])
+        ablations={"base": experiment.BASE, "updates": A(("updates_per_batch",), c["UPDATES"], methods=("pam",)),
+                   "fraction": A(("fraction",), c["FRACTIONS"]),
+                   "activation": A(("activation",), c["ACTIVATION_VALUES"],
+                                   then=lambda s, a: s.update(l1=c["L1"]) if a == "relu" else None),
+                   "weight_decay": A(("weight_decay",), c["WEIGHT_DECAYS"]), "mu_nu": A(("mu", "nu"), c["MU_NUS"]),
+                   "k": A(("k",), c["KS"])},
+        ablation_overrides={"epochs": c["ABLATION_EPOCHS"]})
     runs = [r for r in protocol.plan() if r["shared_with"] is None]
     per_ablation = {}
     for r in runs:

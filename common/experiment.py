@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -37,15 +38,24 @@ from .sae import SAE, check_activation
 from .train import METHODS, NonFiniteError, TrainConfig, train
 
 # ablation name -> the methods it concerns (None: all)
-ABLATIONS = {
-    "base": None,
-    "updates": ("pam",),
-    "fraction": None,
-    "weight_decay": None,
-    "mu_nu": None,
-    "activation": None,
-    "k": None,
-}
+@dataclass(frozen=True)
+class Ablation:
+    """One ablation, owned by the script that runs it (data, not code here): the settings it gives each of
+    its values (``sets``: e.g. ("mu", "nu") both take the value), the values, the methods it concerns
+    (None: all) and ``then(settings, value)``, what else follows from a value (e.g. a fraction's epochs),
+    changing the settings in place. The base run is the ablation that sets nothing."""
+
+    sets: tuple
+    values: tuple
+    methods: tuple | None = None
+    then: Callable | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return not self.sets
+
+
+BASE = Ablation((), ("-",))
 MODEL_KEYS = ("n_latents", "activation", "k", "enc_init_scale", "dec_init_scale", "init")
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "method")
 # every setting a run's configuration is compared on: unset keys take these defaults (TrainConfig's and
@@ -72,10 +82,8 @@ def uninformative(test_fvu: float) -> bool:
 @dataclass
 class Protocol:
     """What to run. ``base``: model keys (MODEL_KEYS) + TrainConfig fields + ``fraction`` (default 1.0).
-
-    ``ablation_overrides`` apply to every ablation run (e.g. fewer epochs); ``fraction_epochs(f)`` gives
-    the epochs of a training-fraction run; ``relu_l1`` is the L1 used when the activation ablation or
-    the base switches to ReLU.
+    ``ablations``: {name: Ablation}, the script's own. ``ablation_overrides`` apply to every run but the
+    base (e.g. fewer epochs); ``method_settings``: {method: settings of that method only} (tuned values).
     """
 
     base: dict
@@ -84,14 +92,12 @@ class Protocol:
     seeds: int = 1
     base_seed: int = 0
     ablation_overrides: dict = field(default_factory=dict)
-    fraction_epochs: object = None
-    relu_l1: float = 0.0
-    method_settings: dict = field(default_factory=dict)  # method -> settings of that method only (tuned values)
+    method_settings: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = sorted(set(self.ablations) - set(ABLATIONS))
-        if unknown:
-            raise ValueError(f"unknown ablations {unknown}; accepted: {', '.join(ABLATIONS)}")
+        for name, ablation in self.ablations.items():
+            if not isinstance(ablation, Ablation):
+                raise ValueError(f"ablation {name!r} must be an experiment.Ablation, got {type(ablation).__name__}")
         bad = sorted(set(self.methods) - set(METHODS))
         if bad:
             raise ValueError(f"unknown methods {bad}; accepted: {', '.join(METHODS)}")
@@ -107,36 +113,31 @@ class Protocol:
             extra = sorted(set(settings) - known)
             if extra:
                 raise ValueError(f"method_settings[{method!r}]: unknown settings {extra}")
-        for name, values in self.ablations.items():
-            for v in values:
+        for name, ablation in self.ablations.items():
+            unknown = sorted(set(ablation.sets) - known)
+            if unknown:
+                raise ValueError(f"ablation {name!r} sets unknown settings {unknown}")
+            for v in ablation.values:
                 for m in self.methods:
                     self.settings(name, v, m)  # raises on a bad value before anything runs
 
     def settings(self, ablation: str, value, method: str | None = None) -> dict:
         """The full settings of one ablation value (for ``method``: with its own settings), validated.
-        Order: defaults, base, the method's settings, ablation overrides, the ablation's value."""
+        Order: defaults, base, the method's settings, ablation overrides (not for the base), the ablation's
+        value, what follows from it. A ReLU model has no k."""
+        abl = self.ablations.get(ablation, BASE if ablation == "base" else None)
+        if abl is None:
+            raise ValueError(f"unknown ablation {ablation!r}; this protocol runs {', '.join(self.ablations)}")
         s = dict(DEFAULTS, **self.base)
         s.update(self.method_settings.get(method, {}))
-        if ablation != "base":
+        if not abl.is_base:
             s.update(self.ablation_overrides)
-        if ablation == "updates":
-            s["updates_per_batch"] = int(value)
-        elif ablation == "fraction":
-            s["fraction"] = float(value)
-            if self.fraction_epochs is not None:
-                s["epochs"] = int(self.fraction_epochs(float(value)))
-        elif ablation == "weight_decay":
-            s["weight_decay"] = float(value)
-        elif ablation == "mu_nu":
-            s["mu"] = s["nu"] = float(value)
-        elif ablation == "activation":
-            s["activation"] = value
-        elif ablation == "k":
-            s["k"] = int(value)
+        for key in abl.sets:
+            s[key] = value
+        if abl.then is not None:
+            abl.then(s, value)
         if s["activation"] == "relu":
             s["k"] = None
-            if ablation == "activation":
-                s["l1"] = self.relu_l1
         if not 0.0 < s["fraction"] <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {s['fraction']!r}")
         check_activation(s["activation"], s["k"], s["n_latents"])
@@ -147,9 +148,9 @@ class Protocol:
         """Every run: {id, method, ablation, value, rep, settings, key}; shared configurations marked."""
         runs, seen = [], {}
         for rep in range(self.seeds):
-            for ablation, values in self.ablations.items():
-                methods = ABLATIONS[ablation] or self.methods
-                for value in values:
+            for ablation, abl in self.ablations.items():
+                methods = abl.methods or self.methods
+                for value in abl.values:
                     for method in (m for m in self.methods if m in methods):
                         s = self.settings(ablation, value, method)
                         rid = run_id(method, ablation, value, rep)

@@ -7,10 +7,20 @@ import torch
 from common import experiment
 
 
+A = experiment.Ablation
+ABLATIONS = {"base": experiment.BASE, "weight_decay": A(("weight_decay",), (0.0, 1e-3)),
+             "updates": A(("updates_per_batch",), (1, 2), methods=("pam",)), "fraction": A(("fraction",), (0.5,)),
+             "mu_nu": A(("mu", "nu"), (1e-3,)), "k": A(("k",), (2,))}
+
+
+def only(*names, **values):
+    """The test ablations ``names``, with other values where given."""
+    return {n: (A(ABLATIONS[n].sets, values[n], ABLATIONS[n].methods) if n in values else ABLATIONS[n]) for n in names}
+
+
 def tiny_protocol(**kw):
     base = dict(n_latents=12, activation="topk", k=3, epochs=2, batch_size=32, lr=3e-3, solve_batch=64)
-    args = dict(base=base, ablations={"base": ("-",), "weight_decay": (0.0, 1e-3), "updates": (1, 2),
-                                      "fraction": (0.5,)}, seeds=1, base_seed=7)
+    args = dict(base=base, ablations=only("base", "weight_decay", "updates", "fraction"), seeds=1, base_seed=7)
     args.update(kw)
     return experiment.Protocol(**args)
 
@@ -32,10 +42,25 @@ def test_plan_shares_identical_configurations_and_restricts_methods():
     assert len(runs) == 3 + 3 * 2 + 2 + 3
 
 
+def test_a_scripts_own_ablation_and_what_follows_from_its_value():
+    then = lambda s, v: s.update(epochs=7 if v == 2 else s["epochs"])  # noqa: E731
+    protocol = tiny_protocol(ablations={"k": A(("k",), (2, 3), methods=("sgd",), then=then),
+                                        "mu_nu": A(("mu", "nu"), (1e-3,))},
+                             ablation_overrides={"epochs": 5})
+    plan = {r["id"]: r["settings"] for r in protocol.plan()}
+    assert set(plan) == {"sgd|k=2|rep0", "sgd|k=3|rep0", "pam|mu_nu=0.001|rep0", "sgd|mu_nu=0.001|rep0",
+                         "sgd_tied|mu_nu=0.001|rep0"}
+    assert plan["sgd|k=2|rep0"]["k"] == 2 and plan["sgd|k=2|rep0"]["epochs"] == 7
+    assert plan["sgd|k=3|rep0"]["epochs"] == 5                       # the override; the base keeps its own
+    assert plan["pam|mu_nu=0.001|rep0"]["mu"] == plan["pam|mu_nu=0.001|rep0"]["nu"] == 1e-3
+    assert protocol.settings("base", "-", "pam")["epochs"] == 2
+
+
 @pytest.mark.parametrize("kw, match", [
-    (dict(ablations={"nope": (1,)}), "unknown ablations"),
-    (dict(ablations={"fraction": (0.0,)}), "fraction"),
-    (dict(ablations={"k": (99,)}), "k must satisfy"),
+    (dict(ablations={"nope": A(("nope",), (1,))}), "sets unknown settings"),
+    (dict(ablations={"weights": {"weight_decay": (1,)}}), "must be an experiment.Ablation"),
+    (dict(ablations=only("fraction", fraction=(0.0,))), "fraction"),
+    (dict(ablations=only("k", k=(99,))), "k must satisfy"),
     (dict(methods=("pam", "adam")), "unknown methods"),
     (dict(seeds=0), "seeds"),
 ])
@@ -46,7 +71,7 @@ def test_bad_protocol_fails_at_construction(kw, match):
 
 def test_every_method_starts_from_the_same_point_and_fraction_runs_share_the_subset(tmp_path):
     x_train, x_test = data()
-    rows, hist, _ = experiment.execute(tiny_protocol(ablations={"base": ("-",), "fraction": (0.5,)}),
+    rows, hist, _ = experiment.execute(tiny_protocol(ablations=only("base", "fraction")),
                                        x_train, x_test, tmp_path, progress=False)
     # same initial encoder and decoder for pam and untied sgd: identical metrics at epoch 0
     assert hist["pam|base=-|rep0"][0]["test_mse"] == hist["sgd|base=-|rep0"][0]["test_mse"]
@@ -107,19 +132,19 @@ def test_an_interrupted_protocol_resumes_where_it_stopped(tmp_path, monkeypatch)
 
 def test_resume_never_reuses_runs_made_with_other_data_or_settings(tmp_path, monkeypatch):
     x_train, x_test = data()
-    experiment.execute(tiny_protocol(ablations={"base": ("-",)}), x_train, x_test, tmp_path, progress=False)
+    experiment.execute(tiny_protocol(ablations=only("base")), x_train, x_test, tmp_path, progress=False)
     trained = []
     real = experiment.run_one
     monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run["id"]) or real(run, *a, **k))
-    experiment.execute(tiny_protocol(ablations={"base": ("-",)}), x_train + 1e-3, x_test, tmp_path, progress=False)
+    experiment.execute(tiny_protocol(ablations=only("base")), x_train + 1e-3, x_test, tmp_path, progress=False)
     assert len(trained) == 3                      # other data
     trained.clear()
     base = dict(n_latents=12, activation="topk", k=3, epochs=2, batch_size=32, lr=1e-3, solve_batch=64)
-    experiment.execute(tiny_protocol(ablations={"base": ("-",)}, base=base), x_train + 1e-3, x_test, tmp_path,
+    experiment.execute(tiny_protocol(ablations=only("base"), base=base), x_train + 1e-3, x_test, tmp_path,
                        progress=False)
     assert len(trained) == 3                      # another learning rate
     trained.clear()
-    experiment.execute(tiny_protocol(ablations={"base": ("-",)}, base=base), x_train + 1e-3, x_test, tmp_path,
+    experiment.execute(tiny_protocol(ablations=only("base"), base=base), x_train + 1e-3, x_test, tmp_path,
                        progress=False, resume=False)
     assert len(trained) == 3                      # asked not to resume
     # the earlier settings' run files are still there, beside the new ones
@@ -130,7 +155,7 @@ def test_resume_never_returns_a_model_that_another_setting_overwrote(tmp_path, m
     """models/<method>_rep<r>.pt is shared by every setting of a folder: default, then another base
     setting (overwrites it), then the default again must not return the second setting's models."""
     x_train, x_test = data()
-    only_base = {"base": ("-",)}
+    only_base = only("base")
     _, _, m1 = experiment.execute(tiny_protocol(ablations=only_base), x_train, x_test, tmp_path, progress=False)
     other = dict(n_latents=12, activation="topk", k=3, epochs=2, batch_size=32, lr=1e-2, solve_batch=64)
     _, _, m2 = experiment.execute(tiny_protocol(ablations=only_base, base=other), x_train, x_test, tmp_path,
