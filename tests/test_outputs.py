@@ -51,7 +51,7 @@ BAD = [(E2, ["--EPOCHS=0"], "--EPOCHS"), (E2, ["--N_TRAIN=-5", "--N_TEST=-9995"]
        (E2, ["--N_TEST=-9995"], "--N_TEST"), (E2, ["--ACTIVATIONS="], "--ACTIVATIONS"),
        (E2, ["--UPDATES="], "--UPDATES"), (E2, ["--METHODS="], "--METHODS"), (E2, ["--ONLY="], "--ONLY"),
        (E1, ["--TEMPERATURE=0"], "--TEMPERATURE"), (E3, ["--TEST_FRACTION=1.5"], "--TEST_FRACTION"),
-       (E3, ["--WORKERS=0"], "--WORKERS"), (E3, ["--WORKERS=two"], "--WORKERS"),
+       (E3, ["--WORKERS=-1"], "--WORKERS"), (E3, ["--WORKERS=two"], "--WORKERS"),
        (E3, ["--MODEL=gemma-3-270M"], "--MODEL"), (E3, ["--K=0"], "--K"), (E3, ["--quick", "--KS=3,99"], "--KS")]
 
 
