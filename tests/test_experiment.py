@@ -173,3 +173,40 @@ def test_resume_never_returns_a_model_that_another_setting_overwrote(tmp_path, m
     trained.clear()
     experiment.execute(tiny_protocol(ablations=only_base), x_train, x_test, tmp_path, progress=False)
     assert trained == []
+
+
+class _Payload:
+    """Unpickling this would run code: a checkpoint that holds it must never be loaded."""
+
+    def __reduce__(self):
+        return (open, ("/tmp/splinterp_checkpoint_exploit", "w"))
+
+
+def test_a_crafted_checkpoint_is_never_unpickled_and_the_run_is_retrained(tmp_path, monkeypatch):
+    import os
+    x_train, x_test = data()
+    protocol = tiny_protocol(ablations=only("base"))
+    experiment.execute(protocol, x_train, x_test, tmp_path, progress=False)
+    run = next(r for r in protocol.plan() if r["method"] == "pam")
+    path = experiment._checkpoint_path(tmp_path, run)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["extra"] = _Payload()
+    torch.save(ckpt, path)
+    if os.path.exists("/tmp/splinterp_checkpoint_exploit"):
+        os.remove("/tmp/splinterp_checkpoint_exploit")
+    trained = []
+    real = experiment.run_one
+    monkeypatch.setattr(experiment, "run_one", lambda r, *a, **k: trained.append(r["id"]) or real(r, *a, **k))
+    experiment.execute(protocol, x_train, x_test, tmp_path, progress=False)
+    assert not os.path.exists("/tmp/splinterp_checkpoint_exploit")
+    assert trained == [run["id"]]                  # refused (weights_only) and retrained; nothing else
+
+
+def test_a_run_that_diverges_fails_loudly_and_is_never_saved(tmp_path):
+    from common.train import NonFiniteError
+    x_train, x_test = data()
+    protocol = tiny_protocol(ablations=only("base"), methods=("sgd",))
+    with pytest.raises(NonFiniteError, match=r"sgd\|base=-\|rep0 \(sgd\), epoch 1"):
+        experiment.execute(protocol, x_train * 1e30, x_test, tmp_path, progress=False)
+    assert not list(tmp_path.glob("runs/*.json"))
+    assert not (tmp_path / "table.json").exists()
