@@ -218,7 +218,7 @@ def main(argv=None):
     x = toy_e1(VAR_N_POINTS, seed=VAR_DATA_SEED)
     model = e1.init_sae(x, VAR_N_LATENTS, 1, "data", seed=run.seed_for("variation_sae"), bias_scale=0.1,
                         dec_scale=0.1)
-    e1.train_e1(model, x, "topk", VAR_STEPS, VAR_LR, 1.0, unit_norm=False, dec_bias=True, desc="variation SAE")
+    e1.train_e1(model, x, "topk", VAR_STEPS, VAR_LR, None, unit_norm=False, dec_bias=True, desc="variation SAE")
     with torch.no_grad():
         recon, _, _ = model(torch.as_tensor(x))
         _, top1, _ = model.encode_sparse(torch.as_tensor(x))
