@@ -217,14 +217,14 @@ def train_e1(model: SAE, x: np.ndarray, mode: str, steps: int, lr: float, temper
     """Full-batch Adam on the MSE of ``mode``'s reconstruction.
 
     ``dec_bias=False`` keeps b_dec at 0 (the original scripts had no decoder bias). Returns
-    {history: {step, mse_train (the trained objective), mse_topk (exact TopK model)},
+    {history: {step, train_mse (the trained objective), topk_mse (exact TopK model)},
     snapshots: [(step, W_enc_eff, b_enc)] at the requested steps (0 = before training), seconds}.
     """
     xt = torch.as_tensor(x, dtype=torch.float64)
     params = [model.W_enc, model.b_enc, model.W_dec] + ([model.b_dec] if dec_bias else [])
     opt = torch.optim.Adam(params, lr=lr)
     snap = set(int(s) for s in snapshot_steps)
-    hist = {"step": [], "mse_train": [], "mse_topk": []}
+    hist = {"step": [], "train_mse": [], "topk_mse": []}
     snapshots = []
 
     def record(step):
@@ -234,8 +234,8 @@ def train_e1(model: SAE, x: np.ndarray, mode: str, steps: int, lr: float, temper
                 snapshots.append((step, W.detach().clone().numpy(), model.b_enc.detach().clone().numpy()))
             if step % log_every == 0 or step == steps or step in snap:
                 hist["step"].append(step)
-                hist["mse_train"].append(float(F.mse_loss(e1_forward(model, xt, mode, temperature, unit_norm)[0], xt)))
-                hist["mse_topk"].append(float(F.mse_loss(e1_forward(model, xt, "topk", temperature, unit_norm)[0], xt)))
+                hist["train_mse"].append(float(F.mse_loss(e1_forward(model, xt, mode, temperature, unit_norm)[0], xt)))
+                hist["topk_mse"].append(float(F.mse_loss(e1_forward(model, xt, "topk", temperature, unit_norm)[0], xt)))
 
     # 100 x 2 data: thread start-up costs more than the arithmetic, and worse on a busy machine
     threads = torch.get_num_threads()
@@ -455,11 +455,11 @@ def plot_evolution(path, s: E1Settings, view: View, sae: TrainedSAE) -> None:
         _boundaries(ax, lab, view.extent)
         ax.scatter(x[:, 0], x[:, 1], s=5, c="black")
         j = hist["step"].index(step) if step in hist["step"] else None
-        m_topk = None if j is None else hist["mse_topk"][j]
-        evo.append({"step": step, "n_cells_on_view": int(len(sets_s)), "mse_topk": m_topk,
-                    "mse_train": None if j is None else hist["mse_train"][j]})
-        sub = "" if m_topk is None else (f"\nexact TopK MSE {m_topk:.3g}" if s.mode == "topk" else
-                                          f"\ntrained MSE {hist['mse_train'][j]:.3g}, exact TopK {m_topk:.3g}")
+        topk_mse = None if j is None else hist["topk_mse"][j]
+        evo.append({"step": step, "n_cells_on_view": int(len(sets_s)), "topk_mse": topk_mse,
+                    "train_mse": None if j is None else hist["train_mse"][j]})
+        sub = "" if topk_mse is None else (f"\nexact TopK MSE {topk_mse:.3g}" if s.mode == "topk" else
+                                            f"\ntrained MSE {hist['train_mse'][j]:.3g}, exact TopK {topk_mse:.3g}")
         ax.set_title(f"step {step}: {len(sets_s)} cells" + sub, fontsize=9)
         ax.set_xlim(view.extent[0], view.extent[1])
         ax.set_ylim(view.extent[2], view.extent[3])
@@ -476,9 +476,9 @@ def plot_training(path, s: E1Settings, sae: TrainedSAE, mse: dict) -> None:
     """MSE against Adam steps (the trained relaxation and the exact TopK model), k-means lines for scale."""
     hist = sae.training["history"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    series = {"exact TopK model": (hist["step"], hist["mse_topk"])}
+    series = {"exact TopK model": (hist["step"], hist["topk_mse"])}
     if s.mode != "topk":
-        series = {f"trained ({s.mode})": (hist["step"], hist["mse_train"]), **series}
+        series = {f"trained ({s.mode})": (hist["step"], hist["train_mse"]), **series}
     plotting.curves(ax, series, "Adam step", "MSE on the E1 data", logy=True)
     for name, val, style in (("k-means", mse["kmeans"], ":"), ("k-means + local PCA", mse["kmeans_local_pca"], "--")):
         ax.axhline(val, color="0.3", ls=style, lw=1, label=name)

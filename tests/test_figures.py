@@ -201,11 +201,11 @@ def test_order2_cells_have_distinct_colour_ids(quick_runs):
     # brute force: the set of unordered power-nearest pairs on a grid is exactly the listed pairs,
     # and the script's labelling maps pairs to ids one-to-one
     fig6 = load_script("fig_6_voronoi_to_power")
-    sites, alpha = np.array(js["sites"]), np.array(js["alpha"])
+    sites, weights = np.array(js["sites"]), np.array(js["weights"])
     pts, _, _ = grid((-4, 4), (-4, 4), 80)
-    d2 = np.linalg.norm(pts[:, None] - sites[None], axis=-1) ** 2 - alpha
+    d2 = np.linalg.norm(pts[:, None] - sites[None], axis=-1) ** 2 - weights
     brute = [tuple(sorted(r)) for r in np.argsort(d2, axis=1)[:, :2].tolist()]
-    ids, uniq = fig6.order2_cells(pts, sites, alpha)
+    ids, uniq = fig6.order2_cells(pts, sites, weights)
     assert sorted(set(brute)) == [tuple(p) for p in uniq.tolist()]
     assert all(tuple(uniq[i]) == b for i, b in zip(ids, brute))
     # more than 20 cells still get distinct colours (the original folded ids modulo 20)
