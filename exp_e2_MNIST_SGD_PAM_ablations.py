@@ -101,13 +101,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any data
     "RESUME": boolean(),
     "N_TRAIN": in_range(0, 60_000),
     "N_TEST": in_range(0, 10_000),
-    "TUNE": boolean(),
-    "TUNE_TRIALS": at_least(1) & satisfies(
-        lambda n, c: not c["TUNE"] or all(n <= math.prod(map(len, c["TUNE_GRID"][m].values())) for m in c["METHODS"]),
-        "at most the number of points of every method's TUNE_GRID"),
-    "TUNE_EPOCHS": at_least(0),
-    "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
-    "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+    **tuning.ACCEPT,  # TUNE, TUNE_TRIALS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_GRID (common/tuning.py)
 }
 QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 1.0), WEIGHT_DECAYS=(0.0, 1e-3),
              MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4, TUNE_TRIALS=2)

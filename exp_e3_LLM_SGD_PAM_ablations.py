@@ -19,7 +19,6 @@ Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was 
 curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
 with L0 and dead fraction), histories.json, summary.md, models/*.pt.
 """
-import math
 import os
 from pathlib import Path
 
@@ -134,13 +133,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "WORKERS": at_least(0),
     "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
     "RESUME": boolean(),
-    "TUNE": boolean(),
-    "TUNE_TRIALS": at_least(1) & satisfies(
-        lambda n, c: not c["TUNE"] or all(n <= math.prod(map(len, c["TUNE_GRID"][m].values())) for m in c["METHODS"]),
-        "at most the number of points of every method's TUNE_GRID"),
-    "TUNE_EPOCHS": at_least(0),
-    "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
-    "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+    **tuning.ACCEPT,  # TUNE, TUNE_TRIALS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_GRID (common/tuning.py)
 }
 QUICK = dict(SOURCE="synthetic", N_TEXTS=400, N_LATENTS=48, K=6, EPOCHS=2, ABLATION_EPOCHS=2, BATCH_SIZE=64,
              UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6),

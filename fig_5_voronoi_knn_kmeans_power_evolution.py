@@ -56,12 +56,7 @@ def _outline(ax, poly, **kw):
 
 
 def _finish(ax, title):
-    ax.set_xlim(VIEW[0], VIEW[1])
-    ax.set_ylim(VIEW[2], VIEW[3])
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    ax.set_title(title, fontsize=12)
+    plotting.finish_map(ax, VIEW, title, title_size=12)
 
 
 def main(argv=None):

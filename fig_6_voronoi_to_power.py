@@ -64,12 +64,7 @@ def draw(ax, labels, extent, cells, sites, weights, radii, title, colors, names=
     ax.scatter(sites[:, 0], sites[:, 1], c="black", s=30, zorder=5)
     for i, p in enumerate(sites):
         ax.annotate(f"{i}: ω={weights[i]:.2f}", p, xytext=(4, 4), textcoords="offset points", fontsize=8, zorder=6)
-    ax.set_xlim(extent[0], extent[1])
-    ax.set_ylim(extent[2], extent[3])
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    ax.set_title(title, fontsize=11)
+    plotting.finish_map(ax, extent, title, title_size=11)
 
 
 def main(argv=None):

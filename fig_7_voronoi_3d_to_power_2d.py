@@ -169,15 +169,9 @@ def top_view(ax, check, sites, sections, radii, colors, title, data=None):
     ax.scatter(sites[:, 0], sites[:, 1], c=colors[:len(sites)], s=45, edgecolors="k", zorder=5, label="sites")
     for i, p in enumerate(sites):
         ax.annotate(f"{i}", p, xytext=(4, 3), textcoords="offset points", fontsize=8, zorder=6)
-    ext = check["extent"]
-    ax.set_xlim(ext[0], ext[1])
-    ax.set_ylim(ext[2], ext[3])
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
     agree = 100 * check["grid_label_agreement"]
-    ax.set_title(title + f"\ngrid agreement 3-D section vs 2-D power labels: {agree:.2f}%,"
-                 f" max vertex gap {check['max_vertex_gap']:.1e}", fontsize=10)
+    plotting.finish_map(ax, check["extent"], title + f"\ngrid agreement 3-D section vs 2-D power labels: {agree:.2f}%,"
+                        f" max vertex gap {check['max_vertex_gap']:.1e}", title_size=10)
     ax.legend(loc="lower right", fontsize=8)
 
 

@@ -288,12 +288,7 @@ def draw_panel(ax, x, recon, labels_grid, extent, title, colors=None, centers=No
             if len(v):
                 ax.annotate("", xy=c + 0.6 * v[0], xytext=c - 0.6 * v[0],
                             arrowprops=dict(arrowstyle="-", color="blue", lw=2), zorder=4)
-    ax.set_xlim(extent[0], extent[1])
-    ax.set_ylim(extent[2], extent[3])
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    ax.set_title(title, fontsize=10)
+    plotting.finish_map(ax, extent, title, title_size=10)
 
 
 # --- the experiment, step by step -------------------------------------------------------------------
@@ -460,12 +455,7 @@ def plot_evolution(path, s: E1Settings, view: View, sae: TrainedSAE) -> None:
                     "train_mse": None if j is None else hist["train_mse"][j]})
         sub = "" if topk_mse is None else (f"\nexact TopK MSE {topk_mse:.3g}" if s.mode == "topk" else
                                             f"\ntrained MSE {hist['train_mse'][j]:.3g}, exact TopK {topk_mse:.3g}")
-        ax.set_title(f"step {step}: {len(sets_s)} cells" + sub, fontsize=9)
-        ax.set_xlim(view.extent[0], view.extent[1])
-        ax.set_ylim(view.extent[2], view.extent[3])
-        ax.set_aspect("equal")
-        ax.set_xlabel("$x_1$", fontsize=8)
-        ax.set_ylabel("$x_2$", fontsize=8)
+        plotting.finish_map(ax, view.extent, f"step {step}: {len(sets_s)} cells" + sub, title_size=9, label_size=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"Evolution of the Top-{k} SAE's order-{k} power diagram during training", fontsize=11)
     fig.tight_layout()
