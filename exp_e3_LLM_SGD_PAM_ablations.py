@@ -54,6 +54,8 @@ EPOCHS = 100
 ABLATION_EPOCHS = 50
 BATCH_SIZE = 256
 SOLVE_BATCH = 1024
+SOLVE_EVERY = 1                   # PAM: solve the decoder every this many epochs (outer iterations)
+SOLVE_SAMPLES = 0                 # PAM: 0: all training samples; m > 0: statistics of m random ones, sums x N / m
 MU = 1e-3                         # mu_enc = nu_enc = 1e-3; the same proximal terms in the decoder solve
 NU = 1e-3
 ALPHA = 0.0
@@ -114,6 +116,8 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "ABLATION_EPOCHS": at_least(1),
     "BATCH_SIZE": at_least(1),
     "SOLVE_BATCH": at_least(1),
+    "SOLVE_EVERY": at_least(1),
+    "SOLVE_SAMPLES": at_least(0),
     "MU": at_least(0),
     "NU": at_least(0),
     "ALPHA": at_least(0),
@@ -177,7 +181,8 @@ if LR:
 protocol = experiment.Protocol(
     base=dict(recipe, n_latents=N_LATENTS, activation=ACTIVATION, k=K, l1=L1 if ACTIVATION == "relu" else 0.0,
               enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE, epochs=EPOCHS, batch_size=BATCH_SIZE,
-              solve_batch=SOLVE_BATCH, mu=MU, nu=NU, alpha=ALPHA, beta=BETA),
+              solve_batch=SOLVE_BATCH, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES, mu=MU, nu=NU, alpha=ALPHA,
+              beta=BETA),
     ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
     ablation_overrides={"epochs": ABLATION_EPOCHS})
 if TUNE:
