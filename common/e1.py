@@ -107,9 +107,7 @@ class E1Settings:
     def __post_init__(self):
         for name in ("snapshot_fractions", "box"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        constants = {f.name.upper(): getattr(self, f.name) for f in fields(self)}
-        if self.temperature is None:
-            del constants["TEMPERATURE"]
+        constants = {f.name.upper(): getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         check_constants(constants, ACCEPT if self.temperature is not None else ACCEPT_EXACT)
 
     @classmethod
