@@ -13,7 +13,7 @@ exact Top-3 model (codes = pre-activations) with the same parameters.
 import sys
 
 from common import e1
-from common.config import above, at_least, boolean, box, configure, each, in_range, one_of, satisfies
+from common.config import configure
 
 N_POINTS = 100            # E1 toy data (common.data.toy_e1)
 DATA_SEED = 0
@@ -34,34 +34,14 @@ BOX = (-2.0, 2.0, -2.0, 2.0)
 GRID_RES = 400
 SEED = 0
 
-ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
-    "N_POINTS": at_least("N_CLUSTERS"),
-    "DATA_SEED": at_least(0),
-    "N_CLUSTERS": at_least(1),
-    "N_LATENTS": at_least(1) & satisfies(lambda n, c: c["INIT"] != "kmeans" or n >= c["N_CLUSTERS"],
-                                         "at least --N_CLUSTERS (= {N_CLUSTERS}) with --INIT=kmeans"),
-    "K": in_range(1, "N_LATENTS"),
-    "MODE": one_of(*e1.MODES),
-    "TEMPERATURE": above(0),
-    "UNIT_NORM": boolean(),
-    "DEC_BIAS": boolean(),
-    "INIT": one_of(*e1.INITS),
-    "BIAS_INIT_SCALE": at_least(0),
-    "DEC_INIT_SCALE": above(0),
-    "LR": above(0),
-    "STEPS": at_least(1),
-    "SNAPSHOT_FRACTIONS": each(in_range(0, 1)),
-    "BOX": box("x", "y"),
-    "GRID_RES": at_least(2),
-    "SEED": at_least(0),
-}
+ACCEPT = e1.ACCEPT  # what each constant accepts (common/e1.py): checked by configure() before any work
 
 QUICK = dict(STEPS=60, GRID_RES=60)
 
 
 def main(argv=None):
     run = configure(globals(), argv=argv, quick=QUICK)
-    numbers = e1.run_e1(run, run.values)
+    numbers = e1.run_e1(run, e1.E1Settings.from_constants(run.values))
     run.finish()
     return numbers
 

@@ -10,7 +10,7 @@ Local PCA on the SAE's regions has rank min(3, 2) = 2, i.e. it is exact on 2-D d
 import sys
 
 from common import e1
-from common.config import above, at_least, boolean, box, configure, each, in_range, one_of, satisfies
+from common.config import configure
 
 N_POINTS = 100            # E1 toy data (common.data.toy_e1)
 DATA_SEED = 0
@@ -30,34 +30,15 @@ BOX = (-2.0, 2.0, -2.0, 2.0)
 GRID_RES = 400
 SEED = 0
 
-ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
-    "N_POINTS": at_least("N_CLUSTERS"),
-    "DATA_SEED": at_least(0),
-    "N_CLUSTERS": at_least(1),
-    "N_LATENTS": at_least(1) & satisfies(lambda n, c: c["INIT"] != "kmeans" or n >= c["N_CLUSTERS"],
-                                         "at least --N_CLUSTERS (= {N_CLUSTERS}) with --INIT=kmeans"),
-    "K": in_range(1, "N_LATENTS"),
-    "MODE": satisfies(lambda m, c: m == "topk", "topk (softmax and softmax_topk need a TEMPERATURE: "
-                                                "exp_e1_between_kmeans_and_pca_k_3.py)"),
-    "UNIT_NORM": boolean(),
-    "DEC_BIAS": boolean(),
-    "INIT": one_of(*e1.INITS),
-    "BIAS_INIT_SCALE": at_least(0),
-    "DEC_INIT_SCALE": above(0),
-    "LR": above(0),
-    "STEPS": at_least(1),
-    "SNAPSHOT_FRACTIONS": each(in_range(0, 1)),
-    "BOX": box("x", "y"),
-    "GRID_RES": at_least(2),
-    "SEED": at_least(0),
-}
+ACCEPT = e1.ACCEPT_EXACT  # what each constant accepts (common/e1.py; MODE: topk only, there is no
+                          # TEMPERATURE): checked by configure() before any work
 
 QUICK = dict(STEPS=60, GRID_RES=60)
 
 
 def main(argv=None):
     run = configure(globals(), argv=argv, quick=QUICK)
-    numbers = e1.run_e1(run, run.values)
+    numbers = e1.run_e1(run, e1.E1Settings.from_constants(run.values))
     run.finish()
     return numbers
 

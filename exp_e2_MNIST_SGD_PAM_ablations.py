@@ -45,6 +45,8 @@ NU = 0.0
 ALPHA = 0.0                      # decoder ridge (a tiny ridge is added when ALPHA = MU = 0)
 BETA = 0.0
 PROX_FORM = "proximal"           # "proximal" (ours) or "l2" (the original's plain L2 on the encoder)
+SOLVE_EVERY = 1                  # PAM: solve the decoder every this many epochs (outer iterations)
+SOLVE_SAMPLES = 0                # PAM: 0: all training samples; m > 0: statistics of m random ones, sums x N / m
 METHODS = ("pam", "sgd", "sgd_tied")
 UPDATES = (1, 3, 5, 10)
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -88,6 +90,8 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any data
     "ALPHA": at_least(0),
     "BETA": at_least(0),
     "PROX_FORM": one_of("proximal", "l2"),
+    "SOLVE_EVERY": at_least(1),
+    "SOLVE_SAMPLES": at_least(0),
     "METHODS": each(one_of(*experiment.METHODS)),
     "UPDATES": each(at_least(1)),
     "FRACTIONS": each(in_range(0, 1, lo_open=True)),
@@ -101,13 +105,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any data
     "RESUME": boolean(),
     "N_TRAIN": in_range(0, 60_000),
     "N_TEST": in_range(0, 10_000),
-    "TUNE": boolean(),
-    "TUNE_TRIALS": at_least(1) & satisfies(
-        lambda n, c: not c["TUNE"] or all(n <= math.prod(map(len, c["TUNE_GRID"][m].values())) for m in c["METHODS"]),
-        "at most the number of points of every method's TUNE_GRID"),
-    "TUNE_EPOCHS": at_least(0),
-    "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
-    "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+    **tuning.ACCEPT,  # TUNE, TUNE_TRIALS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_GRID (common/tuning.py)
 }
 QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 1.0), WEIGHT_DECAYS=(0.0, 1e-3),
              MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4, TUNE_TRIALS=2)
@@ -141,7 +139,7 @@ for act in ACTIVATIONS:
         base=dict(recipe, n_latents=N_LATENTS, activation=TOPK_VARIANT if act == "topk" else act, k=K,
                   l1=L1 if act == "relu" else 0.0, enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE,
                   epochs=EPOCHS, batch_size=BATCH_SIZE, solve_batch=SOLVE_BATCH, mu=MU, nu=NU,
-                  alpha=ALPHA, beta=BETA, prox_form=PROX_FORM),
+                  alpha=ALPHA, beta=BETA, prox_form=PROX_FORM, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES),
         ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed)
     if TUNE:
         grids = {m: TUNE_GRID[m] for m in METHODS}

@@ -19,7 +19,6 @@ Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was 
 curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
 with L0 and dead fraction), histories.json, summary.md, models/*.pt.
 """
-import math
 import os
 from pathlib import Path
 
@@ -55,6 +54,8 @@ EPOCHS = 100
 ABLATION_EPOCHS = 50
 BATCH_SIZE = 256
 SOLVE_BATCH = 1024
+SOLVE_EVERY = 1                   # PAM: solve the decoder every this many epochs (outer iterations)
+SOLVE_SAMPLES = 0                 # PAM: 0: all training samples; m > 0: statistics of m random ones, sums x N / m
 MU = 1e-3                         # mu_enc = nu_enc = 1e-3; the same proximal terms in the decoder solve
 NU = 1e-3
 ALPHA = 0.0
@@ -115,6 +116,8 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "ABLATION_EPOCHS": at_least(1),
     "BATCH_SIZE": at_least(1),
     "SOLVE_BATCH": at_least(1),
+    "SOLVE_EVERY": at_least(1),
+    "SOLVE_SAMPLES": at_least(0),
     "MU": at_least(0),
     "NU": at_least(0),
     "ALPHA": at_least(0),
@@ -134,13 +137,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "WORKERS": at_least(0),
     "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
     "RESUME": boolean(),
-    "TUNE": boolean(),
-    "TUNE_TRIALS": at_least(1) & satisfies(
-        lambda n, c: not c["TUNE"] or all(n <= math.prod(map(len, c["TUNE_GRID"][m].values())) for m in c["METHODS"]),
-        "at most the number of points of every method's TUNE_GRID"),
-    "TUNE_EPOCHS": at_least(0),
-    "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
-    "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+    **tuning.ACCEPT,  # TUNE, TUNE_TRIALS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_GRID (common/tuning.py)
 }
 QUICK = dict(SOURCE="synthetic", N_TEXTS=400, N_LATENTS=48, K=6, EPOCHS=2, ABLATION_EPOCHS=2, BATCH_SIZE=64,
              UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6),
@@ -184,7 +181,8 @@ if LR:
 protocol = experiment.Protocol(
     base=dict(recipe, n_latents=N_LATENTS, activation=ACTIVATION, k=K, l1=L1 if ACTIVATION == "relu" else 0.0,
               enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE, epochs=EPOCHS, batch_size=BATCH_SIZE,
-              solve_batch=SOLVE_BATCH, mu=MU, nu=NU, alpha=ALPHA, beta=BETA),
+              solve_batch=SOLVE_BATCH, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES, mu=MU, nu=NU, alpha=ALPHA,
+              beta=BETA),
     ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
     ablation_overrides={"epochs": ABLATION_EPOCHS})
 if TUNE:

@@ -56,12 +56,7 @@ def _outline(ax, poly, **kw):
 
 
 def _finish(ax, title):
-    ax.set_xlim(VIEW[0], VIEW[1])
-    ax.set_ylim(VIEW[2], VIEW[3])
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    ax.set_title(title, fontsize=12)
+    plotting.finish_map(ax, VIEW, title, title_size=12)
 
 
 def main(argv=None):
@@ -132,7 +127,7 @@ def main(argv=None):
         ax.add_patch(Circle(sites[i], np.sqrt(weights[i]), fill=False, edgecolor=site_cols[i] * 0.7, lw=1.8))
         away = sites[i] - sites[gaps[i].argmin()]  # label on the side away from the nearest other site
         pos = sites[i] + 0.45 * away / np.linalg.norm(away)
-        ax.text(pos[0], pos[1], f"w={weights[i]:.2f}", ha="center", va="center", fontsize=8,
+        ax.text(pos[0], pos[1], f"ω={weights[i]:.2f}", ha="center", va="center", fontsize=8,
                 bbox=dict(facecolor="white", alpha=0.8, pad=1, edgecolor="none"), zorder=6)
     ax.scatter(sites[:, 0], sites[:, 1], c=site_cols, s=70, edgecolors="k", zorder=5)
     empty = np.array([c is None for c in pow_cells])
@@ -140,8 +135,8 @@ def main(argv=None):
         ax.scatter(sites[empty, 0], sites[empty, 1], marker="x", c="k", s=120, lw=2, zorder=6,
                    label="site with an empty cell")
         ax.legend(loc="lower right", fontsize=9)
-    _finish(ax, f"(d) power diagram, weights w ~ U({WEIGHT_LOW:g}, {WEIGHT_HIGH:g}):\n"
-                r"cell $i$ = argmin $\|x-\mu_i\|^2 - w_i$; circles of radius $\sqrt{w_i}$")
+    _finish(ax, f"(d) power diagram, weights ω ~ U({WEIGHT_LOW:g}, {WEIGHT_HIGH:g}):\n"
+                r"cell $i$ = argmin $\|x-p_i\|^2 - \omega_i$; circles of radius $\sqrt{\omega_i}$")
     fig.suptitle("From Voronoi diagrams to power diagrams", fontsize=16)
     fig.tight_layout()
 

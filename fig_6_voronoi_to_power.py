@@ -2,8 +2,8 @@
 
 Sites uniform in [-3, 3]^2; weights U(0, 2) with +4 on the first site. The 2nd-order diagram has one
 cell per unordered pair of power-nearest sites, each pair its own colour (the original folded pair ids
-modulo 20, merging cells). Circles have radius sqrt(alpha) (where the power distance is 0).
-The variation figure draws the same diagrams with circles of radius sqrt(alpha - min alpha): shifting
+modulo 20, merging cells). Circles have radius sqrt(omega) (where the power distance is 0; omega: a site's
+weight). The variation figure draws the same diagrams with circles of radius sqrt(omega - min omega): shifting
 all weights by a constant changes no cell.
 
     python fig_6_voronoi_to_power.py [--quick] [--out DIR] [--seed N]
@@ -32,7 +32,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "N_SITES": at_least(3),                 # the 2nd-order diagram needs pairs of sites, and a third site
     "SITE_LOW": finite(),
     "SITE_HIGH": above("SITE_LOW"),
-    "WEIGHT_LOW": at_least(0),              # circles of radius sqrt(alpha)
+    "WEIGHT_LOW": at_least(0),              # circles of radius sqrt(weight)
     "WEIGHT_HIGH": above("WEIGHT_LOW"),
     "FIRST_SITE_BONUS": at_least(0),
     "VIEW": box("x", "y"),
@@ -63,29 +63,24 @@ def draw(ax, labels, extent, cells, sites, weights, radii, title, colors, names=
             ax.add_patch(Circle(p, r, fill=False, edgecolor="crimson", lw=1.6, alpha=0.8))
     ax.scatter(sites[:, 0], sites[:, 1], c="black", s=30, zorder=5)
     for i, p in enumerate(sites):
-        ax.annotate(f"{i}: α={weights[i]:.2f}", p, xytext=(4, 4), textcoords="offset points", fontsize=8, zorder=6)
-    ax.set_xlim(extent[0], extent[1])
-    ax.set_ylim(extent[2], extent[3])
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    ax.set_title(title, fontsize=11)
+        ax.annotate(f"{i}: ω={weights[i]:.2f}", p, xytext=(4, 4), textcoords="offset points", fontsize=8, zorder=6)
+    plotting.finish_map(ax, extent, title, title_size=11)
 
 
 def main(argv=None):
     run = configure(globals(), argv=argv, quick=QUICK)
     rng = np.random.default_rng(run.seed_for("sites"))
     sites = rng.uniform(SITE_LOW, SITE_HIGH, (N_SITES, 2))
-    alpha = rng.uniform(WEIGHT_LOW, WEIGHT_HIGH, N_SITES)
-    alpha[0] += FIRST_SITE_BONUS
+    weights = rng.uniform(WEIGHT_LOW, WEIGHT_HIGH, N_SITES)
+    weights[0] += FIRST_SITE_BONUS
     zero = np.zeros(N_SITES)
     pts, shape, extent = grid(VIEW[:2], VIEW[2:], GRID_RES)
 
     vor_lab = G.power_distance(pts, sites, zero).argmin(1)
-    pow_lab = G.power_distance(pts, sites, alpha).argmin(1)
-    o2_ids, pairs = order2_cells(pts, sites, alpha)
+    pow_lab = G.power_distance(pts, sites, weights).argmin(1)
+    o2_ids, pairs = order2_cells(pts, sites, weights)
     # exact order-2 polygons from the first-order form (one power cell per pair), ordered like ``pairs``
-    all_pairs, pair_sites, pair_w = G.order_k_sites_weights(sites, alpha, 2)
+    all_pairs, pair_sites, pair_w = G.order_k_sites_weights(sites, weights, 2)
     all_cells = G.power_cells(pair_sites, pair_w, VIEW)
     lookup = {tuple(p): c for p, c in zip(all_pairs.tolist(), all_cells)}
     o2_cells = [lookup[tuple(p)] for p in pairs.tolist()]
@@ -93,14 +88,14 @@ def main(argv=None):
     pair_cols = plotting.label_colors(len(pairs), seed=3)
 
     panels = [
-        (vor_lab, G.power_cells(sites, zero, VIEW), zero, "Voronoi diagram\n(all α = 0)", site_cols, None),
-        (pow_lab, G.power_cells(sites, alpha, VIEW), alpha,
-         f"Power diagram\n(α ~ U({WEIGHT_LOW:g}, {WEIGHT_HIGH:g}), α₀ += {FIRST_SITE_BONUS:g})", site_cols, None),
-        (o2_ids, o2_cells, alpha, "2nd-order power diagram\n(cell = the two power-nearest sites)", pair_cols,
+        (vor_lab, G.power_cells(sites, zero, VIEW), zero, "Voronoi diagram\n(all ω = 0)", site_cols, None),
+        (pow_lab, G.power_cells(sites, weights, VIEW), weights,
+         f"Power diagram\n(ω ~ U({WEIGHT_LOW:g}, {WEIGHT_HIGH:g}), ω₀ += {FIRST_SITE_BONUS:g})", site_cols, None),
+        (o2_ids, o2_cells, weights, "2nd-order power diagram\n(cell = the two power-nearest sites)", pair_cols,
          [f"{a},{b}" for a, b in pairs]),
     ]
     numbers = {
-        "sites": sites, "alpha": alpha,
+        "sites": sites, "weights": weights,
         "order2_pairs": pairs, "order2_color_ids": np.arange(len(pairs)), "order2_colors": pair_cols,
         "order2_raster_fractions": np.bincount(o2_ids, minlength=len(pairs)) / len(pts),
         "order2_cell_areas": [0.0 if c is None else G.polygon_area(c) for c in o2_cells],
@@ -108,9 +103,9 @@ def main(argv=None):
         "voronoi_raster_fractions": np.bincount(vor_lab, minlength=N_SITES) / len(pts),
     }
     for name, radii, note in (
-            ("fig_6_voronoi_to_power.png", np.sqrt(np.maximum(alpha, 0)), "circles: radius √α"),
-            ("fig_6_voronoi_to_power_variation.png", np.sqrt(alpha - alpha.min()),
-             "variation: circles of radius √(α − min α); same cells (weights shifted by a constant)")):
+            ("fig_6_voronoi_to_power.png", np.sqrt(np.maximum(weights, 0)), "circles: radius √ω"),
+            ("fig_6_voronoi_to_power_variation.png", np.sqrt(weights - weights.min()),
+             "variation: circles of radius √(ω − min ω); same cells (weights shifted by a constant)")):
         fig, axes = plt.subplots(1, 3, figsize=(19, 6.8))
         for ax, (lab, cells, w, title, cols, names) in zip(axes, panels):
             r = np.zeros(N_SITES) if not w.any() else radii

@@ -3,13 +3,13 @@
 Sites p_i in [-1, 1]^2 are lifted to (p_i, h_i). We compute the true 3-D Voronoi cells of the lifted
 sites (halfspace intersection, clipped to a box), render them as translucent polyhedra (pyvista,
 off-screen), and cut them with the plane t = T0. The section is exactly the power diagram of the p_i
-with weights alpha_i = C - (h_i - T0)^2; we draw the section polygons, the projection line of every
-lifted site, and circles of the true radius sqrt(alpha_i): where spheres of radius sqrt(C) around the
+with weights omega_i = C - (h_i - T0)^2; we draw the section polygons, the projection line of every
+lifted site, and circles of the true radius sqrt(omega_i): where spheres of radius sqrt(C) around the
 lifted sites meet the plane. A companion 2-D figure overlays the section polygons on the power
 diagram computed from power distances, and the JSON records their agreement.
 
 Variation: a Top-1 SAE trained on the E1 data; its encoder rows w_i (sites) with weights
-alpha_i = ||w_i||^2 + 2 b_i are lifted to h_i = T0 + sqrt(A - alpha_i), above the power diagram they
+omega_i = ||w_i||^2 + 2 b_i are lifted to h_i = T0 + sqrt(A - omega_i), above the power diagram they
 induce on the data (its Top-1 regions). Both views use x1 to the right and x2 away from / up for the
 viewer (the original variation was mirrored).
 
@@ -44,7 +44,7 @@ VAR_DATA_SEED = 0
 VAR_N_LATENTS = 12
 VAR_STEPS = 3000
 VAR_LR = 1e-2
-VAR_A_MARGIN = 0.3             # A = max alpha + margin: the lowest lifted site sits sqrt(margin) above T0
+VAR_A_MARGIN = 0.3             # A = max weight + margin: the lowest lifted site sits sqrt(margin) above T0
 VAR_BOX = (-2.0, 2.0, -2.0, 2.0)
 
 ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
@@ -169,15 +169,9 @@ def top_view(ax, check, sites, sections, radii, colors, title, data=None):
     ax.scatter(sites[:, 0], sites[:, 1], c=colors[:len(sites)], s=45, edgecolors="k", zorder=5, label="sites")
     for i, p in enumerate(sites):
         ax.annotate(f"{i}", p, xytext=(4, 3), textcoords="offset points", fontsize=8, zorder=6)
-    ext = check["extent"]
-    ax.set_xlim(ext[0], ext[1])
-    ax.set_ylim(ext[2], ext[3])
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
     agree = 100 * check["grid_label_agreement"]
-    ax.set_title(title + f"\ngrid agreement 3-D section vs 2-D power labels: {agree:.2f}%,"
-                 f" max vertex gap {check['max_vertex_gap']:.1e}", fontsize=10)
+    plotting.finish_map(ax, check["extent"], title + f"\ngrid agreement 3-D section vs 2-D power labels: {agree:.2f}%,"
+                        f" max vertex gap {check['max_vertex_gap']:.1e}", title_size=10)
     ax.legend(loc="lower right", fontsize=8)
 
 
@@ -201,7 +195,7 @@ def main(argv=None):
     radii = np.sqrt(weights)
     path3d = render_3d(run.path("fig_7_voronoi_3d_to_power_2d.png"), lifted, cells, sections, T0, BOX, colors, radii,
               "3-D Voronoi cells of lifted sites; their section by the plane t = 0 is a power diagram",
-              f"weights alpha_i = C - h_i^2 (C = {C:.2f}); red circles: radius sqrt(alpha_i)\n"
+              f"weights omega_i = C - h_i^2 (C = {C:.2f}); red circles: radius sqrt(omega_i)\n"
               "higher site -> smaller weight -> smaller cell (some cells miss the plane)", window, zoom=1.15)
     fig, ax = plt.subplots(figsize=(7.5, 7.8))
     top_view(ax, check, sites, sections, radii, colors,
@@ -218,33 +212,33 @@ def main(argv=None):
     x = toy_e1(VAR_N_POINTS, seed=VAR_DATA_SEED)
     model = e1.init_sae(x, VAR_N_LATENTS, 1, "data", seed=run.seed_for("variation_sae"), bias_scale=0.1,
                         dec_scale=0.1)
-    e1.train_e1(model, x, "topk", VAR_STEPS, VAR_LR, 1.0, unit_norm=False, dec_bias=True, desc="variation SAE")
+    e1.train_e1(model, x, "topk", VAR_STEPS, VAR_LR, None, unit_norm=False, dec_bias=True, desc="variation SAE")
     with torch.no_grad():
         recon, _, _ = model(torch.as_tensor(x))
         _, top1, _ = model.encode_sparse(torch.as_tensor(x))
-    v_sites, v_alpha, _ = G.sae_sites_weights(model)
-    v_h, A = G.lift_heights(v_alpha, T0, v_alpha.max() + VAR_A_MARGIN)
+    v_sites, v_weights, _ = G.sae_sites_weights(model)
+    v_h, A = G.lift_heights(v_weights, T0, v_weights.max() + VAR_A_MARGIN)
     v_lifted = G.lift(v_sites, v_h)
     used = np.unique(top1.numpy())
     top = float(np.max(v_h[used])) + 0.4
     v_box = (*VAR_BOX, T0 - 0.3, max(top, T0 + 1.0))
     v_cells, v_sections = lifted_cells(v_lifted, v_box, T0)
-    v_check = section_check(v_sites, v_alpha, v_lifted, v_sections, VAR_BOX, T0, GRID_RES)
+    v_check = section_check(v_sites, v_weights, v_lifted, v_sections, VAR_BOX, T0, GRID_RES)
     v_colors = plotting.label_colors(VAR_N_LATENTS)
-    v_radii = np.sqrt(np.maximum(v_alpha, 0))
+    v_radii = np.sqrt(np.maximum(v_weights, 0))
     v_path3d = render_3d(run.path("fig_7_variation_sae_lifted.png"), v_lifted, v_cells, v_sections, T0, v_box, v_colors,
-              v_radii, "Top-1 SAE on E1: encoder rows w lifted to h = sqrt(A - alpha), alpha = w.w + 2b",
+              v_radii, "Top-1 SAE on E1: encoder rows w lifted to h = sqrt(A - omega), omega = w.w + 2b",
               f"A = {A:.2f}; the section at t = 0 is the SAE's Top-1 partition (black dots: E1 data);\n"
-              "red circles: radius sqrt(alpha) where alpha > 0", window, data=x, label_every=1)
+              "red circles: radius sqrt(omega) where omega > 0", window, data=x, label_every=1)
     fig, ax = plt.subplots(figsize=(7.5, 7.8))
     top_view(ax, v_check, v_sites, v_sections, v_radii, v_colors,
              "Top-1 SAE on E1: its power diagram (raster) and the section of the lifted cells (dashed)", data=x)
     fig.tight_layout()
     mse = float(np.mean((x - recon.numpy()) ** 2))
-    v_numbers = {"sites": v_sites, "weights": v_alpha, "heights": v_h, "A": A, "t0": T0, "box": v_box,
+    v_numbers = {"sites": v_sites, "weights": v_weights, "heights": v_h, "A": A, "t0": T0, "box": v_box,
                  "sae_mse": mse, "latents_used_on_data": used,
                  "top1_equals_power_label_on_data": bool(np.array_equal(
-                     top1[:, 0].numpy(), G.power_distance(x, v_sites, v_alpha).argmin(1))),
+                     top1[:, 0].numpy(), G.power_distance(x, v_sites, v_weights).argmin(1))),
                  **{k: v for k, v in v_check.items() if k not in ("labels2d", "extent")}}
     plotting.save(fig, run.path("fig_7_variation_top_view.png"), v_numbers)
     write_json(v_path3d.with_suffix(".json"), v_numbers)

@@ -44,7 +44,7 @@ def _measure(job):
                 tied=method == "sgd_tied", seed=0)
     cfg = TrainConfig(method=method, epochs=epochs, batch_size=c["BATCH_SIZE"], lr=c["LR"], mu=c["MU"], nu=c["NU"],
                       l1=c["L1"] if activation == "relu" else 0.0, updates_per_batch=updates,
-                      solve_batch=c["SOLVE_BATCH"])
+                      solve_batch=c["SOLVE_BATCH"], solve_every=c["SOLVE_EVERY"], solve_samples=c["SOLVE_SAMPLES"])
     hist = train(model, x_train[:n], x_test, cfg, seed=1, progress=False)[1:]
     return job[:5], n, statistics.median(h["epoch_time"] + h["eval_time"] for h in hist)
 

