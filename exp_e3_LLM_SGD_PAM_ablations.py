@@ -10,6 +10,7 @@ with the training statistics only.
     python exp_e3_LLM_SGD_PAM_ablations.py --MODEL=google/gemma-2-2b --LAYER=12   # where a hub exists
     python exp_e3_LLM_SGD_PAM_ablations.py --only=base,activation --seeds=3 --EPOCHS=20
     python exp_e3_LLM_SGD_PAM_ablations.py --RECIPE=modern --TUNE=True   # the field's recipe, tuned per method
+    python exp_e3_LLM_SGD_PAM_ablations.py --ACTIVATIONS=my_acts.npy    # your own activations (or .safetensors / a folder)
 
 With --TUNE=True each method's hyperparameters are first chosen on a validation split of the training
 activations (TUNE_GRID, the same number of trials per method; tuning/tuning.md), then every run uses
@@ -20,6 +21,7 @@ curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / ta
 with L0 and dead fraction), histories.json, summary.md, models/*.pt.
 """
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ from common.sae import ACTIVATIONS as SAE_ACTIVATIONS
 
 # --- activations -----------------------------------------------------------------------------------
 SOURCE = "llm"                    # "llm", or "synthetic" (a sparse-dictionary stand-in, for --quick and tests)
+ACTIVATIONS = ""                  # your own activations instead: a .npy, a .safetensors (one 2-D tensor) or a folder
+                                  # of such shards; "": the SOURCE above (MODEL ... EXTRACT_DTYPE apply to "llm" only)
 MODEL = activations.DEFAULT_MODEL  # packaged name (gemma-3-270m, smollm2), a local folder/.gguf, or a hub id
 LAYER = 0                         # hidden_states index; 0: the paper's relative depth (12 of 26 blocks)
 TOKEN_RULE = "last"               # "last" (paper: last real token of each text) or "all" (token-level)
@@ -88,8 +92,17 @@ TUNE_GRID = {
     "pam": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "mu_nu": (1e-4, 1e-3, 1e-2), "alpha": (0.0, 1e-5),
             "solve_order": ("enc_first", "dec_first")},
 }
+def _readable_activations(path) -> bool:
+    try:
+        return bool(activations.user_activation_files(path))
+    except activations.DataError:
+        return False
+
+
 ACCEPT = {  # what each constant accepts: checked by configure() before any extraction (common/config.py)
     "SOURCE": one_of("llm", "synthetic"),
+    "ACTIVATIONS": satisfies(lambda p, c: p == "" or _readable_activations(p), "empty, or an existing .npy or "
+                             ".safetensors file or a folder of them (your own activations, n_samples x n_features)"),
     "MODEL": satisfies(lambda m, c: activations.is_model_name(m), "a packaged model (" + ", ".join(
         activations.GGUF_MODELS) + "), an existing folder or .gguf file, or a hub id org/name"),
     "LAYER": at_least(0),
@@ -101,10 +114,11 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "EXTRACT_BATCH": at_least(1),
     "EXTRACT_DTYPE": one_of(*activations.DTYPES),
     "TEST_FRACTION": in_range(0, 1, lo_open=True, hi_open=True) & satisfies(
-        lambda f, c: c["TOKEN_RULE"] == "all" or 1 <= round(f * c["N_TEXTS"]) < c["N_TEXTS"],
+        lambda f, c: c["ACTIVATIONS"] or c["TOKEN_RULE"] == "all" or 1 <= round(f * c["N_TEXTS"]) < c["N_TEXTS"],
         "leaving at least one of the --N_TEXTS = {N_TEXTS} samples in each split"),
     "N_TRAIN": at_least(0) & satisfies(
-        lambda n, c: c["TOKEN_RULE"] == "all" or n <= c["N_TEXTS"] - round(c["TEST_FRACTION"] * c["N_TEXTS"]),
+        lambda n, c: c["ACTIVATIONS"] or c["TOKEN_RULE"] == "all"
+        or n <= c["N_TEXTS"] - round(c["TEST_FRACTION"] * c["N_TEXTS"]),
         "at most the training split of the --N_TEXTS = {N_TEXTS} samples (0: all of it)"),
     "RECIPE": one_of(*RECIPES),
     "N_LATENTS": at_least(1),
@@ -189,7 +203,17 @@ if TUNE:
     tuning.plan_trials(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)
 
 # --- activations -------------------------------------------------------------------------------------
-if SOURCE == "synthetic":
+if ACTIVATIONS:
+    X, meta = activations.load_user_activations(ACTIVATIONS)
+    n = X.shape[0]
+    problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
+               if not 1 <= round(TEST_FRACTION * n) < n else
+               f"--N_TRAIN={N_TRAIN} exceeds the training split of its {n} samples"
+               if N_TRAIN > n - round(TEST_FRACTION * n) else "")
+    if problem:  # what only the data can tell: checked before any training
+        print(f"{run.name}: error: --ACTIVATIONS={ACTIVATIONS}: {problem}", file=sys.stderr)
+        sys.exit(2)
+elif SOURCE == "synthetic":
     X = synthetic(N_TEXTS, seed=run.seed_for("synthetic"))
     meta = {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
             "n_features": X.shape[1]}

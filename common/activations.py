@@ -610,6 +610,55 @@ def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token
     return X, dict(meta, cached=False)
 
 
+USER_SUFFIXES = (".npy", ".safetensors")
+
+
+def user_activation_files(path) -> list[Path]:
+    """The files of your own activations: a .npy or .safetensors file, or a folder of them (shards, in name
+    order). Raises DataError naming the path when there is nothing to read."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in USER_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no *.npy or *.safetensors shards in this folder")
+        return files
+    if path.suffix not in USER_SUFFIXES or not path.is_file():
+        raise DataError(f"{path}: expected an existing .npy or .safetensors file, or a folder of them")
+    return [path]
+
+
+def _read_shard(path: Path) -> torch.Tensor:
+    if path.suffix == ".npy":
+        import numpy as np
+        return torch.from_numpy(np.array(np.load(path, mmap_mode="r", allow_pickle=False)))
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    if len(tensors) != 1:
+        raise DataError(f"{path}: expected one tensor (n_samples, n_features), found {sorted(tensors)}")
+    return next(iter(tensors.values()))
+
+
+def load_user_activations(path) -> tuple[torch.Tensor, dict]:
+    """Your own activations (n_samples, n_features) as float32, with metadata (every file's sha256): a
+    .npy (read without pickle), a .safetensors holding one tensor, or a folder of such shards (their rows
+    concatenated in name order). Every shard must be 2-D, of real numbers, finite, and of the same width."""
+    files = user_activation_files(path)
+    shards, width = [], None
+    for f in files:
+        x = _read_shard(f)
+        if x.ndim != 2 or x.shape[0] == 0 or x.is_complex() or x.dtype == torch.bool:
+            raise DataError(f"{f}: expected a non-empty 2-D array (n_samples, n_features) of real numbers, "
+                            f"got shape {tuple(x.shape)} and dtype {x.dtype}")
+        if width is not None and x.shape[1] != width:
+            raise DataError(f"{f}: {x.shape[1]} features, but the earlier shards have {width}")
+        width = x.shape[1]
+        shards.append(check_finite(x.float(), str(f)))
+    X = torch.cat(shards)
+    meta = {"model": f"your activations ({Path(path)})", "layer": None, "count": X.shape[0], "n_features": width,
+            "files": [{"name": f.name, "sha256": sha256(f), "rows": s.shape[0]} for f, s in zip(files, shards)]}
+    return X, meta
+
+
 def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8):
     """Random train/test split, then per-feature z-scores with the TRAINING mean and std only.
 

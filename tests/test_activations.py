@@ -1,8 +1,11 @@
 """common/activations.py on tiny transformers built here (no download), plus one slow test on SmolLM2."""
 import importlib.util
 import json
+import os
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -367,3 +370,54 @@ def test_smollm2_real_model(tmp_path):
     texts = A.split_texts(A.read_text()[0], 4, 32)
     want = reference(model, tok, texts, meta["layer"], "last", "right", max_tokens=32)
     torch.testing.assert_close(X, want, rtol=1e-4, atol=1e-3)
+
+
+def test_your_own_activations_npy_safetensors_and_shards_give_the_same_tensor(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from common.activations import load_user_activations
+    x = torch.randn(30, 5)
+    np.save(tmp_path / "a.npy", x.numpy())
+    save_file({"acts": x}, str(tmp_path / "a.safetensors"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "00.npy", x[:12].numpy())
+    save_file({"acts": x[12:]}, str(shards / "01.safetensors"))
+    for path in (tmp_path / "a.npy", tmp_path / "a.safetensors", shards):
+        got, meta = load_user_activations(path)
+        assert torch.equal(got, x) and meta["count"] == 30 and meta["n_features"] == 5
+    assert [f["rows"] for f in load_user_activations(shards)[1]["files"]] == [12, 18]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda p: np.save(p / "x.npy", np.zeros(5)), "2-D array"),
+    (lambda p: np.save(p / "x.npy", np.full((3, 2), np.nan)), "NaN"),
+    (lambda p: (np.save(p / "x.npy", np.zeros((3, 2))), np.save(p / "y.npy", np.zeros((3, 4)))), "4 features"),
+    (lambda p: (p / "x.txt").write_text("1 2"), "no \\*.npy or \\*.safetensors"),
+])
+def test_your_own_activations_refused_with_the_file_named(tmp_path, bad, match):
+    from common.activations import load_user_activations
+    from common.data import DataError
+    bad(tmp_path)
+    with pytest.raises(DataError, match=match):
+        load_user_activations(tmp_path)
+
+
+def test_e3_runs_on_your_own_activations(tmp_path):
+    import subprocess
+    import sys
+    x = torch.randn(120, 16)
+    np.save(tmp_path / "mine.npy", x.numpy())
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "exp_e3_LLM_SGD_PAM_ablations.py"), "--quick", "--ONLY=base",
+                          "--METHODS=pam,sgd", "--WORKERS=1", f"--ACTIVATIONS={tmp_path / 'mine.npy'}",
+                          "--out", str(tmp_path / "out")], cwd=root, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, MPLBACKEND="Agg"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = json.loads((tmp_path / "out" / "activations.json").read_text())
+    assert meta["count"] == 120 and meta["n_features"] == 16 and meta["n_train"] + meta["n_test"] == 120
+    bad = subprocess.run([sys.executable, str(root / "exp_e3_LLM_SGD_PAM_ablations.py"), "--quick",
+                          f"--ACTIVATIONS={tmp_path / 'nope.npy'}", "--out", str(tmp_path / "out2")], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--ACTIVATIONS" in bad.stderr and not (tmp_path / "out2").exists()
