@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import check_finite
-from .metrics import EvalSums, data_sums, evaluate, summarise
+from . import distributed as dist
+from .metrics import EvalSums, data_sums, evaluate_sums, summarise
 from .pam import collect_stats, decoder_objective, solve_decoder, sse_from_stats
 from .recipe import centre_of
 from .sae import SAE
@@ -186,11 +187,14 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     solve; record with the decoder objective before and after the solve).
     """
     if cfg.solve_samples and cfg.solve_samples < x_train.shape[0]:
-        pick = torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples].to(x_train.device)
-        stats = collect_stats(model, x_train[pick], cfg.solve_batch).scaled(x_train.shape[0] / cfg.solve_samples)
+        pick = dist.shard(torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples]).to(x_train.device)
+        stats = collect_stats(model, x_train[pick], cfg.solve_batch)
+        dist.sum_stats(stats)  # several processes: every rank's rows, summed (common/distributed.py)
+        stats = stats.scaled(x_train.shape[0] / cfg.solve_samples)
         exact = False
     else:
-        stats = collect_stats(model, x_train, cfg.solve_batch)
+        stats = collect_stats(model, dist.shard(x_train), cfg.solve_batch)
+        dist.sum_stats(stats)
         exact = True
     prox = cfg.prox_form == "proximal"
     coefs = dict(alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu if prox else 0.0, nu=cfg.nu if prox else 0.0)
@@ -250,12 +254,19 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     params = enc + dec
     named = [n for n, p in model.named_parameters() if any(p is q for q in params)]
     gen = torch.Generator().manual_seed(int(seed))
-    sums_train, sums_test = data_sums(x_train, cfg.eval_batch), data_sums(x_test, cfg.eval_batch)
+    # several processes (common/distributed.py): each evaluates its rows and the sums are added
+    eval_train, eval_test = dist.shard(x_train), dist.shard(x_test)
+    sums_train, sums_test = data_sums(eval_train, cfg.eval_batch), data_sums(eval_test, cfg.eval_batch)
+
+    def metrics(x, sums_of_x):
+        sums = evaluate_sums(model, x, cfg.eval_batch, sums_of_x)
+        dist.sum_eval(sums)
+        return summarise(sums)
 
     def record(epoch, loss, epoch_time, samples, steps, train_metrics=None, extra=None):
         t0 = time.perf_counter()
-        tr = train_metrics if train_metrics is not None else evaluate(model, x_train, cfg.eval_batch, sums_train)
-        te = evaluate(model, x_test, cfg.eval_batch, sums_test)
+        tr = train_metrics if train_metrics is not None else metrics(eval_train, sums_train)
+        te = metrics(eval_test, sums_test)
         row = {"epoch": epoch, "loss": loss, "epoch_time": epoch_time, "samples_seen": samples, "grad_steps": steps}
         row.update({f"train_{k}": v for k, v in tr.items()})
         row.update({f"test_{k}": v for k, v in te.items()})
@@ -355,8 +366,24 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
         perm = torch.randperm(n, generator=gen).to(device)
         loss_sum = 0.0
         for s in range(0, n, cfg.batch_size):
-            xb = x_train.index_select(0, perm[s:s + cfg.batch_size])  # 3x faster than x[idx]
+            batch = perm[s:s + cfg.batch_size]
+            mine = dist.shard(batch)           # several processes: this rank's rows of the global batch
+            share = len(mine) / len(batch)     # its weight in the global batch's mean loss
+            xb = x_train.index_select(0, mine)  # 3x faster than x[idx]
             for _ in range(cfg.updates_per_batch):
+                if len(mine) == 0:  # a last global batch smaller than the number of ranks: nothing here
+                    opt.zero_grad(set_to_none=False)
+                    for p in params:
+                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+                    dist.sum_gradients(params, 0.0)
+                    if aux:
+                        since_fired += len(batch)
+                        since_fired[dist.any_rank(torch.zeros_like(since_fired, dtype=torch.bool))] = 0
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                    steps += 1
+                    continue
                 codes = aux_term = None
                 if cfg.l1 or not model.is_topk:
                     out = model(xb)
@@ -378,6 +405,8 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
                 total = loss if aux_term is None else loss + aux_term
                 opt.zero_grad(set_to_none=True)
                 total.backward()
+                if dist.active():
+                    dist.sum_gradients(params, share)
                 if unit_norm:
                     _project_atom_gradient(model.W_dec)
                 opt.step()
@@ -387,11 +416,12 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
                 if sched is not None:
                     sched.step()
                 if aux:
-                    since_fired += xb.shape[0]
-                    since_fired[fired] = 0
+                    since_fired += len(batch)
+                    since_fired[dist.any_rank(fired)] = 0
                 steps += 1
-            loss_sum += loss.item() * xb.shape[0]
-            samples += xb.shape[0]
+            loss_sum += loss.item() * xb.shape[0] if len(mine) else 0.0
+            samples += len(batch)
+        loss_sum = dist.total(loss_sum, device)
         _check_finite(model, loss_sum, f"{where}, epoch {epoch}")
         if due and cfg.solve_order == "enc_first":
             train_metrics, extra = _solve(model, x_train, cfg, gen)
