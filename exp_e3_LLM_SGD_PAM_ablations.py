@@ -222,6 +222,9 @@ else:
                                            n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
                                            dtype=EXTRACT_DTYPE)
 x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
+if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
+    print(f"{run.name}: error: --N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples", file=sys.stderr)
+    sys.exit(2)
 if N_TRAIN:
     x_train = x_train[:N_TRAIN]
 write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
