@@ -34,12 +34,15 @@ FULL = False                 # --full: the scripts' own settings
 SEEDS = 5                    # replicate seeds for every PAM-vs-SGD claim
 DIRECTION_SEEDS = 3          # seeds for PAM-only direction claims (updates, mu = nu)
 PROTOCOLS = ("paper", "modern")
-TUNE_TRIALS = 4              # modern protocol: trials per method on the validation split
+TUNE_TRIALS = 4              # modern protocol: trials per method on the validation split (tuned once per
+                             # experiment and activation; the other runs of that protocol reuse it: --TUNED)
 THEORY_INSTANCES = 20        # random instances per theory statement
 THEORY_POINTS = 2000         # points per instance
 SMALL_FRACTION = 0.1         # sample-efficiency claims: judged at every training fraction <= this
 MNIST_FRACTIONS = (0.01, 0.05, 0.1)
 MNIST_EPOCHS = 10            # fast profile (the original fraction rule gives 10 at these fractions)
+MNIST_TUNE_EPOCHS = 5        # fast profile, modern protocol: epochs per tuning trial
+MNIST_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)  # fast profile (the script's: 0, 1e-5, 1e-4, 1e-3, 1e-2)
 MNIST_SUBSET = 6000          # fast profile: weight-decay / updates / mu-nu ablations on this many images
 CONVERGENCE_EPOCHS = 100     # PAM's objective over many epochs (on MNIST_SUBSET images)
 LLM_FRACTIONS = (0.01, 0.05, 0.1)
@@ -47,7 +50,10 @@ LLM_EPOCHS = 10              # fast profile (paper: 100, ablations 50)
 LLM_TUNE_EPOCHS = 5          # fast profile, modern protocol: epochs per tuning trial
 LLM_SUBSET = 900             # fast profile: E3's K / weight-decay / updates / mu-nu ablations on this many
 LLM_RELU_SUBSET = 2250       # fast profile: E3's ReLU sparsity on this many training activations
-LLM_KS = (20, 80, 320)       # fast profile
+LLM_N_LATENTS = 1024         # fast profile (the paper: 4096 with K 320; PAM's exact solve is cubic in it)
+LLM_K = 80                   # fast profile: the paper's K / N_LATENTS ratio (320 / 4096)
+LLM_KS = (20, 80, 320)       # fast profile (the paper's 15 ... 1280 of 4096 spans the same ratios)
+LLM_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)  # fast profile
 LLM_ARGS = ""                # extra overrides for the E3 script, e.g. "--MODEL=smollm2" (space separated)
 SEED = 0
 ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
@@ -63,6 +69,8 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
         "at least the smallest of --MNIST_FRACTIONS and of --LLM_FRACTIONS (a claim needs a fraction to judge)"),
     "MNIST_FRACTIONS": each(in_range(0, 1, lo_open=True)),
     "MNIST_EPOCHS": at_least(1),
+    "MNIST_TUNE_EPOCHS": at_least(1),
+    "MNIST_WEIGHT_DECAYS": each(at_least(0)),
     "MNIST_SUBSET": in_range(0, 60_000),
     "CONVERGENCE_EPOCHS": at_least(2),
     "LLM_FRACTIONS": each(in_range(0, 1, lo_open=True)),
@@ -70,13 +78,18 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "LLM_TUNE_EPOCHS": at_least(1),
     "LLM_SUBSET": at_least(0),
     "LLM_RELU_SUBSET": at_least(0),
-    "LLM_KS": each(at_least(1)),
+    "LLM_N_LATENTS": at_least(1),
+    "LLM_K": in_range(1, "LLM_N_LATENTS"),
+    "LLM_KS": each(in_range(1, "LLM_N_LATENTS")),
+    "LLM_WEIGHT_DECAYS": each(at_least(0)),
     "LLM_ARGS": text(),
     "SEED": at_least(0),
 }
 QUICK = dict(SEEDS=2, DIRECTION_SEEDS=2, TUNE_TRIALS=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
-             MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, CONVERGENCE_EPOCHS=3, MNIST_SUBSET=400, LLM_FRACTIONS=(0.1,),
-             LLM_EPOCHS=1, LLM_TUNE_EPOCHS=1, LLM_SUBSET=200, LLM_RELU_SUBSET=200, LLM_KS=(3, 6))
+             MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, MNIST_TUNE_EPOCHS=1, MNIST_WEIGHT_DECAYS=(0.0, 1e-3),
+             CONVERGENCE_EPOCHS=3, MNIST_SUBSET=400, LLM_FRACTIONS=(0.1,), LLM_EPOCHS=1, LLM_TUNE_EPOCHS=1,
+             LLM_SUBSET=200, LLM_RELU_SUBSET=200, LLM_N_LATENTS=48, LLM_K=6, LLM_KS=(3, 6),
+             LLM_WEIGHT_DECAYS=(0.0, 1e-3))
 
 ROOT = Path(__file__).resolve().parent
 run = configure(globals(), quick=QUICK, name="claims",
@@ -125,9 +138,12 @@ def script(tag, name, args, out):
     return commands[tag]["command"]
 
 
-def protocol_args(protocol, tune_epochs):
+def protocol_args(protocol, tune_epochs, tuned=None):
+    """The paper protocol, or the modern recipe tuned here (or reusing the tuning of the run in folder ``tuned``)."""
     if protocol == "paper":
         return ["--RECIPE=paper"]
+    if tuned is not None:
+        return ["--RECIPE=modern", f"--TUNED={tuned.resolve()}"]
     return ["--RECIPE=modern", "--TUNE=True", f"--TUNE_TRIALS={TUNE_TRIALS}", f"--TUNE_EPOCHS={tune_epochs}"]
 
 
@@ -203,20 +219,26 @@ add("E1-between", "paper-empirical", "The trained Top-K SAE's reconstruction err
 mnist_epochs = [] if FULL else [f"--EPOCHS={MNIST_EPOCHS}"]
 mnist_fracs = [] if FULL else [f"--FRACTIONS={','.join(map(str, MNIST_FRACTIONS))}"]
 mnist_subset = [] if FULL else [f"--N_TRAIN={MNIST_SUBSET}"]
-e2_tune_epochs = E2_PAPER["EPOCHS"] if FULL else MNIST_EPOCHS
+mnist_wds = [] if FULL else [f"--WEIGHT_DECAYS={','.join(map(str, MNIST_WEIGHT_DECAYS))}"]
+e2_tune_epochs = E2_PAPER["EPOCHS"] if FULL else MNIST_TUNE_EPOCHS
 seeds, dseeds = [f"--SEEDS={SEEDS}", f"--SEED={run.seed}"], [f"--SEEDS={DIRECTION_SEEDS}", f"--SEED={run.seed}"]
 efficiency = {}   # (experiment, activation, other) -> {protocol: (verdict, numbers)}
 e2_runs = {}
 for protocol in PROTOCOLS:
     p_args, d = protocol_args(protocol, e2_tune_epochs), OUT / protocol
+    # topk: tuned once (on the fraction call's training images), reused by the base and weight-decay calls
+    tuned = None if protocol == "paper" else d / "e2_topk"
     e2_runs[protocol] = {
-        "topk": script(f"{protocol}/e2_topk", E2, ["--ACTIVATIONS=topk", "--ONLY=base,fraction"] + mnist_fracs
+        "topk": script(f"{protocol}/e2_topk", E2, ["--ACTIVATIONS=topk", "--ONLY=fraction"] + mnist_fracs
                        + mnist_epochs + seeds + p_args, d / "e2_topk"),
+        "base": script(f"{protocol}/e2_topk_base", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METHODS=pam,sgd"]
+                       + mnist_epochs + seeds + protocol_args(protocol, e2_tune_epochs, tuned), d / "e2_topk_base"),
         "relu": script(f"{protocol}/e2_relu", E2, ["--ACTIVATIONS=relu", "--ONLY=fraction"] + mnist_fracs
                        + mnist_epochs + seeds + p_args, d / "e2_relu"),
         "weight_decay": script(f"{protocol}/e2_weight_decay", E2, ["--ACTIVATIONS=topk", "--ONLY=weight_decay",
-                                                                   "--METHODS=pam,sgd"] + mnist_subset + mnist_epochs
-                               + seeds + p_args, d / "e2_weight_decay"),
+                                                                   "--METHODS=pam,sgd"] + mnist_subset + mnist_wds
+                               + mnist_epochs + seeds + protocol_args(protocol, e2_tune_epochs, tuned),
+                               d / "e2_weight_decay"),
     }
 script("paper/e2_pam_sensitivity", E2, ["--ACTIVATIONS=topk", "--ONLY=updates,mu_nu", "--METHODS=pam"] + mnist_subset
        + ([] if FULL or run.quick else ["--UPDATES=1,10", "--MU_NUS=0.0,0.01"]) + mnist_epochs + dseeds + protocol_args("paper", e2_tune_epochs), OUT / "paper" / "e2_pam_sensitivity")
@@ -225,7 +247,7 @@ script("paper/e2_convergence", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METH
        + [f"--SEEDS=2", f"--SEED={run.seed}"] + protocol_args("paper", e2_tune_epochs), OUT / "paper" / "e2_convergence")
 
 
-def sample_efficiency(cid, label, folder, act_dir, source):
+def sample_efficiency(cid, label, folder, act_dir, source, note=""):
     for other in ("sgd", "sgd_tied"):
         per, numbers, links = {}, {}, []
         for protocol in PROTOCOLS:
@@ -237,7 +259,8 @@ def sample_efficiency(cid, label, folder, act_dir, source):
         add(f"{cid}-vs-{other}", "paper-empirical", f"{label}: PAM-SGD reaches a lower test MSE than {other} at "
             f"small training fractions (<= {100 * SMALL_FRACTION:g}%)", source,
             {p: commands[f"{p}/{folder}"]["command"] for p in PROTOCOLS}, numbers,
-            "Welch comparison at every small fraction, combined (common/claims.py)", protocols=per, links=links)
+            "Welch comparison at every small fraction, combined (common/claims.py)", protocols=per, links=links,
+            note=note)
 
 
 sample_efficiency("E2-sample-efficiency-topk", "MNIST topk", "e2_topk", "topk", "paper E2 (sample efficiency)")
@@ -247,7 +270,7 @@ sample_efficiency("E2-sample-efficiency-relu", "MNIST relu", "e2_relu", "relu", 
 for view in ("epochs", "seconds"):
     per, numbers, links = {}, {}, []
     for protocol in PROTOCOLS:
-        d = OUT / protocol / "e2_topk" / "topk"
+        d = OUT / protocol / "e2_topk_base" / "topk"
         hist = json.loads((d / "histories.json").read_text())
         reps = sorted({r["replicate"] for r in table(d / "table.json") if r["ablation"] == "base"})
         final = {m: [hist[run_id(m, "base", "-", r)][-1]["test_mse"] for r in reps] for m in ("pam", "sgd")}
@@ -264,7 +287,7 @@ for view in ("epochs", "seconds"):
         links += [d / "curves_base.png", d / "curves_base.json"]
     add(f"E2-full-data-equal-{view}", "paper-empirical", f"MNIST topk, all training images: PAM-SGD reaches a lower "
         f"test MSE than SGD at equal {'epochs' if view == 'epochs' else 'training time (seconds)'}",
-        "paper E2 (PAM-SGD trains better SAEs)", {p: commands[f"{p}/e2_topk"]["command"] for p in PROTOCOLS},
+        "paper E2 (PAM-SGD trains better SAEs)", {p: commands[f"{p}/e2_topk_base"]["command"] for p in PROTOCOLS},
         numbers, "Welch comparison of the final test MSE" + ("" if view == "epochs" else
                                                             " at the last epoch both reached within the shorter run's "
                                                             "training time"), protocols=per, links=links)
@@ -347,14 +370,17 @@ extra = LLM_ARGS.split()
 llm_epochs = [] if FULL else [f"--EPOCHS={LLM_EPOCHS}", f"--ABLATION_EPOCHS={LLM_EPOCHS}"]
 llm_fracs = [] if FULL else [f"--FRACTIONS={','.join(map(str, LLM_FRACTIONS))}"]
 llm_subset = [] if FULL else [f"--N_TRAIN={LLM_SUBSET}"]
-llm_ks = [] if FULL else [f"--KS={','.join(map(str, LLM_KS))}", "--WEIGHT_DECAYS=0.0,0.001,0.01"]
+llm_ks = [] if FULL else [f"--KS={','.join(map(str, LLM_KS))}",
+                          f"--WEIGHT_DECAYS={','.join(map(str, LLM_WEIGHT_DECAYS))}"]
+extra = ([] if FULL else [f"--N_LATENTS={LLM_N_LATENTS}", f"--K={LLM_K}"]) + extra
 e3_tune_epochs = E3_PAPER["ABLATION_EPOCHS"] if FULL else LLM_TUNE_EPOCHS
 for protocol in PROTOCOLS:
     p_args, d = protocol_args(protocol, e3_tune_epochs), OUT / protocol
+    tuned = None if protocol == "paper" else d / "e3_fraction"  # tuned once, reused by the K / weight-decay call
     script(f"{protocol}/e3_fraction", E3, ["--ONLY=fraction"] + llm_fracs + llm_epochs + seeds + p_args + extra,
            d / "e3_fraction")
     script(f"{protocol}/e3_k_weight_decay", E3, ["--ONLY=k,weight_decay", "--METHODS=pam,sgd"] + llm_subset + llm_ks
-           + llm_epochs + seeds + p_args + extra, d / "e3_k_weight_decay")
+           + llm_epochs + seeds + protocol_args(protocol, e3_tune_epochs, tuned) + extra, d / "e3_k_weight_decay")
     script(f"{protocol}/e3_relu", E3, ["--ACTIVATION=relu", "--ONLY=base", "--METHODS=pam,sgd"]
            + ([] if FULL else [f"--N_TRAIN={LLM_RELU_SUBSET}"]) + llm_epochs + seeds + p_args + extra, d / "e3_relu")
 script("paper/e3_pam_sensitivity", E3, ["--ONLY=updates,mu_nu", "--METHODS=pam"] + llm_subset
@@ -362,7 +388,9 @@ script("paper/e3_pam_sensitivity", E3, ["--ONLY=updates,mu_nu", "--METHODS=pam"]
        + protocol_args("paper", e3_tune_epochs) + extra, OUT / "paper" / "e3_pam_sensitivity")
 meta = json.loads((OUT / "paper" / "e3_fraction" / "activations.json").read_text())
 llm = f"LLM activations ({meta.get('model')}, layer {meta.get('layer')})"
-sample_efficiency("E3-sample-efficiency", llm, "e3_fraction", "", "paper E3 (sample efficiency; paper: Gemma-2-2B)")
+llm_note = "" if FULL else f"fast profile: {LLM_N_LATENTS} latents, K = {LLM_K} (the paper: 4096, K = 320)"
+sample_efficiency("E3-sample-efficiency", llm, "e3_fraction", "", "paper E3 (sample efficiency; paper: Gemma-2-2B)",
+                  llm_note)
 
 for ablation, statement, pick_values in (
         ("k", "at every K: PAM-SGD reaches a lower test MSE than SGD", lambda vs: vs),
@@ -377,7 +405,7 @@ for ablation, statement, pick_values in (
     add(f"E3-{ablation.replace('_', '-')}", "paper-empirical", f"{llm}, {statement}", f"paper E3 ({ablation} ablation; "
         "direction as reported)", {p: commands[f"{p}/e3_k_weight_decay"]["command"] for p in PROTOCOLS}, numbers,
         "Welch comparison at every setting, combined", protocols=per, links=links,
-        note="" if FULL else f"fast profile: on the first {LLM_SUBSET} training activations")
+        note="" if FULL else f"{llm_note}, on the first {LLM_SUBSET} training activations")
 
 per, numbers, links = {}, {}, []
 for protocol in PROTOCOLS:
@@ -389,7 +417,7 @@ for protocol in PROTOCOLS:
 add("E3-relu-sparsity", "paper-empirical", f"{llm}, ReLU: PAM-SGD's codes are sparser (lower test L0) than SGD's",
     "paper E3 (code sparsity)", {p: commands[f"{p}/e3_relu"]["command"] for p in PROTOCOLS}, numbers,
     "Welch comparison on test L0 (FVU guard), test MSE reported beside it", protocols=per, links=links,
-    note="" if FULL else f"fast profile: on the first {LLM_RELU_SUBSET} training activations")
+    note="" if FULL else f"{llm_note}, on the first {LLM_RELU_SUBSET} training activations")
 direction_claims("E3", "e3_pam_sensitivity", "paper E3 ablations (updates, mu/nu)", llm)
 
 # --- report ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ uses them and is reported on the test set.
 """
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -66,6 +67,8 @@ TUNE = False
 TUNE_TRIALS = 8                  # per method; every grid below has at least this many points
 TUNE_EPOCHS = 0                  # 0: EPOCHS
 TUNE_VAL_FRACTION = 0.1          # of the training images, held out for choosing (the test set chooses nothing)
+TUNED = ""                       # or the output folder of an earlier --TUNE=True run: reuse its chosen values
+                                 # (<folder>/<activation>/tuning/tuning.json; the same base settings required)
 TUNE_GRID = {
     "sgd": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "weight_decay": (0.0, 1e-4)},
     "sgd_tied": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "weight_decay": (0.0, 1e-4)},
@@ -133,7 +136,7 @@ only = experiment.parse_only(ONLY, list(ablations))
 recipe = recipe_settings(RECIPE, N_LATENTS, paper_lr=3e-3)
 if LR:
     recipe["lr"] = LR
-protocols, trials = {}, {}
+protocols, trials, reused = {}, {}, {}
 for act in ACTIVATIONS:
     protocols[act] = experiment.Protocol(
         base=dict(recipe, n_latents=N_LATENTS, activation=TOPK_VARIANT if act == "topk" else act, k=K,
@@ -144,6 +147,11 @@ for act in ACTIVATIONS:
     if TUNE:
         grids = {m: TUNE_GRID[m] for m in METHODS}
         trials[act] = tuning.plan_trials(protocols[act], grids, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)
+    if TUNED:
+        try:
+            reused[act] = tuning.reuse(Path(TUNED) / act / "tuning" / "tuning.json", protocols[act])
+        except ValueError as err:
+            run.fail(f"--TUNED={TUNED}: {err}")
 
 # --- data (after every setting is validated) ----------------------------------------------------------
 x_train, _, x_test, _ = load_mnist()
@@ -156,12 +164,13 @@ digits = x_test[:10]                       # 10 fixed test digits for the recons
 # --- runs, figures, summary -----------------------------------------------------------------------
 for act, protocol in protocols.items():
     out = run.dir(act)
-    label = f"MNIST {protocol.base['activation']}, {RECIPE} recipe" + (", tuned" if TUNE else "")
-    chosen = None
+    label = f"MNIST {protocol.base['activation']}, {RECIPE} recipe" + (", tuned" if TUNE or TUNED else "")
+    chosen = reused.get(act)
     if TUNE:
         print(f"== {label}: tuning, {len(trials[act])} trials on a validation split")
         chosen = tuning.tune(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, x_train,
                              TUNE_VAL_FRACTION, out / "tuning", run.seed, workers=workers, resume=RESUME, device=device)
+    if chosen:
         protocol = tuning.tuned_protocol(protocol, chosen)
     print(f"== {label}: {len(protocol.plan())} runs ({len(x_train)} train / {len(x_test)} test samples)")
     rows, histories, models = experiment.execute(protocol, x_train, x_test, out, workers=workers, resume=RESUME, device=device)
@@ -190,7 +199,8 @@ for act, protocol in protocols.items():
                                  suptitle=f"{label} {m}: decoder atoms (first {n_show})")
                 save(fig, out / f"filters_{m}_decoder.png", {"latents": list(range(n_show))})
         experiment.stem_plots(base, digits, out, label)
-    text = experiment.summary(rows, f"E2, {label}: SGD vs PAM-SGD", tuning=chosen)
+    text = experiment.summary(rows, f"E2, {label}: SGD vs PAM-SGD", tuning=chosen,
+                              tuned_in=Path(TUNED) / act / "tuning" if TUNED else out / "tuning")
     write_text(out / "summary.md", text)
     print(text)
 run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed),

@@ -21,7 +21,6 @@ curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / ta
 with L0 and dead fraction), histories.json, summary.md, models/*.pt.
 """
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -86,6 +85,8 @@ TUNE = False
 TUNE_TRIALS = 6                   # per method; every grid below has at least this many points
 TUNE_EPOCHS = 10                  # 0: EPOCHS
 TUNE_VAL_FRACTION = 0.1           # of the training activations, held out for choosing (the test split chooses nothing)
+TUNED = ""                        # or the output folder of an earlier --TUNE=True run: reuse its chosen values
+                                  # (<folder>/tuning/tuning.json; the same base settings required)
 TUNE_GRID = {
     "sgd": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "weight_decay": (0.0, 1e-4)},
     "sgd_tied": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "weight_decay": (0.0, 1e-4)},
@@ -201,6 +202,12 @@ protocol = experiment.Protocol(
     ablation_overrides={"epochs": ABLATION_EPOCHS})
 if TUNE:
     tuning.plan_trials(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)
+chosen = None
+if TUNED:
+    try:
+        chosen = tuning.reuse(Path(TUNED) / "tuning" / "tuning.json", protocol)
+    except ValueError as err:
+        run.fail(f"--TUNED={TUNED}: {err}")
 
 # --- activations -------------------------------------------------------------------------------------
 if ACTIVATIONS:
@@ -211,8 +218,7 @@ if ACTIVATIONS:
                f"--N_TRAIN={N_TRAIN} exceeds the training split of its {n} samples"
                if N_TRAIN > n - round(TEST_FRACTION * n) else "")
     if problem:  # what only the data can tell: checked before any training
-        print(f"{run.name}: error: --ACTIVATIONS={ACTIVATIONS}: {problem}", file=sys.stderr)
-        sys.exit(2)
+        run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {problem}")
 elif SOURCE == "synthetic":
     X = synthetic(N_TEXTS, seed=run.seed_for("synthetic"))
     meta = {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
@@ -223,8 +229,7 @@ else:
                                            dtype=EXTRACT_DTYPE)
 x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
 if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
-    print(f"{run.name}: error: --N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples", file=sys.stderr)
-    sys.exit(2)
+    run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
 if N_TRAIN:
     x_train = x_train[:N_TRAIN]
 write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
@@ -233,12 +238,13 @@ print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} t
       f"x {x_train.shape[1]} features")
 
 # --- runs, figures, summary -----------------------------------------------------------------------
-label = f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}, {RECIPE} recipe" + (", tuned" if TUNE else "")
-chosen = None
+label = (f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}, {RECIPE} recipe"
+         + (", tuned" if TUNE or TUNED else ""))
 if TUNE:
     print(f"== {label}: tuning on a validation split")
     chosen = tuning.tune(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, x_train,
                          TUNE_VAL_FRACTION, run.out / "tuning", run.seed, workers=workers, resume=RESUME, device=device)
+if chosen:
     protocol = tuning.tuned_protocol(protocol, chosen)
 print(f"== {label}: {len(protocol.plan())} runs")
 rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out, workers=workers, resume=RESUME, device=device)
@@ -248,7 +254,8 @@ if "base" in only:
     base = {m: models[experiment.run_id(m, "base", "-", 0)] for m in METHODS
         if experiment.run_id(m, "base", "-", 0) in models}
     experiment.stem_plots(base, x_test[:3], run.out, label)
-text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD", tuning=chosen)
+text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD", tuning=chosen,
+                          tuned_in=Path(TUNED) / "tuning" if TUNED else run.out / "tuning")
 write_text(run.out / "summary.md", text)
 print(text)
 run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "activations": meta})

@@ -49,6 +49,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 _TRUE = {"1", "true", "yes", "on"}
@@ -240,6 +241,13 @@ class Run:
         path = write_json(self.out / MANIFEST_NAME, manifest)
         self.release()
         return path
+
+    def fail(self, message: str) -> NoReturn:
+        """What only the data or an earlier run can tell, found before any training: the error in one line on
+        stderr, the folder unlocked, exit status 2 (as for a bad setting)."""
+        print(f"{self.name}: error: {' '.join(message.split())}", file=sys.stderr)
+        self.release()
+        raise SystemExit(2)
 
     def release(self) -> None:
         """Unlock the output folder without writing the manifest (idempotent)."""

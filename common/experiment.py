@@ -395,17 +395,19 @@ def aggregate(rows: list[dict], metric: str = "test_mse") -> dict:
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
-def summary(rows: list[dict], title: str, tuning: dict | None = None) -> str:
+def summary(rows: list[dict], title: str, tuning: dict | None = None, tuned_in=None) -> str:
     """Markdown: per ablation and value, each method's test MSE, FVU, dead fraction and L0, and which
     method has the lowest test MSE and by how much. A method whose mean test FVU is >= 1 is marked
-    "uninformative" and never wins. ``tuning``: {method: chosen settings}, listed first."""
+    "uninformative" and never wins. ``tuning``: {method: chosen settings}, listed first (``tuned_in``: the
+    folder whose tuning.md lists the trials)."""
     agg = {m: aggregate(rows, m) for m in ("test_mse", "test_fvu", "dead", "l0")}
     lines = [f"# {title}", "", "Final test MSE (mean ± std over seeds; lower is better), test FVU, dead fraction "
              "(latents that never fire on the test set) and test L0. 'margin' = how much higher the runner-up's "
              "mean test MSE is, relative to the winner's. A method with test FVU >= 1 (no better than predicting "
              "the mean) is marked *uninformative* and never wins.", ""]
     if tuning:
-        lines += ["Hyperparameters chosen on a validation split of the training data (never the test set):", ""]
+        lines += ["Hyperparameters chosen on a validation split of the training data (never the test set)"
+                  + (f"; every trial in {tuned_in}/tuning.md" if tuned_in else "") + ":", ""]
         lines += [f"- {m}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
                                           for k, v in chosen.items()) for m, chosen in tuning.items()]
         lines.append("")

@@ -6,6 +6,9 @@ method's own grid (which must have at least that many points); the winner is the
 as a failed trial (its error is recorded), never as a result. The chosen values are then used to
 retrain on the whole training set, and only that model is evaluated on the test set.
 
+``tuning.json`` records the protocol's base settings beside the chosen values, so a later run can reuse
+them (``reuse``: a script's ``TUNED`` option) only for the same base settings; a mismatch is an error.
+
 A grid maps a setting name to its candidate values; ``mu_nu`` sets ``mu`` and ``nu`` together:
 
     {"sgd": {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (0.0, 1e-4)},
@@ -34,6 +37,9 @@ ACCEPT = {  # what a script's tuning constants accept (E2 and E3 include these i
     "TUNE_EPOCHS": at_least(0),
     "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
     "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+    "TUNED": satisfies(lambda p, c: p == "" or (Path(p).is_dir() and not c["TUNE"]),
+                       "empty, or the output folder of an earlier run of this script with --TUNE=True, whose chosen "
+                       "values are reused (with --TUNE=False)"),
 }
 
 
@@ -124,7 +130,8 @@ def tune(protocol: Protocol, grids: dict, n_trials: int, epochs: int, x_train: t
             raise RuntimeError(f"tuning: every trial of {method} diverged; see {out / 'tuning.json'}")
         chosen[method] = best[1]
     counts = {m: sum(e["method"] == m for e in table) for m in protocol.methods}
-    write_json(out / "tuning.json", {"trials_per_method": counts, "epochs": epochs, "val_fraction": val_fraction,
+    write_json(out / "tuning.json", {"base": protocol.base, "trials_per_method": counts, "epochs": epochs,
+                                     "val_fraction": val_fraction,
                                      "n_fit": int(x_fit.shape[0]), "n_val": int(x_val.shape[0]),
                                      "grids": grids, "chosen": chosen,
                                      "trials": [dict(e, val_mse=e["val_mse"] if math.isfinite(e["val_mse"]) else None)
@@ -141,6 +148,27 @@ def tune(protocol: Protocol, grids: dict, n_trials: int, epochs: int, x_train: t
                          f"{100 * e['val_dead']:.1f}% | {mark} |")
     write_text(out / "tuning.md", "\n".join(lines) + "\n")
     return chosen
+
+
+def reuse(path, protocol: Protocol) -> dict:
+    """The chosen values of an earlier ``tune`` (its ``tuning.json``) for ``protocol``'s methods;
+    ValueError when the file is unreadable, lacks a method, or was tuned for other base settings."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        chosen, base = record["chosen"], record["base"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a tuning.json written by --TUNE=True ({type(err).__name__}: {err})") from None
+    missing = [m for m in protocol.methods if m not in chosen]
+    if missing:
+        raise ValueError(f"{path}: no tuned values for {', '.join(missing)} (it has {', '.join(chosen) or 'none'}); "
+                         f"tune every method of --METHODS")
+    now = json.loads(json.dumps(protocol.base, default=str))
+    differ = {k: (base.get(k), now.get(k)) for k in sorted(set(base) | set(now)) if base.get(k) != now.get(k)}
+    if differ:
+        raise ValueError(f"{path} was tuned for other base settings; reuse needs the same ones. Differences "
+                         "(tuned, now): " + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
+    return {m: chosen[m] for m in protocol.methods}
 
 
 def tuned_protocol(protocol: Protocol, chosen: dict) -> Protocol:
