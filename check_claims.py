@@ -370,9 +370,9 @@ extra = LLM_ARGS.split()
 llm_epochs = [] if FULL else [f"--EPOCHS={LLM_EPOCHS}", f"--ABLATION_EPOCHS={LLM_EPOCHS}"]
 llm_fracs = [] if FULL else [f"--FRACTIONS={','.join(map(str, LLM_FRACTIONS))}"]
 llm_subset = [] if FULL else [f"--N_TRAIN={LLM_SUBSET}"]
-llm_ks = [] if FULL else [f"--KS={','.join(map(str, LLM_KS))}",
-                          f"--WEIGHT_DECAYS={','.join(map(str, LLM_WEIGHT_DECAYS))}"]
-extra = ([] if FULL else [f"--N_LATENTS={LLM_N_LATENTS}", f"--K={LLM_K}"]) + extra
+llm_ks = [] if FULL else [f"--WEIGHT_DECAYS={','.join(map(str, LLM_WEIGHT_DECAYS))}"]
+extra = ([] if FULL else [f"--N_LATENTS={LLM_N_LATENTS}", f"--K={LLM_K}", f"--KS={','.join(map(str, LLM_KS))}"]
+         + extra)  # the dictionary (and the K values that fit it) of every E3 call
 e3_tune_epochs = E3_PAPER["ABLATION_EPOCHS"] if FULL else LLM_TUNE_EPOCHS
 for protocol in PROTOCOLS:
     p_args, d = protocol_args(protocol, e3_tune_epochs), OUT / protocol
