@@ -45,14 +45,17 @@ MNIST_TUNE_EPOCHS = 5        # fast profile, modern protocol: epochs per tuning 
 MNIST_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)  # fast profile (the script's: 0, 1e-5, 1e-4, 1e-3, 1e-2)
 MNIST_SUBSET = 6000          # fast profile: weight-decay / updates / mu-nu ablations on this many images
 CONVERGENCE_EPOCHS = 100     # PAM's objective over many epochs (on MNIST_SUBSET images)
-LLM_FRACTIONS = (0.01, 0.05, 0.1)
-LLM_EPOCHS = 10              # fast profile (paper: 100, ablations 50)
-LLM_TUNE_EPOCHS = 5          # fast profile, modern protocol: epochs per tuning trial
-LLM_SUBSET = 900             # fast profile: E3's K / weight-decay / updates / mu-nu ablations on this many
-LLM_RELU_SUBSET = 2250       # fast profile: E3's ReLU sparsity on this many training activations
+# E3's fast profile is the paper's E3 scaled down by 4 in the dictionary, keeping the ratios that decide PAM's
+# exact decoder solve: samples per latent (with fewer samples than latents the solve interpolates the training
+# set; test error peaks where they are equal) and K per latent. See README, "What the claims check found here".
 LLM_N_LATENTS = 1024         # fast profile (the paper: 4096 with K 320; PAM's exact solve is cubic in it)
 LLM_K = 80                   # fast profile: the paper's K / N_LATENTS ratio (320 / 4096)
 LLM_KS = (20, 80, 320)       # fast profile (the paper's 15 ... 1280 of 4096 spans the same ratios)
+LLM_FRACTIONS = (0.0025, 0.0125, 0.025)  # fast profile: the samples per latent of the paper's 1%, 5%, 10% at 4096
+LLM_SUBSET = 2250            # fast profile: E3's K / weight-decay / updates / mu-nu / ReLU runs on this many training
+                             # activations: the paper's 9000 per 4096 latents at LLM_N_LATENTS
+LLM_EPOCHS = 10              # fast profile (paper: 100, ablations 50)
+LLM_TUNE_EPOCHS = 5          # fast profile, modern protocol: epochs per tuning trial
 LLM_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)  # fast profile
 LLM_ARGS = ""                # extra overrides for the E3 script, e.g. "--MODEL=smollm2" (space separated)
 SEED = 0
@@ -77,7 +80,6 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "LLM_EPOCHS": at_least(1),
     "LLM_TUNE_EPOCHS": at_least(1),
     "LLM_SUBSET": at_least(0),
-    "LLM_RELU_SUBSET": at_least(0),
     "LLM_N_LATENTS": at_least(1),
     "LLM_K": in_range(1, "LLM_N_LATENTS"),
     "LLM_KS": each(in_range(1, "LLM_N_LATENTS")),
@@ -88,7 +90,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
 QUICK = dict(SEEDS=2, DIRECTION_SEEDS=2, TUNE_TRIALS=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
              MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, MNIST_TUNE_EPOCHS=1, MNIST_WEIGHT_DECAYS=(0.0, 1e-3),
              CONVERGENCE_EPOCHS=3, MNIST_SUBSET=400, LLM_FRACTIONS=(0.1,), LLM_EPOCHS=1, LLM_TUNE_EPOCHS=1,
-             LLM_SUBSET=200, LLM_RELU_SUBSET=200, LLM_N_LATENTS=48, LLM_K=6, LLM_KS=(3, 6),
+             LLM_SUBSET=200, LLM_N_LATENTS=48, LLM_K=6, LLM_KS=(3, 6),
              LLM_WEIGHT_DECAYS=(0.0, 1e-3))
 
 ROOT = Path(__file__).resolve().parent
@@ -382,13 +384,14 @@ for protocol in PROTOCOLS:
     script(f"{protocol}/e3_k_weight_decay", E3, ["--ONLY=k,weight_decay", "--METHODS=pam,sgd"] + llm_subset + llm_ks
            + llm_epochs + seeds + protocol_args(protocol, e3_tune_epochs, tuned) + extra, d / "e3_k_weight_decay")
     script(f"{protocol}/e3_relu", E3, ["--ACTIVATION=relu", "--ONLY=base", "--METHODS=pam,sgd"]
-           + ([] if FULL else [f"--N_TRAIN={LLM_RELU_SUBSET}"]) + llm_epochs + seeds + p_args + extra, d / "e3_relu")
+           + ([] if FULL else [f"--N_TRAIN={LLM_SUBSET}"]) + llm_epochs + seeds + p_args + extra, d / "e3_relu")
 script("paper/e3_pam_sensitivity", E3, ["--ONLY=updates,mu_nu", "--METHODS=pam"] + llm_subset
        + ([] if FULL or run.quick else ["--UPDATES=1,10", "--MU_NUS=0.0001,0.1"]) + llm_epochs + dseeds
        + protocol_args("paper", e3_tune_epochs) + extra, OUT / "paper" / "e3_pam_sensitivity")
 meta = json.loads((OUT / "paper" / "e3_fraction" / "activations.json").read_text())
 llm = f"LLM activations ({meta.get('model')}, layer {meta.get('layer')})"
-llm_note = "" if FULL else f"fast profile: {LLM_N_LATENTS} latents, K = {LLM_K} (the paper: 4096, K = 320)"
+llm_note = "" if FULL else (f"fast profile: {LLM_N_LATENTS} latents, K = {LLM_K} (the paper: 4096, K = 320); data "
+                             "sizes scaled with it to keep the paper's samples per latent")
 sample_efficiency("E3-sample-efficiency", llm, "e3_fraction", "", "paper E3 (sample efficiency; paper: Gemma-2-2B)",
                   llm_note)
 
@@ -417,7 +420,7 @@ for protocol in PROTOCOLS:
 add("E3-relu-sparsity", "paper-empirical", f"{llm}, ReLU: PAM-SGD's codes are sparser (lower test L0) than SGD's",
     "paper E3 (code sparsity)", {p: commands[f"{p}/e3_relu"]["command"] for p in PROTOCOLS}, numbers,
     "Welch comparison on test L0 (FVU guard), test MSE reported beside it", protocols=per, links=links,
-    note="" if FULL else f"{llm_note}, on the first {LLM_RELU_SUBSET} training activations")
+    note="" if FULL else f"{llm_note}, on the first {LLM_SUBSET} training activations")
 direction_claims("E3", "e3_pam_sensitivity", "paper E3 ablations (updates, mu/nu)", llm)
 
 # --- report ------------------------------------------------------------------------------------------
