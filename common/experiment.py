@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import json
 import multiprocessing as mp
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +33,10 @@ from tqdm.auto import tqdm
 
 from .config import atomic_write, derive_seed, write_json, write_text
 from .data import subset_indices
-from .sae import SAE, check_activation
+from .sae import SAE, SAEConfig
 from .train import METHODS, NonFiniteError, TrainConfig, train
 
-# ablation name -> the methods it concerns (None: all)
+
 @dataclass(frozen=True)
 class Ablation:
     """One ablation, owned by the script that runs it (data, not code here): the settings it gives each of
@@ -56,14 +55,15 @@ class Ablation:
 
 
 BASE = Ablation((), ("-",))
-MODEL_KEYS = ("n_latents", "activation", "k", "enc_init_scale", "dec_init_scale", "init")
+# a run's settings: the model's (SAEConfig: n_features comes from the data, tied from the method), the
+# training's (TrainConfig: the method is the run's) and the share of the training data it uses
+MODEL_KEYS = tuple(f.name for f in fields(SAEConfig) if f.name not in ("n_features", "tied"))
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "method")
-# every setting a run's configuration is compared on: unset keys take these defaults (TrainConfig's and
-# SAE's own, read from them: defaults live in one place), so e.g. the base run and weight_decay=0 are
-# recognised as the same run
-DEFAULTS = dict({f.name: f.default for f in fields(TrainConfig) if f.name != "method"},
-                **{k: p.default for k, p in inspect.signature(SAE.__init__).parameters.items()
-                   if k in MODEL_KEYS and p.default is not inspect.Parameter.empty}, fraction=1.0)
+SETTINGS = (*MODEL_KEYS, *TRAIN_KEYS, "fraction")
+# unset settings take these defaults (the dataclasses' own: defaults live in one place), so e.g. the base
+# run and weight_decay=0 are recognised as the same run
+DEFAULTS = {f.name: f.default for f in (*fields(TrainConfig), *fields(SAEConfig))
+            if f.name in SETTINGS and f.default is not MISSING} | {"fraction": 1.0}
 TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "train_mse", "test_mse", "train_fvu", "test_fvu",
                  "l0", "dead", "uninformative", "epochs", "samples_seen", "n_train", "wall_time", "train_time",
                  "tuned", "shared_with")
@@ -74,6 +74,22 @@ def run_id(method: str, ablation: str, value, replicate: int) -> str:
     return f"{method}|{ablation}={value}|rep{replicate}"
 
 
+def check_settings(names, where: str) -> None:
+    """ValueError naming every name in ``names`` that is not a setting, and the accepted ones; ``where``
+    says whose names they are ("base has", "ablation 'k' sets")."""
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"{where} unknown settings {unknown}; accepted: {', '.join(sorted(SETTINGS))}")
+
+
+def configs(settings: dict, method: str, n_features: int) -> tuple[SAEConfig, TrainConfig]:
+    """A run's settings split into the model's and the training's configuration (each validated; ``fraction``
+    is the data's): the model is tied for ``sgd_tied``."""
+    check_settings(settings, "the run's settings have")
+    model = SAEConfig(n_features, tied=method == "sgd_tied", **{k: settings[k] for k in MODEL_KEYS if k in settings})
+    return model, TrainConfig(method=method, **{k: settings[k] for k in TRAIN_KEYS if k in settings})
+
+
 def uninformative(test_fvu: float) -> bool:
     """A model with test FVU >= 1 reconstructs no better than the test set's mean: it never counts as a win."""
     return not test_fvu < 1.0
@@ -81,7 +97,8 @@ def uninformative(test_fvu: float) -> bool:
 
 @dataclass
 class Protocol:
-    """What to run. ``base``: model keys (MODEL_KEYS) + TrainConfig fields + ``fraction`` (default 1.0).
+    """What to run. ``base``: settings (SETTINGS: the model's, MODEL_KEYS; the training's, TRAIN_KEYS; and
+    ``fraction``, default 1.0).
     ``ablations``: {name: Ablation}, the script's own. ``ablation_overrides`` apply to every run but the
     base (e.g. fewer epochs); ``method_settings``: {method: settings of that method only} (tuned values).
     """
@@ -103,20 +120,14 @@ class Protocol:
             raise ValueError(f"unknown methods {bad}; accepted: {', '.join(METHODS)}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds must be a positive integer, got {self.seeds!r}")
-        known = set(MODEL_KEYS) | set(TRAIN_KEYS) | {"fraction"}
-        extra = sorted(set(self.base) - known)
-        if extra:
-            raise ValueError(f"unknown base settings {extra}; accepted: {', '.join(sorted(known))}")
+        check_settings(self.base, "base has")
+        check_settings(self.ablation_overrides, "ablation_overrides has")
         for method, settings in self.method_settings.items():
             if method not in METHODS:
                 raise ValueError(f"method_settings: unknown method {method!r}; accepted: {', '.join(METHODS)}")
-            extra = sorted(set(settings) - known)
-            if extra:
-                raise ValueError(f"method_settings[{method!r}]: unknown settings {extra}")
+            check_settings(settings, f"method_settings[{method!r}] has")
         for name, ablation in self.ablations.items():
-            unknown = sorted(set(ablation.sets) - known)
-            if unknown:
-                raise ValueError(f"ablation {name!r} sets unknown settings {unknown}")
+            check_settings(ablation.sets, f"ablation {name!r} sets")
             for v in ablation.values:
                 for m in self.methods:
                     self.settings(name, v, m)  # raises on a bad value before anything runs
@@ -124,7 +135,7 @@ class Protocol:
     def settings(self, ablation: str, value, method: str | None = None) -> dict:
         """The full settings of one ablation value (for ``method``: with its own settings), validated.
         Order: defaults, base, the method's settings, ablation overrides (not for the base), the ablation's
-        value, what follows from it. A ReLU model has no k."""
+        value, what follows from it. A ReLU model has no k (SAEConfig drops it)."""
         abl = self.ablations.get(ablation, BASE if ablation == "base" else None)
         if abl is None:
             raise ValueError(f"unknown ablation {ablation!r}; this protocol runs {', '.join(self.ablations)}")
@@ -136,12 +147,10 @@ class Protocol:
             s[key] = value
         if abl.then is not None:
             abl.then(s, value)
-        if s["activation"] == "relu":
-            s["k"] = None
         if not 0.0 < s["fraction"] <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {s['fraction']!r}")
-        check_activation(s["activation"], s["k"], s["n_latents"])
-        TrainConfig(method=method or "pam", **{k: v for k, v in s.items() if k in TRAIN_KEYS})
+        model, _ = configs(s, method or "pam", n_features=1)  # validated; n_features is the data's, known later
+        s["k"] = model.k
         return s
 
     def plan(self) -> list[dict]:
@@ -173,10 +182,8 @@ def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: i
     s, rseed = run["settings"], replicate_seed(base_seed, run["rep"])
     if s["fraction"] < 1.0:
         x_train = x_train[subset_indices(x_train.shape[0], s["fraction"], derive_seed(rseed, "subset", s["fraction"]))]
-    model = SAE(x_train.shape[1], s["n_latents"], s["activation"], s["k"], tied=run["method"] == "sgd_tied",
-                enc_init_scale=s["enc_init_scale"], dec_init_scale=s["dec_init_scale"],
-                seed=derive_seed(rseed, "init"), init=s["init"]).to(device)
-    cfg = TrainConfig(method=run["method"], **{k: v for k, v in s.items() if k in TRAIN_KEYS})
+    model_cfg, cfg = configs(s, run["method"], x_train.shape[1])
+    model = SAE(**asdict(model_cfg), seed=derive_seed(rseed, "init")).to(device)
     t0 = time.perf_counter()
     hist = train(model, x_train, x_test, cfg, seed=derive_seed(rseed, "batches"), progress=progress, desc=run["id"],
                  position=position)

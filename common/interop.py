@@ -9,7 +9,7 @@ loaders when they are installed).
     save_sparsify(model, folder)    / load_sparsify(folder)      sparsify: cfg.json + sae.safetensors
     detect_format(folder), load_any(folder)                      which of the three a folder holds; load it
 
-Ours: ``cfg.json`` is ``SAE.config()`` plus ``centred`` (whether the model subtracts its centre), ``dtype`` and
+Ours: ``cfg.json`` is ``SAE.config`` (its fields) plus ``centred`` (whether the model subtracts its centre), ``dtype`` and
 ``format``/``format_version``; ``sae.safetensors`` holds the ``state_dict`` under our parameter names
 (``W_enc``, ``b_enc``, ``W_dec`` unless tied, ``b_dec``, ``centre``). A load gives back the same parameters,
 bit for bit. The peer exports also write ``splinterp.json`` (our config, which activation was exported,
@@ -100,12 +100,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .sae import SAE
+from .sae import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
 OURS_WEIGHTS = "sae.safetensors"
@@ -222,7 +223,7 @@ def _check_export(model: SAE, fmt: str, allow_inexact: bool) -> str:
 
 def _sidecar(model: SAE, fmt: str, exported_as: str) -> dict:
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "exported_to": fmt,
-            "source_config": model.config(), "source_centred": _is_centred(model),
+            "source_config": asdict(model.config), "source_centred": _is_centred(model),
             "exported_activation": exported_as, "exact": exported_as == model.activation,
             "note": "written by common.interop (SplInterp); the library ignores this file"}
 
@@ -333,13 +334,13 @@ def load_any(folder) -> SAE:
 
 # --- ours ---------------------------------------------------------------------------------------------
 def save_safetensors(model: SAE, folder) -> Path:
-    """Our format: ``cfg.json`` (``SAE.config()``, ``centred``, ``dtype``, format tag) and ``sae.safetensors``
+    """Our format: ``cfg.json`` (``SAE.config``, ``centred``, ``dtype``, format tag) and ``sae.safetensors``
     (the state_dict under our names; the centre is written as the model uses it: zeros when not centred)."""
     if not isinstance(model, SAE):
         raise TypeError(f"expected a common.sae.SAE, got {type(model).__name__}")
     state = {name: t for name, t in model.state_dict().items()}
     state["centre"] = _effective_centre(model)
-    cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **model.config(),
+    cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(model.config),
            "centred": _is_centred(model), "dtype": _dtype_name(model.W_enc.dtype)}
     return _write(folder, cfg, state, OURS_WEIGHTS)
 
@@ -351,7 +352,7 @@ def load_safetensors(folder) -> SAE:
     cfg = _read_json(folder / CFG_FILE)
     if cfg.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: format_version {cfg.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    config = {f: cfg[f] for f in ("n_features", "n_latents", "activation", "k", "tied", *_INIT_FIELDS) if f in cfg}
+    config = {f.name: cfg[f.name] for f in fields(SAEConfig) if f.name in cfg}
     dtype = _dtype(cfg.get("dtype", "float32"))
     model = SAE(**config).to(dtype)
     path = folder / OURS_WEIGHTS

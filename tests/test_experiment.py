@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from common import experiment
+from common.sae import SAEConfig
+from common.train import TrainConfig
 
 
 A = experiment.Ablation
@@ -56,8 +58,25 @@ def test_a_scripts_own_ablation_and_what_follows_from_its_value():
     assert protocol.settings("base", "-", "pam")["epochs"] == 2
 
 
+def test_settings_split_into_the_model_and_the_training_configuration():
+    s = tiny_protocol().settings("base", "-", "sgd_tied")
+    model, train = experiment.configs(s, "sgd_tied", n_features=6)
+    assert model == SAEConfig(6, 12, "topk", 3, tied=True)
+    assert (train.method, train.epochs, train.lr, train.solve_batch) == ("sgd_tied", 2, 3e-3, 64)
+    assert experiment.configs(dict(s, activation="relu"), "pam", 6)[0].k is None   # a ReLU model has no k
+    # the defaults are the dataclasses' own
+    assert experiment.DEFAULTS["dec_init_scale"] == SAEConfig(6, 12, k=3).dec_init_scale == 0.01
+    assert experiment.DEFAULTS["solve_batch"] == TrainConfig().solve_batch
+    with pytest.raises(ValueError, match=r"unknown settings \['lr_decay'\]; accepted: .*, weight_decay"):
+        experiment.configs(dict(s, lr_decay=0.1), "pam", 6)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(ablations={"nope": A(("nope",), (1,))}), "sets unknown settings"),
+    (dict(method_settings={"pam": {"lrr": 1e-3}}), r"method_settings\['pam'\] has unknown settings \['lrr'\]; accepted"),
+    (dict(ablation_overrides={"epoch": 3}), r"ablation_overrides has unknown settings \['epoch'\]"),
+    (dict(ablations={"k": A(("k",), (2,), then=lambda s, v: s.update(epoch=3))}), r"unknown settings \['epoch'\]"),
+    (dict(ablations=only("base"), base=dict(n_latents=12, k=3, init="unit")), "unknown init 'unit'"),
     (dict(ablations={"weights": {"weight_decay": (1,)}}), "must be an experiment.Ablation"),
     (dict(ablations=only("fraction", fraction=(0.0,))), "fraction"),
     (dict(ablations=only("k", k=(99,))), "k must satisfy"),
