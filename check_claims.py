@@ -27,7 +27,7 @@ import numpy as np
 from common import claims as C
 from common import theory
 from common.config import at_least, boolean, configure, each, in_range, one_of, satisfies, script_constants, text
-from common.experiment import run_id
+from common.experiment import RunSpec
 
 # --- profiles ------------------------------------------------------------------------------------
 FULL = False                 # --full: the scripts' own settings
@@ -275,10 +275,10 @@ for view in ("epochs", "seconds"):
         d = OUT / protocol / "e2_topk_base" / "topk"
         hist = json.loads((d / "histories.json").read_text())
         reps = sorted({r["replicate"] for r in table(d / "table.json") if r["ablation"] == "base"})
-        final = {m: [hist[run_id(m, "base", "-", r)][-1]["test_mse"] for r in reps] for m in ("pam", "sgd")}
+        final = {m: [hist[RunSpec(m, "base", "-", r).id][-1]["test_mse"] for r in reps] for m in ("pam", "sgd")}
         if view == "seconds":  # each method's test MSE once the faster one has spent its whole budget
             for r in reps:
-                hp, hs = hist[run_id("pam", "base", "-", r)], hist[run_id("sgd", "base", "-", r)]
+                hp, hs = hist[RunSpec("pam", "base", "-", r).id], hist[RunSpec("sgd", "base", "-", r).id]
                 tp, ts = np.cumsum([e["epoch_time"] for e in hp]), np.cumsum([e["epoch_time"] for e in hs])
                 budget = min(tp[-1], ts[-1])
                 final["pam"][r] = hp[int(np.searchsorted(tp, budget, side="right")) - 1]["test_mse"]

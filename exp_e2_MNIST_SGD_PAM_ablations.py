@@ -177,8 +177,8 @@ for act, protocol in protocols.items():
     experiment.ablation_figures(rows, histories, out, label)
     if "base" in only:
         experiment.base_curves(histories, out, label)
-        base = {m: models[experiment.run_id(m, "base", "-", 0)] for m in METHODS
-            if experiment.run_id(m, "base", "-", 0) in models}
+        base = {m: models[experiment.RunSpec(m, "base", "-", 0).id] for m in METHODS
+            if experiment.RunSpec(m, "base", "-", 0).id in models}
         with torch.no_grad():
             recons = {m: model(digits)[0] for m, model in base.items()}
         stack = torch.cat([digits] + list(recons.values())).numpy()

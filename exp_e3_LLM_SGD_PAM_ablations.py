@@ -251,8 +251,8 @@ rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out,
 experiment.ablation_figures(rows, histories, run.out, label)
 if "base" in only:
     experiment.base_curves(histories, run.out, label)
-    base = {m: models[experiment.run_id(m, "base", "-", 0)] for m in METHODS
-        if experiment.run_id(m, "base", "-", 0) in models}
+    base = {m: models[experiment.RunSpec(m, "base", "-", 0).id] for m in METHODS
+        if experiment.RunSpec(m, "base", "-", 0).id in models}
     experiment.stem_plots(base, x_test[:3], run.out, label)
 text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD", tuning=chosen,
                           tuned_in=Path(TUNED) / "tuning" if TUNED else run.out / "tuning")

@@ -100,13 +100,13 @@ def main():
                    "weight_decay": A(("weight_decay",), c["WEIGHT_DECAYS"]), "mu_nu": A(("mu", "nu"), c["MU_NUS"]),
                    "k": A(("k",), c["KS"])},
         ablation_overrides={"epochs": c["ABLATION_EPOCHS"]})
-    runs = [r for r in protocol.plan() if r["shared_with"] is None]
+    runs = [r for r in protocol.plan() if r.shared_with is None]
     per_ablation = {}
     for r in runs:
-        s = r["settings"]
+        s = r.settings
         n = max(1, round(s["fraction"] * N))
-        cost = s["epochs"] * epoch_cost(r["method"], s["activation"], s["k"] or k0, n, s["updates_per_batch"])
-        per_ablation[r["ablation"]] = per_ablation.get(r["ablation"], 0.0) + cost
+        cost = s["epochs"] * epoch_cost(r.spec.method, s["activation"], s["k"] or k0, n, s["updates_per_batch"])
+        per_ablation[r.spec.ablation] = per_ablation.get(r.spec.ablation, 0.0) + cost
     total = sum(per_ablation.values()) / 2  # two workers
     print(f"plan: {len(protocol.plan())} runs, {len(runs)} to train (the rest shared)")
     for a, t in per_ablation.items():

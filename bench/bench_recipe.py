@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.config import write_text  # noqa: E402
 from common.data import load_mnist  # noqa: E402
-from common.experiment import DEFAULTS, train_runs  # noqa: E402
+from common.experiment import DEFAULTS, Run, RunSpec, train_runs  # noqa: E402
 from common.recipe import recipe_settings  # noqa: E402
 from common.tuning import validation_split  # noqa: E402
 from common.config import derive_seed  # noqa: E402
@@ -62,7 +62,7 @@ if args.n_train:
 fit, val = validation_split(x_train.shape[0], 0.1, derive_seed(args.seed, "validation"))
 x_fit, x_val = x_train[fit], x_train[val]
 
-runs, same = [], {}  # same: variant|method -> the run with identical settings (trained once)
+runs, same = [], {}  # same: (variant, method) -> the id of the run with identical settings (trained once)
 for name, settings in VARIANTS.items():
     for method in METHODS:
         if ELEMENT_OF.get(name) == method:
@@ -70,11 +70,11 @@ for name, settings in VARIANTS.items():
         s = dict(DEFAULTS, **settings, n_latents=N_LATENTS, activation="topk", k=K, epochs=args.epochs,
                  batch_size=128)
         key = json.dumps([method, sorted(s.items())], default=str)
-        first = next((r["id"] for r in runs if r["key"] == key), None)
-        same[f"{name}|{method}"] = first or f"{name}|{method}"
+        first = next((r for r in runs if r.key == key), None)
         if first is None:
-            runs.append({"id": f"{name}|{method}", "method": method, "ablation": "recipe", "value": name, "rep": 0,
-                         "settings": s, "key": key, "shared_with": None})
+            first = Run(RunSpec(method, "recipe", name, 0), s, key)
+            runs.append(first)
+        same[(name, method)] = first.spec.id
 
 print(f"load average at start: {os.getloadavg()}; {len(runs)} runs, {args.workers} at once, "
       f"{x_fit.shape[0]} fit / {x_val.shape[0]} validation images")
@@ -88,7 +88,7 @@ lines = [f"# The modern recipe, element by element (MNIST d {N_LATENTS}, K {K}, 
 for name in VARIANTS:
     cells = []
     for method in METHODS:
-        row = done.get(same.get(f"{name}|{method}"))
+        row = done.get(same.get((name, method)))
         if row is None:
             cells.append("– | – | – | –")
         else:

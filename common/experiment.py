@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import json
 import multiprocessing as mp
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +33,10 @@ from tqdm.auto import tqdm
 
 from .config import atomic_write, derive_seed, write_json, write_text
 from .data import subset_indices
-from .sae import SAE, check_activation
+from .sae import SAE, SAEConfig
 from .train import METHODS, NonFiniteError, TrainConfig, train
 
-# ablation name -> the methods it concerns (None: all)
+
 @dataclass(frozen=True)
 class Ablation:
     """One ablation, owned by the script that runs it (data, not code here): the settings it gives each of
@@ -56,22 +55,65 @@ class Ablation:
 
 
 BASE = Ablation((), ("-",))
-MODEL_KEYS = ("n_latents", "activation", "k", "enc_init_scale", "dec_init_scale", "init")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Which run: its method, the ablation and value it runs, its replicate index. ``id`` is its one name
+    (run files, histories, models, progress); code that needs a part reads the field, never the id."""
+
+    method: str
+    ablation: str
+    value: object
+    replicate: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}|{self.ablation}={self.value}|rep{self.replicate}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A planned run: its spec, its full settings (``Protocol.settings``), the key its configuration is
+    compared on, the id of the run it is reported from when an earlier one has the same key (None: it trains),
+    the tuned settings it uses (JSON, for the table) and whether diverging is a result (a tuning trial)."""
+
+    spec: RunSpec
+    settings: dict
+    key: str
+    shared_with: str | None = None
+    tuned: str = ""
+    may_diverge: bool = False
+
+
+# a run's settings: the model's (SAEConfig: n_features comes from the data, tied from the method), the
+# training's (TrainConfig: the method is the run's) and the share of the training data it uses
+MODEL_KEYS = tuple(f.name for f in fields(SAEConfig) if f.name not in ("n_features", "tied"))
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "method")
-# every setting a run's configuration is compared on: unset keys take these defaults (TrainConfig's and
-# SAE's own, read from them: defaults live in one place), so e.g. the base run and weight_decay=0 are
-# recognised as the same run
-DEFAULTS = dict({f.name: f.default for f in fields(TrainConfig) if f.name != "method"},
-                **{k: p.default for k, p in inspect.signature(SAE.__init__).parameters.items()
-                   if k in MODEL_KEYS and p.default is not inspect.Parameter.empty}, fraction=1.0)
+SETTINGS = (*MODEL_KEYS, *TRAIN_KEYS, "fraction")
+# unset settings take these defaults (the dataclasses' own: defaults live in one place), so e.g. the base
+# run and weight_decay=0 are recognised as the same run
+DEFAULTS = {f.name: f.default for f in (*fields(TrainConfig), *fields(SAEConfig))
+            if f.name in SETTINGS and f.default is not MISSING} | {"fraction": 1.0}
 TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "train_mse", "test_mse", "train_fvu", "test_fvu",
                  "l0", "dead", "uninformative", "epochs", "samples_seen", "n_train", "wall_time", "train_time",
                  "tuned", "shared_with")
 
 
-def run_id(method: str, ablation: str, value, replicate: int) -> str:
-    """The one name of a run (files, histories, models): built here, never parsed back."""
-    return f"{method}|{ablation}={value}|rep{replicate}"
+def check_settings(names, where: str) -> None:
+    """ValueError naming every name in ``names`` that is not a setting, and the accepted ones; ``where``
+    says whose names they are ("base has", "ablation 'k' sets")."""
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"{where} unknown settings {unknown}; accepted: {', '.join(sorted(SETTINGS))}")
+
+
+def configs(settings: dict, method: str, n_features: int) -> tuple[SAEConfig, TrainConfig]:
+    """A run's settings split into the model's and the training's configuration (each validated; ``fraction``
+    is the data's): the model is tied for ``sgd_tied``."""
+    check_settings(settings, "the run's settings have")
+    model = SAEConfig(n_features, tied=method == "sgd_tied", **{k: settings[k] for k in MODEL_KEYS if k in settings})
+    return model, TrainConfig(method=method, **{k: settings[k] for k in TRAIN_KEYS if k in settings})
 
 
 def uninformative(test_fvu: float) -> bool:
@@ -81,7 +123,8 @@ def uninformative(test_fvu: float) -> bool:
 
 @dataclass
 class Protocol:
-    """What to run. ``base``: model keys (MODEL_KEYS) + TrainConfig fields + ``fraction`` (default 1.0).
+    """What to run. ``base``: settings (SETTINGS: the model's, MODEL_KEYS; the training's, TRAIN_KEYS; and
+    ``fraction``, default 1.0).
     ``ablations``: {name: Ablation}, the script's own. ``ablation_overrides`` apply to every run but the
     base (e.g. fewer epochs); ``method_settings``: {method: settings of that method only} (tuned values).
     """
@@ -103,20 +146,14 @@ class Protocol:
             raise ValueError(f"unknown methods {bad}; accepted: {', '.join(METHODS)}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds must be a positive integer, got {self.seeds!r}")
-        known = set(MODEL_KEYS) | set(TRAIN_KEYS) | {"fraction"}
-        extra = sorted(set(self.base) - known)
-        if extra:
-            raise ValueError(f"unknown base settings {extra}; accepted: {', '.join(sorted(known))}")
+        check_settings(self.base, "base has")
+        check_settings(self.ablation_overrides, "ablation_overrides has")
         for method, settings in self.method_settings.items():
             if method not in METHODS:
                 raise ValueError(f"method_settings: unknown method {method!r}; accepted: {', '.join(METHODS)}")
-            extra = sorted(set(settings) - known)
-            if extra:
-                raise ValueError(f"method_settings[{method!r}]: unknown settings {extra}")
+            check_settings(settings, f"method_settings[{method!r}] has")
         for name, ablation in self.ablations.items():
-            unknown = sorted(set(ablation.sets) - known)
-            if unknown:
-                raise ValueError(f"ablation {name!r} sets unknown settings {unknown}")
+            check_settings(ablation.sets, f"ablation {name!r} sets")
             for v in ablation.values:
                 for m in self.methods:
                     self.settings(name, v, m)  # raises on a bad value before anything runs
@@ -124,7 +161,7 @@ class Protocol:
     def settings(self, ablation: str, value, method: str | None = None) -> dict:
         """The full settings of one ablation value (for ``method``: with its own settings), validated.
         Order: defaults, base, the method's settings, ablation overrides (not for the base), the ablation's
-        value, what follows from it. A ReLU model has no k."""
+        value, what follows from it. A ReLU model has no k (SAEConfig drops it)."""
         abl = self.ablations.get(ablation, BASE if ablation == "base" else None)
         if abl is None:
             raise ValueError(f"unknown ablation {ablation!r}; this protocol runs {', '.join(self.ablations)}")
@@ -136,16 +173,14 @@ class Protocol:
             s[key] = value
         if abl.then is not None:
             abl.then(s, value)
-        if s["activation"] == "relu":
-            s["k"] = None
         if not 0.0 < s["fraction"] <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {s['fraction']!r}")
-        check_activation(s["activation"], s["k"], s["n_latents"])
-        TrainConfig(method=method or "pam", **{k: v for k, v in s.items() if k in TRAIN_KEYS})
+        model, _ = configs(s, method or "pam", n_features=1)  # validated; n_features is the data's, known later
+        s["k"] = model.k
         return s
 
-    def plan(self) -> list[dict]:
-        """Every run: {id, method, ablation, value, rep, settings, key}; shared configurations marked."""
+    def plan(self) -> list[Run]:
+        """Every run, in order (replicate, ablation, value, method); shared configurations marked."""
         runs, seen = [], {}
         for rep in range(self.seeds):
             for ablation, abl in self.ablations.items():
@@ -153,13 +188,12 @@ class Protocol:
                 for value in abl.values:
                     for method in (m for m in self.methods if m in methods):
                         s = self.settings(ablation, value, method)
-                        rid = run_id(method, ablation, value, rep)
+                        spec = RunSpec(method, ablation, value, rep)
                         key = json.dumps([method, rep, sorted(s.items())], default=str)
                         tuned = self.method_settings.get(method)
-                        runs.append({"id": rid, "method": method, "ablation": ablation, "value": value, "rep": rep,
-                                     "settings": s, "key": key, "shared_with": seen.get(key),
-                                     "tuned": json.dumps(tuned, sort_keys=True) if tuned else ""})
-                        seen.setdefault(key, rid)
+                        runs.append(Run(spec, s, key, shared_with=seen.get(key),
+                                        tuned=json.dumps(tuned, sort_keys=True) if tuned else ""))
+                        seen.setdefault(key, spec.id)
         return runs
 
 
@@ -167,26 +201,25 @@ def replicate_seed(base_seed: int, rep: int) -> int:
     return derive_seed(base_seed, "replicate", rep)
 
 
-def run_one(run: dict, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int, progress: bool = True,
+def run_one(run: Run, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int, progress: bool = True,
             position: int | None = None, device: str = "cpu"):
     """Train one run on ``device``; returns (row, history, model). ``position``: the line of its progress bar."""
-    s, rseed = run["settings"], replicate_seed(base_seed, run["rep"])
+    s, spec = run.settings, run.spec
+    rseed = replicate_seed(base_seed, spec.replicate)
     if s["fraction"] < 1.0:
         x_train = x_train[subset_indices(x_train.shape[0], s["fraction"], derive_seed(rseed, "subset", s["fraction"]))]
-    model = SAE(x_train.shape[1], s["n_latents"], s["activation"], s["k"], tied=run["method"] == "sgd_tied",
-                enc_init_scale=s["enc_init_scale"], dec_init_scale=s["dec_init_scale"],
-                seed=derive_seed(rseed, "init"), init=s["init"]).to(device)
-    cfg = TrainConfig(method=run["method"], **{k: v for k, v in s.items() if k in TRAIN_KEYS})
+    model_cfg, cfg = configs(s, spec.method, x_train.shape[1])
+    model = SAE(**asdict(model_cfg), seed=derive_seed(rseed, "init")).to(device)
     t0 = time.perf_counter()
-    hist = train(model, x_train, x_test, cfg, seed=derive_seed(rseed, "batches"), progress=progress, desc=run["id"],
+    hist = train(model, x_train, x_test, cfg, seed=derive_seed(rseed, "batches"), progress=progress, desc=spec.id,
                  position=position)
     last = hist[-1]
-    row = {"method": run["method"], "activation": s["activation"], "ablation": run["ablation"],
-           "value": run["value"], "replicate": run["rep"], "train_mse": last["train_mse"], "test_mse": last["test_mse"],
+    row = {"method": spec.method, "activation": s["activation"], "ablation": spec.ablation, "value": spec.value,
+           "replicate": spec.replicate, "train_mse": last["train_mse"], "test_mse": last["test_mse"],
            "train_fvu": last["train_fvu"], "test_fvu": last["test_fvu"], "l0": last["test_l0"],
            "dead": last["test_dead"], "uninformative": uninformative(last["test_fvu"]), "epochs": cfg.epochs,
            "samples_seen": last["samples_seen"], "n_train": x_train.shape[0], "wall_time": time.perf_counter() - t0,
-           "train_time": sum(e["epoch_time"] for e in hist), "tuned": run.get("tuned", ""), "shared_with": ""}
+           "train_time": sum(e["epoch_time"] for e in hist), "tuned": run.tuned, "shared_with": ""}
     return row, hist, model
 
 
@@ -206,20 +239,20 @@ def _worker_init(lock, counter) -> None:
         _WORKER_SLOT = counter.value  # this worker's progress-bar line (0 is the protocol's bar)
 
 
-def _run_or_divergence(run: dict, x_train, x_test, base_seed, progress, position=None, device="cpu"):
+def _run_or_divergence(run: Run, x_train, x_test, base_seed, progress, position=None, device="cpu"):
     """run_one; a run marked ``may_diverge`` (a tuning trial) that diverges gives (None, error text, None)."""
     try:
         return run_one(run, x_train, x_test, base_seed, progress, position, device)
     except NonFiniteError as err:
-        if not run.get("may_diverge"):
+        if not run.may_diverge:
             raise
         return None, str(err), None
 
 
-def _worker_run(run: dict):
+def _worker_run(run: Run):
     x_train, x_test, base_seed, progress = _WORKER_DATA
     row, hist, model = _run_or_divergence(run, x_train, x_test, base_seed, progress, position=_WORKER_SLOT)
-    return run["id"], row, hist, model.checkpoint() if model is not None else None
+    return run.spec.id, row, hist, model.checkpoint() if model is not None else None
 
 
 def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
@@ -233,7 +266,7 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
     """
     if workers <= 1 or len(todo) <= 1:
         for run in todo:
-            yield (run["id"], *_run_or_divergence(run, x_train, x_test, base_seed, progress, device=device))
+            yield (run.spec.id, *_run_or_divergence(run, x_train, x_test, base_seed, progress, device=device))
         return
     if torch.device(device).type != "cpu":
         raise ValueError(f"workers > 1 fork cpu processes; on {device} train one run at a time (workers=1)")
@@ -267,30 +300,30 @@ def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> 
     return h.hexdigest()
 
 
-def run_file(out: Path, run: dict) -> Path:
+def run_file(out: Path, run: Run) -> Path:
     """Where a finished run is kept: named by its id and a hash of its full configuration, so runs of the
     same id with other settings (e.g. a --quick run in the same folder) never overwrite each other."""
-    digest = hashlib.sha256(run["key"].encode()).hexdigest()[:10]
-    return Path(out) / "runs" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', run['id'])}_{digest}.json"
+    digest = hashlib.sha256(run.key.encode()).hexdigest()[:10]
+    return Path(out) / "runs" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', run.spec.id)}_{digest}.json"
 
 
-def _checkpoint_path(out: Path, run: dict) -> Path:
-    return Path(out) / "models" / f"{run['method']}_rep{run['rep']}.pt"
+def _checkpoint_path(out: Path, run: Run) -> Path:
+    return Path(out) / "models" / f"{run.spec.method}_rep{run.spec.replicate}.pt"
 
 
-def _finished(out: Path, run: dict, stamp: str, need_model: bool):
+def _finished(out: Path, run: Run, stamp: str, need_model: bool):
     """(row, history, model or None) of an earlier invocation's identical run, or None."""
     path = run_file(out, run)
     try:
         saved = json.loads(path.read_text())
-        if saved["key"] != run["key"] or saved["fingerprint"] != stamp:
+        if saved["key"] != run.key or saved["fingerprint"] != stamp:
             return None
         model = None
         if need_model:
             # the checkpoint path is per method and repeat, not per configuration: another setting run in
             # the same folder overwrites it, so it must carry the same run key and fingerprint
             ckpt = torch.load(_checkpoint_path(out, run), weights_only=True)
-            if ckpt.get("key") != run["key"] or ckpt.get("fingerprint") != stamp:
+            if ckpt.get("key") != run.key or ckpt.get("fingerprint") != stamp:
                 return None
             model = SAE.from_checkpoint(ckpt)
         return saved["row"], saved["history"], model
@@ -313,24 +346,24 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
     ablation ``keep_models``).
     """
     runs = protocol.plan()
-    done, histories, models = train_runs([r for r in runs if r["shared_with"] is None], x_train, x_test, out,
+    done, histories, models = train_runs([r for r in runs if r.shared_with is None], x_train, x_test, out,
                                          protocol.base_seed, progress, keep_models, workers, resume, device)
     rows = []
     for run in runs:
-        if run["shared_with"] is None:
-            rows.append(done[run["id"]])
+        if run.shared_with is None:
+            rows.append(done[run.spec.id])
         else:
-            rows.append(dict(done[run["shared_with"]], ablation=run["ablation"], value=run["value"],
-                             shared_with=run["shared_with"]))
-            histories[run["id"]] = histories[run["shared_with"]]
+            rows.append(dict(done[run.shared_with], ablation=run.spec.ablation, value=run.spec.value,
+                             shared_with=run.shared_with))
+            histories[run.spec.id] = histories[run.shared_with]
     write_table(rows, out)
     write_json(out / "histories.json", histories)
     return rows, histories, models
 
 
-def train_runs(runs: list[dict], x_train, x_test, out: Path, base_seed: int, progress: bool = True,
+def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, progress: bool = True,
                keep_models: str | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu"):
-    """Train every run (plan entries), reusing finished ones; each is written to ``runs/`` when it ends.
+    """Train every run, reusing finished ones; each is written to ``runs/`` when it ends.
 
     A run marked ``may_diverge`` that diverges is returned with row None and its error text as history,
     and is never saved. Returns (rows {id: row}, histories {id: history}, models {id: model} for runs of
@@ -343,17 +376,17 @@ def train_runs(runs: list[dict], x_train, x_test, out: Path, base_seed: int, pro
     histories, models, done = {}, {}, {}
     todo = []
     for run in runs:
-        found = _finished(out, run, stamp, run["ablation"] == keep_models) if resume else None
+        found = _finished(out, run, stamp, run.spec.ablation == keep_models) if resume else None
         if found is None:
             todo.append(run)
             continue
-        done[run["id"]], histories[run["id"]], model = found
+        done[run.spec.id], histories[run.spec.id], model = found
         if model is not None:
-            models[run["id"]] = model
+            models[run.spec.id] = model
     if done:
         tqdm.write(f"  resuming: {len(done)} runs finished earlier with the same settings, data and code "
                    f"({out / 'runs'}); {len(todo)} to train")
-    by_id = {r["id"]: r for r in todo}
+    by_id = {r.spec.id: r for r in todo}
     bar = tqdm(total=len(todo), desc=f"runs {out.name}", disable=not progress)
     for rid, row, hist, model in _results(todo, x_train, x_test, base_seed, progress, workers, device):
         run = by_id[rid]
@@ -362,12 +395,12 @@ def train_runs(runs: list[dict], x_train, x_test, out: Path, base_seed: int, pro
         if row is None:
             tqdm.write(f"  {rid:<42} diverged: {hist}")
             continue
-        if run["ablation"] == keep_models:
+        if run.spec.ablation == keep_models:
             models[rid] = model.cpu()  # figures and checkpoints are made on the cpu
-            state = {**model.checkpoint(), "key": run["key"], "fingerprint": stamp}
+            state = {**model.checkpoint(), "key": run.key, "fingerprint": stamp}
             atomic_write(_checkpoint_path(out, run), lambda tmp: torch.save(state, tmp))
         # after the checkpoint: a run file implies everything it needs is on disk
-        write_json(run_file(out, run), {"key": run["key"], "fingerprint": stamp, "row": row, "history": hist})
+        write_json(run_file(out, run), {"key": run.key, "fingerprint": stamp, "row": row, "history": hist})
         tqdm.write(f"  {rid:<42} test mse {row['test_mse']:.5f}  fvu {row['test_fvu']:.4f}  "
                    f"l0 {row['l0']:.1f}  dead {row['dead']:.2f}  {row['wall_time']:.1f}s")
     bar.close()
@@ -480,7 +513,7 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
         for r in rows:
             if r["ablation"] != ablation or r["replicate"] != 0:
                 continue
-            h = histories[run_id(r["method"], ablation, r["value"], 0)]
+            h = histories[RunSpec(r["method"], ablation, r["value"], 0).id]
             tag = r["method"] if ablation == "base" else f"{r['method']} {r['value']}"
             lines[tag] = ([e["epoch"] for e in h], [e["test_mse"] for e in h])
             # the bars' colour family per method (blue, orange, green), darker for later values
@@ -505,7 +538,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
     for i, split in enumerate(("train", "test")):
         series = {}
         for m in METHODS:
-            h = histories.get(run_id(m, "base", "-", rep))
+            h = histories.get(RunSpec(m, "base", "-", rep).id)
             if h:
                 series[m] = ([e["epoch"] for e in h], [e[f"{split}_mse"] for e in h])
         curves(axes[i], series, "epoch", f"{split} MSE", f"{label}: {split} MSE (equal epochs)", logy=True)
@@ -513,7 +546,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
     # equal wall-clock view: test MSE against cumulative training seconds (evaluation excluded)
     series = {}
     for m in METHODS:
-        h = histories.get(run_id(m, "base", "-", rep))
+        h = histories.get(RunSpec(m, "base", "-", rep).id)
         if h:
             series[m] = (np.cumsum([e["epoch_time"] for e in h]).tolist(), [e["test_mse"] for e in h])
     curves(axes[2], series, "training seconds", "test MSE", f"{label}: test MSE (equal wall clock)", logy=True)

@@ -9,7 +9,7 @@ loaders when they are installed).
     save_sparsify(model, folder)    / load_sparsify(folder)      sparsify: cfg.json + sae.safetensors
     detect_format(folder), load_any(folder)                      which of the three a folder holds; load it
 
-Ours: ``cfg.json`` is ``SAE.config()`` plus ``centred`` (whether the model subtracts its centre), ``dtype`` and
+Ours: ``cfg.json`` is ``SAE.config`` (its fields) plus ``centred`` (whether the model subtracts its centre), ``dtype`` and
 ``format``/``format_version``; ``sae.safetensors`` holds the ``state_dict`` under our parameter names
 (``W_enc``, ``b_enc``, ``W_dec`` unless tied, ``b_dec``, ``centre``). A load gives back the same parameters,
 bit for bit. The peer exports also write ``splinterp.json`` (our config, which activation was exported,
@@ -100,12 +100,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .sae import SAE
+from .sae import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
 OURS_WEIGHTS = "sae.safetensors"
@@ -216,15 +217,25 @@ def _check_export(model: SAE, fmt: str, allow_inexact: bool) -> str:
     if not allow_inexact:
         raise ValueError(msg + " Pass allow_inexact=True to write the library's nearest model ('topk_relu') anyway.")
     warnings.warn(msg + " Writing it as 'topk_relu' (allow_inexact=True): the library's reconstructions will differ "
-                  "from this model's wherever that matters.", UserWarning, stacklevel=3)
+                  "from this model's wherever that matters.", UserWarning, stacklevel=4)
     return "topk_relu"
 
 
 def _sidecar(model: SAE, fmt: str, exported_as: str) -> dict:
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "exported_to": fmt,
-            "source_config": model.config(), "source_centred": _is_centred(model),
+            "source_config": asdict(model.config), "source_centred": _is_centred(model),
             "exported_activation": exported_as, "exact": exported_as == model.activation,
             "note": "written by common.interop (SplInterp); the library ignores this file"}
+
+
+def _save_peer(model: SAE, folder, fmt: str, allow_inexact: bool, layout, weights_name: str) -> Path:
+    """A peer export: ``layout(model, activation, centre)`` gives the library's cfg.json and tensors for the
+    activation it will run (``_check_export``); our sidecar files go beside them (module docstring)."""
+    activation = _check_export(model, fmt, allow_inexact)
+    centre = _effective_centre(model)
+    cfg, tensors = layout(model, activation, centre)
+    return _write(folder, cfg, tensors, weights_name, _sidecar(model, fmt, activation),
+                  {"b_enc": model.b_enc, "centre": centre})
 
 
 def _read_sidecar(folder: Path, n_features: int, n_latents: int) -> dict | None:
@@ -323,13 +334,13 @@ def load_any(folder) -> SAE:
 
 # --- ours ---------------------------------------------------------------------------------------------
 def save_safetensors(model: SAE, folder) -> Path:
-    """Our format: ``cfg.json`` (``SAE.config()``, ``centred``, ``dtype``, format tag) and ``sae.safetensors``
+    """Our format: ``cfg.json`` (``SAE.config``, ``centred``, ``dtype``, format tag) and ``sae.safetensors``
     (the state_dict under our names; the centre is written as the model uses it: zeros when not centred)."""
     if not isinstance(model, SAE):
         raise TypeError(f"expected a common.sae.SAE, got {type(model).__name__}")
     state = {name: t for name, t in model.state_dict().items()}
     state["centre"] = _effective_centre(model)
-    cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **model.config(),
+    cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(model.config),
            "centred": _is_centred(model), "dtype": _dtype_name(model.W_enc.dtype)}
     return _write(folder, cfg, state, OURS_WEIGHTS)
 
@@ -341,7 +352,7 @@ def load_safetensors(folder) -> SAE:
     cfg = _read_json(folder / CFG_FILE)
     if cfg.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: format_version {cfg.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    config = {f: cfg[f] for f in ("n_features", "n_latents", "activation", "k", "tied", *_INIT_FIELDS) if f in cfg}
+    config = {f.name: cfg[f.name] for f in fields(SAEConfig) if f.name in cfg}
     dtype = _dtype(cfg.get("dtype", "float32"))
     model = SAE(**config).to(dtype)
     path = folder / OURS_WEIGHTS
@@ -361,8 +372,11 @@ def save_saelens(model: SAE, folder, *, allow_inexact: bool = False) -> Path:
     """A folder ``sae_lens.SAE.load_from_disk`` opens (SAELens 6.x): architecture ``topk`` (our topk_relu),
     ``abstopk`` (topk_abs) or ``standard`` (relu), with the centre folded in (module docstring). Signed
     ``topk`` raises ValueError unless ``allow_inexact``."""
-    activation = _check_export(model, "saelens", allow_inexact)
-    centre = _effective_centre(model)
+    return _save_peer(model, folder, "saelens", allow_inexact, _saelens_file, SAELENS_WEIGHTS)
+
+
+def _saelens_file(model: SAE, activation: str, centre: torch.Tensor) -> tuple[dict, dict]:
+    """SAELens's cfg.json and tensors for ``model`` run as ``activation``."""
     apply_b_dec, b_enc = _saelens_encoder_bias(model.W_enc, model.b_enc, centre, _is_centred(model), model.b_dec)
     arch = _SAELENS_ARCH[activation]
     cfg = {"d_in": model.n_features, "d_sae": model.n_latents, "dtype": _dtype_name(model.W_enc.dtype),
@@ -371,9 +385,7 @@ def save_saelens(model: SAE, folder, *, allow_inexact: bool = False) -> Path:
     if arch != "standard":
         cfg.update(k=model.k, rescale_acts_by_decoder_norm=False)
     cfg["architecture"] = arch
-    tensors = {"W_enc": model.W_enc.T, "b_enc": b_enc, "W_dec": model.atoms, "b_dec": model.b_dec}
-    return _write(folder, cfg, tensors, SAELENS_WEIGHTS, _sidecar(model, "saelens", activation),
-                  {"b_enc": model.b_enc, "centre": centre})
+    return cfg, {"W_enc": model.W_enc.T, "b_enc": b_enc, "W_dec": model.atoms, "b_dec": model.b_dec}
 
 
 def load_saelens(folder) -> SAE:
@@ -435,9 +447,12 @@ def save_sparsify(model: SAE, folder, *, allow_inexact: bool = False) -> Path:
     """A folder ``sparsify.SparseCoder.load_from_disk`` opens (sparsify 1.3): activation ``topk`` with our k
     (topk_relu) or with k = n_latents (relu); encoder bias shifted so that sparsify's subtraction of b_dec
     gives our pre-activations. ``topk`` and ``topk_abs`` raise ValueError unless ``allow_inexact``."""
-    activation = _check_export(model, "sparsify", allow_inexact)
+    return _save_peer(model, folder, "sparsify", allow_inexact, _sparsify_file, SPARSIFY_WEIGHTS)
+
+
+def _sparsify_file(model: SAE, activation: str, centre: torch.Tensor) -> tuple[dict, dict]:
+    """sparsify's cfg.json and tensors for ``model`` run as ``activation``."""
     k = model.n_latents if activation == "relu" else model.k
-    centre = _effective_centre(model)
     b_enc = _sparsify_encoder_bias(model.W_enc, model.b_enc, centre, model.b_dec)
     norms = model.atoms.detach().double().norm(dim=1)
     unit = bool(torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-5))
@@ -445,9 +460,7 @@ def save_sparsify(model: SAE, folder, *, allow_inexact: bool = False) -> Path:
     cfg = {"activation": "topk", "expansion_factor": expansion,  # ignored: num_latents > 0
            "normalize_decoder": unit, "num_latents": model.n_latents, "k": k, "multi_topk": False,
            "skip_connection": False, "transcode": False, "d_in": model.n_features}
-    tensors = {"encoder.weight": model.W_enc, "encoder.bias": b_enc, "W_dec": model.atoms, "b_dec": model.b_dec}
-    return _write(folder, cfg, tensors, SPARSIFY_WEIGHTS, _sidecar(model, "sparsify", activation),
-                  {"b_enc": model.b_enc, "centre": centre})
+    return cfg, {"encoder.weight": model.W_enc, "encoder.bias": b_enc, "W_dec": model.atoms, "b_dec": model.b_dec}
 
 
 def load_sparsify(folder) -> SAE:

@@ -19,6 +19,7 @@ Activations:
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -66,6 +67,31 @@ def check_activation(activation: str, k, n_latents: int) -> None:
             raise ValueError(f"k must satisfy 1 <= k <= n_latents={n_latents}, got k={k}")
 
 
+@dataclass
+class SAEConfig:
+    """What an SAE is built from, its seed aside; the one place of the model's defaults. ``k``: TopK
+    activations only (a ReLU model keeps None); ``tied``: no W_dec, the atoms are W_enc's rows; ``init`` and
+    the two scales: see ``SAE``. An invalid value raises ValueError naming it."""
+
+    n_features: int
+    n_latents: int
+    activation: str = "topk"
+    k: int | None = None
+    tied: bool = False
+    enc_init_scale: float = 0.1
+    dec_init_scale: float = 0.01
+    init: str = "paper"
+
+    def __post_init__(self):
+        check_activation(self.activation, self.k, self.n_latents)
+        if not isinstance(self.n_features, int) or self.n_features < 1:
+            raise ValueError(f"n_features must be a positive integer, got {self.n_features!r}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; accepted: {', '.join(INITS)}")
+        if self.activation == "relu":
+            self.k = None
+
+
 def topk_sparse(preacts: torch.Tensor, k: int, activation: str = "topk"):
     """The non-zeros of a TopK code: (values (n, k), indices (n, k)), indices into the latents, in no
     particular order within a row.
@@ -104,31 +130,28 @@ class SAE(nn.Module):
     seed share their encoder. ``init="transpose_unit"`` (SAELens, sparsify): random unit-norm atoms, and
     the encoder equal to them (W_enc = W_dec^T in the docs' orientation); the two scales are not used.
     Biases and the centre start at 0 (the training recipe may set b_dec and the centre from the data).
+
+    ``SAE(*args, seed=0, **kwargs)``: ``args`` and ``kwargs`` are ``SAEConfig``'s fields (positionally in its
+    order: n_features, n_latents, activation, k, tied, ...), kept as ``config``; ``seed`` seeds the draw.
     """
 
-    def __init__(self, n_features: int, n_latents: int, activation: str = "topk", k: int | None = None,
-                 tied: bool = False, enc_init_scale: float = 0.1, dec_init_scale: float = 0.01, seed: int = 0,
-                 init: str = "paper"):
+    def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__()
-        check_activation(activation, k, n_latents)
-        if not isinstance(n_features, int) or n_features < 1:
-            raise ValueError(f"n_features must be a positive integer, got {n_features!r}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
-        self.n_features, self.n_latents = n_features, n_latents
-        self.activation, self.k, self.tied = activation, (k if activation != "relu" else None), tied
-        self.enc_init_scale, self.dec_init_scale, self.init = enc_init_scale, dec_init_scale, init
+        self.config = c = SAEConfig(*args, **kwargs)
+        self.n_features, self.n_latents, self.activation, self.k, self.tied = (
+            c.n_features, c.n_latents, c.activation, c.k, c.tied)
+        n_latents, n_features = c.n_latents, c.n_features
         g = torch.Generator().manual_seed(int(seed))
-        if init == "paper":
-            w_enc = enc_init_scale * torch.randn(n_latents, n_features, generator=g)
-            w_dec = dec_init_scale * torch.randn(n_latents, n_features, generator=g)
+        if c.init == "paper":
+            w_enc = c.enc_init_scale * torch.randn(n_latents, n_features, generator=g)
+            w_dec = c.dec_init_scale * torch.randn(n_latents, n_features, generator=g)
         else:
             w_dec = torch.randn(n_latents, n_features, generator=g)
             w_dec /= w_dec.norm(dim=1, keepdim=True)
             w_enc = w_dec.clone()
         self.W_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.W_dec = None if tied else nn.Parameter(w_dec)
+        self.W_dec = None if c.tied else nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(n_features))
         self.register_buffer("centre", torch.zeros(n_features))
         self._centred = False
@@ -153,11 +176,6 @@ class SAE(nn.Module):
 
     def decoder_parameters(self):
         return [self.b_dec] if self.tied else [self.W_dec, self.b_dec]
-
-    def config(self) -> dict:
-        return dict(n_features=self.n_features, n_latents=self.n_latents, activation=self.activation, k=self.k,
-                    tied=self.tied, enc_init_scale=self.enc_init_scale, dec_init_scale=self.dec_init_scale,
-                    init=self.init)
 
     @torch.no_grad()
     def set_centre(self, centre: torch.Tensor) -> None:
@@ -233,7 +251,7 @@ class SAE(nn.Module):
     # --- persistence --------------------------------------------------------------------------
     def checkpoint(self) -> dict:
         """Everything needed to rebuild the model, decoder included."""
-        return {"config": self.config(),
+        return {"config": asdict(self.config),
                 "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}}
 
     @classmethod

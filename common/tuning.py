@@ -26,7 +26,7 @@ import torch
 
 from .config import at_least, boolean, derive_seed, in_range, satisfies, write_json, write_text
 from .data import subset_indices
-from .experiment import Protocol, train_runs
+from .experiment import Protocol, Run, RunSpec, train_runs
 
 ALIASES = {"mu_nu": ("mu", "nu")}
 ACCEPT = {  # what a script's tuning constants accept (E2 and E3 include these in their ACCEPT)
@@ -78,9 +78,9 @@ def trials(grid: dict, n_trials: int, seed: int) -> list[dict]:
     return [points[i] for i in sorted(pick)]
 
 
-def plan_trials(protocol: Protocol, grids: dict, n_trials: int, epochs: int, seed: int) -> list[dict]:
-    """Every tuning trial as a run (the protocol's base settings, the method's trial values, ``epochs``),
-    validated before any data is loaded."""
+def plan_trials(protocol: Protocol, grids: dict, n_trials: int, epochs: int, seed: int) -> list[tuple[Run, dict]]:
+    """Every tuning trial as (its run, its grid values), validated before any data is loaded. The run has the
+    protocol's base settings, the method's trial values and ``epochs``; trial i is RunSpec(method, "tune", i, 0)."""
     if not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"tuning trials must be a positive integer, got {n_trials!r}")
     unknown = sorted(set(grids) - set(protocol.methods))
@@ -95,9 +95,8 @@ def plan_trials(protocol: Protocol, grids: dict, n_trials: int, epochs: int, see
             tuned = Protocol(base=protocol.base, ablations={}, methods=(method,), base_seed=protocol.base_seed,
                              method_settings={method: dict(expand(values), epochs=epochs)})
             s = tuned.settings("base", "-", method)
-            runs.append({"id": f"tune|{method}|trial{i}", "method": method, "ablation": "tune", "value": i,
-                         "rep": 0, "settings": s, "values": values, "may_diverge": True,
-                         "key": json.dumps([method, "tune", sorted(s.items())], default=str), "shared_with": None})
+            key = json.dumps([method, "tune", sorted(s.items())], default=str)
+            runs.append((Run(RunSpec(method, "tune", i, 0), s, key, may_diverge=True), values))
     return runs
 
 
@@ -108,23 +107,23 @@ def tune(protocol: Protocol, grids: dict, n_trials: int, epochs: int, x_train: t
     Writes ``<out>/tuning.json`` (every trial: values, validation MSE / FVU / dead, or its divergence)
     and ``<out>/tuning.md``. The trials are resumable runs under ``<out>/runs``.
     """
-    runs = plan_trials(protocol, grids, n_trials, epochs, seed)
+    planned = plan_trials(protocol, grids, n_trials, epochs, seed)
     fit, val = validation_split(x_train.shape[0], val_fraction, derive_seed(seed, "validation"))
     x_fit, x_val = x_train[fit], x_train[val]
-    done, histories, _ = train_runs(runs, x_fit, x_val, out, protocol.base_seed, progress, keep_models=None,
-                                    workers=workers, resume=resume, device=device)
+    done, histories, _ = train_runs([run for run, _ in planned], x_fit, x_val, out, protocol.base_seed, progress,
+                                    keep_models=None, workers=workers, resume=resume, device=device)
     table, chosen = [], {}
     for method in protocol.methods:
         best = None
-        for run in (r for r in runs if r["method"] == method):
-            row = done[run["id"]]
-            entry = {"method": method, "trial": run["value"], "values": run["values"]}
+        for run, values in ((r, v) for r, v in planned if r.spec.method == method):
+            row = done[run.spec.id]
+            entry = {"method": method, "trial": run.spec.value, "values": values}
             if row is None:
-                entry.update(val_mse=math.inf, diverged=histories[run["id"]])
+                entry.update(val_mse=math.inf, diverged=histories[run.spec.id])
             else:
                 entry.update(val_mse=row["test_mse"], val_fvu=row["test_fvu"], val_dead=row["dead"], diverged="")
                 if best is None or row["test_mse"] < best[0]:
-                    best = (row["test_mse"], run["values"])
+                    best = (row["test_mse"], values)
             table.append(entry)
         if best is None:
             raise RuntimeError(f"tuning: every trial of {method} diverged; see {out / 'tuning.json'}")

@@ -1,10 +1,13 @@
 """The shared SGD-vs-PAM protocol: the plan, its fairness rules, and parallel workers changing nothing."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from common import experiment
+from common import experiment, tuning
+from common.sae import SAEConfig
+from common.train import TrainConfig
 
 
 A = experiment.Ablation
@@ -32,13 +35,13 @@ def data():
 
 def test_plan_shares_identical_configurations_and_restricts_methods():
     runs = tiny_protocol().plan()
-    by_id = {r["id"]: r for r in runs}
+    by_id = {r.spec.id: r for r in runs}
     # weight_decay=0 and updates=1 are the base configuration: run once, reported in both places
-    assert by_id["sgd|weight_decay=0.0|rep0"]["shared_with"] == "sgd|base=-|rep0"
-    assert by_id["pam|updates=1|rep0"]["shared_with"] == "pam|base=-|rep0"
-    assert by_id["pam|weight_decay=0.001|rep0"]["shared_with"] is None
+    assert by_id["sgd|weight_decay=0.0|rep0"].shared_with == "sgd|base=-|rep0"
+    assert by_id["pam|updates=1|rep0"].shared_with == "pam|base=-|rep0"
+    assert by_id["pam|weight_decay=0.001|rep0"].shared_with is None
     # the updates ablation concerns PAM only
-    assert {r["method"] for r in runs if r["ablation"] == "updates"} == {"pam"}
+    assert {r.spec.method for r in runs if r.spec.ablation == "updates"} == {"pam"}
     assert len(runs) == 3 + 3 * 2 + 2 + 3
 
 
@@ -47,7 +50,7 @@ def test_a_scripts_own_ablation_and_what_follows_from_its_value():
     protocol = tiny_protocol(ablations={"k": A(("k",), (2, 3), methods=("sgd",), then=then),
                                         "mu_nu": A(("mu", "nu"), (1e-3,))},
                              ablation_overrides={"epochs": 5})
-    plan = {r["id"]: r["settings"] for r in protocol.plan()}
+    plan = {r.spec.id: r.settings for r in protocol.plan()}
     assert set(plan) == {"sgd|k=2|rep0", "sgd|k=3|rep0", "pam|mu_nu=0.001|rep0", "sgd|mu_nu=0.001|rep0",
                          "sgd_tied|mu_nu=0.001|rep0"}
     assert plan["sgd|k=2|rep0"]["k"] == 2 and plan["sgd|k=2|rep0"]["epochs"] == 7
@@ -56,8 +59,46 @@ def test_a_scripts_own_ablation_and_what_follows_from_its_value():
     assert protocol.settings("base", "-", "pam")["epochs"] == 2
 
 
+def test_a_run_spec_names_a_run_and_every_planned_run_carries_one():
+    spec = experiment.RunSpec("pam", "base", "-", 0)
+    assert spec.id == "pam|base=-|rep0"                      # the names saved histories and run files use
+    assert experiment.RunSpec("sgd", "weight_decay", 0.001, 2).id == "sgd|weight_decay=0.001|rep2"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.method = "sgd"
+    runs = tiny_protocol(seeds=2).plan()
+    assert runs[0].spec == spec
+    assert {r.spec.replicate for r in runs} == {0, 1} and len({r.spec for r in runs}) == len(runs)
+
+
+def test_tuning_trials_are_run_specs_too():
+    protocol = tiny_protocol(ablations=only("base"), methods=("pam", "sgd"))
+    grids = {"pam": {"lr": (1e-3, 2e-3, 4e-3)}, "sgd": {"lr": (1e-3, 2e-3), "weight_decay": (0.0, 1e-4)}}
+    planned = tuning.plan_trials(protocol, grids, 2, epochs=1, seed=0)
+    assert [r.spec for r, _ in planned] == [experiment.RunSpec(m, "tune", i, 0) for m in ("pam", "sgd") for i in (0, 1)]
+    for run, values in planned:
+        assert run.may_diverge and run.settings["epochs"] == 1
+        assert all(run.settings[k] == v for k, v in values.items())
+
+
+def test_settings_split_into_the_model_and_the_training_configuration():
+    s = tiny_protocol().settings("base", "-", "sgd_tied")
+    model, train = experiment.configs(s, "sgd_tied", n_features=6)
+    assert model == SAEConfig(6, 12, "topk", 3, tied=True)
+    assert (train.method, train.epochs, train.lr, train.solve_batch) == ("sgd_tied", 2, 3e-3, 64)
+    assert experiment.configs(dict(s, activation="relu"), "pam", 6)[0].k is None   # a ReLU model has no k
+    # the defaults are the dataclasses' own
+    assert experiment.DEFAULTS["dec_init_scale"] == SAEConfig(6, 12, k=3).dec_init_scale == 0.01
+    assert experiment.DEFAULTS["solve_batch"] == TrainConfig().solve_batch
+    with pytest.raises(ValueError, match=r"unknown settings \['lr_decay'\]; accepted: .*, weight_decay"):
+        experiment.configs(dict(s, lr_decay=0.1), "pam", 6)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(ablations={"nope": A(("nope",), (1,))}), "sets unknown settings"),
+    (dict(method_settings={"pam": {"lrr": 1e-3}}), r"method_settings\['pam'\] has unknown settings \['lrr'\]; accepted"),
+    (dict(ablation_overrides={"epoch": 3}), r"ablation_overrides has unknown settings \['epoch'\]"),
+    (dict(ablations={"k": A(("k",), (2,), then=lambda s, v: s.update(epoch=3))}), r"unknown settings \['epoch'\]"),
+    (dict(ablations=only("base"), base=dict(n_latents=12, k=3, init="unit")), "unknown init 'unit'"),
     (dict(ablations={"weights": {"weight_decay": (1,)}}), "must be an experiment.Ablation"),
     (dict(ablations=only("fraction", fraction=(0.0,))), "fraction"),
     (dict(ablations=only("k", k=(99,))), "k must satisfy"),
@@ -109,9 +150,9 @@ def test_an_interrupted_protocol_resumes_where_it_stopped(tmp_path, monkeypatch)
     first, h1, m1 = experiment.execute(protocol, x_train, x_test, tmp_path, progress=False)
     trained = []
     real = experiment.run_one
-    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run["id"]) or real(run, *a, **k))
+    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run.spec.id) or real(run, *a, **k))
     # "interrupt": one finished run is lost, another left as a corrupt file
-    plan = {r["id"]: r for r in protocol.plan()}
+    plan = {r.spec.id: r for r in protocol.plan()}
     lost = experiment.run_file(tmp_path, plan["sgd|fraction=0.5|rep0"])
     corrupt = experiment.run_file(tmp_path, plan["pam|weight_decay=0.001|rep0"])
     lost.unlink()
@@ -135,7 +176,7 @@ def test_resume_never_reuses_runs_made_with_other_data_or_settings(tmp_path, mon
     experiment.execute(tiny_protocol(ablations=only("base")), x_train, x_test, tmp_path, progress=False)
     trained = []
     real = experiment.run_one
-    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run["id"]) or real(run, *a, **k))
+    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run.spec.id) or real(run, *a, **k))
     experiment.execute(tiny_protocol(ablations=only("base")), x_train + 1e-3, x_test, tmp_path, progress=False)
     assert len(trained) == 3                      # other data
     trained.clear()
@@ -162,7 +203,7 @@ def test_resume_never_returns_a_model_that_another_setting_overwrote(tmp_path, m
                                   progress=False)
     trained = []
     real = experiment.run_one
-    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run["id"]) or real(run, *a, **k))
+    monkeypatch.setattr(experiment, "run_one", lambda run, *a, **k: trained.append(run.spec.id) or real(run, *a, **k))
     _, _, m3 = experiment.execute(tiny_protocol(ablations=only_base), x_train, x_test, tmp_path, progress=False)
     assert sorted(trained) == sorted(m1)          # the base runs were trained again, not resumed
     for rid in m1:
@@ -187,7 +228,7 @@ def test_a_crafted_checkpoint_is_never_unpickled_and_the_run_is_retrained(tmp_pa
     x_train, x_test = data()
     protocol = tiny_protocol(ablations=only("base"))
     experiment.execute(protocol, x_train, x_test, tmp_path, progress=False)
-    run = next(r for r in protocol.plan() if r["method"] == "pam")
+    run = next(r for r in protocol.plan() if r.spec.method == "pam")
     path = experiment._checkpoint_path(tmp_path, run)
     ckpt = torch.load(path, weights_only=True)
     ckpt["extra"] = _Payload()
@@ -196,10 +237,10 @@ def test_a_crafted_checkpoint_is_never_unpickled_and_the_run_is_retrained(tmp_pa
         os.remove("/tmp/splinterp_checkpoint_exploit")
     trained = []
     real = experiment.run_one
-    monkeypatch.setattr(experiment, "run_one", lambda r, *a, **k: trained.append(r["id"]) or real(r, *a, **k))
+    monkeypatch.setattr(experiment, "run_one", lambda r, *a, **k: trained.append(r.spec.id) or real(r, *a, **k))
     experiment.execute(protocol, x_train, x_test, tmp_path, progress=False)
     assert not os.path.exists("/tmp/splinterp_checkpoint_exploit")
-    assert trained == [run["id"]]                  # refused (weights_only) and retrained; nothing else
+    assert trained == [run.spec.id]                  # refused (weights_only) and retrained; nothing else
 
 
 def test_a_run_that_diverges_fails_loudly_and_is_never_saved(tmp_path):

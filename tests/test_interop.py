@@ -105,7 +105,7 @@ def test_round_trip_gives_the_same_reconstructions(tmp_path, fmt, activation, ce
     assert back.tied == tied  # peers: restored from splinterp.json (W_dec equals W_enc exactly)
     assert back.activation == activation and back.k == model.k
     # the same model, bit for bit (peers: the centre and b_enc come back from splinterp.safetensors)
-    assert back.config() == model.config()
+    assert back.config == model.config
     assert back.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, back.state_dict()[name]) for name, v in model.state_dict().items())
     assert torch.equal(back(x).recon, model(x).recon)
@@ -352,7 +352,7 @@ def test_interop_imports_no_peer_package_and_never_unpickles():
             mods |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             mods.add("." if node.level else node.module.split(".")[0])
-    assert mods <= {"__future__", "json", "warnings", "pathlib", "torch", "safetensors", "."}, mods
+    assert mods <= {"__future__", "dataclasses", "json", "warnings", "pathlib", "torch", "safetensors", "."}, mods
     assert "torch.load(" not in src
 
 

@@ -38,6 +38,16 @@ def script(path, *args, timeout=120):
                           text=True, timeout=timeout)
 
 
+def started(tmp_path, files: dict, *args):
+    """(run, out): a run configured into ``tmp_path / "out"`` (``args``: more command-line flags) that has
+    written ``files`` ({path under out: text})."""
+    out = tmp_path / "out"
+    run = configure(namespace(), ["--out", str(out), *args])
+    for name, text in files.items():
+        write_text(out / name, text)
+    return run, out
+
+
 def namespace(**changes):
     ns = {"__file__": "/x/demo_script.py", "EPOCHS": 50, "ACTIVATION": "topk", "WORKERS": 2, "SEED": 0}
     ns["ACCEPT"] = {"EPOCHS": at_least(1), "ACTIVATION": one_of("topk", "relu"), "WORKERS": at_least(1),
@@ -93,10 +103,7 @@ def test_second_writer_is_refused_at_once(tmp_path):
 
 # --- record, manifest, another configuration, resume (in-process, fast) ----------------------------------------
 def test_manifest_lists_the_files_written_with_their_hashes(tmp_path):
-    out = tmp_path / "out"
-    run = configure(namespace(), ["--out", str(out)])
-    write_text(out / "table.csv", "a,b\n")
-    write_text(out / "topk" / "summary.md", "# s\n")
+    run, out = started(tmp_path, {"table.csv": "a,b\n", "topk/summary.md": "# s\n"})
     write_text(tmp_path / "elsewhere.txt", "not this run's")
     manifest = json.loads(run.finish(data={"fingerprint": "abc"}).read_text())
     assert set(manifest["files"]) == {"config.json", "table.csv", "topk/summary.md"}
@@ -106,11 +113,7 @@ def test_manifest_lists_the_files_written_with_their_hashes(tmp_path):
 
 
 def test_another_configuration_is_refused_then_replaced_with_overwrite(tmp_path):
-    out = tmp_path / "out"
-    run = configure(namespace(), ["--out", str(out)])
-    write_text(out / "ablation_k.png", "stale figure")
-    write_text(out / "runs" / "k3.json", "{}")
-    write_text(out / "table.csv", "old\n")
+    run, out = started(tmp_path, {"ablation_k.png": "stale figure", "runs/k3.json": "{}", "table.csv": "old\n"})
     run.finish()
     (out / "notes.txt").write_text("the user's own file")
     before = snapshot(out)
@@ -126,12 +129,9 @@ def test_another_configuration_is_refused_then_replaced_with_overwrite(tmp_path)
 
 
 def test_the_same_configuration_resumes(tmp_path):
-    out = tmp_path / "out"
-    run = configure(namespace(), ["--out", str(out)])
-    write_text(out / "runs" / "a.json", "{}")
+    run, out = started(tmp_path, {"runs/a.json": "{}"})
     run.release()                                       # interrupted: no manifest
-    run = configure(namespace(), ["--out", str(out), "--WORKERS=1"])   # WORKERS changes no result: same configuration
-    write_text(out / "runs" / "b.json", "{}")
+    run, _ = started(tmp_path, {"runs/b.json": "{}"}, "--WORKERS=1")   # WORKERS changes no result: same configuration
     manifest = json.loads(run.finish().read_text())
     assert set(manifest["files"]) == {"config.json", "runs/a.json", "runs/b.json"}   # the reused run is listed
 

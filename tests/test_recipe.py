@@ -23,7 +23,7 @@ def toy(n=600, n_features=10, seed=0, offset=3.0):
 def test_paper_recipe_is_todays_default_everywhere():
     s = recipe.recipe_settings("paper", 256, paper_lr=3e-3)
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    assert s.pop("init") == "paper" == SAE(4, 8, "topk", 2).init
+    assert s.pop("init") == "paper" == SAE(4, 8, "topk", 2).config.init
     assert s.pop("lr") == 3e-3
     assert all(defaults[k] == v for k, v in s.items()), s
     with pytest.raises(ValueError, match="unknown recipe"):
