@@ -48,10 +48,12 @@ def test_trials_are_distinct_grid_points_and_a_small_grid_is_an_error():
 def test_every_method_gets_the_same_number_of_trials():
     grids = {"pam": {"lr": (1e-3, 2e-3, 4e-3), "mu_nu": (0.0, 1e-3)}, "sgd": {"lr": (1e-3, 2e-3, 4e-3)}}
     runs = tuning.plan_trials(protocol(), grids, 3, epochs=1, seed=0)
-    assert [r["method"] for r in runs].count("pam") == 3 == [r["method"] for r in runs].count("sgd")
-    assert all(r["settings"]["epochs"] == 1 for r in runs)
-    pam = [r for r in runs if r["method"] == "pam"]
-    assert all(r["settings"]["mu"] == r["settings"]["nu"] == r["values"]["mu_nu"] for r in pam)
+    methods = [run.spec.method for run, _ in runs]
+    assert methods.count("pam") == 3 == methods.count("sgd")
+    assert all(run.settings["epochs"] == 1 and run.may_diverge for run, _ in runs)
+    assert len({run.spec.id for run, _ in runs}) == 6
+    pam = [(run, values) for run, values in runs if run.spec.method == "pam"]
+    assert all(run.settings["mu"] == run.settings["nu"] == values["mu_nu"] for run, values in pam)
     with pytest.raises(ValueError, match="no grid for method 'sgd'"):
         tuning.plan_trials(protocol(), {"pam": grids["pam"]}, 3, epochs=1, seed=0)
     with pytest.raises(ValueError, match="does not run"):
