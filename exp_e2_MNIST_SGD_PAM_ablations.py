@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import experiment, tuning
+from common import distributed, experiment, tuning
 from common.config import above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_text
 from common.data import load_mnist
 from common.plotting import image_grid, save
@@ -154,7 +154,8 @@ for act in ACTIVATIONS:
             run.fail(f"--TUNED={TUNED}: {err}")
 
 # --- data (after every setting is validated) ----------------------------------------------------------
-x_train, _, x_test, _ = load_mnist()
+with distributed.main_first():             # under torchrun rank 0 fetches MNIST if missing, then the others
+    x_train, _, x_test, _ = load_mnist()
 if N_TRAIN:
     x_train = x_train[:N_TRAIN]
 if N_TEST:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import activations, experiment, tuning
+from common import activations, distributed, experiment, tuning
 from common.config import (above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_json,
                            write_text)
 from common.recipe import RECIPES, recipe_settings
@@ -224,9 +224,10 @@ elif SOURCE == "synthetic":
     meta = {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
             "n_features": X.shape[1]}
 else:
-    X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
-                                           n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
-                                           dtype=EXTRACT_DTYPE)
+    with distributed.main_first():  # under torchrun rank 0 extracts and caches, then the others read the cache
+        X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
+                                               n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
+                                               dtype=EXTRACT_DTYPE)
 x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
 if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
     run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")

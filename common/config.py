@@ -35,6 +35,11 @@ which first removes the files that configuration wrote; the same configuration g
 renamed into place) and is listed in ``<out>/.written``; ``Run.finish`` writes ``<out>/manifest.json``
 last: the settings, a hash of the code (common/ and the script), the data hashes the script passes, and
 every file with its sha256.
+
+Under torchrun (several processes, ``common.distributed``), ``configure`` joins the process group first;
+every rank parses and checks the same settings (a bad value: exit 2 on every rank, reported by rank 0
+only), rank 0 alone takes the lock and claims the folder and the others share its outcome, and only rank 0
+writes (``is_writer``: ``atomic_write`` and the manifest do nothing on the other ranks).
 """
 from __future__ import annotations
 
@@ -57,6 +62,26 @@ _FALSE = {"0", "false", "no", "off"}
 LOCK_NAME, JOURNAL_NAME, MANIFEST_NAME, RECORD_NAME = ".lock", ".written", "manifest.json", "config.json"
 # constants that change how a run proceeds, not what it computes: a folder is resumed across them
 OPERATIONAL = ("WORKERS", "RESUME")
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: always, except under torchrun, where only rank 0 (RANK=0) does; the
+    other ranks compute the same results and write nothing (docs/DESIGN.md, section 3.9)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def _torchrun() -> bool:
+    """Whether torchrun started this process as one of several (without importing torch)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+
+
+def _on_main(fn):
+    """``fn()`` on rank 0 only, its result or error shared with every rank (common.distributed.on_main);
+    simply ``fn()`` in a single process."""
+    if not _torchrun():
+        return fn()
+    from . import distributed
+    return distributed.on_main(fn)
 
 
 class ConfigError(ValueError):
@@ -215,13 +240,15 @@ class Run:
     def path(self, *parts) -> Path:
         """A file path under the output folder (its folder created if missing)."""
         p = self.out.joinpath(*[str(q) for q in parts])
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if is_writer():
+            p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
     def dir(self, *parts) -> Path:
         """A folder under the output folder, created if missing."""
         p = self.out.joinpath(*[str(q) for q in parts])
-        p.mkdir(parents=True, exist_ok=True)
+        if is_writer():
+            p.mkdir(parents=True, exist_ok=True)
         return p
 
     def settings(self) -> dict:
@@ -229,7 +256,11 @@ class Run:
 
     def finish(self, data: dict | None = None) -> Path:
         """Write ``<out>/manifest.json`` (last): settings, code hash, ``data`` (hashes of the inputs, as the
-        script knows them), every file this configuration wrote here with its sha256; release the lock."""
+        script knows them), every file this configuration wrote here with its sha256; release the lock.
+        Under torchrun only rank 0 writes it."""
+        if not is_writer():
+            self.release()
+            return self.out / MANIFEST_NAME
         files = {}
         for rel in _journal(self.out):
             p = self.out / rel
@@ -402,6 +433,10 @@ def configure(namespace: dict, argv=None, quick: dict | None = None, name: str |
     as ``__main__``, prints it as one line on stderr and exits with status 2.
     """
     name = name or Path(namespace.get("__file__", "script")).stem
+    if _torchrun():
+        from . import distributed
+        distributed.init()
+        distributed.quiet_others()   # rank 0 alone reports, including the errors below
     try:
         return _configure(namespace, argv, quick, name, default_out)
     except ConfigError as err:
@@ -490,18 +525,24 @@ def _configure(namespace, argv, quick, name, default_out) -> Run:
     script = namespace.get("__file__")
     run = Run(name=name, out=out_dir, seed=int(seed), quick=is_quick, values=dict(consts), overwrite=overwrite,
               argv=argv, script=Path(script).resolve() if script and Path(script).is_file() else None)
-    _claim_folder(run, check_only=True)   # refuse before anything is created, even the lock
+    # under torchrun rank 0 alone checks, locks and claims the folder; every rank shares its verdict
+    _on_main(lambda: _claim_folder(run, check_only=True))   # refuse before anything is created, even the lock
     namespace.update(consts)
-    run._lock = OutputLock(out_dir)
+    _on_main(lambda: _take_folder(run))
+    return run
+
+
+def _take_folder(run: Run) -> None:
+    """Lock the output folder, claim it (``_claim_folder``) and write the configuration's record."""
+    run._lock = OutputLock(run.out)
     try:
         _claim_folder(run, check_only=False)
     except BaseException:
         run.release()
         raise
     _ACTIVE.append(run)
-    write_json(out_dir / RECORD_NAME, {"format": 2, "script": name, "quick": is_quick, "seed": run.seed,
-                                      "argv": argv, "constants": consts})
-    return run
+    write_json(run.out / RECORD_NAME, {"format": 2, "script": run.name, "quick": run.quick, "seed": run.seed,
+                                      "argv": run.argv, "constants": run.values})
 
 
 # --- the output folder: record, lock, file list ----------------------------------------------------------
@@ -721,8 +762,11 @@ def atomic_write(path, write) -> Path:
     """Write ``path`` atomically: ``write(tmp)`` fills a unique temporary file beside it (``.<stem>.<random>
     .tmp<suffix>``, so tools that read the extension still work), which is then renamed into place; on any
     error the temporary file is removed and ``path`` is untouched. The one way every module writes a file.
-    A file under the output folder of this process's run is listed for its manifest."""
+    A file under the output folder of this process's run is listed for its manifest. Under torchrun only
+    rank 0 writes: on the other ranks this returns ``path`` and writes nothing (``is_writer``)."""
     path = Path(path)
+    if not is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)

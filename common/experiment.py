@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .config import atomic_write, derive_seed, write_json, write_text
 from .data import subset_indices
 from .sae import SAE, SAEConfig
@@ -264,7 +265,7 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
     Every run's seeds come from its plan entry, so the results do not depend on the order in which
     runs finish.
     """
-    if workers <= 1 or len(todo) <= 1:
+    if workers <= 1 or len(todo) <= 1 or dist.active():  # under torchrun each run is spread over the ranks
         for run in todo:
             yield (run.spec.id, *_run_or_divergence(run, x_train, x_test, base_seed, progress, device=device))
         return
@@ -375,8 +376,10 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
     stamp = fingerprint(x_train, x_test, base_seed)
     histories, models, done = {}, {}, {}
     todo = []
-    for run in runs:
-        found = _finished(out, run, stamp, run.spec.ablation == keep_models) if resume else None
+    # under torchrun rank 0 reads the finished runs and sends them to the others: every rank trains the same list
+    finished = dist.on_main(lambda: [_finished(out, r, stamp, r.spec.ablation == keep_models) if resume else None
+                                     for r in runs])
+    for run, found in zip(runs, finished):
         if found is None:
             todo.append(run)
             continue
