@@ -44,6 +44,7 @@ bench: $(STAMP) $(MNIST)
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_solve.py
+	$(PY) bench/bench_stats_dtype.py
 
 # per-epoch E3 costs and the projected full-protocol time (extracts the LLM activations first if not cached)
 bench-e3: $(STAMP)

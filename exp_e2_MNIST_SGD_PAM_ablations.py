@@ -24,6 +24,7 @@ from common import distributed, experiment, tuning
 from common.config import above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_text
 from common.data import load_mnist
 from common.plotting import image_grid, save
+from common.pam import STATS_DTYPES
 from common.recipe import RECIPES, recipe_settings
 from common.train import device_available, resolve_device
 from common.sae import TOPK_ACTIVATIONS
@@ -48,6 +49,7 @@ BETA = 0.0
 PROX_FORM = "proximal"           # "proximal" (ours) or "l2" (the original's plain L2 on the encoder)
 SOLVE_EVERY = 1                  # PAM: solve the decoder every this many epochs (outer iterations)
 SOLVE_SAMPLES = 0                # PAM: 0: all training samples; m > 0: statistics of m random ones, sums x N / m
+STATS_DTYPE = "float64"          # PAM: "float32": statistics in float32, compensated (README, Devices)
 METHODS = ("pam", "sgd", "sgd_tied")
 UPDATES = (1, 3, 5, 10)
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -95,6 +97,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any data
     "PROX_FORM": one_of("proximal", "l2"),
     "SOLVE_EVERY": at_least(1),
     "SOLVE_SAMPLES": at_least(0),
+    "STATS_DTYPE": one_of(*STATS_DTYPES),
     "METHODS": each(one_of(*experiment.METHODS)),
     "UPDATES": each(at_least(1)),
     "FRACTIONS": each(in_range(0, 1, lo_open=True)),
@@ -142,7 +145,8 @@ for act in ACTIVATIONS:
         base=dict(recipe, n_latents=N_LATENTS, activation=TOPK_VARIANT if act == "topk" else act, k=K,
                   l1=L1 if act == "relu" else 0.0, enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE,
                   epochs=EPOCHS, batch_size=BATCH_SIZE, solve_batch=SOLVE_BATCH, mu=MU, nu=NU,
-                  alpha=ALPHA, beta=BETA, prox_form=PROX_FORM, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES),
+                  alpha=ALPHA, beta=BETA, prox_form=PROX_FORM, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES,
+                  stats_dtype=STATS_DTYPE),
         ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed)
     if TUNE:
         grids = {m: TUNE_GRID[m] for m in METHODS}

@@ -28,6 +28,7 @@ import torch
 from common import activations, distributed, experiment, tuning
 from common.config import (above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_json,
                            write_text)
+from common.pam import STATS_DTYPES
 from common.recipe import RECIPES, recipe_settings
 from common.train import device_available, resolve_device
 from common.sae import ACTIVATIONS as SAE_ACTIVATIONS
@@ -59,6 +60,7 @@ BATCH_SIZE = 256
 SOLVE_BATCH = 1024
 SOLVE_EVERY = 1                   # PAM: solve the decoder every this many epochs (outer iterations)
 SOLVE_SAMPLES = 0                 # PAM: 0: all training samples; m > 0: statistics of m random ones, sums x N / m
+STATS_DTYPE = "float64"           # PAM: "float32": statistics in float32, compensated (README, Devices)
 MU = 1e-3                         # mu_enc = nu_enc = 1e-3; the same proximal terms in the decoder solve
 NU = 1e-3
 ALPHA = 0.0
@@ -133,6 +135,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "SOLVE_BATCH": at_least(1),
     "SOLVE_EVERY": at_least(1),
     "SOLVE_SAMPLES": at_least(0),
+    "STATS_DTYPE": one_of(*STATS_DTYPES),
     "MU": at_least(0),
     "NU": at_least(0),
     "ALPHA": at_least(0),
@@ -197,7 +200,7 @@ protocol = experiment.Protocol(
     base=dict(recipe, n_latents=N_LATENTS, activation=ACTIVATION, k=K, l1=L1 if ACTIVATION == "relu" else 0.0,
               enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE, epochs=EPOCHS, batch_size=BATCH_SIZE,
               solve_batch=SOLVE_BATCH, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES, mu=MU, nu=NU, alpha=ALPHA,
-              beta=BETA),
+              beta=BETA, stats_dtype=STATS_DTYPE),
     ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
     ablation_overrides={"epochs": ABLATION_EPOCHS})
 if TUNE:

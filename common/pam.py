@@ -47,17 +47,45 @@ GRAM_BLOCKS = 8
 GRAM_MIN_BLOCK = 64
 
 
+def _gram_edges(d: int) -> list[int]:
+    """Edges of the row blocks of a (d, d) Gram matrix."""
+    nb = max(1, min(GRAM_BLOCKS, d // GRAM_MIN_BLOCK))
+    return [round(i * d / nb) for i in range(nb + 1)]
+
+
 def _add_upper_gram(upper: torch.Tensor, z: torch.Tensor) -> None:
     """upper += the upper triangle (diagonal included) of z^T z, computing only tiles on or above the diagonal."""
     d = z.shape[1]
-    nb = max(1, min(GRAM_BLOCKS, d // GRAM_MIN_BLOCK))
-    edges = [round(i * d / nb) for i in range(nb + 1)]
-    for i in range(nb):
-        a0, a1 = edges[i], edges[i + 1]
+    edges = _gram_edges(d)
+    for a0, a1 in zip(edges, edges[1:]):
         za = z[:, a0:a1]
         upper[a0:a1, a0:a1] += torch.triu(za.T @ za)
         if a1 < d:
             upper[a0:a1, a1:].addmm_(za.T, z[:, a1:])
+
+
+def _sorted_nonzeros(vals: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype):
+    """TopK codes' non-zeros (b, k) with each row's indices ascending, so that the pairs (i <= j) of positions land in
+    the upper triangle; values as ``dtype``."""
+    idx, order = idx.sort(dim=1)
+    return idx, vals.gather(1, order).to(dtype)
+
+
+def _upper_pairs(idx: torch.Tensor, v: torch.Tensor, d: int):
+    """Every pair (i <= j) of each row's non-zeros, PAIR_CHUNK rows at a time: (flat positions in a (d, d)
+    matrix's upper triangle, products v_i v_j), each of length rows * k (k + 1) / 2; positions repeat across rows."""
+    b, k = idx.shape
+    r, c = torch.triu_indices(k, k, device=idx.device)
+    for s in range(0, b, PAIR_CHUNK):
+        i_c, v_c = idx[s:s + PAIR_CHUNK], v[s:s + PAIR_CHUNK]
+        yield (i_c[:, r] * d + i_c[:, c]).reshape(-1), (v_c[:, r] * v_c[:, c]).reshape(-1)
+
+
+def _codes_transposed(idx: torch.Tensor, v: torch.Tensor, d: int) -> torch.Tensor:
+    """Z^T as a sparse CSR (d, b) matrix from the non-zeros, so that sum z x^T = Z^T X costs b*k*n multiply-adds."""
+    b, k = idx.shape
+    rows = torch.stack([idx.reshape(-1), torch.arange(b, device=idx.device).repeat_interleave(k)])
+    return torch.sparse_coo_tensor(rows, v.reshape(-1), (d, b), check_invariants=False).coalesce().to_sparse_csr()
 
 
 @dataclass
@@ -131,22 +159,14 @@ class DecoderStats:
         """Add a batch of TopK codes given by their non-zeros: vals, idx (b, k). Cost O(b k^2 + b k n)."""
         x64, vals, idx = x.to(self.device, torch.float64), vals.to(self.device), idx.to(self.device)
         self._add_common(x64)
-        b, k = idx.shape
         d = self.n_latents
-        idx, order = idx.sort(dim=1)  # so that pairs (i <= j) of positions land in the upper triangle
-        v64 = vals.gather(1, order).double()
-        flat_v = v64.reshape(-1)
-        self.sum_z.index_add_(0, idx.reshape(-1), flat_v)
-        r, c = torch.triu_indices(k, k, device=self.device)
+        idx, v64 = _sorted_nonzeros(vals, idx, torch.float64)
+        self.sum_z.index_add_(0, idx.reshape(-1), v64.reshape(-1))
         zz = self.zz_upper.view(-1)
-        for s in range(0, b, PAIR_CHUNK):
-            i_c, v_c = idx[s:s + PAIR_CHUNK], v64[s:s + PAIR_CHUNK]
-            zz.index_add_(0, (i_c[:, r] * d + i_c[:, c]).reshape(-1), (v_c[:, r] * v_c[:, c]).reshape(-1))
-        # sum z x^T = Z^T X with Z^T as a sparse (n_latents, b) matrix: b*k*n multiply-adds, accumulated in
-        # place (no (n_latents, n_features) temporary per batch)
-        rows = torch.stack([idx.reshape(-1), torch.arange(b, device=self.device).repeat_interleave(k)])
-        zt = torch.sparse_coo_tensor(rows, flat_v, (d, b), check_invariants=False).coalesce().to_sparse_csr()
-        self.zx.addmm_(zt, x64)
+        for pos, prod in _upper_pairs(idx, v64, d):
+            zz.index_add_(0, pos, prod)
+        # accumulated in place: no (n_latents, n_features) temporary per batch
+        self.zx.addmm_(_codes_transposed(idx, v64, d), x64)
         nz = v64 != 0
         self.nnz += float(nz.sum())
         self.fired[idx[nz]] = True
@@ -157,11 +177,111 @@ class DecoderStats:
                             self.zx * factor, self.sum_xx * factor, self.nnz * factor, self.fired.clone())
 
 
+def _two_sum_(total: torch.Tensor, comp: torch.Tensor, term: torch.Tensor) -> None:
+    """total += term in float32, the addition's rounding error added to comp (Neumaier's compensated summation,
+    the error found exactly by Knuth's branch-free TwoSum). Same shapes; ``term`` is overwritten."""
+    new = total + term
+    virt = new - total                   # the part of term that new holds
+    term.sub_(virt)                      # what was lost of term
+    total.sub_(virt.neg_().add_(new))    # what was lost of total
+    comp.add_(total.add_(term))
+    total.copy_(new)
+
+
+class CompensatedStats:
+    """DecoderStats's sums accumulated in float32 (``collect_stats(..., dtype="float32")``: GPUs with slow float64).
+
+    Each batch's z z^T (upper triangle), z x^T, sum z and sum x are computed in float32 and added to float32 running
+    sums by compensated summation (``_two_sum_``): a second float32 tensor per sum carries the rounding error of
+    every addition, so the accumulation over batches loses next to nothing and the error left is that of the
+    per-batch float32 products (docs/DESIGN.md, section 3.3). N, the non-zero count and sum ||x||^2 (a float32 sum
+    per batch) are host floats, as in DecoderStats. ``to_float64()``: sum + compensation as float64 DecoderStats,
+    for the float64 solve and the all-reduce.
+    """
+
+    def __init__(self, n_features: int, n_latents: int, device=None):
+        z = dict(dtype=torch.float32, device=device)
+        self.sums = {"sum_z": torch.zeros(n_latents, **z), "sum_x": torch.zeros(n_features, **z),
+                     "zz_upper": torch.zeros(n_latents, n_latents, **z), "zx": torch.zeros(n_latents, n_features, **z)}
+        self.comp = {name: torch.zeros_like(t) for name, t in self.sums.items()}
+        self.n = self.sum_xx = self.nnz = 0.0
+        self.fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
+        self.device = torch.device(device or "cpu")
+        self.scratch = None  # the sparse path's (n_latents^2,) float32 sums of one chunk of pairs
+
+    def _add(self, name: str, term: torch.Tensor) -> None:
+        _two_sum_(self.sums[name], self.comp[name], term)
+
+    def _add_common(self, x32: torch.Tensor) -> None:
+        self.n += x32.shape[0]
+        self._add("sum_x", x32.sum(0))
+        self.sum_xx += float(x32.pow(2).sum())
+
+    def add_dense(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Add a batch: x (b, n_features), dense codes (b, n_latents)."""
+        x32, z32 = x.to(self.device, torch.float32), codes.to(self.device, torch.float32)
+        self._add_common(x32)
+        self._add("sum_z", z32.sum(0))
+        upper, comp = self.sums["zz_upper"], self.comp["zz_upper"]
+        edges = _gram_edges(z32.shape[1])
+        for a0, a1 in zip(edges, edges[1:]):  # row block by row block, from the diagonal on
+            tile = z32[:, a0:a1].T @ z32[:, a0:]
+            tile[:, :a1 - a0].triu_()
+            _two_sum_(upper[a0:a1, a0:], comp[a0:a1, a0:], tile)
+        self._add("zx", z32.T @ x32)
+        nz = z32 != 0
+        self.nnz += float(nz.sum())
+        self.fired |= nz.any(0)
+
+    def add_sparse(self, x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """Add a batch of TopK codes given by their non-zeros: vals, idx (b, k)."""
+        x32 = x.to(self.device, torch.float32)
+        self._add_common(x32)
+        d = self.fired.shape[0]
+        idx, v32 = _sorted_nonzeros(vals.to(self.device), idx.to(self.device), torch.float32)
+        self._add("sum_z", torch.zeros(d, dtype=torch.float32, device=self.device)
+                  .index_add_(0, idx.reshape(-1), v32.reshape(-1)))
+        if self.scratch is None:
+            self.scratch = torch.zeros(d * d, dtype=torch.float32, device=self.device)
+        upper, comp = self.sums["zz_upper"].view(-1), self.comp["zz_upper"].view(-1)
+        for pos, prod in _upper_pairs(idx, v32, d):
+            # the chunk's products summed in float32 in the scratch matrix (kept zero), then added with compensation
+            # where they landed: O(b k^2), not O(d^2). A position repeated across rows gathers the same three
+            # numbers, so its copies compute, and write back, the same values.
+            self.scratch.index_add_(0, pos, prod)
+            s, c, term = (t.index_select(0, pos) for t in (upper, comp, self.scratch))
+            self.scratch.index_fill_(0, pos, 0.0)
+            _two_sum_(s, c, term)
+            upper.index_copy_(0, pos, s)
+            comp.index_copy_(0, pos, c)
+        self._add("zx", _codes_transposed(idx, v32, d) @ x32)
+        nz = v32 != 0
+        self.nnz += float(nz.sum())
+        self.fired[idx[nz]] = True
+
+    def to_float64(self) -> DecoderStats:
+        """sum + compensation of every statistic, as float64 DecoderStats (this accumulator's memory is released)."""
+        wide, self.scratch = {}, None
+        for name in list(self.sums):
+            wide[name] = self.sums.pop(name).double().add_(self.comp.pop(name))
+        return DecoderStats(self.n, wide["sum_z"], wide["sum_x"], wide["zz_upper"], wide["zx"], self.sum_xx,
+                            self.nnz, self.fired)
+
+
+STATS_DTYPES = ("float64", "float32")
+
+
 @torch.no_grad()
-def collect_stats(model, x: torch.Tensor, batch_size: int = 1024) -> DecoderStats:
-    """Stream ``x`` (n_samples, n_features) through the encoder and accumulate the statistics (float64, on
-    x's device)."""
-    stats = DecoderStats.empty(model.n_features, model.n_latents, x.device)
+def collect_stats(model, x: torch.Tensor, batch_size: int = 1024, dtype: str = "float64") -> DecoderStats:
+    """Stream ``x`` (n_samples, n_features) through the encoder and accumulate the statistics (on x's device).
+
+    ``dtype``: "float64" accumulates in float64; "float32" computes each batch's products in float32 and accumulates
+    them with compensated summation (``CompensatedStats``). Either way the result is float64 DecoderStats.
+    """
+    if dtype not in STATS_DTYPES:
+        raise ValueError(f"dtype must be one of {STATS_DTYPES}, got {dtype!r}")
+    stats = (DecoderStats.empty if dtype == "float64" else CompensatedStats)(model.n_features, model.n_latents,
+                                                                             x.device)
     sparse = model.is_topk and model.k < SPARSE_MAX_DENSITY * model.n_latents
     for s in range(0, x.shape[0], batch_size):
         xb = x[s:s + batch_size]
@@ -170,7 +290,7 @@ def collect_stats(model, x: torch.Tensor, batch_size: int = 1024) -> DecoderStat
             stats.add_sparse(xb, vals, idx)
         else:
             stats.add_dense(xb, model.encode(xb))
-    return stats
+    return stats if dtype == "float64" else stats.to_float64()
 
 
 def sse_from_stats(stats: DecoderStats, atoms: torch.Tensor, b: torch.Tensor, gram: torch.Tensor | None = None,

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from .data import check_finite
 from . import distributed as dist
 from .metrics import EvalSums, data_sums, evaluate_sums, summarise
-from .pam import collect_stats, decoder_objective, solve_decoder, sse_from_stats
+from .pam import STATS_DTYPES, collect_stats, decoder_objective, solve_decoder, sse_from_stats
 from .recipe import centre_of
 from .sae import SAE
 
@@ -114,6 +114,7 @@ class TrainConfig:
     solve_order: str = "enc_first"  # "enc_first" or "dec_first" within an outer iteration
     solve_every: int = 1            # solve the decoder every this many epochs
     solve_samples: int = 0          # 0: statistics from all training data; m > 0: from m random samples, rescaled
+    stats_dtype: str = "float64"    # "float32": statistics in float32, compensated (GPUs with slow float64; README)
     eval_batch: int = 1024
     # the field's TopK recipe (common.recipe): every element off by default (the paper's protocol)
     b_dec_init: str = "zero"        # "zero", "mean" or "median" (geometric) of the training data
@@ -134,6 +135,7 @@ class TrainConfig:
         need(self.prox_form in ("proximal", "l2"), f"prox_form must be 'proximal' or 'l2', got {self.prox_form!r}")
         need(self.solve_order in ("enc_first", "dec_first"),
              f"solve_order must be 'enc_first' or 'dec_first', got {self.solve_order!r}")
+        need(self.stats_dtype in STATS_DTYPES, f"stats_dtype must be one of {STATS_DTYPES}, got {self.stats_dtype!r}")
         need(self.b_dec_init in B_DEC_INITS, f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
         need(self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
@@ -188,12 +190,12 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     """
     if cfg.solve_samples and cfg.solve_samples < x_train.shape[0]:
         pick = dist.shard(torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples]).to(x_train.device)
-        stats = collect_stats(model, x_train[pick], cfg.solve_batch)
+        stats = collect_stats(model, x_train[pick], cfg.solve_batch, cfg.stats_dtype)
         dist.sum_stats(stats)  # several processes: every rank's rows, summed (common/distributed.py)
         stats = stats.scaled(x_train.shape[0] / cfg.solve_samples)
         exact = False
     else:
-        stats = collect_stats(model, dist.shard(x_train), cfg.solve_batch)
+        stats = collect_stats(model, dist.shard(x_train), cfg.solve_batch, cfg.stats_dtype)
         dist.sum_stats(stats)
         exact = True
     prox = cfg.prox_form == "proximal"

@@ -81,8 +81,8 @@ def watch_solves(monkeypatch):
         solves[-1]["after"] = model.W_dec.detach().clone()
         return out
 
-    def collect(model, x, batch_size=1024):
-        stats = real_collect(model, x, batch_size)
+    def collect(model, x, *args):
+        stats = real_collect(model, x, *args)
         solves[-1].update(rows=x.clone(), collected=stats)
         return stats
 
