@@ -27,6 +27,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .stream import chunks
+
 # The CSR product below is exact and stable; torch only warns that the CSR API is labelled beta.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -158,13 +160,13 @@ class DecoderStats:
 
 
 @torch.no_grad()
-def collect_stats(model, x: torch.Tensor, batch_size: int = 1024) -> DecoderStats:
+def collect_stats(model, x, batch_size: int = 1024) -> DecoderStats:
     """Stream ``x`` (n_samples, n_features) through the encoder and accumulate the statistics (float64, on
-    x's device)."""
+    x's device). ``x``: a tensor, or a ``common.stream.Stream`` (a folder of shards, read a buffer at a time;
+    the same batches in the same order as the same rows in memory)."""
     stats = DecoderStats.empty(model.n_features, model.n_latents, x.device)
     sparse = model.is_topk and model.k < SPARSE_MAX_DENSITY * model.n_latents
-    for s in range(0, x.shape[0], batch_size):
-        xb = x[s:s + batch_size]
+    for xb in chunks(x, batch_size):
         if sparse:
             vals, idx, _ = model.encode_sparse(xb)
             stats.add_sparse(xb, vals, idx)
