@@ -738,7 +738,8 @@ def _read_shard(path: Path) -> torch.Tensor:
 def load_user_activations(path) -> tuple[torch.Tensor, dict]:
     """Your own activations (n_samples, n_features) as float32, with metadata (every file's sha256): a
     .npy (read without pickle), a .safetensors holding one tensor, or a folder of such shards (their rows
-    concatenated in name order). Every shard must be 2-D, of real numbers, finite, and of the same width."""
+    concatenated in name order). Every shard must be 2-D, of real numbers, finite, and of the same width; a
+    folder with an ``index.json`` (``activation_shards``, ``common.stream``) must match it (files, rows, sha256)."""
     files = user_activation_files(path)
     shards, width = [], None
     for f in files:
@@ -753,6 +754,16 @@ def load_user_activations(path) -> tuple[torch.Tensor, dict]:
     X = torch.cat(shards)
     meta = {"model": f"your activations ({Path(path)})", "layer": None, "count": X.shape[0], "n_features": width,
             "files": [{"name": f.name, "sha256": sha256(f), "rows": s.shape[0]} for f, s in zip(files, shards)]}
+    index = Path(path) / "index.json"
+    if Path(path).is_dir() and index.exists():  # a folder written by the sharded extraction: it must match
+        from .stream import Stream
+
+        Stream.open(path, verify=False)  # the same shards, of the recorded rows
+        recorded = {e["name"]: e.get("sha256") for e in json.loads(index.read_text())["shards"]}
+        for f in meta["files"]:
+            if recorded[f["name"]] not in (None, f["sha256"]):
+                raise DataError(f"{Path(path) / f['name']}: sha256 differs from the one in {index}: stale or "
+                                "corrupt shard")
     return X, meta
 
 

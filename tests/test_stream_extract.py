@@ -47,6 +47,9 @@ def test_shards_hold_the_in_memory_extraction(kw, monkeypatch):
     assert torch.equal(S.Stream.open(folder).materialise(), X)
     assert torch.equal(A.load_user_activations(folder)[0], X)  # what --ACTIVATIONS=folder reads
     assert json.loads((folder / S.INDEX).read_text())["shards"][0]["name"] == "00000.npy"
+    np.save(folder / "00002.npy", np.load(folder / "00002.npy") + 1)  # a changed shard is refused there too
+    with pytest.raises(A.DataError, match="00002.npy: sha256 differs"):
+        A.load_user_activations(folder)
 
 
 @pytest.mark.parametrize("damage", ["changed shard", "missing shard", "stale index", "unreadable index"])
