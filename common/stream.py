@@ -1,0 +1,463 @@
+"""Activations larger than memory: a folder of shards read through memory maps (docs/DESIGN.md, section 9.1).
+
+A **folder of shards** holds 2-D arrays (rows = samples, columns = features) as ``*.npy`` and/or
+``*.safetensors`` files (one tensor each), read in name order; their rows, concatenated, are the data set.
+An optional ``index.json`` (written by :class:`ShardWriter`, hence by the sharded extraction of
+``common/activations.py``) lists every shard with its rows and sha256: a folder that does not match it (a
+shard missing, added, resized or changed) is refused with ``DataError`` naming the file.
+
+:class:`Stream` is a view of such a folder: an ordered list of its rows (``index``; all rows in storage order
+by default), optionally standardised on the fly with a per-feature ``mean`` and ``std``. Nothing is read
+when a view is made (``stream[a:b]``, ``stream[idx]``, :func:`split_standardise`); rows are read by
+``read``, ``take``, ``chunks`` and ``batches``, through memory maps that are opened for one read and closed
+after it, so the pages of a shard never stay mapped in the process (they stay in the OS page cache, which
+is not the process's memory). At most ``buffer_rows`` rows are held at once (the shuffle buffer).
+
+Orders (what ``train`` sees; docs/DESIGN.md 9.1):
+
+- ``chunks(b)``: positions ``0..n-1`` of the view in order, in batches of ``b``: exactly the slices
+  ``x[s:s + b]`` of the same rows in memory (evaluation, PAM's statistics, data sums).
+- ``batches(b, gen)``, one epoch of mini-batches. With ``buffer_rows >= n`` the order is
+  ``perm = torch.randperm(n, generator=gen)`` and batch ``j`` is ``perm[j b:(j + 1) b]``: exactly the
+  in-memory order of ``common.train``. Otherwise the view's positions are cut into ``W = ceil(n / R)``
+  consecutive windows of ``R = buffer_rows`` positions (the last one shorter); ``torch.randperm(W, gen)`` orders
+  the windows, and as each window is reached ``torch.randperm(len(window), gen)`` orders its positions; the
+  epoch's order is the concatenation, cut into batches of ``b`` (a batch may span two windows). Every row is
+  seen once per epoch. A view made by :func:`split_standardise` is already in a random order, so every window
+  is a random sample of the data set; the windows' membership is the same every epoch.
+
+Several processes (``common/distributed.py``): every rank reads the same windows and takes its rows
+``r, r + w, ...`` of each global batch, as in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import file_sha256
+from .data import DataError
+
+SUFFIXES = (".npy", ".safetensors")
+INDEX = "index.json"
+INDEX_FORMAT = "splinterp-shards/1"
+BUFFER_BYTES = 256 << 20  # default shuffle buffer: 256 MiB of rows
+SCAN_BYTES = 32 << 20     # float64 rows per step of a pass over the data in storage order
+SPAN_BYTES = 64 << 20     # the most of a file mapped at once
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def shard_files(path) -> list[Path]:
+    """The ``*.npy`` and ``*.safetensors`` files of a folder, in name order (a missing or empty folder:
+    DataError naming it)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder of shards (expected a folder of *.npy / *.safetensors files)")
+    files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{path}: no *.npy or *.safetensors shards in this folder")
+    return files
+
+
+class _Shard:
+    """One shard's layout: rows, width, dtype, and how to map it (read from its header only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.suffix == ".npy":
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except Exception as err:  # noqa: BLE001 - numpy raises several types on a damaged header
+                raise DataError(f"{path}: not a readable .npy file ({type(err).__name__}: {err})") from None
+            self.shape, self.dtype, self.offset, self.name = arr.shape, arr.dtype, arr.offset, None
+            self.fortran = arr.ndim == 2 and not arr.flags.c_contiguous and arr.shape[0] > 1
+            del arr
+        else:
+            self._safetensors_header()
+        if len(self.shape) != 2 or self.shape[0] == 0 or self.shape[1] == 0 or self.dtype.kind not in "fiu":
+            raise DataError(f"{path}: expected a non-empty 2-D array (n_samples, n_features) of real numbers, "
+                            f"got shape {tuple(self.shape)} and dtype {self.dtype}")
+        self.rows, self.width = int(self.shape[0]), int(self.shape[1])
+
+    def _safetensors_header(self) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="np") as f:
+                keys = list(f.keys())
+            with open(self.path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on damaged files
+            raise DataError(f"{self.path}: not a readable .safetensors file ({type(err).__name__}: {err})") from None
+        if len(keys) != 1:
+            raise DataError(f"{self.path}: expected one tensor (n_samples, n_features), found {sorted(keys)}")
+        self.name = keys[0]
+        info = header[self.name]
+        self.shape = tuple(info["shape"])
+        self.fortran = False
+        if info["dtype"] in _ST_DTYPES:
+            self.dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            self.offset = 8 + size + info["data_offsets"][0]
+        else:  # e.g. BF16, which numpy cannot map: read through safe_open, as float32
+            self.dtype, self.offset = np.dtype(np.float32), None
+            if info["dtype"] not in ("BF16",):
+                raise DataError(f"{self.path}: dtype {info['dtype']}: expected a float tensor (F16, BF16, F32, F64)")
+
+    def rows_of(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Write the rows ``rows`` (sorted, int64) of this shard into ``out`` (len(rows), width).
+
+        Read through memory maps of at most ``SPAN_BYTES`` of the file each, unmapped after the copy, so the
+        mapped pages never add more than that to the process's resident memory."""
+        if self.offset is None:  # safetensors without a numpy dtype: the covering slice through safe_open
+            from safetensors import safe_open
+            with safe_open(str(self.path), framework="pt") as f:
+                block = f.get_slice(self.name)[int(rows[0]):int(rows[-1]) + 1].float().numpy()
+            out[:] = block[rows - rows[0]]
+            return
+        if self.fortran:  # column-major .npy (rare): one map of the whole array
+            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape, order="F")
+            out[:] = mm[rows]
+            del mm
+            return
+        row_bytes = self.width * self.dtype.itemsize
+        span = max(1, SPAN_BYTES // row_bytes)
+        blocks = rows // span
+        cuts = np.flatnonzero(np.diff(blocks)) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+            first, last = int(rows[a]), int(rows[b - 1])
+            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + first * row_bytes,
+                           shape=(last - first + 1, self.width))
+            if last - first + 1 == b - a:
+                out[a:b] = mm
+            else:
+                out[a:b] = mm[rows[a:b] - first]
+            del mm  # unmapped now: its pages leave this process (they stay in the OS page cache)
+
+
+class Stream:
+    """Rows of a folder of shards, read through memory maps; see the module docstring.
+
+    ``Stream.open(folder)`` checks every shard's header (2-D, real, non-empty, one width) and the folder's
+    ``index.json`` when there is one. ``len(s)``, ``s.shape`` (n_samples, n_features), ``s.dtype``
+    (float64 when every shard is float64, else float32), ``s.device`` (where rows are delivered).
+    """
+
+    def __init__(self, shards, index=None, mean=None, std=None, buffer_rows=None, device="cpu", root=None):
+        self._shards = shards
+        self.offsets = np.cumsum([0] + [s.rows for s in shards]).astype(np.int64)
+        self.n_features = shards[0].width
+        self.dtype = torch.float64 if all(s.dtype == np.float64 for s in shards) else torch.float32
+        self.index = index  # np.int64 source rows, or None: every row in storage order
+        self.mean, self.std = mean, std
+        row_bytes = self.n_features * (8 if self.dtype == torch.float64 else 4)
+        self.buffer_rows = int(buffer_rows) if buffer_rows else max(1, BUFFER_BYTES // row_bytes)
+        self.device = torch.device(device)
+        self.root = root if root is not None else {"checked": False}  # shared by every view of the folder
+
+    # ----------------------------------------------------------------------------------------- making views
+    @classmethod
+    def open(cls, path, buffer_rows: int | None = None, verify: bool = True) -> "Stream":
+        """A view of every row of the folder ``path``, in storage order. ``verify``: check the shards'
+        sha256 against ``index.json`` (one read of the files) when the folder has one."""
+        path = Path(path)
+        files = shard_files(path)
+        shards = [_Shard(f) for f in files]
+        for s in shards[1:]:
+            if s.width != shards[0].width:
+                raise DataError(f"{s.path}: {s.width} features, but {shards[0].path.name} has {shards[0].width}: "
+                                "every shard of a folder must have the same width")
+        if buffer_rows is not None and not (isinstance(buffer_rows, int) and buffer_rows >= 1):
+            raise ValueError(f"buffer_rows={buffer_rows!r}: expected an int >= 1 (rows held at once)")
+        if (path / INDEX).exists():
+            _check_index(path, files, shards, verify)
+        return cls(shards, buffer_rows=buffer_rows, root={"checked": False, "path": str(path)})
+
+    def _view(self, index=None, mean=None, std=None, device=None, buffer_rows=None) -> "Stream":
+        return Stream(self._shards, index, mean, std, buffer_rows or self.buffer_rows, device or self.device,
+                      self.root)
+
+    def source_rows(self) -> np.ndarray:
+        """The view's rows as indices into the folder's concatenated rows (int64)."""
+        return np.arange(self.offsets[-1], dtype=np.int64) if self.index is None else self.index
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1]) if self.index is None else len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.n_features)
+
+    def __getitem__(self, key) -> "Stream":
+        """A view of some of this view's rows: a slice, or integer positions (tensor or array). Reads nothing."""
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        if not isinstance(key, (slice, np.ndarray, list)):
+            raise TypeError(f"a Stream is indexed by a slice or integer positions, got {type(key).__name__}; "
+                            "read rows with read(), take(), chunks() or batches()")
+        return self._view(self.source_rows()[key].astype(np.int64, copy=False), self.mean, self.std)
+
+    def to(self, device) -> "Stream":
+        """The same view, delivering its rows on ``device``."""
+        return self._view(self.index, self.mean, self.std, device=device)
+
+    def with_buffer(self, buffer_rows: int) -> "Stream":
+        """The same view with another shuffle buffer (rows held at once)."""
+        if not (isinstance(buffer_rows, int) and buffer_rows >= 1):
+            raise ValueError(f"buffer_rows={buffer_rows!r}: expected an int >= 1")
+        return self._view(self.index, self.mean, self.std, buffer_rows=buffer_rows)
+
+    def standardised(self, mean: torch.Tensor, std: torch.Tensor) -> "Stream":
+        """The same rows as ``(x - mean) / std`` per feature (computed in the data's dtype as they are read)."""
+        return self._view(self.index, mean.to(self.dtype), std.to(self.dtype))
+
+    # ------------------------------------------------------------------------------------------------ reads
+    def _gather(self, src: np.ndarray) -> torch.Tensor:
+        """Rows ``src`` of the folder (any order), standardised if the view is, on the view's device."""
+        out = np.empty((len(src), self.n_features), dtype=np.float64 if self.dtype == torch.float64 else np.float32)
+        if len(src):
+            order = np.argsort(src, kind="stable")
+            ordered = src[order]
+            which = np.searchsorted(self.offsets, ordered, side="right") - 1
+            bounds = np.searchsorted(which, np.arange(len(self._shards) + 1))
+            identity = bool((order == np.arange(len(src))).all())  # already sorted: read in place
+            for s, shard in enumerate(self._shards):
+                a, b = bounds[s], bounds[s + 1]
+                if a < b:
+                    if identity:
+                        shard.rows_of(ordered[a:b] - self.offsets[s], out[a:b])
+                    else:
+                        part = np.empty((b - a, self.n_features), dtype=out.dtype)
+                        shard.rows_of(ordered[a:b] - self.offsets[s], part)
+                        out[order[a:b]] = part
+                        del part
+        x = torch.from_numpy(out)
+        if self.mean is not None:  # in place: the same float operations as (x - mean) / std
+            x.sub_(self.mean).div_(self.std)
+        return x.to(self.device)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows at positions ``start .. stop - 1`` of the view, (stop - start, n_features)."""
+        if self.index is None:
+            return self._gather(np.arange(start, min(stop, len(self)), dtype=np.int64))
+        return self._gather(self.index[start:stop])
+
+    def take(self, positions) -> torch.Tensor:
+        """Rows at ``positions`` of the view (in that order)."""
+        if isinstance(positions, torch.Tensor):
+            positions = positions.cpu().numpy()
+        return self._gather(self.source_rows()[np.asarray(positions, dtype=np.int64)])
+
+    def materialise(self) -> torch.Tensor:
+        """Every row of the view in memory (for data that fit)."""
+        return self.read(0, len(self))
+
+    def chunks(self, batch_size: int):
+        """Consecutive rows of the view, ``batch_size`` at a time (the last batch shorter), read a buffer at a
+        time (the largest multiple of batch_size within ``buffer_rows``, at least one batch)."""
+        step = max(batch_size, self.buffer_rows // batch_size * batch_size)
+        for start in range(0, len(self), step):
+            buf = self.read(start, start + step)
+            for s in range(0, buf.shape[0], batch_size):
+                yield buf[s:s + batch_size]
+            del buf
+
+    def epoch_order(self, gen: torch.Generator):
+        """The epoch's windows: a list of (first position, randperm of the window) in visiting order, the
+        randperms drawn lazily from ``gen`` as the window is reached (module docstring)."""
+        n, R = len(self), self.buffer_rows
+        if R >= n:
+            yield 0, torch.randperm(n, generator=gen)
+            return
+        for w in torch.randperm(math.ceil(n / R), generator=gen).tolist():
+            start = w * R
+            yield start, torch.randperm(min(R, n - start), generator=gen)
+
+    def batches(self, batch_size: int, gen: torch.Generator, shard=lambda t: t):
+        """One epoch of mini-batches (module docstring): yields (global batch size, this rank's rows), the
+        rank's rows being ``shard(positions within the global batch)`` as in ``common.train``."""
+        carry = None  # rows of a global batch begun in the previous window (all ranks' rows)
+        for start, local in self.epoch_order(gen):
+            buf = self.read(start, start + len(local))
+            local = local.to(self.device)
+            s = 0
+            if carry is not None:
+                s = min(batch_size - carry.shape[0], len(local))
+                carry = torch.cat([carry, buf.index_select(0, local[:s])])
+                if carry.shape[0] < batch_size:
+                    continue
+                mine = shard(torch.arange(batch_size, device=self.device))
+                yield batch_size, carry.index_select(0, mine)
+                carry = None
+            while s < len(local):
+                batch = local[s:s + batch_size]
+                if len(batch) < batch_size:
+                    carry = buf.index_select(0, batch)
+                    break
+                yield len(batch), buf.index_select(0, shard(batch))
+                s += batch_size
+            del buf
+        if carry is not None:
+            mine = shard(torch.arange(carry.shape[0], device=self.device))
+            yield carry.shape[0], carry.index_select(0, mine)
+
+    # --------------------------------------------------------------------------------------- whole passes
+    def scan(self, batch_rows: int | None = None):
+        """The view's source rows in storage order (sorted), ``batch_rows`` at a time (default ~32 MiB as float64), raw
+        (not standardised) float64 numpy arrays: yields (source rows, x)."""
+        rows = np.sort(self.source_rows())
+        step = batch_rows or max(1, SCAN_BYTES // (8 * self.n_features))
+        raw = self._view(self.index, device="cpu")
+        for a in range(0, len(rows), step):
+            src = rows[a:a + step]
+            yield src, raw._gather(src).numpy().astype(np.float64, copy=False)
+
+    def check_finite(self) -> "Stream":
+        """DataError naming the shard and row of the first NaN/Inf (one pass over the whole folder, done once)."""
+        if self.root.get("checked"):
+            return self
+        whole = self._view(None, device="cpu")
+        for src, x in whole.scan():
+            bad = ~np.isfinite(x)
+            if bad.any():
+                r, c = (int(v) for v in np.argwhere(bad)[0])
+                s = int(np.searchsorted(self.offsets, src[r], side="right") - 1)
+                raise DataError(f"{self._shards[s].path} holds NaN/Inf values (first at row "
+                                f"{int(src[r] - self.offsets[s])}, feature {c})")
+        self.root["checked"] = True
+        return self
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and population std of the view's raw rows, accumulated in float64 by merging
+        chunk moments (Chan et al.), float64 (n_features,)."""
+        n, mean, m2 = 0, np.zeros(self.n_features), np.zeros(self.n_features)
+        for _, x in self.scan():
+            nb, mb = x.shape[0], x.mean(0)
+            m2b = ((x - mb) ** 2).sum(0)
+            delta = mb - mean
+            total = n + nb
+            mean = mean + delta * (nb / total)
+            m2 = m2 + m2b + delta ** 2 * (n * nb / total)
+            n = total
+        return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / n))
+
+
+def _check_index(path: Path, files, shards, verify: bool) -> None:
+    """The folder's shards against its index.json: the same files, rows and (``verify``) sha256."""
+    where = path / INDEX
+    try:
+        index = json.loads(where.read_text())
+        listed = {e["name"]: e for e in index["shards"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{where}: unreadable shard index ({type(err).__name__}: {err})") from None
+    names = [f.name for f in files]
+    if sorted(listed) != names:
+        extra, missing = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
+        raise DataError(f"{path}: the shards differ from {INDEX} (not listed: {extra}, missing: {missing}): "
+                        "stale or incomplete folder")
+    for f, s in zip(files, shards):
+        entry = listed[f.name]
+        if entry.get("rows") != s.rows or index.get("n_features") not in (None, s.width):
+            raise DataError(f"{f}: {s.rows} x {s.width}, but {INDEX} records {entry.get('rows')} x "
+                            f"{index.get('n_features')}: stale or corrupt shard")
+        if verify and entry.get("sha256") and file_sha256(f) != entry["sha256"]:
+            raise DataError(f"{f}: sha256 differs from the one in {INDEX}: stale or corrupt shard")
+
+
+def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8):
+    """``common.activations.split_standardise`` for a folder of shards, by streaming.
+
+    The same split (``torch.randperm(N, seed)``: the first ``n_test`` positions are the test rows, the rest the
+    training rows, each view in that order) and the same standardisation (training mean and population std,
+    floored at ``eps``), accumulated in float64 (one pass, which also checks every row finite) and returned in
+    the data's dtype. Returns (train view, test view, mean, std); nothing else is read.
+    """
+    if not (0.0 < test_fraction < 1.0):
+        raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
+    n = len(X)
+    n_test = int(round(test_fraction * n))
+    if not 1 <= n_test < n:
+        raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test set")
+    X.check_finite()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
+    train, test = X[order[n_test:]], X[order[:n_test]]
+    mean, std = train.mean_std()
+    mean, std = mean.to(X.dtype), std.clamp(min=eps).to(X.dtype)
+    return train.standardised(mean, std), test.standardised(mean, std), mean, std
+
+
+def chunks(x, batch_size: int):
+    """Consecutive batches of ``batch_size`` rows of a tensor (slices) or a Stream (read through its buffer)."""
+    if isinstance(x, Stream):
+        yield from x.chunks(batch_size)
+        return
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start:start + batch_size]
+
+
+class ShardWriter:
+    """Write rows as ``.npy`` shards of ``shard_rows`` rows (``dtype``, float32 by default) into a folder as
+    they come, then ``index.json`` (every shard's name, rows and sha256; the sha256 of all rows' bytes in
+    order, ``activations_sha256``, equal to that of the same rows held as one tensor of that dtype; count,
+    width, max |x|). At most ``shard_rows`` rows are held; ``close(extra)`` writes the index and returns it."""
+
+    def __init__(self, folder, shard_rows: int = 65536, dtype: torch.dtype = torch.float32):
+        if not (isinstance(shard_rows, int) and shard_rows >= 1):
+            raise ValueError(f"shard_rows={shard_rows!r}: expected an int >= 1")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype={dtype}: expected torch.float32 or torch.float64")
+        self.dtype = dtype
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shard_rows, self.pending, self.n_pending = shard_rows, [], 0
+        self.entries, self.hash, self.width, self.max_abs = [], hashlib.sha256(), None, 0.0
+
+    def write(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to("cpu", self.dtype).contiguous()
+        if rows.ndim != 2 or (self.width is not None and rows.shape[1] != self.width):
+            raise ValueError(f"rows must have shape (n, {self.width or 'n_features'}), got {tuple(rows.shape)}")
+        self.width = rows.shape[1]
+        while rows.shape[0]:
+            take = min(self.shard_rows - self.n_pending, rows.shape[0])
+            self.pending.append(rows[:take])
+            self.n_pending += take
+            rows = rows[take:]
+            if self.n_pending == self.shard_rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.n_pending:
+            return
+        block = torch.cat(self.pending).numpy()
+        self.hash.update(block.tobytes())
+        self.max_abs = max(self.max_abs, float(np.abs(block).max()))
+        name = f"{len(self.entries):05d}.npy"
+        np.save(self.folder / name, block, allow_pickle=False)
+        self.entries.append({"name": name, "rows": int(block.shape[0]), "sha256": file_sha256(self.folder / name)})
+        self.pending, self.n_pending = [], 0
+
+    def close(self, extra: dict | None = None) -> dict:
+        """Flush the last shard and write index.json (with ``extra`` keys). Returns the index."""
+        self._flush()
+        if not self.entries:
+            raise DataError(f"{self.folder}: no rows were written")
+        index = dict(extra or {}, format=INDEX_FORMAT, count=sum(e["rows"] for e in self.entries),
+                     n_features=self.width, activations_sha256=self.hash.hexdigest(), max_abs=self.max_abs,
+                     shards=self.entries)
+        (self.folder / INDEX).write_text(json.dumps(index, indent=1))
+        return index
+
+
+def write_shards(X: torch.Tensor, folder, shard_rows: int = 65536, extra: dict | None = None) -> dict:
+    """Write an in-memory (N, n_features) tensor as a folder of shards (float64 kept, anything else as
+    float32). Returns the index."""
+    writer = ShardWriter(folder, shard_rows, X.dtype if X.dtype == torch.float64 else torch.float32)
+    for s in range(0, X.shape[0], shard_rows):
+        writer.write(X[s:s + shard_rows])
+    return writer.close(extra)
+

@@ -1,0 +1,238 @@
+"""common/stream.py: a folder of shards streamed through memory maps gives what the same rows give in memory
+(split, standardisation, batches, PAM statistics, training), and bad folders are refused before training."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from common import activations as A
+from common import stream as S
+from common.data import DataError
+from common.pam import collect_stats
+from common.sae import SAE
+from common.train import TrainConfig, train
+
+
+def data(n=403, n_features=12, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n_features, generator=g, dtype=torch.float64) * 3 + 0.1
+    x = torch.randn(n, n_features, generator=g, dtype=torch.float64) * scale + torch.randn(n_features, generator=g,
+                                                                                          dtype=torch.float64)
+    return x.to(dtype)
+
+
+def mixed_folder(tmp_path, X, name="shards"):
+    """X as four shards of uneven sizes: .npy (one column-major) and .safetensors (one key), in name order."""
+    folder = tmp_path / name
+    folder.mkdir()
+    cuts = [0, 50, 177, 300, X.shape[0]]
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        if i % 2:
+            save_file({"acts": X[a:b].contiguous()}, str(folder / f"{i:02d}.safetensors"))
+        else:
+            np.save(folder / f"{i:02d}.npy", np.asfortranarray(X[a:b].numpy()) if i == 2 else X[a:b].numpy())
+    return folder
+
+
+def same_history(h1, h2):
+    for a, b in zip(h1, h2, strict=True):
+        assert {k: v for k, v in a.items() if not k.endswith("_time")} == \
+               {k: v for k, v in b.items() if not k.endswith("_time")}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_streamed_split_and_standardisation_equal_the_in_memory_ones(tmp_path, dtype, tol):
+    X = data(dtype=dtype)
+    stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=64)
+    assert stream.shape == (403, 12) and stream.dtype == dtype
+    assert torch.equal(stream.materialise(), X)
+    got = S.split_standardise(stream, 0.1, seed=7)
+    want = A.split_standardise(X, 0.1, seed=7)
+    assert len(got[0]) == 363 and len(got[1]) == 40
+    for g, w in zip((got[0].materialise(), got[1].materialise(), got[2], got[3]), want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.allclose(g, w, rtol=0, atol=tol * max(1.0, float(w.abs().max())))
+    # the dispatcher of common.activations takes a stream too
+    assert torch.equal(A.split_standardise(stream, 0.1, seed=7)[0].materialise(), got[0].materialise())
+
+
+def test_other_dtypes_are_read_as_float32(tmp_path):
+    X = data(n=60, dtype=torch.float32)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    save_file({"x": X[:25].bfloat16()}, str(folder / "a.safetensors"))  # no numpy dtype: read by safe_open
+    np.save(folder / "b.npy", X[25:].numpy().astype(np.float16))
+    stream = S.Stream.open(folder, buffer_rows=8)
+    want = torch.cat([X[:25].bfloat16().float(), X[25:].half().float()])
+    assert stream.dtype == torch.float32 and torch.equal(stream.materialise(), want)
+    assert torch.equal(stream.take([59, 3, 30, 3]), want[[59, 3, 30, 3]])
+
+
+def test_chunks_are_the_in_memory_slices(tmp_path):
+    X = data(dtype=torch.float32)
+    stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=100)[torch.arange(402, -1, -3)]
+    want = X[torch.arange(402, -1, -3)]
+    got = list(stream.chunks(32))
+    assert [len(c) for c in got] == [len(c) for c in want.split(32)]
+    assert torch.equal(torch.cat(got), want)
+
+
+@pytest.mark.parametrize("buffer_rows", [1000, 90, 64, 7])
+def test_batch_order_is_the_documented_one(tmp_path, buffer_rows):
+    X = data(n=403, dtype=torch.float32)
+    stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=buffer_rows)
+    B = 32
+    got = list(stream.batches(B, torch.Generator().manual_seed(5)))
+    # the definition (common/stream.py): covering buffer -> randperm(n); else windows of R rows in the order
+    # randperm(W), each window's rows in the order randperm(len(window)), drawn as the window is reached
+    g, n, R = torch.Generator().manual_seed(5), 403, buffer_rows
+    if R >= n:
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.cat([w * R + torch.randperm(min(R, n - w * R), generator=g)
+                           for w in torch.randperm(math.ceil(n / R), generator=g).tolist()])
+    assert [b for b, _ in got] == [len(c) for c in order.split(B)]
+    for (_, rows), idx in zip(got, order.split(B)):
+        assert torch.equal(rows, X[idx])
+    assert sorted(order.tolist()) == list(range(n))  # every row once per epoch
+
+
+def test_collect_stats_streamed_equals_in_memory(tmp_path):
+    X = data(n=403, n_features=12, dtype=torch.float32)
+    stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=100)
+    for model in (SAE(12, 40, "topk", 1, seed=1), SAE(12, 20, "relu", seed=1)):  # sparse and dense paths
+        a, b = collect_stats(model, stream, 64), collect_stats(model, X, 64)
+        for name in ("sum_z", "sum_x", "zz_upper", "zx", "fired"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert (a.n, a.sum_xx, a.nnz) == (b.n, b.sum_xx, b.nnz)
+
+
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+def test_streamed_training_gives_the_in_memory_result(tmp_path, method):
+    """A shuffle buffer that covers the training view: the same batches and the same numbers, exactly."""
+    X = data(n=403, dtype=torch.float32)
+    x_train, x_test, _, _ = S.split_standardise(S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=100), 0.1, 3)
+    cfg = TrainConfig(method=method, epochs=2, batch_size=32, lr=1e-2, solve_batch=50, eval_batch=70)
+    streamed, in_memory = SAE(12, 24, "topk", 3, seed=1), SAE(12, 24, "topk", 3, seed=1)
+    h1 = train(streamed, x_train.with_buffer(len(x_train)), x_test, cfg, seed=2, progress=False)
+    h2 = train(in_memory, x_train.materialise(), x_test.materialise(), cfg, seed=2, progress=False)
+    same_history(h1, h2)
+    for (name, p), q in zip(streamed.state_dict().items(), in_memory.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_streamed_training_with_the_recipe_and_a_small_buffer(tmp_path):
+    """The recipe's mean centre (float64 sums in another order: to rounding) and the mini-batch solve (random
+    rows of the stream); a small buffer trains on every row once per epoch, in its own order."""
+    X = data(n=403, dtype=torch.float64)
+    x_train, x_test, _, _ = S.split_standardise(S.Stream.open(mixed_folder(tmp_path, X)), 0.1, 3)
+    cfg = TrainConfig(method="pam", epochs=2, batch_size=32, lr=1e-2, b_dec_init="mean", centre_input=True,
+                      aux_k=4, keep_dead_atoms=True, solve_samples=200)
+    streamed, in_memory = SAE(12, 24, "topk", 3, seed=1).double(), SAE(12, 24, "topk", 3, seed=1).double()
+    train(streamed, x_train, x_test, cfg, seed=2, progress=False)
+    train(in_memory, x_train.materialise(), x_test.materialise(), cfg, seed=2, progress=False)
+    for (name, p), q in zip(streamed.state_dict().items(), in_memory.state_dict().values()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-10), name
+    small = SAE(12, 24, "topk", 3, seed=1).double()
+    hist = train(small, x_train.with_buffer(50), x_test, TrainConfig(method="pam", epochs=2, batch_size=32),
+                 seed=2, progress=False)
+    assert hist[-1]["samples_seen"] == 2 * len(x_train) and hist[-1]["grad_steps"] == 2 * math.ceil(363 / 32)
+    with pytest.raises(ValueError, match="median"):
+        train(SAE(12, 24, "topk", 3, seed=1).double(), x_train, x_test, TrainConfig(b_dec_init="median", epochs=1),
+              progress=False)
+    with pytest.raises(ValueError, match="float64 rows for a model of torch.float32"):
+        train(SAE(12, 24, "topk", 3, seed=1), x_train, x_test, TrainConfig(epochs=1), progress=False)
+
+
+def bad_widths(p):
+    np.save(p / "a.npy", np.zeros((3, 2), np.float32))
+    np.save(p / "b.npy", np.zeros((3, 4), np.float32))
+
+
+def non_finite(p):
+    x = np.zeros((5, 3), np.float32)
+    x[3, 1] = np.inf
+    np.save(p / "a.npy", np.zeros((4, 3), np.float32))
+    np.save(p / "b.npy", x)
+
+
+@pytest.mark.parametrize("make, match", [
+    (None, "no such folder of shards"),
+    (lambda p: (p / "x.txt").write_text("1"), "no \\*.npy or \\*.safetensors"),
+    (bad_widths, "b.npy: 4 features, but a.npy has 2"),
+    (lambda p: np.save(p / "a.npy", np.zeros(5)), "2-D array"),
+    (lambda p: (p / "a.npy").write_bytes(b"not numpy"), "a.npy: not a readable .npy file"),
+    (lambda p: save_file({"a": torch.zeros(2, 2), "b": torch.zeros(2, 2)}, str(p / "a.safetensors")), "one tensor"),
+    (non_finite, "b.npy holds NaN/Inf values \\(first at row 3, feature 1\\)"),
+])
+def test_bad_folders_are_refused_before_training(tmp_path, make, match):
+    folder = tmp_path / "shards"
+    if make is not None:
+        folder.mkdir()
+        make(folder)
+    with pytest.raises(DataError, match=match):
+        stream = S.Stream.open(folder)
+        S.split_standardise(stream, 0.5)
+    if make is non_finite:  # train checks it too, before any step
+        with pytest.raises(DataError, match="NaN/Inf"):
+            stream = S.Stream.open(folder)
+            train(SAE(3, 4, "topk", 1, seed=0), stream, stream, TrainConfig(epochs=1), progress=False)
+
+
+def test_index_json_catches_stale_and_corrupt_shards(tmp_path):
+    X = data(n=100, dtype=torch.float32)
+    folder = tmp_path / "shards"
+    index = S.write_shards(X, folder, shard_rows=30)
+    assert [e["rows"] for e in index["shards"]] == [30, 30, 30, 10] and index["count"] == 100
+    assert index["activations_sha256"] == A._tensor_sha256(X)  # the hash the single-file cache records
+    assert torch.equal(S.Stream.open(folder).materialise(), X)
+    np.save(folder / "00001.npy", X[30:60].numpy() + 1)  # same shape, other values
+    with pytest.raises(DataError, match="00001.npy: sha256 differs"):
+        S.Stream.open(folder)
+    np.save(folder / "00001.npy", X[30:59].numpy())
+    with pytest.raises(DataError, match="00001.npy: 29 x 12, but index.json records 30"):
+        S.Stream.open(folder)
+    (folder / "00001.npy").unlink()
+    with pytest.raises(DataError, match="missing: \\['00001.npy'\\]"):
+        S.Stream.open(folder)
+
+
+def test_writer_holds_at_most_one_shard(tmp_path, monkeypatch):
+    held = []
+    real = S.ShardWriter._flush
+    monkeypatch.setattr(S.ShardWriter, "_flush", lambda self: held.append(self.n_pending) or real(self))
+    writer = S.ShardWriter(tmp_path / "w", shard_rows=25)
+    X = data(n=90, dtype=torch.float32)
+    for part in X.split(7):
+        writer.write(part)
+        assert writer.n_pending < 25
+    writer.close()
+    assert held == [25, 25, 25, 15]
+    assert json.loads((tmp_path / "w" / "index.json").read_text())["count"] == 90
+
+
+@pytest.mark.parametrize("method", ["pam", "sgd"])
+def test_two_ranks_streaming_train_what_one_process_streams(tmp_path, monkeypatch, method):
+    """torchrun, 2 gloo ranks, a shuffle buffer smaller than the data (70 of 251 rows): the single-process
+    streamed result (which the in-memory one equals when the buffer covers the data)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dist_worker import problem
+    from test_distributed import torchrun
+
+    x_train, x_test, model, cfg = problem(method)
+    S.write_shards(x_train, tmp_path / "train", shard_rows=60)
+    S.write_shards(x_test, tmp_path / "test", shard_rows=60)
+    monkeypatch.setenv("SPLINTERP_STREAM_DIR", str(tmp_path))
+    res = torchrun(f"{method}_stream", tmp_path / "rank0.pt")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert got["world"] == 2
+    train(model, S.Stream.open(tmp_path / "train", buffer_rows=70), S.Stream.open(tmp_path / "test"), cfg, seed=2,
+          progress=False)
+    for name, value in model.state_dict().items():
+        assert torch.allclose(got["state"][name], value, rtol=0, atol=1e-10), name
