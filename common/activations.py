@@ -537,6 +537,22 @@ def _tensor_sha256(x: torch.Tensor) -> str:
     return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
 
 
+def _cached_metadata(path: Path, request: dict) -> dict | None:
+    """A cache entry's metadata (a JSON object) if it matches ``request``; None, with the reason printed, if it
+    is unreadable (empty, truncated, not UTF-8, not JSON) or describes another extraction."""
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        print(f"cache {path}: unreadable ({type(err).__name__}: {err}), recomputing", file=sys.stderr)
+        return None
+    if {k: meta.get(k) for k in request} != request:
+        print(f"cache {path}: metadata differ from the request, recomputing", file=sys.stderr)
+        return None
+    return meta
+
+
 def _read_cache(stem: Path, request: dict):
     """(X, meta) of a valid cache entry, else None after printing which file is stale or unreadable."""
     from safetensors.torch import load_file
@@ -549,15 +565,8 @@ def _read_cache(stem: Path, request: dict):
         print(f"cache {data_path if have_meta else meta_path}: missing (the other half of the entry exists), "
               "recomputing", file=sys.stderr)
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:  # empty, truncated, not UTF-8, not JSON
-        print(f"cache {meta_path}: unreadable ({type(err).__name__}: {err}), recomputing", file=sys.stderr)
-        return None
-    if {k: meta.get(k) for k in request} != request:
-        print(f"cache {meta_path}: metadata differ from the request, recomputing", file=sys.stderr)
+    meta = _cached_metadata(meta_path, request)
+    if meta is None:
         return None
     try:
         X = load_file(data_path)["activations"]
@@ -636,15 +645,8 @@ def _read_shard_cache(folder: Path, request: dict):
 
     if not folder.exists():
         return None
-    try:
-        index = json.loads((folder / INDEX).read_text())
-        if not isinstance(index, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:
-        print(f"cache {folder / INDEX}: unreadable ({type(err).__name__}: {err}), recomputing", file=sys.stderr)
-        return None
-    if {k: index.get(k) for k in request} != request:
-        print(f"cache {folder / INDEX}: metadata differ from the request, recomputing", file=sys.stderr)
+    index = _cached_metadata(folder / INDEX, request)
+    if index is None:
         return None
     try:
         # every shard listed, of its recorded rows and width; contents by sha256 (memoised by size and times)
