@@ -141,7 +141,8 @@ def script(tag, name, args, out):
 
 
 def protocol_args(protocol, tune_epochs, tuned=None):
-    """The paper protocol, or the modern recipe tuned here (or reusing the tuning of the run in folder ``tuned``)."""
+    """The paper protocol (nothing tuned), or the modern recipe tuned here (or reusing the tuning of the run in
+    folder ``tuned``)."""
     if protocol == "paper":
         return ["--RECIPE=paper"]
     if tuned is not None:
@@ -229,7 +230,7 @@ e2_runs = {}
 for protocol in PROTOCOLS:
     p_args, d = protocol_args(protocol, e2_tune_epochs), OUT / protocol
     # topk: tuned once (on the fraction call's training images), reused by the base and weight-decay calls
-    tuned = None if protocol == "paper" else d / "e2_topk"
+    tuned = d / "e2_topk"
     e2_runs[protocol] = {
         "topk": script(f"{protocol}/e2_topk", E2, ["--ACTIVATIONS=topk", "--ONLY=fraction"] + mnist_fracs
                        + mnist_epochs + seeds + p_args, d / "e2_topk"),
@@ -378,7 +379,7 @@ extra = ([] if FULL else [f"--N_LATENTS={LLM_N_LATENTS}", f"--K={LLM_K}", f"--KS
 e3_tune_epochs = E3_PAPER["ABLATION_EPOCHS"] if FULL else LLM_TUNE_EPOCHS
 for protocol in PROTOCOLS:
     p_args, d = protocol_args(protocol, e3_tune_epochs), OUT / protocol
-    tuned = None if protocol == "paper" else d / "e3_fraction"  # tuned once, reused by the K / weight-decay call
+    tuned = d / "e3_fraction"  # tuned once (modern protocol), reused by the K / weight-decay call
     script(f"{protocol}/e3_fraction", E3, ["--ONLY=fraction"] + llm_fracs + llm_epochs + seeds + p_args + extra,
            d / "e3_fraction")
     script(f"{protocol}/e3_k_weight_decay", E3, ["--ONLY=k,weight_decay", "--METHODS=pam,sgd"] + llm_subset + llm_ks
