@@ -11,12 +11,15 @@ by default), optionally standardised on the fly with a per-feature ``mean`` and 
 when a view is made (``stream[a:b]``, ``stream[idx]``, :func:`split_standardise`); rows are read by
 ``read``, ``take``, ``chunks`` and ``batches``, through memory maps that are opened for one read and closed
 after it, so the pages of a shard never stay mapped in the process (they stay in the OS page cache, which
-is not the process's memory). At most ``buffer_rows`` rows are held at once (the shuffle buffer).
+is not the process's memory). ``chunks`` and ``batches`` read the next buffer of ``buffer_rows`` rows in a
+background thread while the current one is used: at most two buffers are held.
 
 Orders (what ``train`` sees; docs/DESIGN.md 9.1):
 
-- ``chunks(b)``: positions ``0..n-1`` of the view in order, in batches of ``b``: exactly the slices
-  ``x[s:s + b]`` of the same rows in memory (evaluation, PAM's statistics, data sums).
+- ``chunks(b)``, a pass for sums (evaluation, PAM's statistics, data sums), in batches of ``b``. A view that
+  fits in the buffer (``n <= buffer_rows``): positions ``0..n-1`` in order, exactly the slices ``x[s:s + b]`` of
+  the same rows in memory. A larger view: its rows in storage order (source rows ascending), read
+  sequentially; every row once, so the sums are the in-memory ones up to the order of the additions.
 - ``batches(b, gen)``, one epoch of mini-batches. With ``buffer_rows >= n`` the order is
   ``perm = torch.randperm(n, generator=gen)`` and batch ``j`` is ``perm[j b:(j + 1) b]``: exactly the
   in-memory order of ``common.train``. Otherwise the view's positions are cut into ``W = ceil(n / R)``
@@ -35,6 +38,7 @@ import hashlib
 import json
 import math
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +50,7 @@ from .data import DataError
 SUFFIXES = (".npy", ".safetensors")
 INDEX = "index.json"
 INDEX_FORMAT = "splinterp-shards/1"
-BUFFER_BYTES = 256 << 20  # default shuffle buffer: 256 MiB of rows
+BUFFER_BYTES = 128 << 20  # default shuffle buffer: 128 MiB of rows (two held: the current and the next)
 SCAN_BYTES = 32 << 20     # float64 rows per step of a pass over the data in storage order
 SPAN_BYTES = 64 << 20     # the most of a file mapped at once
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
@@ -236,10 +240,10 @@ class Stream:
                         shard.rows_of(ordered[a:b] - self.offsets[s], part)
                         out[order[a:b]] = part
                         del part
-        x = torch.from_numpy(out)
-        if self.mean is not None:  # in place: the same float operations as (x - mean) / std
-            x.sub_(self.mean).div_(self.std)
-        return x.to(self.device)
+        if self.mean is not None:  # in place: the same (correctly rounded) float operations as (x - mean) / std
+            np.subtract(out, self.mean.numpy(), out=out)
+            np.divide(out, self.std.numpy(), out=out)
+        return torch.from_numpy(out).to(self.device)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows at positions ``start .. stop - 1`` of the view, (stop - start, n_features)."""
@@ -257,34 +261,56 @@ class Stream:
         """Every row of the view in memory (for data that fit)."""
         return self.read(0, len(self))
 
+    def _prefetched(self, sources):
+        """``_gather`` of each source-row array of ``sources`` in turn, the next one read in a background thread
+        while the current one is used (numpy's copies and arithmetic release the GIL): two buffers held."""
+        sources = iter(sources)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            nxt = next(sources, None)
+            pending = pool.submit(self._gather, nxt) if nxt is not None else None
+            while pending is not None:
+                buf = pending.result()
+                nxt = next(sources, None)
+                pending = pool.submit(self._gather, nxt) if nxt is not None else None
+                yield buf
+                del buf
+
     def chunks(self, batch_size: int):
-        """Consecutive rows of the view, ``batch_size`` at a time (the last batch shorter), read a buffer at a
-        time (the largest multiple of batch_size within ``buffer_rows``, at least one batch)."""
+        """A pass over the view's rows for sums, ``batch_size`` at a time (module docstring): the view's order when it
+        fits in the buffer, else storage order. Read a buffer at a time (the largest multiple of batch_size within
+        ``buffer_rows``, at least one batch), the next one in the background."""
+        n = len(self)
+        rows = self.source_rows() if n <= self.buffer_rows else np.sort(self.source_rows())
         step = max(batch_size, self.buffer_rows // batch_size * batch_size)
-        for start in range(0, len(self), step):
-            buf = self.read(start, start + step)
+        for buf in self._prefetched(rows[a:a + step] for a in range(0, n, step)):
             for s in range(0, buf.shape[0], batch_size):
                 yield buf[s:s + batch_size]
-            del buf
-
-    def epoch_order(self, gen: torch.Generator):
-        """The epoch's windows: a list of (first position, randperm of the window) in visiting order, the
-        randperms drawn lazily from ``gen`` as the window is reached (module docstring)."""
-        n, R = len(self), self.buffer_rows
-        if R >= n:
-            yield 0, torch.randperm(n, generator=gen)
-            return
-        for w in torch.randperm(math.ceil(n / R), generator=gen).tolist():
-            start = w * R
-            yield start, torch.randperm(min(R, n - start), generator=gen)
 
     def batches(self, batch_size: int, gen: torch.Generator, shard=lambda t: t):
         """One epoch of mini-batches (module docstring): yields (global batch size, this rank's rows), the
-        rank's rows being ``shard(positions within the global batch)`` as in ``common.train``."""
+        rank's rows being ``shard(positions within the global batch)`` as in ``common.train``.
+
+        Each window is read in storage order (its source rows sorted, no reordering copy) and the next one in
+        the background; ``rank`` maps a position of the window to its row of that buffer, so the batches hold
+        exactly the rows of the documented order."""
+        n, R = len(self), self.buffer_rows
+        src = self.source_rows()
+        visit = [0] if R >= n else torch.randperm(math.ceil(n / R), generator=gen).tolist()
+        windows = [(w * R, min(n, (w + 1) * R)) for w in visit]
+        ranks = []
+
+        def sorted_rows(window):
+            part = src[window[0]:window[1]]
+            order = np.argsort(part, kind="stable")
+            rank = np.empty(len(part), dtype=np.int64)
+            rank[order] = np.arange(len(part))
+            ranks.append(torch.from_numpy(rank).to(self.device))
+            return part[order]
+
         carry = None  # rows of a global batch begun in the previous window (all ranks' rows)
-        for start, local in self.epoch_order(gen):
-            buf = self.read(start, start + len(local))
-            local = local.to(self.device)
+        for (a, b), buf in zip(windows, self._prefetched(sorted_rows(w) for w in windows)):
+            rank = ranks.pop(0)
+            local = rank[torch.randperm(b - a, generator=gen).to(self.device)]  # drawn as the window is reached
             s = 0
             if carry is not None:
                 s = min(batch_size - carry.shape[0], len(local))

@@ -71,13 +71,15 @@ def test_other_dtypes_are_read_as_float32(tmp_path):
     assert torch.equal(stream.take([59, 3, 30, 3]), want[[59, 3, 30, 3]])
 
 
-def test_chunks_are_the_in_memory_slices(tmp_path):
+def test_chunks_are_the_in_memory_slices_or_storage_order(tmp_path):
+    """A view that fits in the buffer: exactly the in-memory slices; a larger one: its rows in storage order."""
     X = data(dtype=torch.float32)
-    stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=100)[torch.arange(402, -1, -3)]
-    want = X[torch.arange(402, -1, -3)]
-    got = list(stream.chunks(32))
-    assert [len(c) for c in got] == [len(c) for c in want.split(32)]
-    assert torch.equal(torch.cat(got), want)
+    positions = torch.arange(402, -1, -3)  # 135 rows, in reverse storage order
+    folder = mixed_folder(tmp_path, X)
+    for buffer_rows, want in ((135, X[positions]), (100, X[positions.sort().values]), (7, X[positions.sort().values])):
+        got = list(S.Stream.open(folder, buffer_rows=buffer_rows)[positions].chunks(32))
+        assert [len(c) for c in got] == [len(c) for c in want.split(32)], buffer_rows
+        assert torch.equal(torch.cat(got), want), buffer_rows
 
 
 @pytest.mark.parametrize("buffer_rows", [1000, 90, 64, 7])
@@ -101,13 +103,23 @@ def test_batch_order_is_the_documented_one(tmp_path, buffer_rows):
 
 
 def test_collect_stats_streamed_equals_in_memory(tmp_path):
+    """The same batches as in memory: the same statistics, exactly; a view larger than the buffer is read in
+    storage order: exactly the statistics of those rows in memory, and the view's own to float64 rounding."""
     X = data(n=403, n_features=12, dtype=torch.float32)
-    stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=100)
+    folder = mixed_folder(tmp_path, X)
+    view = torch.randperm(403, generator=torch.Generator().manual_seed(4))[:300]
     for model in (SAE(12, 40, "topk", 1, seed=1), SAE(12, 20, "relu", seed=1)):  # sparse and dense paths
-        a, b = collect_stats(model, stream, 64), collect_stats(model, X, 64)
-        for name in ("sum_z", "sum_x", "zz_upper", "zx", "fired"):
-            assert torch.equal(getattr(a, name), getattr(b, name)), name
-        assert (a.n, a.sum_xx, a.nnz) == (b.n, b.sum_xx, b.nnz)
+        for buffer_rows, same_as in ((403, X), (100, X[view.sort().values])):
+            stream = S.Stream.open(folder, buffer_rows=buffer_rows)
+            stream = stream if buffer_rows == 403 else stream[view]
+            a, b = collect_stats(model, stream, 64), collect_stats(model, same_as, 64)
+            for name in ("sum_z", "sum_x", "zz_upper", "zx", "fired"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            assert (a.n, a.sum_xx, a.nnz) == (b.n, b.sum_xx, b.nnz)
+        a, b = collect_stats(model, S.Stream.open(folder, buffer_rows=100)[view], 64), collect_stats(model, X[view], 64)
+        for name in ("sum_z", "sum_x", "zz_upper", "zx"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-13, atol=1e-12), name
+        assert torch.equal(a.fired, b.fired) and (a.n, a.nnz) == (b.n, b.nnz)
 
 
 @pytest.mark.parametrize("method", ["sgd", "pam"])
