@@ -8,12 +8,12 @@ target (it reports).
    per-token rates and the solve's seconds below). One epoch of ``train`` each; PAM's epoch is split into
    the encoder phase, the decoder statistics (``collect_stats``), their all-reduce (``sum_stats``) and the
    rest of the solve (the d x d system, the objective before and after), timed by wrapping those functions.
-   Run as one process (torch's threads: all cores; scipy's BLAS: one thread, see run_throughput) and as
+   Run as one process (torch's threads: all cores) and as
    ``torchrun --nproc_per_node=2`` (gloo, one thread per rank), each rank taking half of every global batch.
 2. Streaming: ``--gib`` GiB of float32 activations (n_features 2304) written as a folder of shards under
    ``--tmp`` and deleted afterwards; one PAM epoch (n_latents ``--latents``, K ``--k``) on its 90/10 split,
    (a) in memory (the split views read into tensors), (b) streamed through memory maps with the default
-   shuffle buffer (256 MiB), (c) a model-only baseline: the same epoch on 4096 random rows made in memory (the folder never opened). Each in its
+   shuffle buffers (two of 128 MiB), (c) a model-only baseline: the same epoch on 4096 random rows made in memory (the folder never opened). Each in its
    own process; peak resident memory is the process's VmHWM (memory-mapped pages included while mapped).
    The shards were just written, so they are read from the page cache, not from the disk.
 
@@ -97,9 +97,7 @@ def throughput_worker(tokens: int) -> None:
 
 
 def run_throughput(tokens: int, nproc: int) -> dict:
-    # scipy's OpenBLAS Cholesky (cho_factor in common/pam.py) segfaulted here at n_latents 16384 with two BLAS
-    # threads inside train() (twice, 2026-11-28; bench/bench_solve.py's direct solve did not): one BLAS thread
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
+    env = dict(os.environ)
     if nproc == 1:
         cmd = [sys.executable, "-X", "faulthandler", __file__, "--worker", "throughput", "--tokens", str(tokens)]
     else:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.linalg
 import torch
 
 from .stream import chunks
@@ -365,21 +363,16 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     if m_:
         rhs.add_(D0, alpha=m_)
     rhs_kept = rhs.clone()
-    if A.device.type == "cpu":
-        # LAPACK Cholesky in A's own memory (A is symmetric, so its transpose view is the Fortran-ordered A):
-        # no third d x d matrix at large n_latents.
-        try:
-            factor = scipy.linalg.cho_factor(A.numpy().T, lower=True, overwrite_a=True, check_finite=False)
-        except np.linalg.LinAlgError as err:
-            raise RuntimeError(f"decoder solve: A is not positive definite ({err}); set alpha or mu > 0") from None
-        D = torch.from_numpy(scipy.linalg.cho_solve(factor, rhs.numpy(), overwrite_b=True, check_finite=False))
-        del A, factor
-    else:  # on an accelerator: torch's Cholesky in float64 on the device
-        L, info_ = torch.linalg.cholesky_ex(A)
-        if int(info_) != 0:
-            raise RuntimeError("decoder solve: A is not positive definite; set alpha or mu > 0")
-        D = torch.cholesky_solve(rhs, L)
-        del A, L
+    # Cholesky in A's own memory on every device (torch: MKL LAPACK on the cpu, cuSOLVER on a GPU). A is symmetric,
+    # so A.mT is the same matrix, column-major: LAPACK's layout, so no third d x d matrix is made; the two
+    # triangular solves overwrite rhs. (scipy's OpenBLAS dpotrf, used before, segfaulted from n_latents ~16000 with
+    # two threads on this machine: docs/DESIGN.md, section 3.4.)
+    L, info_ = torch.linalg.cholesky_ex(A.mT, out=(A.mT, torch.empty((), dtype=torch.int32, device=A.device)))
+    if int(info_) != 0:
+        raise RuntimeError("decoder solve: A is not positive definite; set alpha or mu > 0")
+    D = torch.linalg.solve_triangular(L, rhs, upper=False, out=rhs)
+    D = torch.linalg.solve_triangular(L.mT, D, upper=True, out=rhs)
+    del A, L
     bias = c * (xbar - D.T @ zbar) + (n_ / (N + b_ + n_)) * bias0
     # A D = rhs with A = G - N c zbar zbar^T + (alpha' + mu' + ridge) I  =>  G D from rhs in O(d n)
     gram_atoms = rhs_kept.add_(D, alpha=-(a_ + m_ + ridge))

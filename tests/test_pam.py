@@ -163,3 +163,39 @@ def test_solve_rejects_bad_input():
     s.add_dense(torch.randn(5, 3), torch.randn(5, 4))
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         solve_decoder(s, torch.zeros(4, 3), torch.zeros(3), alpha=-1.0)
+
+
+LARGE_SOLVE = """
+import torch
+from common.pam import DecoderStats, solve_decoder
+torch.set_num_threads(2)
+d, n, m = 16384, 4, 48  # rank-m Gram matrix; mu > 0 makes A positive definite
+g = torch.Generator().manual_seed(0)
+Z = torch.randn(m, d, generator=g, dtype=torch.float64).abs()
+X = torch.randn(m, n, generator=g, dtype=torch.float64)
+stats = DecoderStats(float(m), Z.sum(0), X.sum(0), torch.triu(Z.T @ Z), Z.T @ X, float(X.pow(2).sum()), float(m * d),
+                     torch.ones(d, dtype=torch.bool))
+D0, b0 = torch.randn(d, n, generator=g, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+D, b, info = solve_decoder(stats, D0, b0, mu=1e-3)
+# the normal equations of the joint minimiser (docs/DESIGN.md 3.4) without forming A: A D = R
+N, s = float(m), m * n * 1e-3
+zbar, xbar = stats.sum_z / N, stats.sum_x / N
+AD = stats.gram_times(D) - N * torch.outer(zbar, zbar @ D) + s * D
+R = stats.zx - torch.outer(zbar, N * xbar) + s * D0
+print("residual", float((AD - R).norm() / R.norm()))
+"""
+
+
+@pytest.mark.slow
+def test_solve_at_sixteen_thousand_latents_with_two_threads(tmp_path):
+    """n_latents 16384, 2 threads: the size at which scipy's OpenBLAS Cholesky segfaulted here (the process died);
+    run in a subprocess so that a crash fails this test. ~1 minute, ~6 GiB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    res = subprocess.run([sys.executable, "-c", LARGE_SOLVE], capture_output=True, text=True, timeout=900,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, f"exit status {res.returncode}: {res.stderr[-2000:]}"
+    residual = float(res.stdout.split("residual")[1])
+    assert residual < 1e-10, res.stdout
