@@ -11,6 +11,7 @@ with the training statistics only.
     python exp_e3_LLM_SGD_PAM_ablations.py --only=base,activation --seeds=3 --EPOCHS=20
     python exp_e3_LLM_SGD_PAM_ablations.py --RECIPE=modern --TUNE=True   # the field's recipe, tuned per method
     python exp_e3_LLM_SGD_PAM_ablations.py --ACTIVATIONS=my_acts.npy    # your own activations (or .safetensors / a folder)
+    python exp_e3_LLM_SGD_PAM_ablations.py --ACTIVATIONS=shards/ --STREAM=True   # a folder larger than memory
 
 With --TUNE=True each method's hyperparameters are first chosen on a validation split of the training
 activations (TUNE_GRID, the same number of trials per method; tuning/tuning.md), then every run uses
@@ -37,6 +38,8 @@ from common.sae import ACTIVATIONS as SAE_ACTIVATIONS
 SOURCE = "llm"                    # "llm", or "synthetic" (a sparse-dictionary stand-in, for --quick and tests)
 ACTIVATIONS = ""                  # your own activations instead: a .npy, a .safetensors (one 2-D tensor) or a folder
                                   # of such shards; "": the SOURCE above (MODEL ... EXTRACT_DTYPE apply to "llm" only)
+STREAM = False                    # True: read the ACTIVATIONS folder through memory maps, a buffer at a time, instead
+                                  # of loading it (activations larger than memory; README, Scale)
 MODEL = activations.DEFAULT_MODEL  # packaged name (gemma-3-270m, smollm2), a local folder/.gguf, or a hub id
 LAYER = 0                         # hidden_states index; 0: the paper's relative depth (12 of 26 blocks)
 TOKEN_RULE = "last"               # "last" (paper: last real token of each text) or "all" (token-level)
@@ -106,6 +109,8 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "SOURCE": one_of("llm", "synthetic"),
     "ACTIVATIONS": satisfies(lambda p, c: p == "" or _readable_activations(p), "empty, or an existing .npy or "
                              ".safetensors file or a folder of them (your own activations, n_samples x n_features)"),
+    "STREAM": satisfies(lambda v, c: v is False or (v is True and Path(c["ACTIVATIONS"] or "-").is_dir()),
+                        "False, or True with --ACTIVATIONS a folder of shards"),
     "MODEL": satisfies(lambda m, c: activations.is_model_name(m), "a packaged model (" + ", ".join(
         activations.GGUF_MODELS) + "), an existing folder or .gguf file, or a hub id org/name"),
     "LAYER": at_least(0),
@@ -214,7 +219,7 @@ if TUNED:
 
 # --- activations -------------------------------------------------------------------------------------
 if ACTIVATIONS:
-    X, meta = activations.load_user_activations(ACTIVATIONS)
+    X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
     n = X.shape[0]
     problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
                if not 1 <= round(TEST_FRACTION * n) < n else
@@ -257,7 +262,7 @@ if "base" in only:
     experiment.base_curves(histories, run.out, label)
     base = {m: models[experiment.RunSpec(m, "base", "-", 0).id] for m in METHODS
         if experiment.RunSpec(m, "base", "-", 0).id in models}
-    experiment.stem_plots(base, x_test[:3], run.out, label)
+    experiment.stem_plots(base, x_test, run.out, label)
 text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD", tuning=chosen,
                           tuned_in=Path(TUNED) / "tuning" if TUNED else run.out / "tuning")
 write_text(run.out / "summary.md", text)

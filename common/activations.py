@@ -714,13 +714,12 @@ USER_SUFFIXES = (".npy", ".safetensors")
 
 def user_activation_files(path) -> list[Path]:
     """The files of your own activations: a .npy or .safetensors file, or a folder of them (shards, in name
-    order). Raises DataError naming the path when there is nothing to read."""
+    order; ``common.stream.shard_files``). Raises DataError naming the path when there is nothing to read."""
+    from .stream import shard_files
+
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in USER_SUFFIXES)
-        if not files:
-            raise DataError(f"{path}: no *.npy or *.safetensors shards in this folder")
-        return files
+        return shard_files(path)
     if path.suffix not in USER_SUFFIXES or not path.is_file():
         raise DataError(f"{path}: expected an existing .npy or .safetensors file, or a folder of them")
     return [path]
@@ -737,34 +736,47 @@ def _read_shard(path: Path) -> torch.Tensor:
     return next(iter(tensors.values()))
 
 
-def load_user_activations(path) -> tuple[torch.Tensor, dict]:
+def load_user_activations(path, stream: bool = False) -> tuple:
     """Your own activations (n_samples, n_features) as float32, with metadata (every file's sha256): a
     .npy (read without pickle), a .safetensors holding one tensor, or a folder of such shards (their rows
     concatenated in name order). Every shard must be 2-D, of real numbers, finite, and of the same width; a
-    folder with an ``index.json`` (``activation_shards``, ``common.stream``) must match it (files, rows, sha256)."""
-    files = user_activation_files(path)
-    shards, width = [], None
-    for f in files:
-        x = _read_shard(f)
-        if x.ndim != 2 or x.shape[0] == 0 or x.is_complex() or x.dtype == torch.bool:
-            raise DataError(f"{f}: expected a non-empty 2-D array (n_samples, n_features) of real numbers, "
-                            f"got shape {tuple(x.shape)} and dtype {x.dtype}")
-        if width is not None and x.shape[1] != width:
-            raise DataError(f"{f}: {x.shape[1]} features, but the earlier shards have {width}")
-        width = x.shape[1]
-        shards.append(check_finite(x.float(), str(f)))
-    X = torch.cat(shards)
-    meta = {"model": f"your activations ({Path(path)})", "layer": None, "count": X.shape[0], "n_features": width,
-            "files": [{"name": f.name, "sha256": sha256(f), "rows": s.shape[0]} for f, s in zip(files, shards)]}
-    index = Path(path) / "index.json"
-    if Path(path).is_dir() and index.exists():  # a folder written by the sharded extraction: it must match
-        from .stream import Stream
+    folder with an ``index.json`` (``activation_shards``, ``common.stream``) must match it (files, rows, sha256).
 
+    ``stream=True`` (a folder only): a float32 ``common.stream.Stream`` of the folder instead of a tensor, for
+    activations larger than memory: only the headers and the sha256 of the shards are read here; the values
+    are checked finite by the split's pass (``split_standardise``)."""
+    from .stream import Stream
+
+    path = Path(path)
+    if stream:
+        if not path.is_dir():
+            raise DataError(f"{path}: streaming reads a folder of shards (*.npy / *.safetensors), not a single file")
+        X = Stream.open(path, verify=False, dtype=torch.float32)
+        rows = [int(b - a) for a, b in zip(X.offsets[:-1], X.offsets[1:])]
+        files, hashes = user_activation_files(path), X.shard_sha256()
+    else:
+        files = user_activation_files(path)
+        shards, width = [], None
+        for f in files:
+            x = _read_shard(f)
+            if x.ndim != 2 or x.shape[0] == 0 or x.is_complex() or x.dtype == torch.bool:
+                raise DataError(f"{f}: expected a non-empty 2-D array (n_samples, n_features) of real numbers, "
+                                f"got shape {tuple(x.shape)} and dtype {x.dtype}")
+            if width is not None and x.shape[1] != width:
+                raise DataError(f"{f}: {x.shape[1]} features, but the earlier shards have {width}")
+            width = x.shape[1]
+            shards.append(check_finite(x.float(), str(f)))
+        X = torch.cat(shards)
+        rows, hashes = [s.shape[0] for s in shards], [sha256(f) for f in files]
+    meta = {"model": f"your activations ({path})", "layer": None, "count": X.shape[0], "n_features": X.shape[1],
+            "files": [{"name": f.name, "sha256": h, "rows": r} for f, h, r in zip(files, hashes, rows)]}
+    index = path / "index.json"
+    if path.is_dir() and index.exists():  # a folder written by the sharded extraction: it must match
         Stream.open(path, verify=False)  # the same shards, of the recorded rows
         recorded = {e["name"]: e.get("sha256") for e in json.loads(index.read_text())["shards"]}
         for f in meta["files"]:
             if recorded[f["name"]] not in (None, f["sha256"]):
-                raise DataError(f"{Path(path) / f['name']}: sha256 differs from the one in {index}: stale or "
+                raise DataError(f"{path / f['name']}: sha256 differs from the one in {index}: stale or "
                                 "corrupt shard")
     return X, meta
 

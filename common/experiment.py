@@ -35,6 +35,7 @@ from . import distributed as dist
 from .config import atomic_write, derive_seed, write_json, write_text
 from .data import subset_indices
 from .sae import SAE, SAEConfig
+from .stream import Stream
 from .train import METHODS, NonFiniteError, TrainConfig, train
 
 
@@ -284,13 +285,17 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
 
 
 # the modules a run's numbers depend on (the data enter by content, so extraction code is not among them)
-TRAINING_SOURCES = ("config.py", "data.py", "experiment.py", "metrics.py", "pam.py", "recipe.py", "sae.py", "train.py")
+TRAINING_SOURCES = ("config.py", "data.py", "experiment.py", "metrics.py", "pam.py", "recipe.py", "sae.py", "stream.py",
+                    "train.py")
 
 
 def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> str:
     """What a finished run depends on besides its configuration: the data, the seed, the training code."""
     h = hashlib.sha256()
     for t in (x_train, x_test):
+        if isinstance(t, Stream):  # a view of a folder of shards: named by the shards' sha256 and the view
+            h.update(f"stream {t.shape}: {t.digest()}".encode())
+            continue
         a = t.detach().to("cpu").contiguous().numpy()
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.data)
@@ -568,7 +573,8 @@ def stem_plots(models: dict, x: torch.Tensor, out: Path, label: str, n_samples: 
     numbers = {}
     with torch.no_grad():
         for i, name in enumerate(methods):
-            codes = models[name](x[:n_samples])[1].numpy()
+            rows = x[:n_samples]
+            codes = models[name](rows.materialise() if isinstance(rows, Stream) else rows)[1].numpy()
             numbers[name] = {"active": [int((c != 0).sum()) for c in codes], "codes": codes.tolist()}
             for j in range(n_samples):
                 ax = axes[i, j]

@@ -148,15 +148,17 @@ class Stream:
     """Rows of a folder of shards, read through memory maps; see the module docstring.
 
     ``Stream.open(folder)`` checks every shard's header (2-D, real, non-empty, one width) and the folder's
-    ``index.json`` when there is one. ``len(s)``, ``s.shape`` (n_samples, n_features), ``s.dtype``
-    (float64 when every shard is float64, else float32), ``s.device`` (where rows are delivered).
+    ``index.json`` when there is one. ``len(s)``, ``s.shape`` (n_samples, n_features), ``s.dtype`` (of the rows
+    delivered: float64 when every shard is float64, else float32, unless ``open`` was given one), ``s.device``
+    (where rows are delivered).
     """
 
-    def __init__(self, shards, index=None, mean=None, std=None, buffer_rows=None, device="cpu", root=None):
+    def __init__(self, shards, index=None, mean=None, std=None, buffer_rows=None, device="cpu", root=None,
+                 dtype=None):
         self._shards = shards
         self.offsets = np.cumsum([0] + [s.rows for s in shards]).astype(np.int64)
         self.n_features = shards[0].width
-        self.dtype = torch.float64 if all(s.dtype == np.float64 for s in shards) else torch.float32
+        self.dtype = dtype or (torch.float64 if all(s.dtype == np.float64 for s in shards) else torch.float32)
         self.index = index  # np.int64 source rows, or None: every row in storage order
         self.mean, self.std = mean, std
         row_bytes = self.n_features * (8 if self.dtype == torch.float64 else 4)
@@ -166,9 +168,12 @@ class Stream:
 
     # ----------------------------------------------------------------------------------------- making views
     @classmethod
-    def open(cls, path, buffer_rows: int | None = None, verify: bool = True) -> "Stream":
+    def open(cls, path, buffer_rows: int | None = None, verify: bool = True, dtype: torch.dtype | None = None) -> "Stream":
         """A view of every row of the folder ``path``, in storage order. ``verify``: check the shards'
-        sha256 against ``index.json`` (one read of the files) when the folder has one."""
+        sha256 against ``index.json`` (one read of the files) when the folder has one. ``dtype``: deliver the
+        rows as torch.float32 or torch.float64 (default: float64 when every shard is float64, else float32)."""
+        if dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"dtype={dtype}: expected torch.float32, torch.float64 or None")
         path = Path(path)
         files = shard_files(path)
         shards = [_Shard(f) for f in files]
@@ -178,13 +183,32 @@ class Stream:
                                 "every shard of a folder must have the same width")
         if buffer_rows is not None and not (isinstance(buffer_rows, int) and buffer_rows >= 1):
             raise ValueError(f"buffer_rows={buffer_rows!r}: expected an int >= 1 (rows held at once)")
+        stream = cls(shards, buffer_rows=buffer_rows, root={"checked": False, "path": str(path)}, dtype=dtype)
         if (path / INDEX).exists():
-            _check_index(path, files, shards, verify)
-        return cls(shards, buffer_rows=buffer_rows, root={"checked": False, "path": str(path)})
+            _check_index(path, files, shards, stream.shard_sha256 if verify else None)
+        return stream
 
     def _view(self, index=None, mean=None, std=None, device=None, buffer_rows=None) -> "Stream":
         return Stream(self._shards, index, mean, std, buffer_rows or self.buffer_rows, device or self.device,
-                      self.root)
+                      self.root, self.dtype)
+
+    def shard_sha256(self) -> list[str]:
+        """sha256 of every shard file, in order (one read of the folder, remembered by every view of it)."""
+        if "sha256" not in self.root:
+            self.root["sha256"] = [file_sha256(s.path) for s in self._shards]
+        return self.root["sha256"]
+
+    def digest(self) -> str:
+        """sha256 naming the rows this view delivers: every shard's name, rows and sha256, the view's source rows,
+        its standardisation and dtype (what a cache of results computed on the view depends on)."""
+        h = hashlib.sha256()
+        for shard, digest in zip(self._shards, self.shard_sha256()):
+            h.update(f"{shard.path.name}:{shard.rows}:{digest}\n".encode())
+        h.update(str(self.dtype).encode())
+        h.update(self.source_rows().tobytes())
+        for t in (self.mean, self.std):
+            h.update(b"-" if t is None else t.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def source_rows(self) -> np.ndarray:
         """The view's rows as indices into the folder's concatenated rows (int64)."""
@@ -373,8 +397,9 @@ class Stream:
         return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / n))
 
 
-def _check_index(path: Path, files, shards, verify: bool) -> None:
-    """The folder's shards against its index.json: the same files, rows and (``verify``) sha256."""
+def _check_index(path: Path, files, shards, hashes=None) -> None:
+    """The folder's shards against its index.json: the same files, rows and (``hashes``: a function giving the
+    shards' sha256) sha256."""
     where = path / INDEX
     try:
         index = json.loads(where.read_text())
@@ -391,7 +416,8 @@ def _check_index(path: Path, files, shards, verify: bool) -> None:
         if entry.get("rows") != s.rows or index.get("n_features") not in (None, s.width):
             raise DataError(f"{f}: {s.rows} x {s.width}, but {INDEX} records {entry.get('rows')} x "
                             f"{index.get('n_features')}: stale or corrupt shard")
-        if verify and entry.get("sha256") and file_sha256(f) != entry["sha256"]:
+    for f, digest in zip(files, hashes() if hashes else ()):
+        if listed[f.name].get("sha256") not in (None, digest):
             raise DataError(f"{f}: sha256 differs from the one in {INDEX}: stale or corrupt shard")
 
 

@@ -39,3 +39,43 @@ def test_bad_settings_fail_before_extraction(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and msg in res.stderr, (arg, res.stderr[-500:])
     assert not any(tmp_path.iterdir())
+
+
+def test_streamed_activations_folder_gives_the_loaded_result(tmp_path):
+    """--ACTIVATIONS=folder --STREAM=True: the folder read through memory maps (common/stream.py) trains what the
+    loaded folder trains (the same split and batches; the standardisation accumulated in float64 instead of
+    float32, hence agreement to float32 rounding, not bits); a second invocation resumes every run."""
+    import torch
+
+    from common.stream import write_shards
+
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(64, 16, generator=g)
+    x = (torch.rand(300, 64, generator=g) * (torch.rand(300, 64, generator=g) < 0.1)) @ atoms
+    write_shards(x + 0.05 * torch.randn(300, 16, generator=g), tmp_path / "shards", shard_rows=128)
+    common = ["--quick", f"--ACTIVATIONS={tmp_path / 'shards'}", "--ONLY=base,fraction", "--N_LATENTS=32", "--K=4",
+              "--KS=4"]
+    tables = {}
+    for stream in (True, False):
+        out = tmp_path / f"stream_{stream}"
+        res = subprocess.run([sys.executable, str(SCRIPT), *common, f"--STREAM={stream}", "--out", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        tables[stream] = {(r["method"], r["ablation"], str(r["value"])): r for r in json.loads((out / "table.json").read_text())}
+        meta = json.loads((out / "activations.json").read_text())
+        assert (meta["count"], meta["n_train"], meta["n_test"]) == (300, 270, 30)
+        assert [f["rows"] for f in meta["files"]] == [128, 128, 44]
+    assert tables[True].keys() == tables[False].keys() and len(tables[True]) == 3 + 2 * 3
+    for key, row in tables[True].items():
+        for metric in ("train_mse", "test_mse", "l0", "dead"):
+            assert math.isclose(row[metric], tables[False][key][metric], rel_tol=1e-3, abs_tol=1e-6), (key, metric)
+    again = subprocess.run([sys.executable, str(SCRIPT), *common, "--STREAM=True", "--out", str(tmp_path / "stream_True")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # 9 rows, 6 trained runs (the fraction 1.0 runs are the base runs): all 6 reused, none trained
+    assert again.returncode == 0 and "6 runs finished earlier" in again.stdout and "; 0 to train" in again.stdout, \
+        again.stdout[-2000:]
+    for value, bad in (("", "--STREAM=True: expected False, or True with --ACTIVATIONS a folder of shards"),
+                       (str(tmp_path / "shards" / "00000.npy"), "--STREAM=True: expected False, or True with")):
+        res = subprocess.run([sys.executable, str(SCRIPT), "--quick", f"--ACTIVATIONS={value}", "--STREAM=True",
+                              "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and bad in res.stderr, (value, res.stderr[-1000:])

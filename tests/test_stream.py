@@ -248,3 +248,31 @@ def test_two_ranks_streaming_train_what_one_process_streams(tmp_path, monkeypatc
           progress=False)
     for name, value in model.state_dict().items():
         assert torch.allclose(got["state"][name], value, rtol=0, atol=1e-10), name
+
+
+def test_delivered_dtype_digest_and_streamed_user_activations(tmp_path):
+    """``open(dtype=)`` delivers float64 shards as float32 (the cast of the rows); ``digest`` names the rows a view
+    delivers: equal for the same folder and view, different when a shard, the view or the standardisation changes;
+    ``load_user_activations(stream=True)`` returns such a float32 view with the loaded metadata."""
+    X = data(n=403, dtype=torch.float64)
+    folder = mixed_folder(tmp_path, X)
+    s32 = S.Stream.open(folder, dtype=torch.float32)
+    assert s32.dtype == torch.float32 and torch.equal(s32.materialise(), X.float())
+    assert S.Stream.open(folder).dtype == torch.float64
+    with pytest.raises(ValueError, match="dtype=torch.float16"):
+        S.Stream.open(folder, dtype=torch.float16)
+    view = torch.arange(0, 403, 2)
+    d = s32[view].digest()
+    assert d == S.Stream.open(folder, dtype=torch.float32)[view].digest()
+    assert d != s32[view[1:]].digest() and d != S.Stream.open(folder)[view].digest()
+    mean, std = torch.zeros(12), torch.ones(12)
+    assert d != s32[view].standardised(mean, std).digest()
+    assert s32.shard_sha256() == [A.sha256(f) for f in S.shard_files(folder)]
+    got, meta = A.load_user_activations(folder, stream=True)
+    loaded, meta_loaded = A.load_user_activations(folder)
+    assert isinstance(got, S.Stream) and got.dtype == torch.float32 and torch.equal(got.materialise(), loaded)
+    assert meta == meta_loaded
+    with pytest.raises(DataError, match="streaming reads a folder of shards"):
+        A.load_user_activations(S.shard_files(folder)[0], stream=True)
+    np.save(folder / "00.npy", X[:50].numpy() + 1)  # a changed shard: another digest
+    assert S.Stream.open(folder, dtype=torch.float32)[view].digest() != d
