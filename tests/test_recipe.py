@@ -115,7 +115,7 @@ def test_aux_loss_value_and_gradient_reach_only_dead_latents():
     z = torch.zeros_like(a).scatter(1, keep, a.gather(1, keep).clamp(min=0))
     e = (x - out.recon).detach()
     expect = 0.5 * (3 / 3) * ((z @ model.W_dec.detach() - e) ** 2).mean()
-    assert float(loss) == pytest.approx(float(expect), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-12)
     model.zero_grad()
     loss.backward()
     live = ~dead
@@ -123,7 +123,7 @@ def test_aux_loss_value_and_gradient_reach_only_dead_latents():
     assert _aux_loss(model, x, out, torch.zeros(12, dtype=torch.bool), cfg) is None
     # fewer dead latents than aux_k: scaled by #dead / aux_k (sparsify)
     small = _aux_loss(model, x, out, dead, TrainConfig(aux_k=8, aux_coef=0.5))
-    assert float(small) > 0
+    assert float(small.detach()) > 0
 
 
 def test_auxk_raises_a_dead_latents_preactivation_towards_the_residual_it_can_explain():
