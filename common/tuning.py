@@ -2,7 +2,10 @@
 
 Fairness (docs/DESIGN.md, section 5): every method gets the same number of trials, the same epochs, the
 same split and the same seeds; each trial is one configuration drawn without replacement from that
-method's own grid (which must have at least that many points); the winner is the trial with the lowest validation MSE. A trial that diverges counts
+method's own grid (which must have at least that many points), and the settings that every method's grid offers
+with the same values (e.g. ``lr``) take the same values in every method's trial ``i`` (``shared_draw``: distinct
+ones while the shared grid has enough), so no method samples a shared setting more thinly because its grid has
+more dimensions. The winner is the trial with the lowest validation MSE. A trial that diverges counts
 as a failed trial (its error is recorded), never as a result. The chosen values are then used to
 retrain on the whole training set, and only that model is evaluated on the test set.
 
@@ -62,20 +65,64 @@ def validation_split(n_samples: int, fraction: float, seed: int) -> tuple[torch.
     return mask.nonzero().flatten(), val.sort().values
 
 
-def trials(grid: dict, n_trials: int, seed: int) -> list[dict]:
-    """``n_trials`` distinct configurations of ``grid``, drawn with a seed (a grid smaller than that is an error)."""
+def _points(grid: dict) -> list[dict]:
+    names = list(grid)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+
+
+def _check_grid(grid: dict) -> None:
     if not grid:
         raise ValueError("an empty grid has nothing to tune")
     for name, values in grid.items():
         if not isinstance(values, (tuple, list)) or not values:
             raise ValueError(f"grid entry {name!r} must be a non-empty tuple of values, got {values!r}")
-    names = list(grid)
-    points = [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
-    if len(points) < n_trials:
-        raise ValueError(f"a grid of {len(points)} points cannot give {n_trials} trials: every method gets the "
+
+
+def shared_settings(grids: dict) -> list[str]:
+    """The settings that every method's grid offers with the same values (e.g. ``lr``), in name order."""
+    grids = list(grids.values())
+    return sorted(n for n in grids[0] if all(n in g and tuple(g[n]) == tuple(grids[0][n]) for g in grids[1:]))
+
+
+def shared_draw(grids: dict, n_trials: int, seed: int) -> list[dict]:
+    """The values of the shared settings for trials 0 .. n_trials - 1, the same for every method: distinct points of
+    their grid while there are enough, otherwise every point equally often (one more for some), in a seeded order."""
+    names = shared_settings(grids)
+    if not names:
+        return [{} for _ in range(n_trials)]
+    points = _points({n: next(iter(grids.values()))[n] for n in names})
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(points)) for _ in range(math.ceil(n_trials / len(points)))])
+    return [points[i] for i in order[:n_trials]]
+
+
+def trials(grid: dict, n_trials: int, seed: int, shared: list[dict] | None = None) -> list[dict]:
+    """``n_trials`` distinct configurations of ``grid``, drawn with a seed (a grid smaller than that is an error).
+
+    ``shared``: for each trial, the values some of its settings must take (``shared_draw``: the same for every
+    method); the other settings are drawn from the grid, distinct among the trials that share those values."""
+    _check_grid(grid)
+    n_points = math.prod(len(v) for v in grid.values())
+    if n_points < n_trials:
+        raise ValueError(f"a grid of {n_points} points cannot give {n_trials} trials: every method gets the "
                          f"same number of trials, so each grid needs at least that many points")
-    pick = np.random.default_rng(seed).choice(len(points), size=n_trials, replace=False)
-    return [points[i] for i in sorted(pick)]
+    shared = shared if shared is not None else [{} for _ in range(n_trials)]
+    if len(shared) != n_trials:
+        raise ValueError(f"{len(shared)} shared values for {n_trials} trials")
+    rest = _points({n: v for n, v in grid.items() if n not in shared[0]}) or [{}]
+    rng = np.random.default_rng(seed)
+    out, groups = [None] * n_trials, {}
+    for i, fixed in enumerate(shared):
+        groups.setdefault(json.dumps(fixed, sort_keys=True, default=str), []).append(i)
+    for members in groups.values():
+        fixed = shared[members[0]]
+        if len(members) > len(rest):
+            raise ValueError(f"{len(members)} trials share {fixed}, but the grid has {len(rest)} points with them")
+        pick = rng.choice(len(rest), size=len(members), replace=False)
+        for i, j in zip(members, sorted(pick)):
+            out[i] = {**{n: fixed[n] for n in grid if n in fixed}, **rest[j]}
+            out[i] = {n: out[i][n] for n in grid}  # the grid's order of names
+    return out
 
 
 def plan_trials(protocol: Protocol, grids: dict, n_trials: int, epochs: int, seed: int) -> list[tuple[Run, dict]]:
@@ -87,11 +134,15 @@ def plan_trials(protocol: Protocol, grids: dict, n_trials: int, epochs: int, see
     if unknown:
         raise ValueError(f"tuning grid names methods {unknown} that the protocol does not run "
                          f"({', '.join(protocol.methods)})")
-    runs = []
     for method in protocol.methods:
         if method not in grids:
             raise ValueError(f"tuning: no grid for method {method!r}; every method is tuned with the same effort")
-        for i, values in enumerate(trials(grids[method], n_trials, derive_seed(seed, "trials", method))):
+        _check_grid(grids[method])
+    # the settings every grid shares (e.g. lr) take the same values in every method's trial i: equal coverage
+    shared = shared_draw({m: grids[m] for m in protocol.methods}, n_trials, derive_seed(seed, "trials", "shared"))
+    runs = []
+    for method in protocol.methods:
+        for i, values in enumerate(trials(grids[method], n_trials, derive_seed(seed, "trials", method), shared)):
             tuned = Protocol(base=protocol.base, ablations={}, methods=(method,), base_seed=protocol.base_seed,
                              method_settings={method: dict(expand(values), epochs=epochs)})
             s = tuned.settings("base", "-", method)

@@ -45,6 +45,33 @@ def test_trials_are_distinct_grid_points_and_a_small_grid_is_an_error():
         tuning.trials({"lr": ()}, 1, seed=1)
 
 
+def test_shared_settings_take_the_same_values_in_every_method():
+    """lr, offered by every grid with the same values, is drawn once: trial i of every method has the same lr, and
+    the lrs are distinct while there are enough (PAM's larger grid samples lr no more thinly than SGD's)."""
+    lrs = (3e-4, 6e-4, 1e-3, 2e-3, 4e-3)
+    grids = {"pam": {"lr": lrs, "mu_nu": (0.0, 1e-4, 1e-3), "alpha": (0.0, 1e-5), "solve_order": ("enc_first", "dec_first")},
+             "sgd": {"lr": lrs, "weight_decay": (0.0, 1e-4)}, "sgd_tied": {"lr": lrs, "weight_decay": (0.0, 1e-4)},
+             "other": {"lr": lrs[:4], "weight_decay": (0.0, 1e-4)}}
+    assert tuning.shared_settings({m: grids[m] for m in ("pam", "sgd")}) == ["lr"]
+    assert tuning.shared_settings({m: grids[m] for m in ("sgd", "sgd_tied")}) == ["lr", "weight_decay"]
+    assert tuning.shared_settings(grids) == []  # "other" offers other lr values: nothing is shared
+    for n_trials, most in ((4, 1), (5, 1), (7, 2), (10, 2)):
+        runs = tuning.plan_trials(protocol(methods=("pam", "sgd", "sgd_tied")), {m: grids[m] for m in
+                                  ("pam", "sgd", "sgd_tied")}, n_trials, epochs=1, seed=0)
+        by = {m: [v for run, v in runs if run.spec.method == m] for m in ("pam", "sgd", "sgd_tied")}
+        pam_lr = [v["lr"] for v in by["pam"]]
+        assert pam_lr == [v["lr"] for v in by["sgd"]] == [v["lr"] for v in by["sgd_tied"]], n_trials
+        assert max(pam_lr.count(lr) for lr in lrs) == most and len(set(pam_lr)) == min(n_trials, 5), n_trials
+        for m, values in by.items():  # still distinct points of each method's own grid
+            assert len({json.dumps(v, sort_keys=True) for v in values}) == n_trials, (m, n_trials)
+            assert all(set(v) == set(grids[m]) and all(v[k] in grids[m][k] for k in v) for v in values)
+    # sgd and sgd_tied share lr and weight_decay: 10 trials give every point of their grid once, to both
+    runs = tuning.plan_trials(protocol(methods=("sgd", "sgd_tied")), {m: grids[m] for m in ("sgd", "sgd_tied")}, 10,
+                              epochs=1, seed=2)
+    sgd = [v for run, v in runs if run.spec.method == "sgd"]
+    assert sgd == [v for run, v in runs if run.spec.method == "sgd_tied"] and len({json.dumps(v) for v in sgd}) == 10
+
+
 def test_every_method_gets_the_same_number_of_trials():
     grids = {"pam": {"lr": (1e-3, 2e-3, 4e-3), "mu_nu": (0.0, 1e-3)}, "sgd": {"lr": (1e-3, 2e-3, 4e-3)}}
     runs = tuning.plan_trials(protocol(), grids, 3, epochs=1, seed=0)
