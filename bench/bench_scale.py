@@ -40,6 +40,10 @@ from common import stream as S  # noqa: E402
 from common import train as T  # noqa: E402
 from common.sae import SAE  # noqa: E402
 
+# estimated multiply-add work of one token in one SGD step (and in PAM's encoder phase): the dense encoder's forward
+# and weight gradient (2 x 2 n d FLOPs) and the TopK decoder's forward and backward through K atoms (3 x 2 K n)
+FLOPS_PER_TOKEN = lambda n, d, k: 4 * n * d + 6 * k * n  # noqa: E731
+
 N_FEATURES, N_LATENTS, K, BATCH = 2304, 16384, 64, 4096
 
 
@@ -50,38 +54,70 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def timed(module, name, sink):
-    """Wrap module.name so that its seconds add up in sink[name]; returns the function that unwraps it."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(module, name, sink, device=torch.device("cpu")):
+    """Wrap module.name so that its seconds add up in sink[name] (the device's queued work waited for on both sides);
+    returns the function that unwraps it."""
     real = getattr(module, name)
 
     def wrapper(*args, **kwargs):
+        synchronize(device)
         t = time.perf_counter()
         try:
             return real(*args, **kwargs)
         finally:
+            synchronize(device)
             sink[name] = sink.get(name, 0.0) + time.perf_counter() - t
     setattr(module, name, wrapper)
     return lambda: setattr(module, name, real)
 
 
 # ------------------------------------------------------------------------------------------- throughput
-def throughput_worker(tokens: int) -> None:
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul on ``device`` (the best of 3 after a warm-up; 8192 on a GPU, 2048 on the cpu)."""
+    size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best
+
+
+def throughput_worker(tokens: int, device: str) -> None:
     """One rank (or the only process): one SGD epoch and one PAM epoch on the same global tokens."""
-    dist.init(backend="gloo")
+    dist.init(backend=None if device.startswith("cuda") else "gloo")  # nccl for CUDA tensors
+    dev = T.resolve_device(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens + 256, N_FEATURES, generator=g)
     x_train, x_test = x[:tokens], x[tokens:]
-    out = {"world": dist.world(), "threads": torch.get_num_threads(), "tokens": tokens}
+    out = {"world": dist.world(), "threads": torch.get_num_threads(), "tokens": tokens, "device": str(dev),
+           "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "matmul_flops": {"float32": matmul_rate(dev, torch.float32), "float64": matmul_rate(dev, torch.float64)}}
     for method in ("sgd", "pam"):
         sink = {}
-        unwrap = [timed(T, "collect_stats", sink), timed(T.dist, "sum_stats", sink), timed(T, "_solve", sink)]
-        model = SAE(N_FEATURES, N_LATENTS, "topk", K, seed=1, init="transpose_unit")
+        unwrap = [timed(T, "collect_stats", sink, dev), timed(T.dist, "sum_stats", sink, dev),
+                  timed(T, "_solve", sink, dev)]
+        model = SAE(N_FEATURES, N_LATENTS, "topk", K, seed=1, init="transpose_unit").to(dev)
         cfg = T.TrainConfig(method=method, epochs=1, batch_size=BATCH, lr=1e-4, solve_batch=BATCH, eval_batch=BATCH)
         hist = T.train(model, x_train, x_test, cfg, seed=2, progress=False)
         epoch = hist[-1]["epoch_time"]
         row = {"epoch_s": epoch, "tokens_per_s": tokens / epoch}
+        flops = tokens * FLOPS_PER_TOKEN(N_FEATURES, N_LATENTS, K) / dist.world()  # this rank's share
+        if method == "sgd":
+            row["matmul_fraction"] = flops / epoch / out["matmul_flops"]["float32"]
         if method == "pam":
             enc = epoch - sink["_solve"]
+            row["matmul_fraction"] = flops / enc / out["matmul_flops"]["float32"]
             row.update(encoder_s=enc, encoder_tokens_per_s=tokens / enc, stats_s=sink["collect_stats"],
                        stats_tokens_per_s=tokens / sink["collect_stats"], allreduce_s=sink["sum_stats"],
                        solve_s=sink["_solve"] - sink["collect_stats"] - sink["sum_stats"])
@@ -96,17 +132,18 @@ def throughput_worker(tokens: int) -> None:
     os._exit(0)  # as tests/dist_worker.py: gloo sometimes aborts in static destructors at exit
 
 
-def run_throughput(tokens: int, nproc: int) -> dict:
+def run_throughput(tokens: int, nproc: int, device: str) -> dict:
     env = dict(os.environ)
     if nproc == 1:
-        cmd = [sys.executable, "-X", "faulthandler", __file__, "--worker", "throughput", "--tokens", str(tokens)]
+        cmd = [sys.executable, "-X", "faulthandler", __file__, "--worker", "throughput", "--tokens", str(tokens),
+               "--device", device]
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env.update(OMP_NUM_THREADS="1", SPLINTERP_DIST_TIMEOUT="900")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={port}", __file__, "--worker", "throughput", "--tokens", str(tokens)]
+               f"--master_port={port}", __file__, "--worker", "throughput", "--tokens", str(tokens), "--device", device]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in res.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -115,7 +152,7 @@ def run_throughput(tokens: int, nproc: int) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- streaming
-def epoch_worker(mode: str, folder: str, latents: int, k: int) -> None:
+def epoch_worker(mode: str, folder: str, latents: int, k: int, device: str) -> None:
     """One PAM epoch on the folder's 90/10 split: in memory, streamed, or the model-only baseline."""
     open_s = split_s = 0.0
     if mode == "baseline":  # the folder is never opened: 4096 + 512 rows made in memory
@@ -130,7 +167,7 @@ def epoch_worker(mode: str, folder: str, latents: int, k: int) -> None:
         split_s = time.perf_counter() - t0
     if mode == "memory":
         x_train, x_test = x_train.materialise(), x_test.materialise()
-    model = SAE(N_FEATURES, latents, "topk", k, seed=1, init="transpose_unit")
+    model = SAE(N_FEATURES, latents, "topk", k, seed=1, init="transpose_unit").to(T.resolve_device(device))
     cfg = T.TrainConfig(method="pam", epochs=1, batch_size=BATCH, lr=1e-4, solve_batch=BATCH, eval_batch=BATCH)
     t0 = time.perf_counter()
     hist = T.train(model, x_train, x_test, cfg, seed=2, progress=False)
@@ -139,9 +176,10 @@ def epoch_worker(mode: str, folder: str, latents: int, k: int) -> None:
                                   "peak_rss_gib": peak_rss_gib()}), flush=True)
 
 
-def run_epoch(mode, folder, latents, k) -> dict:
+def run_epoch(mode, folder, latents, k, device) -> dict:
     res = subprocess.run([sys.executable, __file__, "--worker", "epoch", "--mode", mode, "--folder", str(folder),
-                          "--latents", str(latents), "--k", str(k)], capture_output=True, text=True, cwd=ROOT)
+                          "--latents", str(latents), "--k", str(k), "--device", device], capture_output=True, text=True,
+                         cwd=ROOT)
     for line in res.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -164,6 +202,8 @@ def write_set(folder: Path, gib: float, shard_rows: int = 32768) -> tuple[int, f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (train's devices; torchrun ranks: "
+                   "each its own GPU)")
     p.add_argument("--gib", type=float, default=3.0)
     p.add_argument("--latents", type=int, default=512)
     p.add_argument("--k", type=int, default=32)
@@ -177,16 +217,18 @@ def main() -> None:
     p.add_argument("--folder")
     args = p.parse_args()
     if args.worker == "throughput":
-        return throughput_worker(args.tokens)
+        return throughput_worker(args.tokens, args.device)
     if args.worker == "epoch":
-        return epoch_worker(args.mode, args.folder, args.latents, args.k)
+        return epoch_worker(args.mode, args.folder, args.latents, args.k, args.device)
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores; load: {os.getloadavg()}")
+    if not T.device_available(args.device):
+        p.error(f"--device={args.device}: expected cpu, auto, cuda or cuda:N with that device present")
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, device {args.device}; load: {os.getloadavg()}")
     if not args.skip_throughput:
         print(f"\n== throughput: n_features {N_FEATURES}, n_latents {N_LATENTS}, K {K}, batch {BATCH}, "
               f"{args.tokens} tokens, one epoch")
         for nproc in (int(v) for v in args.nprocs.split(",")):
-            r = run_throughput(args.tokens, nproc)
+            r = run_throughput(args.tokens, nproc, args.device)
             if "error" in r:
                 print(f"{nproc} process(es): failed: {r['error']}")
                 continue
@@ -196,6 +238,11 @@ def main() -> None:
                   f"({m['encoder_tokens_per_s']:.0f} tokens/s) + statistics {m['stats_s']:.1f} s "
                   f"({m['stats_tokens_per_s']:.0f} tokens/s) + all-reduce {m['allreduce_s']:.2f} s + solve "
                   f"{m['solve_s']:.1f} s; peak RSS (rank 0) {r['peak_rss_gib']:.2f} GiB")
+            rate = r["matmul_flops"]
+            print(f"  on {r['name']} ({r['device']}): matmul {rate['float32'] / 1e12:.2f} TFLOP/s float32, "
+                  f"{rate['float64'] / 1e12:.2f} float64; SGD epoch at {100 * s['matmul_fraction']:.1f}% and PAM's encoder "
+                  f"phase at {100 * m['matmul_fraction']:.1f}% of the float32 rate (estimated FLOPs); PAM epoch / SGD "
+                  f"epoch = {m['epoch_s'] / s['epoch_s']:.2f} (target on a GPU: <= 1.5)")
     if args.skip_streaming:
         return
     work = Path(tempfile.mkdtemp(prefix="bench_scale.", dir=args.tmp))
@@ -206,10 +253,10 @@ def main() -> None:
               f"{len(list((work / 'shards').glob('*.npy')))} shards under {work} (written in {write_s:.0f} s); "
               f"PAM, n_latents {args.latents}, K {args.k}, batch {BATCH}, one epoch on the 90% split")
         # memory and stream alternate (--repeats times), so that a change in the machine's load hits both
-        runs = [("baseline", run_epoch("baseline", work / "shards", args.latents, args.k))]
+        runs = [("baseline", run_epoch("baseline", work / "shards", args.latents, args.k, args.device))]
         for rep in range(args.repeats):
             for mode in (("memory", "stream") if rep % 2 == 0 else ("stream", "memory")):
-                runs.append((mode, run_epoch(mode, work / "shards", args.latents, args.k)))
+                runs.append((mode, run_epoch(mode, work / "shards", args.latents, args.k, args.device)))
                 print(f"  {mode} done, load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

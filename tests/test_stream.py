@@ -276,3 +276,21 @@ def test_delivered_dtype_digest_and_streamed_user_activations(tmp_path):
         A.load_user_activations(S.shard_files(folder)[0], stream=True)
     np.save(folder / "00.npy", X[:50].numpy() + 1)  # a changed shard: another digest
     assert S.Stream.open(folder, dtype=torch.float32)[view].digest() != d
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+def test_streamed_training_on_a_gpu_gives_the_in_memory_result(tmp_path, method):
+    """Rows read from the shards on the cpu, delivered to the GPU (``Stream.to``): the in-memory result on the GPU
+    (a buffer that holds the training split: the in-memory batches; GPU reductions may add in another order, hence
+    a tolerance)."""
+    X = data(n=403, dtype=torch.float32)
+    x_train, x_test, _, _ = S.split_standardise(S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=400), 0.1, 3)
+    cfg = TrainConfig(method=method, epochs=2, batch_size=32, lr=1e-2, solve_batch=50, eval_batch=70)
+    streamed, in_memory = SAE(12, 24, "topk", 3, seed=1).to("cuda"), SAE(12, 24, "topk", 3, seed=1).to("cuda")
+    h1 = train(streamed, x_train, x_test, cfg, seed=2, progress=False)
+    h2 = train(in_memory, x_train.materialise(), x_test.materialise(), cfg, seed=2, progress=False)
+    assert streamed.W_enc.device.type == "cuda"
+    for a, b in zip(h1, h2):
+        assert a["test_mse"] == pytest.approx(b["test_mse"], rel=1e-5)
