@@ -294,3 +294,23 @@ def test_streamed_training_on_a_gpu_gives_the_in_memory_result(tmp_path, method)
     assert streamed.W_enc.device.type == "cuda"
     for a, b in zip(h1, h2):
         assert a["test_mse"] == pytest.approx(b["test_mse"], rel=1e-5)
+
+
+def test_reads_run_one_buffer_ahead_at_most(tmp_path, monkeypatch):
+    """The background read is one buffer ahead of the one in use, never more (two buffers held at most), for the
+    epoch's batches and for a pass for sums."""
+    X = data(n=403, dtype=torch.float32)
+    stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=50)
+    reads, real = [], S.Stream._gather
+    monkeypatch.setattr(S.Stream, "_gather", lambda self, src: reads.append(len(src)) or real(self, src))
+    seen = 0
+    for _, batch in stream.batches(50, torch.Generator().manual_seed(1)):
+        seen += len(batch)
+        # rows read but not yet handed out: the rest of the window in use, the next window, and a batch begun in
+        # the previous window (the 3-row last window makes batches straddle windows)
+        assert 0 <= sum(reads) - seen < 2 * 50 + 50
+    assert seen == 403 and sum(reads) == 403 and len(reads) == 9
+    reads.clear()
+    for used, _ in enumerate(stream.chunks(50), start=1):
+        assert len(reads) <= used + 1
+    assert sum(reads) == 403
