@@ -68,11 +68,17 @@ def shard_files(path) -> list[Path]:
     return files
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 class _Shard:
     """One shard's layout: rows, width, dtype, and how to map it (read from its header only)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.stamp = _stamp(path)
         if path.suffix == ".npy":
             try:
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -117,7 +123,11 @@ class _Shard:
         """Write the rows ``rows`` (sorted, int64) of this shard into ``out`` (len(rows), width).
 
         Read through memory maps of at most ``SPAN_BYTES`` of the file each, unmapped after the copy, so the
-        mapped pages never add more than that to the process's resident memory."""
+        mapped pages never add more than that to the process's resident memory. A file whose size or modification
+        time changed since it was opened is refused (DataError): rows must not change under a training run."""
+        if _stamp(self.path) != self.stamp:
+            raise DataError(f"{self.path} changed on disk since the folder was opened (size or modification time): "
+                            "the rows under training must not change; open the folder again")
         if self.offset is None:  # safetensors without a numpy dtype: the covering slice through safe_open
             from safetensors import safe_open
             with safe_open(str(self.path), framework="pt") as f:

@@ -314,3 +314,15 @@ def test_reads_run_one_buffer_ahead_at_most(tmp_path, monkeypatch):
     for used, _ in enumerate(stream.chunks(50), start=1):
         assert len(reads) <= used + 1
     assert sum(reads) == 403
+
+
+def test_a_shard_changed_after_opening_is_refused(tmp_path):
+    """Rows must not change under a run: a shard rewritten after ``open`` fails the next read, naming the file."""
+    X = data(n=403, dtype=torch.float32)
+    folder = mixed_folder(tmp_path, X)
+    stream = S.Stream.open(folder, buffer_rows=100)
+    assert torch.equal(stream.read(0, 10), X[:10])
+    np.save(folder / "00.npy", X[:50].numpy() * 2)  # same size, new contents
+    with pytest.raises(DataError, match="00.npy changed on disk since the folder was opened"):
+        stream.read(0, 10)
+    assert torch.equal(S.Stream.open(folder).read(0, 10), 2 * X[:10])  # opened again: the new rows
