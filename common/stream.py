@@ -217,7 +217,7 @@ class Stream:
         h.update(str(self.dtype).encode())
         h.update(self.source_rows().tobytes())
         for t in (self.mean, self.std):
-            h.update(b"-" if t is None else t.contiguous().numpy().tobytes())
+            h.update(b"-" if t is None else t.cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def source_rows(self) -> np.ndarray:
@@ -275,8 +275,8 @@ class Stream:
                         out[order[a:b]] = part
                         del part
         if self.mean is not None:  # in place: the same (correctly rounded) float operations as (x - mean) / std
-            np.subtract(out, self.mean.numpy(), out=out)
-            np.divide(out, self.std.numpy(), out=out)
+            np.subtract(out, self.mean.cpu().numpy(), out=out)
+            np.divide(out, self.std.cpu().numpy(), out=out)
         return torch.from_numpy(out).to(self.device)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
