@@ -772,7 +772,8 @@ def load_user_activations(path, stream: bool = False) -> tuple:
             "files": [{"name": f.name, "sha256": h, "rows": r} for f, h, r in zip(files, hashes, rows)]}
     index = path / "index.json"
     if path.is_dir() and index.exists():  # a folder written by the sharded extraction: it must match
-        Stream.open(path, verify=False)  # the same shards, of the recorded rows
+        if not stream:
+            Stream.open(path, verify=False)  # the same shards, of the recorded rows (a stream was opened so)
         recorded = {e["name"]: e.get("sha256") for e in json.loads(index.read_text())["shards"]}
         for f in meta["files"]:
             if recorded[f["name"]] not in (None, f["sha256"]):

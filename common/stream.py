@@ -377,34 +377,43 @@ class Stream:
             src = rows[a:a + step]
             yield src, raw._gather(src).numpy().astype(np.float64, copy=False)
 
-    def check_finite(self) -> "Stream":
-        """DataError naming the shard and row of the first NaN/Inf (one pass over the whole folder, done once)."""
-        if self.root.get("checked"):
-            return self
-        whole = self._view(None, device="cpu")
-        for src, x in whole.scan():
+    def _checked_scan(self):
+        """``scan`` of the whole folder, each chunk checked finite first (DataError naming the shard, row and feature
+        of the first NaN/Inf); the folder is marked checked once the pass completes."""
+        for src, x in self._view(None, device="cpu").scan():
             bad = ~np.isfinite(x)
             if bad.any():
                 r, c = (int(v) for v in np.argwhere(bad)[0])
                 s = int(np.searchsorted(self.offsets, src[r], side="right") - 1)
                 raise DataError(f"{self._shards[s].path} holds NaN/Inf values (first at row "
                                 f"{int(src[r] - self.offsets[s])}, feature {c})")
+            yield src, x
         self.root["checked"] = True
+
+    def check_finite(self) -> "Stream":
+        """DataError naming the shard and row of the first NaN/Inf (one pass over the whole folder, done once)."""
+        if not self.root.get("checked"):
+            for _ in self._checked_scan():
+                pass
         return self
 
-    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-feature mean and population std of the view's raw rows, accumulated in float64 by merging
-        chunk moments (Chan et al.), float64 (n_features,)."""
-        n, mean, m2 = 0, np.zeros(self.n_features), np.zeros(self.n_features)
-        for _, x in self.scan():
-            nb, mb = x.shape[0], x.mean(0)
-            m2b = ((x - mb) ** 2).sum(0)
-            delta = mb - mean
-            total = n + nb
-            mean = mean + delta * (nb / total)
-            m2 = m2 + m2b + delta ** 2 * (n * nb / total)
-            n = total
-        return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / n))
+
+def _moments(blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and population std of the rows of float64 arrays ``blocks``, accumulated in float64 by
+    merging block moments (Chan et al.), float64 (n_features,)."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for x in blocks:
+        nb = x.shape[0]
+        if nb == 0:
+            continue
+        mb = x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        delta = mb - mean
+        total = n + nb
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta ** 2 * (n * nb / total)
+        n = total
+    return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / n))
 
 
 def _check_index(path: Path, files, shards, hashes=None) -> None:
@@ -445,10 +454,13 @@ def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps:
     n_test = int(round(test_fraction * n))
     if not 1 <= n_test < n:
         raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test set")
-    X.check_finite()
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
     train, test = X[order[n_test:]], X[order[:n_test]]
-    mean, std = train.mean_std()
+    if X.root.get("checked"):  # the folder was checked before: read the training rows only
+        mean, std = _moments(x for _, x in train.scan())
+    else:  # one pass over the folder: every row checked finite, the training rows' moments (with multiplicity)
+        weight = np.bincount(train.source_rows(), minlength=int(X.offsets[-1]))
+        mean, std = _moments(x[np.repeat(np.arange(len(src)), weight[src])] for src, x in X._checked_scan())
     mean, std = mean.to(X.dtype), std.clamp(min=eps).to(X.dtype)
     return train.standardised(mean, std), test.standardised(mean, std), mean, std
 

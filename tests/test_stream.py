@@ -326,3 +326,17 @@ def test_a_shard_changed_after_opening_is_refused(tmp_path):
     with pytest.raises(DataError, match="00.npy changed on disk since the folder was opened"):
         stream.read(0, 10)
     assert torch.equal(S.Stream.open(folder).read(0, 10), 2 * X[:10])  # opened again: the new rows
+
+
+def test_the_split_reads_the_folder_once(tmp_path, monkeypatch):
+    """split_standardise on a fresh folder: one pass (every row checked finite, the training rows' moments); on a
+    folder already checked: the training rows only."""
+    X = data(n=403, dtype=torch.float64)
+    stream = S.Stream.open(mixed_folder(tmp_path, X))
+    read, real = [], S.Stream._gather
+    monkeypatch.setattr(S.Stream, "_gather", lambda self, src: read.append(len(src)) or real(self, src))
+    x_train, _, mean, _ = S.split_standardise(stream, 0.1, 3)
+    assert sum(read) == 403
+    read.clear()
+    _, _, again, _ = S.split_standardise(stream, 0.1, 3)
+    assert sum(read) == len(x_train) == 363 and torch.allclose(again, mean, rtol=0, atol=1e-12)
