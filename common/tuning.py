@@ -79,9 +79,10 @@ def _check_grid(grid: dict) -> None:
 
 
 def shared_settings(grids: dict) -> list[str]:
-    """The settings that every method's grid offers with the same values (e.g. ``lr``), in name order."""
+    """The settings that every method's grid offers with the same values, in any order (e.g. ``lr``), in name
+    order."""
     grids = list(grids.values())
-    return sorted(n for n in grids[0] if all(n in g and tuple(g[n]) == tuple(grids[0][n]) for g in grids[1:]))
+    return sorted(n for n in grids[0] if all(n in g and set(g[n]) == set(grids[0][n]) for g in grids[1:]))
 
 
 def shared_draw(grids: dict, n_trials: int, seed: int) -> list[dict]:
@@ -120,8 +121,8 @@ def trials(grid: dict, n_trials: int, seed: int, shared: list[dict] | None = Non
             raise ValueError(f"{len(members)} trials share {fixed}, but the grid has {len(rest)} points with them")
         pick = rng.choice(len(rest), size=len(members), replace=False)
         for i, j in zip(members, sorted(pick)):
-            out[i] = {**{n: fixed[n] for n in grid if n in fixed}, **rest[j]}
-            out[i] = {n: out[i][n] for n in grid}  # the grid's order of names
+            point = {**fixed, **rest[j]}
+            out[i] = {n: point[n] for n in grid}  # the grid's order of names
     return out
 
 

@@ -55,6 +55,7 @@ def test_shared_settings_take_the_same_values_in_every_method():
     assert tuning.shared_settings({m: grids[m] for m in ("pam", "sgd")}) == ["lr"]
     assert tuning.shared_settings({m: grids[m] for m in ("sgd", "sgd_tied")}) == ["lr", "weight_decay"]
     assert tuning.shared_settings(grids) == []  # "other" offers other lr values: nothing is shared
+    assert tuning.shared_settings({"pam": grids["pam"], "sgd": {"lr": lrs[::-1]}}) == ["lr"]  # order does not matter
     for n_trials, most in ((4, 1), (5, 1), (7, 2), (10, 2)):
         runs = tuning.plan_trials(protocol(methods=("pam", "sgd", "sgd_tied")), {m: grids[m] for m in
                                   ("pam", "sgd", "sgd_tied")}, n_trials, epochs=1, seed=0)
