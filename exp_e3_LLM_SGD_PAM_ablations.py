@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import activations, distributed, experiment, tuning
+from common import activations, distributed, experiment, stream, tuning
 from common.config import (above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_json,
                            write_text)
 from common.pam import STATS_DTYPES
@@ -241,8 +241,9 @@ if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known onl
     run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
 if N_TRAIN:
     x_train = x_train[:N_TRAIN]
+read = "streamed through memory maps" if isinstance(x_train, stream.Stream) else "into memory"
 write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
-                                               standardised="per feature, training mean and std"))
+                                               standardised="per feature, training mean and std", read=read))
 print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} train / {x_test.shape[0]} test "
       f"x {x_train.shape[1]} features")
 

@@ -64,6 +64,7 @@ def test_streamed_activations_folder_gives_the_loaded_result(tmp_path):
         tables[stream] = {(r["method"], r["ablation"], str(r["value"])): r for r in json.loads((out / "table.json").read_text())}
         meta = json.loads((out / "activations.json").read_text())
         assert (meta["count"], meta["n_train"], meta["n_test"]) == (300, 270, 30)
+        assert meta["read"] == ("streamed through memory maps" if stream else "into memory")
         assert [f["rows"] for f in meta["files"]] == [128, 128, 44]
     assert tables[True].keys() == tables[False].keys() and len(tables[True]) == 3 + 2 * 3
     for key, row in tables[True].items():
