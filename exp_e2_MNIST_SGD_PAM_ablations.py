@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import distributed, experiment, tuning
+from common import distributed, experiment, runner, tuning
 from common.config import above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_text
 from common.data import load_mnist
 from common.plotting import image_grid, save
@@ -64,18 +64,17 @@ DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; 
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 N_TRAIN = 0                      # 0: all 60,000 training images
 N_TEST = 0                       # 0: all 10,000 test images
-# --- tuning on a validation split (common/tuning.py): the same number of trials for every method ---------
-TUNE = False
-TUNE_TRIALS = 8                  # per method; every grid below has at least this many points
-TUNE_EPOCHS = 0                  # 0: EPOCHS
-TUNE_VAL_FRACTION = 0.1          # of the training images, held out for choosing (the test set chooses nothing)
-TUNED = ""                       # or the output folder of an earlier --TUNE=True run: reuse its chosen values
-                                 # (<folder>/<activation>/tuning/tuning.json; the same base settings required)
-TUNE_GRID = {
-    "sgd": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "weight_decay": (0.0, 1e-4)},
-    "sgd_tied": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "weight_decay": (0.0, 1e-4)},
-    "pam": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "mu_nu": (0.0, 1e-4, 1e-3), "alpha": (0.0, 1e-5),
-            "solve_order": ("enc_first", "dec_first")},
+# --- tuning where each claim is judged (common/tuning.py; docs/DESIGN.md, section 5) ------------------
+TUNE = False                     # each method tuned at each ablation value on validation rows of its own data
+TUNE_BUDGETS = (8, 32)           # trials per method and study (Optuna TPE); results are reported at each budget
+TUNE_EPOCHS = 20                 # the tuned runs' schedule length; the stopping epoch (<= this) is tuned too
+TUNE_VAL_FRACTION = 0.2          # of each ablation value's training rows, held out for choosing (never the test set)
+TUNE_PER_REPLICATE = ("fraction",)  # ablations tuned again for every replicate (their own split); others once
+TUNED = ""                       # or the output folder of an earlier --TUNE=True run: reuse its choices
+                                 # (<folder>/<activation>/tuning/tuning.json; the same data and settings required)
+TUNE_SPACE = {                   # log-uniform ranges (lo, hi) shared by every method, then each method's own
+    "lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1e-2),
+    "pam": {"mu_nu": (1e-6, 1e-2), "alpha": (1e-8, 1e-4), "solve_order": ("enc_first", "dec_first")},
 }
 ACCEPT = {  # what each constant accepts: checked by configure() before any data is loaded (common/config.py)
     "RECIPE": one_of(*RECIPES),
@@ -111,10 +110,11 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any data
     "RESUME": boolean(),
     "N_TRAIN": in_range(0, 60_000),
     "N_TEST": in_range(0, 10_000),
-    **tuning.ACCEPT,  # TUNE, TUNE_TRIALS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_GRID (common/tuning.py)
+    "TUNE_PER_REPLICATE": each(one_of("base", "updates", "fraction", "weight_decay", "mu_nu")),
+    **tuning.ACCEPT,  # TUNE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_SPACE, TUNED (common/tuning.py)
 }
 QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 1.0), WEIGHT_DECAYS=(0.0, 1e-3),
-             MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4, TUNE_TRIALS=2)
+             MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4, TUNE_BUDGETS=(2, 3), TUNE_EPOCHS=2)
 
 run = configure(globals(), quick=QUICK)
 device = resolve_device(DEVICE)
@@ -139,7 +139,8 @@ only = experiment.parse_only(ONLY, list(ablations))
 recipe = recipe_settings(RECIPE, N_LATENTS, paper_lr=3e-3)
 if LR:
     recipe["lr"] = LR
-protocols, trials, reused = {}, {}, {}
+how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
+protocols = {}
 for act in ACTIVATIONS:
     protocols[act] = experiment.Protocol(
         base=dict(recipe, n_latents=N_LATENTS, activation=TOPK_VARIANT if act == "topk" else act, k=K,
@@ -148,14 +149,12 @@ for act in ACTIVATIONS:
                   alpha=ALPHA, beta=BETA, prox_form=PROX_FORM, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES,
                   stats_dtype=STATS_DTYPE),
         ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed)
-    if TUNE:
-        grids = {m: TUNE_GRID[m] for m in METHODS}
-        trials[act] = tuning.plan_trials(protocols[act], grids, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)
-    if TUNED:
-        try:
-            reused[act] = tuning.reuse(Path(TUNED) / act / "tuning" / "tuning.json", protocols[act])
-        except ValueError as err:
-            run.fail(f"--TUNED={TUNED}: {err}")
+    try:
+        runner.prepare(protocols[act], how, N_TRAIN or 60_000, run.seed)
+    except ValueError as err:
+        run.fail(f"tuning: {err}")
+    if TUNED and not (Path(TUNED) / act / "tuning" / "tuning.json").is_file():
+        run.fail(f"--TUNED={TUNED}: no {act}/tuning/tuning.json there (the output folder of a --TUNE=True run)")
 
 # --- data (after every setting is validated) ----------------------------------------------------------
 with distributed.main_first():             # under torchrun rank 0 fetches MNIST if missing, then the others
@@ -170,20 +169,16 @@ digits = x_test[:10]                       # 10 fixed test digits for the recons
 for act, protocol in protocols.items():
     out = run.dir(act)
     label = f"MNIST {protocol.base['activation']}, {RECIPE} recipe" + (", tuned" if TUNE or TUNED else "")
-    chosen = reused.get(act)
-    if TUNE:
-        print(f"== {label}: tuning, {len(trials[act])} trials on a validation split")
-        chosen = tuning.tune(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, x_train,
-                             TUNE_VAL_FRACTION, out / "tuning", run.seed, workers=workers, resume=RESUME, device=device)
-    if chosen:
-        protocol = tuning.tuned_protocol(protocol, chosen)
-    print(f"== {label}: {len(protocol.plan())} runs ({len(x_train)} train / {len(x_test)} test samples)")
-    rows, histories, models = experiment.execute(protocol, x_train, x_test, out, workers=workers, resume=RESUME, device=device)
-    experiment.ablation_figures(rows, histories, out, label)
+    try:
+        result = runner.run(protocol, x_train, x_test, out, f"E2, {label}: SGD vs PAM-SGD", label, run.seed, how=how,
+                            tuned_from=Path(TUNED) / act / "tuning" / "tuning.json" if TUNED else None,
+                            workers=workers, resume=RESUME, device=device)
+    except ValueError as err:
+        run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
+    models = result.models
     if "base" in only:
-        experiment.base_curves(histories, out, label)
-        base = {m: models[experiment.RunSpec(m, "base", "-", 0).id] for m in METHODS
-            if experiment.RunSpec(m, "base", "-", 0).id in models}
+        ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
+        base = {m: models[i] for m, i in ids.items() if i in models}
         with torch.no_grad():
             recons = {m: model(digits)[0] for m, model in base.items()}
         stack = torch.cat([digits] + list(recons.values())).numpy()
@@ -204,9 +199,5 @@ for act, protocol in protocols.items():
                                  suptitle=f"{label} {m}: decoder atoms (first {n_show})")
                 save(fig, out / f"filters_{m}_decoder.png", {"latents": list(range(n_show))})
         experiment.stem_plots(base, digits, out, label)
-    text = experiment.summary(rows, f"E2, {label}: SGD vs PAM-SGD", tuning=chosen,
-                              tuned_in=Path(TUNED) / act / "tuning" if TUNED else out / "tuning")
-    write_text(out / "summary.md", text)
-    print(text)
 run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed),
                  "n_train": len(x_train), "n_test": len(x_test)})

@@ -68,10 +68,12 @@ class RunSpec:
     ablation: str
     value: object
     replicate: int
+    budget: int = 0      # the tuning budget (trials per study) its settings were chosen with; 0: not tuned here
 
     @property
     def id(self) -> str:
-        return f"{self.method}|{self.ablation}={self.value}|rep{self.replicate}"
+        tail = f"|budget{self.budget}" if self.budget else ""
+        return f"{self.method}|{self.ablation}={self.value}|rep{self.replicate}{tail}"
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,9 @@ SETTINGS = (*MODEL_KEYS, *TRAIN_KEYS, "fraction")
 # run and weight_decay=0 are recognised as the same run
 DEFAULTS = {f.name: f.default for f in (*fields(TrainConfig), *fields(SAEConfig))
             if f.name in SETTINGS and f.default is not MISSING} | {"fraction": 1.0}
-TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "train_mse", "test_mse", "train_fvu", "test_fvu",
-                 "l0", "dead", "uninformative", "epochs", "samples_seen", "n_train", "wall_time", "train_time",
-                 "tuned", "shared_with")
+TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "budget", "train_mse", "test_mse",
+                 "train_fvu", "test_fvu", "l0", "dead", "uninformative", "epochs", "stop_epoch", "steps", "batch_size",
+                 "samples_seen", "n_train", "wall_time", "train_time", "tuned", "shared_with")
 
 
 def check_settings(names, where: str) -> None:
@@ -128,7 +130,10 @@ class Protocol:
     """What to run. ``base``: settings (SETTINGS: the model's, MODEL_KEYS; the training's, TRAIN_KEYS; and
     ``fraction``, default 1.0).
     ``ablations``: {name: Ablation}, the script's own. ``ablation_overrides`` apply to every run but the
-    base (e.g. fewer epochs); ``method_settings``: {method: settings of that method only} (tuned values).
+    base (e.g. fewer epochs); ``method_settings``: {method: settings of that method only}.
+    ``tuned``: {TunedKey(ablation, value, method, replicate, budget): settings} chosen on a validation split
+    where the run is judged (common/tuning.py); when given, every run of ``plan`` is a tuned run, once per
+    budget, and its tuned settings come last (after what follows from the ablation's value).
     """
 
     base: dict
@@ -138,6 +143,7 @@ class Protocol:
     base_seed: int = 0
     ablation_overrides: dict = field(default_factory=dict)
     method_settings: dict = field(default_factory=dict)
+    tuned: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name, ablation in self.ablations.items():
@@ -160,10 +166,11 @@ class Protocol:
                 for m in self.methods:
                     self.settings(name, v, m)  # raises on a bad value before anything runs
 
-    def settings(self, ablation: str, value, method: str | None = None) -> dict:
+    def settings(self, ablation: str, value, method: str | None = None, tuned: dict | None = None) -> dict:
         """The full settings of one ablation value (for ``method``: with its own settings), validated.
         Order: defaults, base, the method's settings, ablation overrides (not for the base), the ablation's
-        value, what follows from it. A ReLU model has no k (SAEConfig drops it)."""
+        value, what follows from it, then ``tuned`` (settings chosen on a validation split for this value).
+        A ReLU model has no k (SAEConfig drops it)."""
         abl = self.ablations.get(ablation, BASE if ablation == "base" else None)
         if abl is None:
             raise ValueError(f"unknown ablation {ablation!r}; this protocol runs {', '.join(self.ablations)}")
@@ -175,32 +182,68 @@ class Protocol:
             s[key] = value
         if abl.then is not None:
             abl.then(s, value)
+        if tuned:
+            check_settings(tuned, f"tuned settings of {ablation}={value} have")
+            s.update(tuned)
         if not 0.0 < s["fraction"] <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {s['fraction']!r}")
         model, _ = configs(s, method or "pam", n_features=1)  # validated; n_features is the data's, known later
         s["k"] = model.k
         return s
 
+    @property
+    def budgets(self) -> tuple:
+        """The tuning budgets the runs were chosen with (sorted), () when nothing was tuned per value."""
+        return tuple(sorted({k.budget for k in self.tuned}))
+
     def plan(self) -> list[Run]:
-        """Every run, in order (replicate, ablation, value, method); shared configurations marked."""
+        """Every run, in order (replicate, ablation, value, method, budget); shared configurations marked.
+        With ``tuned`` settings every run is planned once per tuning budget; a missing choice is an error."""
         runs, seen = [], {}
         for rep in range(self.seeds):
             for ablation, abl in self.ablations.items():
                 methods = abl.methods or self.methods
                 for value in abl.values:
                     for method in (m for m in self.methods if m in methods):
-                        s = self.settings(ablation, value, method)
-                        spec = RunSpec(method, ablation, value, rep)
-                        key = json.dumps([method, rep, sorted(s.items())], default=str)
-                        tuned = self.method_settings.get(method)
-                        runs.append(Run(spec, s, key, shared_with=seen.get(key),
-                                        tuned=json.dumps(tuned, sort_keys=True) if tuned else ""))
-                        seen.setdefault(key, spec.id)
+                        for budget in self.budgets or (0,):
+                            chosen = None
+                            if budget:
+                                k = TunedKey(ablation, value, method, rep, budget)
+                                if k not in self.tuned:
+                                    raise ValueError(f"no tuned settings for {k}: every run of a tuned protocol "
+                                                     "needs its own choice")
+                                chosen = self.tuned[k]
+                            s = self.settings(ablation, value, method, chosen)
+                            spec = RunSpec(method, ablation, value, rep, budget)
+                            key = json.dumps([method, rep, sorted(s.items())], default=str)
+                            tuned = chosen if budget else self.method_settings.get(method)
+                            runs.append(Run(spec, s, key, shared_with=seen.get(key),
+                                            tuned=json.dumps(tuned, sort_keys=True, default=str) if tuned else ""))
+                            seen.setdefault(key, spec.id)
         return runs
+
+
+@dataclass(frozen=True)
+class TunedKey:
+    """Where a choice of settings applies: one ablation value, method, replicate and tuning budget."""
+
+    ablation: str
+    value: object
+    method: str
+    replicate: int
+    budget: int
 
 
 def replicate_seed(base_seed: int, rep: int) -> int:
     return derive_seed(base_seed, "replicate", rep)
+
+
+def training_rows(n_samples: int, fraction: float, rseed: int):
+    """The rows of the training data a run of replicate seed ``rseed`` trains on: all of them, or a seeded subset
+    of ``fraction`` of them (the same for every method of the replicate; the tuning of that run splits these)."""
+    if fraction >= 1.0:
+        return slice(None)
+    return subset_indices(n_samples, fraction, derive_seed(rseed, "subset", fraction))
 
 
 def run_one(run: Run, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int, progress: bool = True,
@@ -209,7 +252,7 @@ def run_one(run: Run, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: in
     s, spec = run.settings, run.spec
     rseed = replicate_seed(base_seed, spec.replicate)
     if s["fraction"] < 1.0:
-        x_train = x_train[subset_indices(x_train.shape[0], s["fraction"], derive_seed(rseed, "subset", s["fraction"]))]
+        x_train = x_train[training_rows(x_train.shape[0], s["fraction"], rseed)]
     model_cfg, cfg = configs(s, spec.method, x_train.shape[1])
     model = SAE(**asdict(model_cfg), seed=derive_seed(rseed, "init")).to(device)
     t0 = time.perf_counter()
@@ -217,10 +260,11 @@ def run_one(run: Run, x_train: torch.Tensor, x_test: torch.Tensor, base_seed: in
                  position=position)
     last = hist[-1]
     row = {"method": spec.method, "activation": s["activation"], "ablation": spec.ablation, "value": spec.value,
-           "replicate": spec.replicate, "train_mse": last["train_mse"], "test_mse": last["test_mse"],
-           "train_fvu": last["train_fvu"], "test_fvu": last["test_fvu"], "l0": last["test_l0"],
-           "dead": last["test_dead"], "uninformative": uninformative(last["test_fvu"]), "epochs": cfg.epochs,
-           "samples_seen": last["samples_seen"], "n_train": x_train.shape[0], "wall_time": time.perf_counter() - t0,
+           "replicate": spec.replicate, "budget": spec.budget, "train_mse": last["train_mse"],
+           "test_mse": last["test_mse"], "train_fvu": last["train_fvu"], "test_fvu": last["test_fvu"],
+           "l0": last["test_l0"], "dead": last["test_dead"], "uninformative": uninformative(last["test_fvu"]),
+           "epochs": cfg.epochs, "stop_epoch": last["epoch"], "steps": last["grad_steps"],
+           "batch_size": cfg.batch_size, "samples_seen": last["samples_seen"], "n_train": x_train.shape[0], "wall_time": time.perf_counter() - t0,
            "train_time": sum(e["epoch_time"] for e in hist), "tuned": run.tuned, "shared_with": ""}
     return row, hist, model
 
@@ -360,7 +404,7 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
             rows.append(done[run.spec.id])
         else:
             rows.append(dict(done[run.shared_with], ablation=run.spec.ablation, value=run.spec.value,
-                             shared_with=run.shared_with))
+                             budget=run.spec.budget, tuned=run.tuned, shared_with=run.shared_with))
             histories[run.spec.id] = histories[run.shared_with]
     write_table(rows, out)
     write_json(out / "histories.json", histories)
@@ -429,44 +473,61 @@ def write_table(rows: list[dict], out: Path) -> None:
 
 
 def aggregate(rows: list[dict], metric: str = "test_mse") -> dict:
-    """{(ablation, value, method): (mean, std, n)} over replicate seeds (std with ddof=0 when n = 1)."""
+    """{(ablation, value, method): (mean, std, n)} over replicate seeds (std with ddof=0 when n = 1); rows of one
+    tuning budget at a time (``by_budget``)."""
     groups = {}
     for r in rows:
         groups.setdefault((r["ablation"], r["value"], r["method"]), []).append(float(r[metric]))
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
-def summary(rows: list[dict], title: str, tuning: dict | None = None, tuned_in=None) -> str:
-    """Markdown: per ablation and value, each method's test MSE, FVU, dead fraction and L0, and which
-    method has the lowest test MSE and by how much. A method whose mean test FVU is >= 1 is marked
-    "uninformative" and never wins. ``tuning``: {method: chosen settings}, listed first (``tuned_in``: the
-    folder whose tuning.md lists the trials)."""
-    agg = {m: aggregate(rows, m) for m in ("test_mse", "test_fvu", "dead", "l0")}
+def by_budget(rows: list[dict]) -> dict:
+    """{tuning budget: its rows}, largest budget first (0: runs not tuned where they are judged)."""
+    out = {}
+    for r in rows:
+        out.setdefault(int(r.get("budget", 0)), []).append(r)
+    return dict(sorted(out.items(), reverse=True))
+
+
+def summary(rows: list[dict], title: str, tuning_note: str = "") -> str:
+    """Markdown: per tuning budget, ablation and value, each method's test MSE, FVU, dead fraction, L0, stopping
+    epoch and optimiser steps, and which method has the lowest test MSE and by how much. A method whose mean test
+    FVU is >= 1 is marked "uninformative" and never wins. ``tuning_note``: how the settings were chosen."""
     lines = [f"# {title}", "", "Final test MSE (mean ± std over seeds; lower is better), test FVU, dead fraction "
-             "(latents that never fire on the test set) and test L0. 'margin' = how much higher the runner-up's "
-             "mean test MSE is, relative to the winner's. A method with test FVU >= 1 (no better than predicting "
-             "the mean) is marked *uninformative* and never wins.", ""]
-    if tuning:
-        lines += ["Hyperparameters chosen on a validation split of the training data (never the test set)"
-                  + (f"; every trial in {tuned_in}/tuning.md" if tuned_in else "") + ":", ""]
-        lines += [f"- {m}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
-                                          for k, v in chosen.items()) for m, chosen in tuning.items()]
-        lines.append("")
+             "(latents that never fire on the test set), test L0, the epoch the run stopped at / its schedule's "
+             "epochs, and optimiser steps (means over seeds). 'margin' = how much higher the runner-up's mean test "
+             "MSE is, relative to the winner's. A method with test FVU >= 1 (no better than predicting the mean) is "
+             "marked *uninformative* and never wins.", ""]
+    if tuning_note:
+        lines += [tuning_note, ""]
+    groups = by_budget(rows)
+    for budget, brows in groups.items():
+        if budget:
+            lines += [f"## Tuning budget: {budget} trials per method and study", ""]
+        lines += _summary_tables(brows, "###" if budget else "##")
+    return "\n".join(lines)
+
+
+def _summary_tables(rows: list[dict], level: str) -> list[str]:
+    agg = {m: aggregate(rows, m) for m in ("test_mse", "test_fvu", "dead", "l0")}
+    steps = {k: aggregate(rows, k) for k in ("stop_epoch", "epochs", "steps") if all(k in r for r in rows)}
     order = []
     for r in rows:
         if (r["ablation"], r["value"]) not in order:
             order.append((r["ablation"], r["value"]))
     present = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lines = []
     for ablation in dict.fromkeys(a for a, _ in order):
-        lines += [f"## {ablation}", "", "| value | " + " | ".join(f"{m} test MSE | FVU | dead | L0" for m in present)
-                  + " | winner | margin |", "|---" * (2 + 4 * len(present) + 1) + "|"]
+        lines += [f"{level} {ablation}", "", "| value | " + " | ".join(
+            f"{m} test MSE | FVU | dead | L0 | epoch | steps" for m in present) + " | winner | margin |",
+                  "|---" * (2 + 6 * len(present) + 1) + "|"]
         for a, v in order:
             if a != ablation:
                 continue
             cells, means = [], {}
             for m in present:
                 if (a, v, m) not in agg["test_mse"]:
-                    cells.append("– | – | – | –")
+                    cells.append("– | – | – | – | – | –")
                     continue
                 mean, std, n = agg["test_mse"][(a, v, m)]
                 fvu = agg["test_fvu"][(a, v, m)][0]
@@ -475,8 +536,12 @@ def summary(rows: list[dict], title: str, tuning: dict | None = None, tuned_in=N
                 else:
                     mark = ""
                     means[m] = mean
+                ep = (f"{steps['stop_epoch'][(a, v, m)][0]:.1f} / {steps['epochs'][(a, v, m)][0]:.0f}"
+                      if "stop_epoch" in steps and "epochs" in steps else "–")
+                st = f"{steps['steps'][(a, v, m)][0]:.0f}" if "steps" in steps else "–"
                 cells.append(f"{mean:.5f}" + (f" ± {std:.5f}" if n > 1 else "") + mark
-                             + f" | {fvu:.4f} | {100 * agg['dead'][(a, v, m)][0]:.1f}% | {agg['l0'][(a, v, m)][0]:.1f}")
+                             + f" | {fvu:.4f} | {100 * agg['dead'][(a, v, m)][0]:.1f}% | {agg['l0'][(a, v, m)][0]:.1f}"
+                             + f" | {ep} | {st}")
             ranked = sorted(means, key=means.get)
             winner = ranked[0] if ranked else "–"
             margin = "–"
@@ -484,7 +549,7 @@ def summary(rows: list[dict], title: str, tuning: dict | None = None, tuned_in=N
                 margin = f"{(means[ranked[1]] - means[ranked[0]]) / means[ranked[0]] * 100:.1f}%"
             lines.append(f"| {v} | " + " | ".join(cells) + f" | {winner} | {margin} |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 METHOD_CMAPS = ("Blues", "Oranges", "Greens")  # matches matplotlib's first three cycle colours (the bars)
@@ -521,7 +586,7 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
         for r in rows:
             if r["ablation"] != ablation or r["replicate"] != 0:
                 continue
-            h = histories[RunSpec(r["method"], ablation, r["value"], 0).id]
+            h = histories[RunSpec(r["method"], ablation, r["value"], 0, r.get("budget", 0)).id]
             tag = r["method"] if ablation == "base" else f"{r['method']} {r['value']}"
             lines[tag] = ([e["epoch"] for e in h], [e["test_mse"] for e in h])
             # the bars' colour family per method (blue, orange, green), darker for later values
@@ -535,7 +600,7 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
     return paths
 
 
-def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
+def base_curves(histories: dict, out: Path, label: str, rep: int = 0, budget: int = 0) -> Path:
     """Train and test MSE per epoch of the base runs."""
     import matplotlib.pyplot as plt
 
@@ -546,7 +611,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
     for i, split in enumerate(("train", "test")):
         series = {}
         for m in METHODS:
-            h = histories.get(RunSpec(m, "base", "-", rep).id)
+            h = histories.get(RunSpec(m, "base", "-", rep, budget).id)
             if h:
                 series[m] = ([e["epoch"] for e in h], [e[f"{split}_mse"] for e in h])
         curves(axes[i], series, "epoch", f"{split} MSE", f"{label}: {split} MSE (equal epochs)", logy=True)
@@ -554,7 +619,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0) -> Path:
     # equal wall-clock view: test MSE against cumulative training seconds (evaluation excluded)
     series = {}
     for m in METHODS:
-        h = histories.get(RunSpec(m, "base", "-", rep).id)
+        h = histories.get(RunSpec(m, "base", "-", rep, budget).id)
         if h:
             series[m] = (np.cumsum([e["epoch_time"] for e in h]).tolist(), [e["test_mse"] for e in h])
     curves(axes[2], series, "training seconds", "test MSE", f"{label}: test MSE (equal wall clock)", logy=True)

@@ -100,7 +100,9 @@ def check_device(device: torch.device) -> None:
 @dataclass
 class TrainConfig:
     method: str = "pam"
-    epochs: int = 50
+    epochs: int = 50                # the length of the run: the learning-rate schedule spans these epochs
+    stop_epoch: int = 0             # stop after this epoch (0: after ``epochs``); chosen on a validation split
+                                    # (common/tuning.py), the schedule still spans ``epochs``
     batch_size: int = 128
     lr: float = 3e-3
     updates_per_batch: int = 1      # Adam steps per mini-batch (the PAM ablation; 1 for the baselines)
@@ -157,6 +159,9 @@ class TrainConfig:
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"{name} must be a finite number >= 0, got {v!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(isinstance(self.stop_epoch, int) and not isinstance(self.stop_epoch, bool)
+             and 0 <= self.stop_epoch <= self.epochs,
+             f"stop_epoch must be an integer in [0, epochs = {self.epochs}] (0: no early stop), got {self.stop_epoch!r}")
 
 
 def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, codes, trained: set):
@@ -218,7 +223,8 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
 
 
 def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainConfig, seed: int = 0,
-          progress: bool = True, desc: str = "", position: int | None = None) -> list[dict]:
+          progress: bool = True, desc: str = "", position: int | None = None, report=None,
+          score_train: bool = True) -> list[dict]:
     """Train ``model`` in place on x_train (n_samples, n_features); evaluate on x_test every epoch.
 
     Everything runs on the model's device (``model.to(device)`` first; the data are moved there once);
@@ -229,6 +235,11 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     x_train and x_test may be ``common.stream.Stream`` views of a folder of shards (activations larger than
     memory): rows are then read a shuffle buffer at a time, in the batch order ``Stream.batches`` defines
     (the in-memory order when the buffer holds the whole view: the same batches, the same numbers).
+
+    ``report(epoch, row)``, when given, is called after each epoch's record (a tuner's pruning hook: an
+    exception it raises ends the run); ``score_train=False`` skips the training-set metrics of SGD epochs
+    (tuning trials need the validation numbers only; PAM's come free with its statistics).
+    ``cfg.stop_epoch`` ends the run early with the schedule of ``cfg.epochs`` (docs/DESIGN.md, section 5).
     """
     device = model.W_enc.device
     check_device(device)
@@ -284,7 +295,9 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
 
     def record(epoch, loss, epoch_time, samples, steps, train_metrics=None, extra=None):
         t0 = time.perf_counter()
-        tr = train_metrics if train_metrics is not None else metrics(eval_train, sums_train)
+        if train_metrics is None:
+            train_metrics = metrics(eval_train, sums_train) if score_train else {}
+        tr = train_metrics
         te = metrics(eval_test, sums_test)
         row = {"epoch": epoch, "loss": loss, "epoch_time": epoch_time, "samples_seen": samples, "grad_steps": steps}
         row.update({f"train_{k}": v for k, v in tr.items()})
@@ -294,7 +307,8 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         return row
 
     with _frozen([p for p in model.parameters() if not any(p is q for q in params)]):
-        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position)
+        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position,
+                       report)
 
 
 @contextmanager
@@ -368,7 +382,7 @@ def _batches(x_train, batch_size: int, gen: torch.Generator, device):
         yield len(batch), x_train.index_select(0, mine)  # 3x faster than x[idx]
 
 
-def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position):
+def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position, report):
     pam, n = cfg.method == "pam", x_train.shape[0]
     history = [record(0, None, 0.0, 0, 0)]  # no training loss before the first epoch
     samples = steps = 0
@@ -458,5 +472,9 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
         row = record(epoch, loss_sum / n, epoch_time, samples, steps, train_metrics, extra)
         history.append(row)
         bar.set_postfix(test_mse=f"{row['test_mse']:.4f}", l0=f"{row['test_l0']:.1f}")
+        if report is not None:
+            report(epoch, row)  # may raise to end the run (a pruned tuning trial)
+        if epoch == cfg.stop_epoch:
+            break
     bar.close()
     return history

@@ -1,53 +1,119 @@
-"""Hyperparameter tuning on a validation split held out from the training data (never the test set).
+"""Hyperparameter tuning where each claim is judged, on validation rows of the run's own training data.
 
-Fairness (docs/DESIGN.md, section 5): every method gets the same number of trials, the same epochs, the
-same split and the same seeds; each trial is one configuration drawn without replacement from that
-method's own grid (which must have at least that many points), and the settings that every method's grid offers
-with the same values (e.g. ``lr``) take the same values in every method's trial ``i`` (``shared_draw``: distinct
-ones while the shared grid has enough), so no method samples a shared setting more thinly because its grid has
-more dimensions. The winner is the trial with the lowest validation MSE. A trial that diverges counts
-as a failed trial (its error is recorded), never as a result. The chosen values are then used to
-retrain on the whole training set, and only that model is evaluated on the test set.
+The rules (docs/DESIGN.md, section 5), the same for every method:
 
-``tuning.json`` records the protocol's base settings beside the chosen values, so a later run can reuse
-them (``reuse``: a script's ``TUNED`` option) only for the same base settings; a mismatch is an error.
+- **Where.** A *study* chooses one method's settings for one ablation value, on validation rows held out from
+  that value's own training rows (``experiment.training_rows``: at 1% of the data, that 1%); the ablations in
+  ``per_replicate`` (the training fractions) are tuned again for every replicate on its own split, so the
+  interval over replicates includes the tuning's variation; the others are tuned once (replicate 0's split)
+  and that choice serves every replicate. The split (``val_fraction`` of the rows, at least one row on each
+  side) is seeded by the replicate and the ablation value, the same for every method. The test set is never
+  read.
+- **What.** Optuna's TPE sampler (seeded) draws each trial from ranges (``space``): a pair ``(lo, hi)`` of
+  positive numbers is a log-uniform range, a tuple of strings a choice. Settings every method shares (the
+  learning rate, the weight decay) have the same range for every method; a method's own settings (PAM:
+  ``mu_nu``, ``alpha``, ``solve_order``) come on top. Settings the ablation fixes (e.g. the weight decay in
+  the weight-decay ablation) are not tuned.
+- **How a trial trains.** Exactly as the judged run: the same settings, batch, epochs (``epochs``: the length
+  of the learning-rate schedule) on the fit rows; validation MSE is recorded after every epoch. A trial's
+  score is its lowest validation MSE and its *stopping epoch* the epoch that reached it: the stopping point
+  is a tuned setting, and the judged run stops there (``TrainConfig.stop_epoch``, same schedule). A trial
+  that diverges scores +inf (it counts as a trial). Median pruning (Optuna's ``MedianPruner``, after
+  ``PRUNE_STARTUP`` trials and half the epochs) stops trials worse than the median of earlier ones at the
+  same epoch, for every method alike.
+- **Budgets.** Each study runs ``max(budgets)`` trials; the choice at budget ``b`` is the best of its first
+  ``b`` trials (a larger budget continues the smaller: same sampler seed, same first trials), so a verdict
+  can be shown at each budget.
+- **Edges.** A chosen number in the outer ``EDGE`` of its log-range (an end that means "none" excepted:
+  ``NONE_AT_LOW``), or a stopping epoch equal to ``epochs``, is *on the edge*: the range is extended past it
+  once (the value times 2, 4 and 8 beyond the end, the other settings kept; for the epoch, a trial with a
+  schedule twice as long). If the best is then the outermost extension (or again the last epoch), the
+  setting is marked *edge* in the record and a claim that rests on it is at most inconclusive.
+- **Resuming.** Every study is kept in an Optuna journal file (``<out>/studies/``); an interrupted tuning goes
+  on where it stopped (trials left running are marked failed and do not count). A study is named by a hash of
+  everything it depends on (settings, ranges, data, seeds, training code).
 
-A grid maps a setting name to its candidate values; ``mu_nu`` sets ``mu`` and ``nu`` together:
-
-    {"sgd": {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (0.0, 1e-4)},
-     "pam": {"lr": (3e-4, 1e-3, 3e-3), "mu_nu": (0.0, 1e-4, 1e-3), "solve_order": ("enc_first", "dec_first")}}
+``tuning.json`` records, for every study, the data fingerprint, the settings, every trial and the choices;
+``reuse`` (a script's ``TUNED`` option) accepts a record only for the same data and settings, and only when
+every recorded choice is the best of its recorded trials.
 """
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import math
+import multiprocessing as mp
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .config import at_least, boolean, derive_seed, in_range, satisfies, write_json, write_text
-from .data import subset_indices
-from .experiment import Protocol, Run, RunSpec, train_runs
+from .experiment import (Protocol, TunedKey, configs, fingerprint, replicate_seed, training_rows)
+from .sae import SAE
+from .train import NonFiniteError, train
 
 ALIASES = {"mu_nu": ("mu", "nu")}
+NONE_AT_LOW = ("weight_decay", "mu_nu", "mu", "nu", "alpha", "beta", "l1")  # a range's low end means "none"
+EDGE = 0.05            # the outer share of a log-range (each end) that counts as its edge
+EXTEND = (2.0, 4.0, 8.0)  # the values tried past an edge, as multiples of the chosen one
+PRUNE_STARTUP = 4      # trials per study before median pruning starts
 ACCEPT = {  # what a script's tuning constants accept (E2 and E3 include these in their ACCEPT)
     "TUNE": boolean(),
-    "TUNE_TRIALS": at_least(1) & satisfies(
-        lambda n, c: not c["TUNE"] or all(n <= math.prod(map(len, c["TUNE_GRID"][m].values())) for m in c["METHODS"]),
-        "at most the number of points of every method's TUNE_GRID"),
-    "TUNE_EPOCHS": at_least(0),
+    "TUNE_BUDGETS": satisfies(lambda b, c: isinstance(b, tuple) and len(b) > 0 and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b) and list(b) == sorted(set(b)),
+        "increasing positive integers: trials per study, the choice judged at each"),
+    "TUNE_EPOCHS": at_least(1),
     "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
-    "TUNE_GRID": satisfies(lambda g, c: all(m in g for m in c["METHODS"]), "a grid for every method of --METHODS"),
+    "TUNE_SPACE": satisfies(lambda s, c: _space_error(s, c["METHODS"]) is None,
+                            "ranges (lo, hi) with 0 < lo < hi and choices (tuples of strings), shared at the top "
+                            "level and per method under the method's name"),
     "TUNED": satisfies(lambda p, c: p == "" or (Path(p).is_dir() and not c["TUNE"]),
                        "empty, or the output folder of an earlier run of this script with --TUNE=True, whose chosen "
                        "values are reused (with --TUNE=False)"),
 }
 
 
+# --- the search space ------------------------------------------------------------------------------------
+def _is_range(spec) -> bool:
+    return (isinstance(spec, (tuple, list)) and len(spec) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec))
+
+
+def _space_error(space, methods) -> str | None:
+    if not isinstance(space, dict) or not space:
+        return "the space must be a non-empty dict"
+    for name, spec in space.items():
+        if isinstance(spec, dict):
+            if name not in ("sgd", "sgd_tied", "pam"):
+                return f"{name!r}: a dict entry must be a method's own ranges"
+            err = _space_error(spec, methods) if spec else None
+            if err:
+                return f"{name}: {err}"
+        elif _is_range(spec):
+            lo, hi = spec
+            if not (0 < lo < hi and math.isfinite(hi)):
+                return f"{name}: a range needs 0 < lo < hi, got {spec}"
+        elif not (isinstance(spec, (tuple, list)) and spec and all(isinstance(v, str) for v in spec)):
+            return f"{name}: expected a range (lo, hi) or a tuple of choices (strings), got {spec!r}"
+    return None
+
+
+def method_space(space: dict, method: str, fixed=()) -> dict:
+    """The ranges a method's study draws from: the shared ones, then its own; settings in ``fixed`` (set by the
+    ablation being tuned) left out."""
+    err = _space_error(space, (method,))
+    if err:
+        raise ValueError(f"tuning space: {err}")
+    out = {n: tuple(v) for n, v in space.items() if not isinstance(v, dict)}
+    out.update({n: tuple(v) for n, v in space.get(method, {}).items()})
+    return {n: v for n, v in out.items() if not set(ALIASES.get(n, (n,))) & set(fixed)}
+
+
 def expand(values: dict) -> dict:
-    """Grid names -> settings (``mu_nu`` -> ``mu`` and ``nu``)."""
+    """Space names -> settings (``mu_nu`` -> ``mu`` and ``nu``)."""
     out = {}
     for name, v in values.items():
         for key in ALIASES.get(name, (name,)):
@@ -56,173 +122,371 @@ def expand(values: dict) -> dict:
 
 
 def validation_split(n_samples: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit indices, validation indices): a seeded random ``fraction`` of the training samples held out."""
+    """(fit positions, validation positions) of ``n_samples`` rows: a seeded ``fraction`` held out, at least one
+    row on each side."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
-    val = subset_indices(n_samples, fraction, seed)
-    mask = torch.ones(n_samples, dtype=torch.bool)
-    mask[val] = False
-    return mask.nonzero().flatten(), val.sort().values
+    if n_samples < 2:
+        raise ValueError(f"a validation split needs at least 2 rows, got {n_samples}")
+    n_val = min(n_samples - 1, max(1, round(fraction * n_samples)))
+    perm = torch.randperm(n_samples, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def _points(grid: dict) -> list[dict]:
-    names = list(grid)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+def edge_of(name: str, value, spec) -> str | None:
+    """"low" or "high" when a chosen number lies in the outer EDGE of its log-range (a low end that means none
+    excepted), else None."""
+    if not _is_range(spec):
+        return None
+    lo, hi = spec
+    pos = (math.log(value) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    if pos >= 1 - EDGE:
+        return "high"
+    if pos <= EDGE and name not in NONE_AT_LOW:
+        return "low"
+    return None
 
 
-def _check_grid(grid: dict) -> None:
-    if not grid:
-        raise ValueError("an empty grid has nothing to tune")
-    for name, values in grid.items():
-        if not isinstance(values, (tuple, list)) or not values:
-            raise ValueError(f"grid entry {name!r} must be a non-empty tuple of values, got {values!r}")
+# --- one study ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Study:
+    """One method's tuning at one ablation value and replicate: what it trains and where it is kept."""
+
+    ablation: str
+    value: object
+    method: str
+    replicate: int
+    settings: dict        # the run's settings before tuning (epochs = the schedule length)
+    space: dict
+    budgets: tuple
+    seed: int             # the sampler's
+    rseed: int            # the replicate's (initialisation and batch order, as the judged run)
+    split_seed: int
+    name: str             # a hash of everything above and the data
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}|{self.ablation}={self.value}|rep{self.replicate}"
 
 
-def shared_settings(grids: dict) -> list[str]:
-    """The settings that every method's grid offers with the same values, in any order (e.g. ``lr``), in name
-    order."""
-    grids = list(grids.values())
-    return sorted(n for n in grids[0] if all(n in g and set(g[n]) == set(grids[0][n]) for g in grids[1:]))
+def _train_trial(study: Study, values: dict, epochs: int, x_fit, x_val, report=None) -> list[float]:
+    """Validation MSE after each epoch of one trial (trained as the judged run would be)."""
+    s = dict(study.settings, **expand(values), epochs=epochs, stop_epoch=0)
+    model_cfg, cfg = configs(s, study.method, x_fit.shape[1])
+    model = SAE(**asdict(model_cfg), seed=derive_seed(study.rseed, "init"))
+    hist = train(model, x_fit, x_val, cfg, seed=derive_seed(study.rseed, "batches"), progress=False,
+                 report=report, score_train=False)
+    return [e["test_mse"] for e in hist[1:]]
 
 
-def shared_draw(grids: dict, n_trials: int, seed: int) -> list[dict]:
-    """The values of the shared settings for trials 0 .. n_trials - 1, the same for every method: distinct points of
-    their grid while there are enough, otherwise every point equally often (one more for some), in a seeded order."""
-    names = shared_settings(grids)
-    if not names:
-        return [{} for _ in range(n_trials)]
-    points = _points({n: next(iter(grids.values()))[n] for n in names})
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(points)) for _ in range(math.ceil(n_trials / len(points)))])
-    return [points[i] for i in order[:n_trials]]
+def _best_epoch(curve: list[float]) -> tuple[float, int]:
+    i = int(np.argmin(curve))
+    return float(curve[i]), i + 1
 
 
-def trials(grid: dict, n_trials: int, seed: int, shared: list[dict] | None = None) -> list[dict]:
-    """``n_trials`` distinct configurations of ``grid``, drawn with a seed (a grid smaller than that is an error).
+def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
 
-    ``shared``: for each trial, the values some of its settings must take (``shared_draw``: the same for every
-    method); the other settings are drawn from the grid, distinct among the trials that share those values."""
-    _check_grid(grid)
-    n_points = math.prod(len(v) for v in grid.values())
-    if n_points < n_trials:
-        raise ValueError(f"a grid of {n_points} points cannot give {n_trials} trials: every method gets the "
-                         f"same number of trials, so each grid needs at least that many points")
-    shared = shared if shared is not None else [{} for _ in range(n_trials)]
-    if len(shared) != n_trials:
-        raise ValueError(f"{len(shared)} shared values for {n_trials} trials")
-    rest = _points({n: v for n, v in grid.items() if n not in shared[0]}) or [{}]
-    rng = np.random.default_rng(seed)
-    out, groups = [None] * n_trials, {}
-    for i, fixed in enumerate(shared):
-        groups.setdefault(json.dumps(fixed, sort_keys=True, default=str), []).append(i)
-    for members in groups.values():
-        fixed = shared[members[0]]
-        if len(members) > len(rest):
-            raise ValueError(f"{len(members)} trials share {fixed}, but the grid has {len(rest)} points with them")
-        pick = rng.choice(len(rest), size=len(members), replace=False)
-        for i, j in zip(members, sorted(pick)):
-            point = {**fixed, **rest[j]}
-            out[i] = {n: point[n] for n in grid}  # the grid's order of names
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    epochs = study.settings["epochs"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    opt = optuna.create_study(study_name=study.name, storage=storage, direction="minimize", load_if_exists=True,
+                              sampler=optuna.samplers.TPESampler(seed=study.seed),
+                              pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP,
+                                                                 n_warmup_steps=max(1, epochs // 2)))
+    for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        opt.tell(t.number, state=TrialState.FAIL)  # left by an interrupted run: never counted
+
+    def finished():
+        return [t for t in opt.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+    while len(finished()) < study.budgets[-1]:
+        trial = opt.ask()
+        values = {}
+        for name, spec in study.space.items():
+            values[name] = (trial.suggest_float(name, spec[0], spec[1], log=True) if _is_range(spec)
+                            else trial.suggest_categorical(name, list(spec)))
+
+        def report(epoch, row, trial=trial):
+            trial.report(row["test_mse"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        try:
+            curve = _train_trial(study, values, epochs, x_fit, x_val, report)
+        except optuna.TrialPruned:
+            opt.tell(trial, state=TrialState.PRUNED)
+            continue
+        except NonFiniteError as err:
+            trial.set_user_attr("diverged", str(err))
+            opt.tell(trial, math.inf)
+            continue
+        trial.set_user_attr("curve", curve)
+        opt.tell(trial, _best_epoch(curve)[0])
+
+    trials = []
+    for t in finished()[:study.budgets[-1]]:
+        curve = t.user_attrs.get("curve")
+        best = _best_epoch(curve) if curve else (None, None)
+        trials.append({"number": t.number, "values": dict(t.params), "state": t.state.name.lower(),
+                       "val_mse": best[0] if t.state == TrialState.COMPLETE and curve else None,
+                       "stop_epoch": best[1], "epochs": epochs,
+                       "pruned_at": max(t.intermediate_values) if t.state == TrialState.PRUNED else None,
+                       "diverged": t.user_attrs.get("diverged", "")})
+    extensions = {}  # (values, epochs) -> (val_mse, stop_epoch): trials past an edge, shared by the budgets
+
+    def extra(values, n_epochs):
+        key = json.dumps([sorted(values.items()), n_epochs])
+        if key not in extensions:
+            try:
+                extensions[key] = _best_epoch(_train_trial(study, values, n_epochs, x_fit, x_val))
+            except NonFiniteError:
+                extensions[key] = (math.inf, None)
+        return extensions[key]
+
+    choices = {}
+    for b in study.budgets:
+        scored = [t for t in trials[:b] if t["val_mse"] is not None]
+        if not scored:
+            raise RuntimeError(f"tuning {study.label}: none of the first {b} trials finished with a finite "
+                               f"validation MSE (all pruned or diverged); see {path}")
+        best = min(scored, key=lambda t: t["val_mse"])
+        choice = {"values": dict(best["values"]), "epochs": epochs, "stop_epoch": best["stop_epoch"],
+                  "val_mse": best["val_mse"], "trial": best["number"], "edge": [], "extended": []}
+        for name, spec in study.space.items():
+            side = edge_of(name, choice["values"][name], spec)
+            if side is None:
+                continue
+            start = choice["values"][name]
+            tried = []
+            for f in EXTEND:
+                v = start * f if side == "high" else start / f
+                vals = dict(choice["values"], **{name: v})
+                mse, stop = extra(vals, choice["epochs"])
+                tried.append({"values": vals, "val_mse": mse if math.isfinite(mse) else None, "stop_epoch": stop})
+                if mse < choice["val_mse"]:
+                    choice.update(values=vals, val_mse=mse, stop_epoch=stop)
+            choice["extended"].append({"setting": name, "side": side, "trials": tried})
+            if choice["values"][name] == tried[-1]["values"][name]:
+                choice["edge"].append(name)
+        if choice["stop_epoch"] == choice["epochs"]:
+            mse, stop = extra(choice["values"], 2 * epochs)
+            choice["extended"].append({"setting": "epochs", "side": "high", "trials": [
+                {"values": dict(choice["values"]), "epochs": 2 * epochs, "val_mse": mse if math.isfinite(mse) else None,
+                 "stop_epoch": stop}]})
+            if mse < choice["val_mse"]:
+                choice.update(epochs=2 * epochs, stop_epoch=stop, val_mse=mse)
+            if choice["stop_epoch"] == choice["epochs"]:
+                choice["edge"].append("epochs")
+        choices[str(b)] = choice
+    return {"ablation": study.ablation, "value": study.value, "method": study.method, "replicate": study.replicate,
+            "name": study.name, "n_fit": int(x_fit.shape[0]), "n_val": int(x_val.shape[0]), "space": study.space,
+            "seed": study.seed, "trials": trials, "choices": choices}
+
+
+# --- every study of a protocol -------------------------------------------------------------------------
+_POOL_DATA: tuple = ()
+
+
+def _pool_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _pool_study(job):
+    study, rows, fit, val, path = job
+    x = _POOL_DATA[0]
+    x_rows = x[rows] if not isinstance(rows, slice) else x
+    return _run_study(study, x_rows[fit], x_rows[val], path)
+
+
+def plan_studies(protocol: Protocol, space: dict, budgets, epochs: int, n_train: int, val_fraction: float, seed: int,
+                 per_replicate=("fraction",), stamp: str = "") -> list[tuple]:
+    """Every study of the protocol on ``n_train`` training rows, as (Study, training rows, fit positions,
+    validation positions); ValueError for a bad setting (checked before any data is loaded)."""
+    budgets = tuple(budgets)
+    if not budgets or list(budgets) != sorted(set(budgets)) or budgets[0] < 1:
+        raise ValueError(f"budgets must be increasing positive integers, got {budgets!r}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"tuning epochs must be a positive integer, got {epochs!r}")
+    jobs = []
+    n = int(n_train)
+    for ablation, abl in protocol.ablations.items():
+        methods = [m for m in protocol.methods if m in (abl.methods or protocol.methods)]
+        reps = range(protocol.seeds) if ablation in per_replicate else (0,)
+        for value in abl.values:
+            for rep in reps:
+                rseed = replicate_seed(protocol.base_seed, rep)
+                for method in methods:
+                    s = dict(protocol.settings(ablation, value, method), epochs=epochs, stop_epoch=0)
+                    rows = training_rows(n, s["fraction"], rseed)
+                    n_rows = n if isinstance(rows, slice) else len(rows)
+                    split_seed = derive_seed(rseed, "validation", ablation, value)
+                    fit, val = validation_split(n_rows, val_fraction, split_seed)
+                    sp = method_space(space, method, fixed=abl.sets)
+                    sseed = derive_seed(seed, "study", ablation, value, rep)
+                    name = hashlib.sha256(json.dumps([sorted(s.items()), sp, budgets, sseed, rseed, split_seed,
+                                                      val_fraction, method, stamp], default=str).encode()
+                                          ).hexdigest()[:16]
+                    jobs.append((Study(ablation, value, method, rep, s, sp, budgets, sseed, rseed, split_seed, name),
+                                 rows, fit, val))
+    return jobs
+
+
+def tune(protocol: Protocol, space: dict, budgets, epochs: int, x_train, x_test, val_fraction: float, out: Path,
+         seed: int, per_replicate=("fraction",), workers: int = 1, progress: bool = True,
+         resume: bool = True) -> dict:
+    """Run every study of the protocol (resumable); write ``<out>/tuning.json`` and ``tuning.md``; return
+    {TunedKey: settings} for ``Protocol(tuned=...)``. ``x_test`` only enters the data fingerprint."""
+    out = Path(out)
+    stamp = fingerprint(x_train, x_test, protocol.base_seed)
+    jobs = plan_studies(protocol, space, budgets, epochs, x_train.shape[0], val_fraction, seed, per_replicate, stamp)
+    todo = []
+    for study, rows, fit, val in jobs:
+        path = out / "studies" / f"{study.name}.journal"
+        if not resume and path.exists():
+            path.unlink()
+        todo.append((study, rows, fit, val, path))
+    global _POOL_DATA
+    results = []
+    bar = tqdm(total=len(todo), desc=f"tuning {out.parent.name}", disable=not progress)
+    if workers > 1 and len(todo) > 1:
+        ctx = mp.get_context("fork")
+        _POOL_DATA = (x_train,)
+        try:
+            with ctx.Pool(min(workers, len(todo)), initializer=_pool_init) as pool:
+                for r in pool.imap(_pool_study, todo):
+                    results.append(r)
+                    bar.update(1)
+        finally:
+            _POOL_DATA = ()
+    else:
+        _POOL_DATA = (x_train,)
+        try:
+            for job in todo:
+                results.append(_pool_study(job))
+                bar.update(1)
+        finally:
+            _POOL_DATA = ()
+    bar.close()
+    record = {"fingerprint": stamp, "base": protocol.base, "space": space, "budgets": list(budgets), "epochs": epochs,
+              "val_fraction": val_fraction, "per_replicate": list(per_replicate), "seeds": protocol.seeds,
+              "studies": results}
+    record["sha256"] = _digest(record)
+    write_json(out / "tuning.json", record)
+    write_text(out / "tuning.md", tuning_markdown(record))
+    return chosen_settings(record, protocol)
+
+
+def json_record(folder: Path) -> dict:
+    """The record ``tune`` wrote in ``folder``."""
+    return json.loads((Path(folder) / "tuning.json").read_text())
+
+
+def _digest(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def chosen_settings(record: dict, protocol: Protocol) -> dict:
+    """{TunedKey: settings} from a tuning record: the choice of each study at each budget, as settings
+    (``epochs``, ``stop_epoch`` and the expanded values); a study tuned once serves every replicate."""
+    tuned = {}
+    for st in record["studies"]:
+        reps = [st["replicate"]] if st["ablation"] in record["per_replicate"] else range(protocol.seeds)
+        for b, choice in st["choices"].items():
+            settings = dict(expand(choice["values"]), epochs=choice["epochs"], stop_epoch=choice["stop_epoch"])
+            for rep in reps:
+                tuned[TunedKey(st["ablation"], _value(st["value"]), st["method"], rep, int(b))] = settings
+    return tuned
+
+
+def _value(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def edges(record: dict) -> dict:
+    """{(ablation, value, method, budget): [settings on the edge]} for every choice that stayed on an edge."""
+    out = {}
+    for st in record["studies"]:
+        for b, choice in st["choices"].items():
+            if choice["edge"]:
+                key = (st["ablation"], _value(st["value"]), st["method"], int(b))
+                out[key] = sorted(set(out.get(key, [])) | set(choice["edge"]))
     return out
 
 
-def plan_trials(protocol: Protocol, grids: dict, n_trials: int, epochs: int, seed: int) -> list[tuple[Run, dict]]:
-    """Every tuning trial as (its run, its grid values), validated before any data is loaded. The run has the
-    protocol's base settings, the method's trial values and ``epochs``; trial i is RunSpec(method, "tune", i, 0)."""
-    if not isinstance(n_trials, int) or n_trials < 1:
-        raise ValueError(f"tuning trials must be a positive integer, got {n_trials!r}")
-    unknown = sorted(set(grids) - set(protocol.methods))
-    if unknown:
-        raise ValueError(f"tuning grid names methods {unknown} that the protocol does not run "
-                         f"({', '.join(protocol.methods)})")
-    for method in protocol.methods:
-        if method not in grids:
-            raise ValueError(f"tuning: no grid for method {method!r}; every method is tuned with the same effort")
-        _check_grid(grids[method])
-    # the settings every grid shares (e.g. lr) take the same values in every method's trial i: equal coverage
-    shared = shared_draw({m: grids[m] for m in protocol.methods}, n_trials, derive_seed(seed, "trials", "shared"))
-    runs = []
-    for method in protocol.methods:
-        for i, values in enumerate(trials(grids[method], n_trials, derive_seed(seed, "trials", method), shared)):
-            tuned = Protocol(base=protocol.base, ablations={}, methods=(method,), base_seed=protocol.base_seed,
-                             method_settings={method: dict(expand(values), epochs=epochs)})
-            s = tuned.settings("base", "-", method)
-            key = json.dumps([method, "tune", sorted(s.items())], default=str)
-            runs.append((Run(RunSpec(method, "tune", i, 0), s, key, may_diverge=True), values))
-    return runs
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def tune(protocol: Protocol, grids: dict, n_trials: int, epochs: int, x_train: torch.Tensor, val_fraction: float,
-         out: Path, seed: int, workers: int = 1, progress: bool = True, resume: bool = True, device: str = "cpu") -> dict:
-    """Choose each method's settings by validation MSE; returns {method: chosen grid values}.
-
-    Writes ``<out>/tuning.json`` (every trial: values, validation MSE / FVU / dead, or its divergence)
-    and ``<out>/tuning.md``. The trials are resumable runs under ``<out>/runs``.
-    """
-    planned = plan_trials(protocol, grids, n_trials, epochs, seed)
-    fit, val = validation_split(x_train.shape[0], val_fraction, derive_seed(seed, "validation"))
-    x_fit, x_val = x_train[fit], x_train[val]
-    done, histories, _ = train_runs([run for run, _ in planned], x_fit, x_val, out, protocol.base_seed, progress,
-                                    keep_models=None, workers=workers, resume=resume, device=device)
-    table, chosen = [], {}
-    for method in protocol.methods:
-        best = None
-        for run, values in ((r, v) for r, v in planned if r.spec.method == method):
-            row = done[run.spec.id]
-            entry = {"method": method, "trial": run.spec.value, "values": values}
-            if row is None:
-                entry.update(val_mse=math.inf, diverged=histories[run.spec.id])
-            else:
-                entry.update(val_mse=row["test_mse"], val_fvu=row["test_fvu"], val_dead=row["dead"], diverged="")
-                if best is None or row["test_mse"] < best[0]:
-                    best = (row["test_mse"], values)
-            table.append(entry)
-        if best is None:
-            raise RuntimeError(f"tuning: every trial of {method} diverged; see {out / 'tuning.json'}")
-        chosen[method] = best[1]
-    counts = {m: sum(e["method"] == m for e in table) for m in protocol.methods}
-    write_json(out / "tuning.json", {"base": protocol.base, "trials_per_method": counts, "epochs": epochs,
-                                     "val_fraction": val_fraction,
-                                     "n_fit": int(x_fit.shape[0]), "n_val": int(x_val.shape[0]),
-                                     "grids": grids, "chosen": chosen,
-                                     "trials": [dict(e, val_mse=e["val_mse"] if math.isfinite(e["val_mse"]) else None)
-                                                for e in table]})
-    lines = [f"# Tuning: {n_trials} trials per method at most, {epochs} epochs, validation = {val_fraction:g} of the "
-             f"training data ({x_val.shape[0]} samples; fit on {x_fit.shape[0]})", "",
-             "| method | trial | values | val MSE | val FVU | val dead | chosen |", "|---|---|---|---|---|---|---|"]
-    for e in table:
-        mark = "**yes**" if e["values"] == chosen[e["method"]] else ""
-        if e["diverged"]:
-            lines.append(f"| {e['method']} | {e['trial']} | {e['values']} | diverged | – | – | |")
-        else:
-            lines.append(f"| {e['method']} | {e['trial']} | {e['values']} | {e['val_mse']:.5f} | {e['val_fvu']:.4f} | "
-                         f"{100 * e['val_dead']:.1f}% | {mark} |")
-    write_text(out / "tuning.md", "\n".join(lines) + "\n")
-    return chosen
+def tuning_markdown(record: dict) -> str:
+    lines = [f"# Tuning: {', '.join(map(str, record['budgets']))} trials per study (TPE, seeded), schedules of "
+             f"{record['epochs']} epochs, validation = {record['val_fraction']:g} of each value's own training rows",
+             "", "Tuned per replicate: " + (", ".join(record["per_replicate"]) or "none") + "; the other ablations "
+             "once (replicate 0's split). *edge*: still on the edge of its range after one extension.", "",
+             "| ablation | value | method | rep | budget | chosen | stop epoch / epochs | val MSE | fit / val rows "
+             "| trials (pruned, diverged) | edge |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for st in record["studies"]:
+        pruned = sum(t["state"] == "pruned" for t in st["trials"])
+        diverged = sum(bool(t["diverged"]) for t in st["trials"])
+        for b, c in st["choices"].items():
+            vals = ", ".join(f"{k} {_fmt(v)}" for k, v in c["values"].items())
+            lines.append(f"| {st['ablation']} | {st['value']} | {st['method']} | {st['replicate']} | {b} | {vals} | "
+                         f"{c['stop_epoch']} / {c['epochs']} | {c['val_mse']:.5f} | {st['n_fit']} / {st['n_val']} | "
+                         f"{len(st['trials'])} ({pruned}, {diverged}) | {'*edge*: ' + ', '.join(c['edge']) if c['edge'] else ''} |")
+    return "\n".join(lines) + "\n"
 
 
-def reuse(path, protocol: Protocol) -> dict:
-    """The chosen values of an earlier ``tune`` (its ``tuning.json``) for ``protocol``'s methods;
-    ValueError when the file is unreadable, lacks a method, or was tuned for other base settings."""
+def reuse(path, protocol: Protocol, stamp: str) -> tuple[dict, dict]:
+    """(tuned settings, record) of an earlier ``tune`` (its ``tuning.json``) for ``protocol`` on the data named by
+    ``stamp`` (``experiment.fingerprint``). ValueError when the file is unreadable or altered, was made on other
+    data or for other base settings, lacks a study the protocol needs, or records a choice that is not the best
+    of its recorded trials."""
     path = Path(path)
     try:
         record = json.loads(path.read_text())
-        chosen, base = record["chosen"], record["base"]
+        studies, base, fp = record["studies"], record["base"], record["fingerprint"]
+        ok = record.get("sha256") == _digest(record)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a tuning.json written by --TUNE=True ({type(err).__name__}: {err})") from None
-    missing = [m for m in protocol.methods if m not in chosen]
-    if missing:
-        raise ValueError(f"{path}: no tuned values for {', '.join(missing)} (it has {', '.join(chosen) or 'none'}); "
-                         f"tune every method of --METHODS")
+    if not ok:
+        raise ValueError(f"{path} was changed after it was written (its sha256 does not match its content); "
+                         "tune again")
+    if fp != stamp:
+        raise ValueError(f"{path} was tuned on other data (or another seed or training code); reuse needs the same "
+                         "data: tune on these with --TUNE=True")
     now = json.loads(json.dumps(protocol.base, default=str))
     differ = {k: (base.get(k), now.get(k)) for k in sorted(set(base) | set(now)) if base.get(k) != now.get(k)}
     if differ:
         raise ValueError(f"{path} was tuned for other base settings; reuse needs the same ones. Differences "
                          "(tuned, now): " + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
-    return {m: chosen[m] for m in protocol.methods}
+    for st in studies:
+        for b, c in st["choices"].items():
+            cands = [(t["val_mse"], t["values"]) for t in st["trials"][:int(b)] if t["val_mse"] is not None]
+            cands += [(t["val_mse"], t["values"]) for e in c["extended"] for t in e["trials"] if t["val_mse"] is not None]
+            best = min(cands, key=lambda cv: cv[0], default=None)
+            if best is None or (c["val_mse"], c["values"]) != best:
+                raise ValueError(f"{path}: the choice of {st['method']} at {st['ablation']}={st['value']} (budget {b}) "
+                                 "is not the best of its recorded trials; tune again")
+    tuned = chosen_settings(record, protocol)
+    need = {(k.ablation, k.value, k.method, k.replicate) for k in _needed(protocol, record["budgets"])}
+    have = {(k.ablation, k.value, k.method, k.replicate) for k in tuned}
+    missing = sorted(map(str, need - have))
+    if missing:
+        raise ValueError(f"{path}: no tuned choice for {len(missing)} runs of this protocol (e.g. {missing[0]}); it "
+                         f"was tuned for other ablations or values")
+    return {k: v for k, v in tuned.items() if (k.ablation, k.value, k.method, k.replicate) in need}, record
 
 
-def tuned_protocol(protocol: Protocol, chosen: dict) -> Protocol:
-    """The protocol with each method's chosen values as its own settings."""
-    from dataclasses import replace
-    return replace(protocol, method_settings={m: expand(v) for m, v in chosen.items()})
+def _needed(protocol: Protocol, budgets) -> list[TunedKey]:
+    keys = []
+    for ablation, abl in protocol.ablations.items():
+        for value in abl.values:
+            for method in (m for m in protocol.methods if m in (abl.methods or protocol.methods)):
+                for rep in range(protocol.seeds):
+                    keys += [TunedKey(ablation, value, method, rep, b) for b in budgets]
+    return keys
