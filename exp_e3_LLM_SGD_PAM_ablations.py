@@ -21,12 +21,13 @@ Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was 
 curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
 with L0 and dead fraction), histories.json, summary.md, models/*.pt.
 """
+import math
 import os
 from pathlib import Path
 
 import torch
 
-from common import activations, distributed, experiment, stream, tuning
+from common import activations, distributed, experiment, runner, stream, tuning
 from common.config import (above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_json,
                            write_text)
 from common.pam import STATS_DTYPES
@@ -85,19 +86,22 @@ WORKERS = 0                      # runs trained at once in single-thread process
                                  # may use (small matmuls scale poorly across threads: README, bench/bench_train.py)
 DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; on a GPU one run at a time
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
-# --- tuning on a validation split (common/tuning.py): the same number of trials for every method ---------
-TUNE = False
-TUNE_TRIALS = 6                   # per method; every grid below has at least this many points
-TUNE_EPOCHS = 10                  # 0: EPOCHS
-TUNE_VAL_FRACTION = 0.1           # of the training activations, held out for choosing (the test split chooses nothing)
-TUNED = ""                        # or the output folder of an earlier --TUNE=True run: reuse its chosen values
-                                  # (<folder>/tuning/tuning.json; the same base settings required)
-TUNE_GRID = {
-    "sgd": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "weight_decay": (0.0, 1e-4)},
-    "sgd_tied": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "weight_decay": (0.0, 1e-4)},
-    "pam": {"lr": (2e-4, 4e-4, 1e-3, 2e-3), "mu_nu": (1e-4, 1e-3, 1e-2), "alpha": (0.0, 1e-5),
-            "solve_order": ("enc_first", "dec_first")},
+MIN_STEPS = 0                     # >0: a run on few rows takes a smaller batch (at most BATCH_SIZE) so that its
+                                  # schedule has at least this many optimiser steps (0: BATCH_SIZE always, the paper)
+# --- tuning where each claim is judged (common/tuning.py; docs/DESIGN.md, section 5) ------------------
+TUNE = False                      # each method tuned at each ablation value on validation rows of its own data
+TUNE_BUDGETS = (8, 32)            # trials per method and study (Optuna TPE); results are reported at each budget
+TUNE_EPOCHS = 20                  # the tuned runs' schedule length; the stopping epoch (<= this) is tuned too
+TUNE_VAL_FRACTION = 0.2           # of each ablation value's training rows, held out for choosing (never the test split)
+TUNE_PER_REPLICATE = ("fraction",)  # ablations tuned again for every replicate (their own split); others once
+TUNED = ""                        # or the output folder of an earlier --TUNE=True run: reuse its choices
+                                  # (<folder>/tuning/tuning.json; the same data and settings required)
+TUNE_SPACE = {                    # log-uniform ranges (lo, hi) shared by every method, then each method's own
+    "lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1e-2),
+    "pam": {"mu_nu": (1e-6, 1e-1), "alpha": (1e-8, 1e-4), "solve_order": ("enc_first", "dec_first")},
 }
+
+
 def _readable_activations(path) -> bool:
     try:
         return bool(activations.user_activation_files(path))
@@ -160,11 +164,13 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "WORKERS": at_least(0),
     "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
     "RESUME": boolean(),
-    **tuning.ACCEPT,  # TUNE, TUNE_TRIALS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_GRID (common/tuning.py)
+    "MIN_STEPS": at_least(0),
+    "TUNE_PER_REPLICATE": each(one_of("base", "updates", "fraction", "activation", "weight_decay", "mu_nu", "k")),
+    **tuning.ACCEPT,  # TUNE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_SPACE, TUNED (common/tuning.py)
 }
 QUICK = dict(SOURCE="synthetic", N_TEXTS=400, N_LATENTS=48, K=6, EPOCHS=2, ABLATION_EPOCHS=2, BATCH_SIZE=64,
              UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6),
-             TUNE_TRIALS=2, TUNE_EPOCHS=2)
+             TUNE_BUDGETS=(2, 3), TUNE_EPOCHS=2)
 
 run = configure(globals(), quick=QUICK)
 device = resolve_device(DEVICE)
@@ -176,11 +182,23 @@ def relu_l1(settings, activation):
         settings["l1"] = L1
 
 
+def min_steps_batch(settings, fraction):
+    """MIN_STEPS > 0: a training fraction whose rows make fewer than MIN_STEPS optimiser steps over its schedule
+    takes the largest batch (at most BATCH_SIZE) that gives it MIN_STEPS (the rows are known once the data are)."""
+    if MIN_STEPS and n_rows:
+        rows = max(1, math.floor(fraction * n_rows[0])) if fraction < 1.0 else n_rows[0]
+        per_epoch = math.ceil(MIN_STEPS / settings["epochs"])
+        settings["batch_size"] = max(1, min(settings["batch_size"], rows // per_epoch))
+
+
+n_rows = []  # the training rows, set once the data are loaded (MIN_STEPS)
+
+
 # the paper's ablations: the settings each gives its values (adding one here is all it takes)
 Ablation = experiment.Ablation
 ablations = {"base": experiment.BASE,
              "updates": Ablation(("updates_per_batch",), UPDATES, methods=("pam",)),
-             "fraction": Ablation(("fraction",), FRACTIONS),
+             "fraction": Ablation(("fraction",), FRACTIONS, then=lambda s, f: min_steps_batch(s, f)),
              "activation": Ablation(("activation",), ACTIVATION_VALUES, then=relu_l1),
              "weight_decay": Ablation(("weight_decay",), WEIGHT_DECAYS),
              "mu_nu": Ablation(("mu", "nu"), MU_NUS),
@@ -208,14 +226,13 @@ protocol = experiment.Protocol(
               beta=BETA, stats_dtype=STATS_DTYPE),
     ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
     ablation_overrides={"epochs": ABLATION_EPOCHS})
-if TUNE:
-    tuning.plan_trials(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, run.seed)
-chosen = None
-if TUNED:
-    try:
-        chosen = tuning.reuse(Path(TUNED) / "tuning" / "tuning.json", protocol)
-    except ValueError as err:
-        run.fail(f"--TUNED={TUNED}: {err}")
+how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
+try:
+    runner.prepare(protocol, how, N_TRAIN or 10 * N_TEXTS, run.seed)
+except ValueError as err:
+    run.fail(f"tuning: {err}")
+if TUNED and not (Path(TUNED) / "tuning" / "tuning.json").is_file():
+    run.fail(f"--TUNED={TUNED}: no tuning/tuning.json there (the output folder of a --TUNE=True run)")
 
 # --- activations -------------------------------------------------------------------------------------
 if ACTIVATIONS:
@@ -248,24 +265,16 @@ print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} t
       f"x {x_train.shape[1]} features")
 
 # --- runs, figures, summary -----------------------------------------------------------------------
+n_rows.append(x_train.shape[0])
 label = (f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}, {RECIPE} recipe"
          + (", tuned" if TUNE or TUNED else ""))
-if TUNE:
-    print(f"== {label}: tuning on a validation split")
-    chosen = tuning.tune(protocol, {m: TUNE_GRID[m] for m in METHODS}, TUNE_TRIALS, TUNE_EPOCHS or EPOCHS, x_train,
-                         TUNE_VAL_FRACTION, run.out / "tuning", run.seed, workers=workers, resume=RESUME, device=device)
-if chosen:
-    protocol = tuning.tuned_protocol(protocol, chosen)
-print(f"== {label}: {len(protocol.plan())} runs")
-rows, histories, models = experiment.execute(protocol, x_train, x_test, run.out, workers=workers, resume=RESUME, device=device)
-experiment.ablation_figures(rows, histories, run.out, label)
+try:
+    result = runner.run(protocol, x_train, x_test, run.out, f"E3, {label}: SGD vs PAM-SGD", label, run.seed, how=how,
+                        tuned_from=Path(TUNED) / "tuning" / "tuning.json" if TUNED else None, workers=workers,
+                        resume=RESUME, device=device)
+except ValueError as err:
+    run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
 if "base" in only:
-    experiment.base_curves(histories, run.out, label)
-    base = {m: models[experiment.RunSpec(m, "base", "-", 0).id] for m in METHODS
-        if experiment.RunSpec(m, "base", "-", 0).id in models}
-    experiment.stem_plots(base, x_test, run.out, label)
-text = experiment.summary(rows, f"E3, {label}: SGD vs PAM-SGD", tuning=chosen,
-                          tuned_in=Path(TUNED) / "tuning" if TUNED else run.out / "tuning")
-write_text(run.out / "summary.md", text)
-print(text)
+    ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
+    experiment.stem_plots({m: result.models[i] for m, i in ids.items() if i in result.models}, x_test, run.out, label)
 run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "activations": meta})
