@@ -3,33 +3,52 @@
 Verdicts: holds, does not hold, mixed, inconclusive, uninformative.
 
 Categories (tallied separately, never summed into one count):
-    theory           a statement of the paper's theory, checked on random instances
+    identity         a numerical check of an identity of the paper's theory on random instances: it can fail
+                     only through a bug (each check has a negative control in tests/test_theory.py)
     paper-empirical  an empirical claim of the paper (PAM-SGD vs SGD, sample efficiency, ...)
     implementation   a check of our own code (e.g. the decoder step never raises the objective); never
                      counted as evidence for the paper
 
-Comparison rule (``compare``), for the question "is A lower than B?" over replicate seeds:
-    diff = mean(B) - mean(A); se = sqrt(var_A / n_A + var_B / n_B) with sample variances (ddof 1);
-    dof by Welch-Satterthwaite, (var_A/n_A + var_B/n_B)^2 / ((var_A/n_A)^2/(n_A-1) + (var_B/n_B)^2/(n_B-1));
-    confidence interval diff -+ t se, t the (1 + level) / 2 quantile of Student's t with dof degrees of
-    freedom (level 0.95 unless stated).
+Comparison rule (``compare``), for the question "is A lower than B?" over replicates:
+    The replicates are paired: replicate r of A and of B share the data subset, the initialisation family, the
+    mini-batch order and (when tuned) the validation split. d_r = B_r - A_r; diff = mean(d);
+    se = sd(d) / sqrt(n) (sample sd, ddof 1); dof = n - 1; the confidence interval is diff -+ t se, t the
+    (1 + level) / 2 quantile of Student's t with dof degrees of freedom (level 0.95 unless stated); p is the
+    two-sided p-value of diff = 0.
+    - Both sides informative: if either side's mean test FVU is >= 1 (no better than predicting the mean), the
+      comparison is uninformative, whatever the numbers: a win over such a model is no evidence.
     - holds if the interval lies above 0 (ci_low > 0); does not hold if it lies below 0 (ci_high < 0);
       inconclusive otherwise.
-    - Fewer than 2 values on either side: inconclusive (no variance estimate); se, dof and the interval are
-      left undefined (None).
-    - Both sides with at least 2 values and zero spread: the comparison is exact; se = 0, the interval is
-      [diff, diff], dof is undefined (None), and the rule above decides by the sign of diff (an exact tie
-      is inconclusive).
-    - Any non-finite value, or an empty side, is an error (ValueError naming the argument).
-    - Reconstruction guard, when mean test FVUs are given: a side with mean FVU >= 1 reconstructs no better
-      than predicting the mean. If the side that would win (A for holds, B for does not hold) has
-      FVU >= 1 the verdict is uninformative: such a side never wins. The loser's FVU does not matter.
+    - Fewer than 2 pairs: inconclusive (no variance estimate); se, dof, p and the interval are undefined (None).
+    - Zero spread of the differences: the comparison is exact; se = 0, the interval is [diff, diff], dof is
+      undefined (None), p is 0 (1 for an exact tie, which is inconclusive), and the sign of diff decides.
+    - Unequal numbers of values on the two sides, any non-finite value, or an empty side is an error
+      (ValueError naming the argument).
 
-Combination rule over the settings of one claim (``combine``, e.g. over training fractions):
-    every setting holds -> holds; every setting does not hold -> does not hold; at least one holds and at
-    least one does not hold -> mixed; every setting uninformative -> uninformative; otherwise
-    inconclusive. Uninformative settings count neither for nor against the claim. The settings' verdicts
-    are those ``compare`` gives (not mixed). No settings is an error.
+Family rule (``compare_family``): the settings that make up one claim (e.g. its training fractions) are one
+family; Holm's step-down correction holds the family-wise error at 1 - level. The m informative settings are
+ordered by p; the i-th smallest (i = 1..m) is decided (holds / does not hold, by the sign of diff) if it and
+every smaller one have p <= (1 - level) / (m - i + 1); the rest are inconclusive; its interval is reported at
+the level 1 - (1 - level) / (m - i + 1) it was tested at. Uninformative settings are not tested.
+
+Sparsity rule (``sparsity_family``): "A's codes are sparser than B's" holds at a setting only if A's test L0 is
+lower (the family rule on L0) and A's test MSE is not worse than B's by more than SPARSITY_MARGIN (5%, fixed
+before any number was seen): the family rule on "is A's MSE lower than (1 + SPARSITY_MARGIN) B's?" must hold
+too (non-inferiority). L0 lower and that fidelity comparison does not hold: does not hold; inconclusive
+otherwise.
+
+Combination rule over the settings of one claim (``combine``): every setting holds -> holds; every setting
+does not hold -> does not hold; at least one holds and at least one does not hold -> mixed; every setting
+uninformative -> uninformative; otherwise inconclusive (an uninformative setting leaves the claim unjudged
+there, so a claim with one cannot hold or fail as a whole). The settings' verdicts are those ``compare``
+gives (not mixed). No settings is an error.
+
+Edge rule (``cap_at_edge``): a tuned setting still on the edge of its range after one extension (common/tuning.py)
+caps the verdict of the settings resting on it at inconclusive.
+
+Budget rule (``across_budgets``): a tuned claim is judged at each tuning budget; the same verdict at every
+budget -> that verdict, *stable across budgets*; otherwise mixed if one budget holds and another does not
+hold, else inconclusive, and the claim *depends on the tuning budget*.
 
 Protocol rule (``across_protocols``, one claim judged under several protocols, e.g. the paper's and a
 modern tuned one): the same verdict under every protocol -> that verdict; otherwise mixed if one protocol
@@ -37,7 +56,7 @@ holds and another does not hold, else inconclusive. The claim depends on the pro
 differ. A claim with protocols carries exactly this overall verdict and flag.
 
 E1 rule (``between_verdict``): holds if k-means + local PCA of the SAE's rank <= the exact TopK SAE's MSE <=
-k-means' MSE, for every script; does not hold otherwise.
+k-means' MSE, in every case; does not hold otherwise.
 
 Convergence rule (``convergence_verdict``, PAM's objective after each decoder solve, over many epochs): holds
 if in every run the last objective is <= the first, the second half varies by at most 5% of its minimum and
@@ -62,9 +81,11 @@ from scipy.stats import t as student_t
 from common.config import write_text
 
 VERDICTS = ("holds", "does not hold", "mixed", "inconclusive", "uninformative")
-CATEGORIES = ("theory", "paper-empirical", "implementation")
+CATEGORIES = ("identity", "paper-empirical", "implementation")
+SPARSITY_MARGIN = 0.05    # a sparser model may have at most this much higher test MSE (fixed before any result)
 CATEGORY_TITLES = {
-    "theory": "Theory statements (the paper's theory, checked on random instances)",
+    "identity": "Numerical checks of the theory's identities (can fail only through a bug; each has a negative "
+                "control)",
     "paper-empirical": "Paper's empirical claims",
     "implementation": "Implementation checks (our code; never counted as evidence for the paper)",
 }
@@ -76,13 +97,15 @@ class Comparison:
     """The outcome of ``compare``: is A lower than B? (None: undefined, see the module docstring)."""
 
     verdict: str
-    diff: float               # mean(B) - mean(A): positive when A is lower
+    diff: float               # mean(B - A) over pairs: positive when A is lower
     se: float | None
     dof: float | None
     ci_low: float | None
     ci_high: float | None
     n_a: int
     n_b: int
+    p: float | None = None    # two-sided p-value of diff = 0
+    level: float = 0.95       # the level the interval (and, in a family, the test) was made at
 
 
 def _values(values, name: str) -> np.ndarray:
@@ -103,34 +126,100 @@ def _fvu(value, name: str) -> float | None:
     return value
 
 
-def compare(a, b, fvu_a=None, fvu_b=None, level: float = 0.95) -> Comparison:
-    """Is A lower than B? Welch's t interval on diff = mean(b) - mean(a), by the module's comparison rule.
+def _decide(diff: float, lo: float, hi: float) -> str:
+    return "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
 
-    ``a``, ``b``: one value per replicate seed; ``fvu_a``, ``fvu_b``: each side's mean test FVU (optional).
+
+def compare(a, b, fvu_a=None, fvu_b=None, level: float = 0.95) -> Comparison:
+    """Is A lower than B? A paired t interval on the per-replicate differences B_r - A_r (comparison rule).
+
+    ``a``, ``b``: one value per replicate, in replicate order (pair r = a[r], b[r]); ``fvu_a``, ``fvu_b``: each
+    side's mean test FVU (optional).
     """
     a, b = _values(a, "a"), _values(b, "b")
     fvu_a, fvu_b = _fvu(fvu_a, "fvu_a"), _fvu(fvu_b, "fvu_b")
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    n_a, n_b = len(a), len(b)
-    diff = float(b.mean() - a.mean())
-    if n_a < 2 or n_b < 2:
-        return Comparison("inconclusive", diff, None, None, None, None, n_a, n_b)
-    sa, sb = a.var(ddof=1) / n_a, b.var(ddof=1) / n_b
-    se = float(math.sqrt(sa + sb))
-    if se == 0:  # zero spread on both sides: exact
-        dof, half = None, 0.0
+    if len(a) != len(b):
+        raise ValueError(f"a and b must pair up replicate for replicate: {len(a)} values vs {len(b)}")
+    n = len(a)
+    d = b - a
+    diff = float(d.mean())
+    informative = not ((fvu_a is not None and fvu_a >= 1) or (fvu_b is not None and fvu_b >= 1))
+    if n < 2:
+        return Comparison("inconclusive" if informative else "uninformative", diff, None, None, None, None, n, n,
+                          level=level)
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    if se == 0:  # zero spread of the differences: exact
+        dof, half, p = None, 0.0, (1.0 if diff == 0 else 0.0)
     else:
-        dof = float((sa + sb) ** 2 / (sa ** 2 / (n_a - 1) + sb ** 2 / (n_b - 1)))
+        dof = float(n - 1)
         half = float(student_t.ppf((1 + level) / 2, dof)) * se
-    ci_low, ci_high = diff - half, diff + half
-    if ci_low > 0:
-        verdict = "uninformative" if fvu_a is not None and fvu_a >= 1 else "holds"
-    elif ci_high < 0:
-        verdict = "uninformative" if fvu_b is not None and fvu_b >= 1 else "does not hold"
-    else:
-        verdict = "inconclusive"
-    return Comparison(verdict, diff, se, dof, ci_low, ci_high, n_a, n_b)
+        p = float(2 * student_t.sf(abs(diff) / se, dof))
+    lo, hi = diff - half, diff + half
+    verdict = _decide(diff, lo, hi) if informative else "uninformative"
+    return Comparison(verdict, diff, se, dof, lo, hi, n, n, p, level)
+
+
+def compare_family(settings, level: float = 0.95) -> list[Comparison]:
+    """``compare`` for each setting of one claim with Holm's correction (family rule). ``settings``: a list of
+    dicts with keys a, b and optionally fvu_a, fvu_b. Returns the comparisons in the given order, each decided
+    and with its interval at the level Holm's step tested it at."""
+    settings = list(settings)
+    if not settings:
+        raise ValueError("compare_family needs at least one setting")
+    first = [compare(s["a"], s["b"], s.get("fvu_a"), s.get("fvu_b"), level) for s in settings]
+    tested = [i for i, c in enumerate(first) if c.verdict != "uninformative" and c.p is not None]
+    m = len(tested)
+    out = list(first)
+    alpha = 1 - level
+    stopped = False
+    for rank, i in enumerate(sorted(tested, key=lambda i: first[i].p)):
+        step_level = 1 - alpha / (m - rank)
+        s = settings[i]
+        c = compare(s["a"], s["b"], s.get("fvu_a"), s.get("fvu_b"), step_level)
+        if stopped or c.p > alpha / (m - rank):
+            stopped = True
+            c = Comparison("inconclusive", c.diff, c.se, c.dof, c.ci_low, c.ci_high, c.n_a, c.n_b, c.p, step_level)
+        out[i] = c
+    return out
+
+
+def sparsity_family(settings, level: float = 0.95, margin: float = SPARSITY_MARGIN) -> tuple[list[str], list, list]:
+    """Sparsity rule: (verdict per setting, L0 comparisons, fidelity comparisons). ``settings``: dicts with
+    l0_a, l0_b, mse_a, mse_b (per replicate, paired) and fvu_a, fvu_b."""
+    settings = list(settings)
+    l0 = compare_family([dict(a=s["l0_a"], b=s["l0_b"], fvu_a=s.get("fvu_a"), fvu_b=s.get("fvu_b"))
+                         for s in settings], level)
+    fid = compare_family([dict(a=s["mse_a"], b=(1 + margin) * np.asarray(s["mse_b"], float), fvu_a=s.get("fvu_a"),
+                               fvu_b=s.get("fvu_b")) for s in settings], level)
+    verdicts = []
+    for c, f in zip(l0, fid):
+        if c.verdict in ("uninformative", "does not hold", "inconclusive"):
+            verdicts.append(c.verdict)
+        else:  # sparser: only with its error within the margin
+            verdicts.append({"holds": "holds", "does not hold": "does not hold"}.get(f.verdict, "inconclusive"))
+    return verdicts, l0, fid
+
+
+def cap_at_edge(verdict: str, on_edge: bool) -> str:
+    """Edge rule: a verdict resting on a tuned setting left on the edge of its range is at most inconclusive."""
+    if verdict not in SETTING_VERDICTS:
+        raise ValueError(f"a setting's verdict must be one of {SETTING_VERDICTS}, got {verdict!r}")
+    return "inconclusive" if on_edge and verdict in ("holds", "does not hold") else verdict
+
+
+def across_budgets(verdicts: dict) -> tuple[str, bool]:
+    """(overall verdict, stable) of a tuned claim judged at several tuning budgets (budget rule)."""
+    if not verdicts:
+        raise ValueError("across_budgets needs at least one budget's verdict")
+    for b, v in verdicts.items():
+        if v not in VERDICTS:
+            raise ValueError(f"budget {b!r}: verdict must be one of {VERDICTS}, got {v!r}")
+    found = set(verdicts.values())
+    if len(found) == 1:
+        return found.pop(), True
+    return ("mixed" if {"holds", "does not hold"} <= found else "inconclusive"), False
 
 
 def combine(verdicts) -> str:
@@ -210,6 +299,8 @@ class Claim:
     note: str = ""
     protocols: dict[str, str] = field(default_factory=dict)
     depends_on_protocol: bool = False
+    budgets: dict[str, str] = field(default_factory=dict)   # tuning budget -> verdict (the tuned protocol)
+    budget_stable: bool | None = None                      # None: not judged at several budgets
 
     def __post_init__(self):
         if self.category not in CATEGORIES:
@@ -221,6 +312,9 @@ class Claim:
             raise ValueError(f"claim {self.id}: verdict {self.verdict!r} and depends_on_protocol "
                              f"{self.depends_on_protocol} disagree with its protocols {self.protocols} "
                              f"(expected {expected})")
+        if self.budgets and self.budget_stable != across_budgets(self.budgets)[1]:
+            raise ValueError(f"claim {self.id}: budget_stable {self.budget_stable} disagrees with its budgets "
+                             f"{self.budgets}")
         self.links = [str(p) for p in self.links]
 
 
@@ -254,6 +348,13 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _budgets(c: Claim) -> str:
+    if not c.budgets:
+        return "—"
+    per = "; ".join(f"{b}: {v}" for b, v in c.budgets.items())
+    return per + (", *stable across budgets*" if c.budget_stable else ", *depends on the tuning budget*")
+
+
 def write_report(out_dir, claims, commands, header: dict) -> None:
     """Write ``out_dir``/claims.json and ``out_dir``/CLAIMS.md.
 
@@ -283,17 +384,20 @@ def write_report(out_dir, claims, commands, header: dict) -> None:
               for cat in CATEGORIES]
     lines += [""] + [f"- {k}: {v}" for k, v in run.items()]
     lines += ["", "Rules: fixed in `common/claims.py` (module docstring) before any number is seen.", "",
-              "| claim | category | verdict per protocol | overall | depends on protocol |", "|---|---|---|---|---|"]
+              "| claim | category | verdict per protocol | tuned protocol per budget | overall | depends on protocol |",
+              "|---|---|---|---|---|---|"]
     for c in claims:
         per = "; ".join(f"{p}: {v}" for p, v in c.protocols.items()) or "—"
-        lines.append(f"| [{c.id}](#{c.id.lower()}) {_cell(c.statement)} | {c.category} | {per} | **{c.verdict}** "
-                     f"| {'yes' if c.depends_on_protocol else 'no'} |")
+        lines.append(f"| [{c.id}](#{c.id.lower()}) {_cell(c.statement)} | {c.category} | {per} | {_budgets(c)} | "
+                     f"**{c.verdict}** | {'yes' if c.depends_on_protocol else 'no'} |")
     for c, plain in zip(claims, report["claims"]):
         lines += ["", f"## {c.id}", "", f"**{c.statement}** — *{c.verdict}* ({c.category})", "",
                   f"- source: {c.source}", f"- ran: `{json.dumps(plain['ran'])}`", f"- rule: {c.rule}",
                   f"- numbers: `{json.dumps(plain['numbers'])}`"]
         if c.protocols:
             lines.append("- verdict per protocol: " + "; ".join(f"{p}: {v}" for p, v in c.protocols.items()))
+        if c.budgets:
+            lines.append(f"- tuned protocol per tuning budget (trials per study): {_budgets(c)}")
         if c.note:
             lines.append(f"- note: {c.note}")
         if c.links:

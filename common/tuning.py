@@ -9,7 +9,8 @@ The rules (docs/DESIGN.md, section 5), the same for every method:
   and that choice serves every replicate. The split (``val_fraction`` of the rows, at least one row on each
   side) is seeded by the replicate and the ablation value, the same for every method. The test set is never
   read.
-- **What.** Optuna's TPE sampler (seeded) draws each trial from ranges (``space``): a pair ``(lo, hi)`` of
+- **What.** Optuna's TPE sampler (seeded; random draws for the first budget's trials, TPE after) draws each
+  trial from ranges (``space``): a pair ``(lo, hi)`` of
   positive numbers is a log-uniform range, a tuple of strings a choice. Settings every method shares (the
   learning rate, the weight decay) have the same range for every method; a method's own settings (PAM:
   ``mu_nu``, ``alpha``, ``solve_order``) come on top. Settings the ablation fixes (e.g. the weight decay in
@@ -195,7 +196,8 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(path)))
     opt = optuna.create_study(study_name=study.name, storage=storage, direction="minimize", load_if_exists=True,
-                              sampler=optuna.samplers.TPESampler(seed=study.seed),
+                              sampler=optuna.samplers.TPESampler(seed=study.seed,
+                                                                 n_startup_trials=study.budgets[0]),
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP,
                                                                  n_warmup_steps=max(1, epochs // 2)))
     for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
