@@ -59,11 +59,11 @@ def test_quick_profile_report_structure(report):
             assert (out / link).exists(), link
         assert f"## {c['id']}" in md
     cats = {c["id"]: c["category"] for c in rep["claims"]}
-    assert all(cats[t] == "theory" for t in THEORY) and cats["PAM-decoder-step"] == "implementation"
+    assert all(cats[t] == "identity" for t in THEORY) and cats["PAM-decoder-step"] == "implementation"
     assert sum(sum(v.values()) for v in rep["tallies"].values()) == len(EXPECTED)
     assert all(c["returncode"] == 0 for c in rep["commands"]) and len(rep["commands"]) == 23
     # the theory statements are exact: they hold even on the quick profile
-    assert all(c["verdict"] == "holds" for c in rep["claims"] if c["category"] == "theory")
+    assert all(c["verdict"] == "holds" for c in rep["claims"] if c["category"] == "identity")
 
 
 def test_replicates_differ_and_are_counted_once(report):

@@ -6,29 +6,43 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.claims import (CATEGORIES, VERDICTS, Claim, across_protocols, combine, compare, tally,
-                           write_report)
+from common.claims import (CATEGORIES, SPARSITY_MARGIN, VERDICTS, Claim, across_budgets, across_protocols, cap_at_edge,
+                           combine, compare, compare_family, sparsity_family, tally, write_report)
 
-A = [1.0, 1.2, 0.9, 1.1]            # fixed numbers: A clearly lower than B
+A = [1.0, 1.2, 0.9, 1.1, 1.05]      # fixed numbers, paired by replicate: A clearly lower than B
 B = [1.5, 1.7, 1.4, 1.9, 1.6]
 
 
 @pytest.mark.parametrize("level", [0.95, 0.99])
-def test_welch_interval_matches_hand_computation(level):
-    a, b = np.array(A), np.array(B)
-    sa, sb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(sa + sb)
-    dof = (sa + sb) ** 2 / (sa ** 2 / (len(a) - 1) + sb ** 2 / (len(b) - 1))
-    diff = b.mean() - a.mean()
-    half = stats.t.ppf((1 + level) / 2, dof) * se
+def test_paired_interval_matches_hand_computation_and_scipy(level):
+    d = np.array(B) - np.array(A)
+    n = len(d)
+    se = d.std(ddof=1) / math.sqrt(n)
+    half = stats.t.ppf((1 + level) / 2, n - 1) * se
     c = compare(A, B, level=level)
-    assert (c.n_a, c.n_b) == (4, 5)
-    assert c.diff == pytest.approx(diff, rel=1e-12) and c.se == pytest.approx(se, rel=1e-12)
-    assert c.dof == pytest.approx(dof, rel=1e-12)
-    assert (c.ci_low, c.ci_high) == pytest.approx((diff - half, diff + half), rel=1e-12)
-    # and scipy's own Welch test agrees on the interval for mean(B) - mean(A)
-    ci = stats.ttest_ind(b, a, equal_var=False).confidence_interval(level)
+    assert (c.n_a, c.n_b, c.dof) == (5, 5, 4)
+    assert c.diff == pytest.approx(d.mean(), rel=1e-12) and c.se == pytest.approx(se, rel=1e-12)
+    assert (c.ci_low, c.ci_high) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-12)
+    # scipy's paired t-test agrees on the interval and the p-value
+    res = stats.ttest_rel(B, A)
+    ci = res.confidence_interval(level)
     assert (c.ci_low, c.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert c.p == pytest.approx(res.pvalue, rel=1e-10)
+
+
+def test_the_pairing_matters_a_shuffled_pairing_changes_the_interval():
+    # replicate effects shared by the pair (e.g. an easy subset): paired, the small consistent gain is clear
+    a = [1.00, 2.00, 3.00, 4.00, 5.00]
+    b = [1.10, 2.12, 3.09, 4.11, 5.10]
+    assert compare(a, b).verdict == "holds"
+    shuffled = compare(a, [b[i] for i in (3, 0, 4, 1, 2)])   # negative control: the same numbers, pairs broken
+    assert shuffled.verdict == "inconclusive"
+    assert shuffled.ci_high - shuffled.ci_low > 10 * (compare(a, b).ci_high - compare(a, b).ci_low)
+
+
+def test_unpaired_sides_are_an_error():
+    with pytest.raises(ValueError, match="pair"):
+        compare([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
 def test_clear_win_holds_and_swapping_the_sides_flips_it():
@@ -39,32 +53,107 @@ def test_clear_win_holds_and_swapping_the_sides_flips_it():
 
 
 def test_overlapping_noisy_samples_are_inconclusive():
-    c = compare([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])
+    c = compare([1.0, 2.0, 3.0], [1.5, 1.5, 3.6])
     assert c.verdict == "inconclusive" and c.ci_low < 0 < c.ci_high
 
 
-@pytest.mark.parametrize("a, b", [([1.0], [5.0]), ([1.0], [5.0, 5.1, 5.2]), ([1.0, 1.1], [5.0])])
-def test_single_values_are_inconclusive(a, b):
-    c = compare(a, b)
+def test_single_pairs_are_inconclusive():
+    c = compare([1.0], [5.0])
     assert c.verdict == "inconclusive" and c.diff > 0
-    assert (c.se, c.dof, c.ci_low, c.ci_high) == (None, None, None, None)
+    assert (c.se, c.dof, c.ci_low, c.ci_high, c.p) == (None, None, None, None, None)
 
 
 def test_zero_spread_is_exact_sign():
-    tiny = compare([1.0, 1.0, 1.0], [1.0 + 1e-9, 1.0 + 1e-9])
+    tiny = compare([1.0, 1.0, 1.0], [1.0 + 1e-9] * 3)
     assert tiny.verdict == "holds" and tiny.se == 0 and tiny.ci_low == tiny.ci_high == tiny.diff
-    assert tiny.dof is None
+    assert tiny.dof is None and tiny.p == 0
     assert compare([2.0, 2.0], [1.0, 1.0]).verdict == "does not hold"
-    assert compare([2.0, 2.0], [2.0, 2.0]).verdict == "inconclusive"  # an exact tie
+    tie = compare([2.0, 2.0], [2.0, 2.0])
+    assert tie.verdict == "inconclusive" and tie.p == 1  # an exact tie
 
 
-def test_fvu_guard_applies_to_the_winner_only():
-    assert compare(A, B, fvu_a=1.0, fvu_b=0.2).verdict == "uninformative"  # A would win but FVU >= 1
-    assert compare(A, B, fvu_a=0.2, fvu_b=1.4).verdict == "holds"          # the loser's FVU does not matter
-    assert compare(B, A, fvu_a=0.2, fvu_b=1.4).verdict == "uninformative"  # B would win but FVU >= 1
-    assert compare(B, A, fvu_a=1.4, fvu_b=0.2).verdict == "does not hold"
-    assert compare(A, B, fvu_a=0.999, fvu_b=0.2).verdict == "holds"
-    assert compare([1.0, 2.0], [1.5, 2.5], fvu_a=2.0, fvu_b=2.0).verdict == "inconclusive"
+def test_both_sides_must_be_informative():
+    # negative controls: a win over (or by) a model no better than the mean is no evidence
+    assert compare(A, B, fvu_a=1.0, fvu_b=0.2).verdict == "uninformative"
+    assert compare(A, B, fvu_a=0.2, fvu_b=1.4).verdict == "uninformative"   # the loser's FVU >= 1 too
+    assert compare(B, A, fvu_a=0.2, fvu_b=1.4).verdict == "uninformative"
+    assert compare(B, A, fvu_a=1.4, fvu_b=0.2).verdict == "uninformative"
+    assert compare(A, B, fvu_a=0.999, fvu_b=0.5).verdict == "holds"
+    assert compare([1.0], [2.0], fvu_a=0.5, fvu_b=1.5).verdict == "uninformative"
+
+
+def test_holm_correction_matches_a_hand_computation():
+    # three settings with p-values ~0.004, ~0.02 and ~0.03: alone each holds at 0.05; Holm decides the first
+    # (0.004 <= 0.05/3), the second (0.02 <= 0.05/2) and the third (0.03 <= 0.05/1)
+    rng = np.random.default_rng(0)
+    settings = []
+    for shift in (0.9, 0.5, 0.45):
+        a = rng.normal(0, 0.3, 5)
+        settings.append(dict(a=a.tolist(), b=(a + shift + rng.normal(0, 0.3, 5)).tolist()))
+    plain = [compare(s["a"], s["b"]) for s in settings]
+    ps = [c.p for c in plain]
+    fam = compare_family(settings)
+    order = np.argsort(ps)
+    alive = True
+    for rank, i in enumerate(order):
+        thresh = 0.05 / (3 - rank)
+        alive = alive and ps[i] <= thresh
+        expected = ("holds" if plain[i].diff > 0 else "does not hold") if alive else "inconclusive"
+        assert fam[i].verdict == expected
+        assert fam[i].level == pytest.approx(1 - thresh)
+        half = stats.t.ppf(1 - thresh / 2, 4) * plain[i].se
+        assert (fam[i].ci_low, fam[i].ci_high) == pytest.approx((plain[i].diff - half, plain[i].diff + half))
+
+
+def test_holm_stops_marginal_settings_that_hold_alone():
+    # negative control: a setting with p in (0.05/2, 0.05) holds alone but not in a family of two
+    a = [0.0, 0.0, 0.0, 0.0, 0.0]
+    strong = dict(a=a, b=[1.0, 1.1, 0.9, 1.05, 0.95])
+    z = np.array([1.0, -1.0, 0.5, -0.5, 0.0])
+    z = (z - z.mean()) / z.std(ddof=1)
+    d = stats.t.isf(0.035 / 2, 4) / math.sqrt(5) + z          # differences with p = 0.035 exactly
+    marginal = dict(a=a, b=d.tolist())
+    assert compare(marginal["a"], marginal["b"]).p == pytest.approx(0.035)
+    assert compare(marginal["a"], marginal["b"]).verdict == "holds"
+    # with a strong setting first, Holm's second step tests at 0.05 / 1: the marginal one still holds
+    fam = compare_family([strong, marginal])
+    assert fam[0].verdict == "holds" and fam[1].verdict == "holds"
+    # two marginal settings: the smaller p must be <= 0.05 / 2, and is not: neither is decided
+    fam = compare_family([marginal, dict(marginal)])
+    assert [c.verdict for c in fam] == ["inconclusive", "inconclusive"]
+
+
+def test_uninformative_settings_are_not_tested_in_the_family():
+    fam = compare_family([dict(a=A, b=B, fvu_a=1.2, fvu_b=0.3), dict(a=A, b=B)])
+    assert fam[0].verdict == "uninformative" and fam[1].verdict == "holds" and fam[1].level == 0.95  # m = 1
+
+
+def test_sparsity_needs_fidelity():
+    l0_pam, l0_sgd = [20.0, 21.0, 19.5, 20.5, 20.2], [30.0, 31.0, 29.0, 30.5, 30.1]
+    mse_sgd = [0.10, 0.11, 0.10, 0.12, 0.105]
+    close = [m * 1.01 for m in mse_sgd]
+    twice = [m * 2.0 for m in mse_sgd]
+    ok = dict(l0_a=l0_pam, l0_b=l0_sgd, mse_a=close, mse_b=mse_sgd, fvu_a=0.3, fvu_b=0.3)
+    assert sparsity_family([ok])[0] == ["holds"]
+    # negative control: sparser at twice the error does not hold
+    bad = dict(ok, mse_a=twice)
+    assert sparsity_family([bad])[0] == ["does not hold"]
+    # not sparser: the L0 verdict decides
+    assert sparsity_family([dict(ok, l0_a=l0_sgd, l0_b=l0_pam)])[0] == ["does not hold"]
+    assert sparsity_family([dict(ok, fvu_a=1.4)])[0] == ["uninformative"]
+    assert SPARSITY_MARGIN == 0.05
+
+
+def test_edge_cap_and_budget_rule():
+    assert cap_at_edge("holds", True) == "inconclusive" and cap_at_edge("does not hold", True) == "inconclusive"
+    assert cap_at_edge("holds", False) == "holds" and cap_at_edge("uninformative", True) == "uninformative"
+    assert across_budgets({"8": "holds", "32": "holds"}) == ("holds", True)
+    # negative control: a budget disagreement is never stable
+    assert across_budgets({"8": "holds", "32": "inconclusive"}) == ("inconclusive", False)
+    assert across_budgets({"8": "holds", "32": "does not hold"}) == ("mixed", False)
+    with pytest.raises(ValueError):
+        Claim(id="x", category="paper-empirical", statement="s", source="s", ran={}, numbers={}, rule="r",
+              verdict="holds", budgets={"8": "holds", "32": "inconclusive"}, budget_stable=True)
 
 
 @pytest.mark.parametrize("kwargs, name", [(dict(a=[1.0, np.nan], b=B), "a"), (dict(a=A, b=[np.inf, 1.0]), "b"),
@@ -133,17 +222,17 @@ def test_claim_validates_category_verdict_and_protocols():
 
 
 def test_tally_counts_each_category_separately():
-    claims = [claim("t1", "theory"), claim("t2", "theory"), claim("e1", verdict="does not hold"),
+    claims = [claim("t1", "identity"), claim("t2", "identity"), claim("e1", verdict="does not hold"),
               claim("e2", verdict="uninformative"), claim("i1", "implementation")]
     counts = tally(claims)
     assert list(counts) == list(CATEGORIES) and all(list(c) == list(VERDICTS) for c in counts.values())
-    assert counts["theory"]["holds"] == 2 and counts["implementation"]["holds"] == 1
+    assert counts["identity"]["holds"] == 2 and counts["implementation"]["holds"] == 1
     assert counts["paper-empirical"] == {"holds": 0, "does not hold": 1, "mixed": 0, "inconclusive": 0,
                                          "uninformative": 1}
 
 
 def test_write_report_round_trip(tmp_path):
-    claims = [claim("T1-identity", "theory", numbers={"agree": np.int64(20), "total": 20}),
+    claims = [claim("T1-identity", "identity", numbers={"agree": np.int64(20), "total": 20}),
               claim("E2-efficiency", verdict="mixed", numbers={"gap": np.float64(0.25), "per": [0.1, -0.2]},
                     protocols={"paper": "holds", "modern-tuned": "does not hold"}, depends_on_protocol=True,
                     links=["e2/ablation_fraction.png"], note="a note"),
@@ -160,7 +249,7 @@ def test_write_report_round_trip(tmp_path):
     md = (tmp_path / "CLAIMS.md").read_text().splitlines()
     assert md[0].startswith("# ") and md[1] == ""
     tallies = md[2:5]  # the report opens with the three tallies, one per category, in this order
-    assert tallies[0].startswith("- **Theory statements") and "holds: 1" in tallies[0]
+    assert tallies[0].startswith("- **Numerical checks of the theory's identities") and "holds: 1" in tallies[0]
     assert tallies[1].startswith("- **Paper's empirical claims**") and "mixed: 1" in tallies[1]
     assert tallies[2].startswith("- **Implementation checks") and "holds: 1" in tallies[2]
     text = "\n".join(md)
