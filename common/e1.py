@@ -409,8 +409,8 @@ def plot_partitions(path, s: E1Settings, view: View, km: KMeansBaselines, sae: T
                f"k-means (k={s.n_clusters})\nMSE {mse['kmeans']:.3g}", colors=km_cols, centers=km.fit["centers"])
     shown = sae.recon_topk if s.mode == "topk" else sae.recon_trained
     t2 = (f"Top-{k} SAE, {s.n_latents} latents, {sae_label}\n"
-          + ("" if mse["sae_relaxed"] is None else f"trained model MSE {mse['sae_relaxed']:.3g}, ")
-          + f"exact TopK MSE {mse['sae_topk']:.3g}\n"
+          + ("" if mse["sae_relaxed"] is None else f"trained (relaxed) MSE {mse['sae_relaxed']:.3g}, ")
+          + f"{'its ' if mse['sae_relaxed'] is not None else ''}exact Top-{k} MSE {mse['sae_topk']:.3g}\n"
           + f"cells: order-{k} power diagram ({len(np.unique(cells.grid_labels))} on view)")
     draw_panel(axes[1], x, shown, cells.grid_labels, extent, t2, colors=cells.colors)
     w = sae.exact.W_enc.detach().numpy()
@@ -430,9 +430,13 @@ def plot_partitions(path, s: E1Settings, view: View, km: KMeansBaselines, sae: T
                 labels.append(l)
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=10, frameon=False,
                bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"E1: between k-means and PCA (K={k}; rasters = exact cells, one colour per active set)",
-                 fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    trained, exact = sae_names(s)
+    sae = (f"{exact} MSE {mse['sae_topk']:.3g}" if mse["sae_relaxed"] is None else
+           f"{trained} MSE {mse['sae_relaxed']:.3g}, {exact} MSE {mse['sae_topk']:.3g}")
+    fig.suptitle(f"E1: between k-means and PCA (K={k}; rasters = exact cells, one colour per active set)\n{sae}; "
+                 f"k-means MSE {mse['kmeans']:.3g}; k-means + rank-{cells.rank} local PCA MSE "
+                 f"{mse['kmeans_local_pca_rank_k']:.3g}", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     plotting.save(fig, path, numbers)
 
 
@@ -476,13 +480,29 @@ def plot_training(path, s: E1Settings, sae: TrainedSAE, mse: dict) -> None:
     plotting.save(fig, path, {"history": hist, "mse": mse})
 
 
-def report(name: str, mse: dict, out) -> str:
-    """The one line a run prints."""
-    return (f"[{name}] MSE  k-means {mse['kmeans']:.5f} | SAE trained "
-            + ("-" if mse["sae_relaxed"] is None else f"{mse['sae_relaxed']:.5f}")
-            + f" | SAE exact TopK {mse['sae_topk']:.5f} | k-means+local PCA {mse['kmeans_local_pca']:.5f}"
-            + f" | local PCA on SAE regions {mse['local_pca_on_sae_regions']:.5f}"
-            + ("" if mse["sae_hard_limit"] is None else f" | relaxation at T->0 {mse['sae_hard_limit']:.5f}")
+def sae_names(s: E1Settings) -> tuple[str, str]:
+    """What the run's two SAE numbers are: (the trained model, its exact Top-K model). A relaxed run trains the
+    softmax relaxation and reports the exact Top-K model with the same parameters beside it (never trained as
+    such); a ``topk`` run trains the exact Top-K model itself."""
+    if s.mode == "topk":
+        return f"exact Top-{s.k} SAE (trained)", f"exact Top-{s.k} SAE (trained)"
+    relaxed = {"softmax": "softmax-relaxed", "softmax_topk": f"softmax-over-top-{s.k}-relaxed"}[s.mode]
+    return (f"{relaxed} SAE (trained, T={s.temperature})",
+            f"its exact Top-{s.k} counterpart (same parameters, not trained as such)")
+
+
+def report(name: str, s: E1Settings, numbers: dict, out) -> str:
+    """The one line a run prints: every MSE with what it is."""
+    mse, rank = numbers["mse"], numbers["local_pca_rank"]
+    trained, exact = sae_names(s)
+    sae = (f"{exact} MSE {mse['sae_topk']:.5g}" if mse["sae_relaxed"] is None else
+           f"{trained} MSE {mse['sae_relaxed']:.5g}, {exact} MSE {mse['sae_topk']:.5g}")
+    return (f"[{name}] {sae} | k-means ({s.n_clusters} clusters) MSE {mse['kmeans']:.5g}"
+            + f" | k-means + rank-{rank} local PCA MSE {mse['kmeans_local_pca_rank_k']:.5g}"
+            + ("" if rank == 1 else f" | k-means + rank-1 local PCA MSE {mse['kmeans_local_pca']:.5g}")
+            + f" | rank-{rank} local PCA on the exact model's {numbers['n_sae_regions_on_data']} regions MSE "
+            + f"{mse['local_pca_on_sae_regions']:.5g}"
+            + ("" if mse["sae_hard_limit"] is None else f" | the relaxation at T->0 MSE {mse['sae_hard_limit']:.5g}")
             + f"   -> {out}")
 
 
@@ -496,5 +516,6 @@ def run_e1(run, s: E1Settings) -> dict:
     plot_partitions(run.path("partitions.png"), s, view, km, sae, cells, numbers)
     plot_evolution(run.path("evolution.png"), s, view, sae)
     plot_training(run.path("training.png"), s, sae, numbers["mse"])
-    print(report(run.name, numbers["mse"], run.out))
+    print(report(run.name, s, numbers, run.out))
     return numbers
+
