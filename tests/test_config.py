@@ -160,7 +160,8 @@ def test_atomic_write_uses_unique_temporary_files_and_cleans_up(tmp_path):
 
 
 SCRIPTS = ["exp_e1_between_kmeans_and_pca_k_1.py", "exp_e1_between_kmeans_and_pca_k_3.py",
-           "exp_e1_between_kmeans_and_pca_k_3hard.py", "exp_e2_MNIST_SGD_PAM_ablations.py",
+           "exp_e1_between_kmeans_and_pca_k_3hard.py", "exp_e1_between_kmeans_and_pca_8d.py",
+           "exp_e2_MNIST_SGD_PAM_ablations.py",
            "exp_e3_LLM_SGD_PAM_ablations.py", "fig_5_voronoi_knn_kmeans_power_evolution.py", "fig_6_voronoi_to_power.py",
            "fig_7_voronoi_3d_to_power_2d.py", "check_claims.py"]
 

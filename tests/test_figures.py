@@ -124,6 +124,27 @@ def test_e1_settings_from_a_scripts_constants():
                       "softmax", None, True)
 
 
+def test_e1_report_names_each_number():
+    """The E1 line says which model each MSE belongs to: the trained relaxation, its exact Top-K counterpart (not
+    trained as such), k-means, k-means + local PCA of the claim's rank."""
+    k1, k3, hard = (load_script(n) for n in E1_SCRIPTS)
+    numbers = {"mse": {"kmeans": 0.094, "sae_relaxed": 0.83, "sae_topk": 4.28, "sae_hard_limit": 1.25,
+                       "kmeans_local_pca": 0.014, "kmeans_local_pca_rank_k": 2e-33, "local_pca_on_sae_regions": 0.011},
+               "local_pca_rank": 2, "n_sae_regions_on_data": 10}
+    line = e1.report("k_3", e1.E1Settings.from_constants({n: getattr(k3, n) for n in k3.ACCEPT}), numbers, "out")
+    for part in ("softmax-over-top-3-relaxed SAE (trained, T=0.3) MSE 0.83",
+                 "its exact Top-3 counterpart (same parameters, not trained as such) MSE 4.28",
+                 "k-means (3 clusters) MSE 0.094", "k-means + rank-2 local PCA MSE 2e-33",
+                 "k-means + rank-1 local PCA MSE 0.014", "the relaxation at T->0 MSE 1.25"):
+        assert part in line, (part, line)
+    line = e1.report("k_1", e1.E1Settings.from_constants({n: getattr(k1, n) for n in k1.ACCEPT}),
+                     {**numbers, "local_pca_rank": 1}, "out")
+    assert "softmax-relaxed SAE (trained, T=0.3) MSE 0.83" in line and "its exact Top-1 counterpart" in line
+    exact = {**numbers, "mse": {**numbers["mse"], "sae_relaxed": None, "sae_hard_limit": None}}
+    line = e1.report("k_3hard", e1.E1Settings.from_constants({n: getattr(hard, n) for n in hard.ACCEPT}), exact, "out")
+    assert "exact Top-3 SAE (trained) MSE 4.28 |" in line and "counterpart" not in line and "T->0" not in line
+
+
 def test_e1_init_options():
     x = toy_e1(100, seed=0)
     centers = e1.kmeans_fit(x, 3, seed=0)["centers"]
