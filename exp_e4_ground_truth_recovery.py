@@ -136,12 +136,9 @@ def n_train(settings, n):
 
 
 # --- the protocol (validated here, before any data is drawn) ---------------------------------------------
-try:
-    synthetic = SyntheticConfig(N_FEATURES, N_TRUE, mean_active=MEAN_ACTIVE, zipf_exponent=ZIPF_EXPONENT,
-                                magnitude=MAGNITUDE, lognormal_sigma=LOGNORMAL_SIGMA, group_size=GROUP_SIZE,
-                                correlation=CORRELATION, noise_std=NOISE_STD)
-except ValueError as err:  # ACCEPT checks each constant; this is the generator's own word on them together
-    run.fail(f"the synthetic data's settings: {err}")
+synthetic = SyntheticConfig(N_FEATURES, N_TRUE, mean_active=MEAN_ACTIVE, zipf_exponent=ZIPF_EXPONENT,
+                            magnitude=MAGNITUDE, lognormal_sigma=LOGNORMAL_SIGMA, group_size=GROUP_SIZE,
+                            correlation=CORRELATION, noise_std=NOISE_STD)  # ACCEPT has checked what it checks
 recipe = recipe_settings(RECIPE, N_LATENTS, paper_lr=3e-3)
 if LR:
     recipe["lr"] = LR
