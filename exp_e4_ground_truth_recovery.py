@@ -216,7 +216,8 @@ def recovery_figure():
                 mean = [e["mean"] for e in s]
                 tag = m if len(keys) == 1 else f"{m}, {'true->learned' if key.endswith('learned') else 'learned->true'}"
                 ax.plot(N_TRAINS, mean, style, marker="o", color=f"C{i}", label=tag)
-                ax.fill_between(N_TRAINS, [e["ci95"][0] for e in s], [e["ci95"][1] for e in s], color=f"C{i}", alpha=0.15)
+                ax.fill_between(N_TRAINS, [e["ci95"][0] for e in s], [e["ci95"][1] for e in s], color=f"C{i}",
+                                alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_xticks(N_TRAINS, [str(n) for n in N_TRAINS])
         ax.set_xlabel("training samples (log scale)")

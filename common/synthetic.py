@@ -55,7 +55,8 @@ class SyntheticConfig:
 
         def number(v):
             return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-        need(integer(self.n_features) and self.n_features >= 1, f"n_features must be an integer >= 1, got {self.n_features!r}")
+        need(integer(self.n_features) and self.n_features >= 1,
+             f"n_features must be an integer >= 1, got {self.n_features!r}")
         need(integer(self.n_true) and self.n_true >= 1, f"n_true must be an integer >= 1, got {self.n_true!r}")
         need(number(self.mean_active) and 0 < self.mean_active <= self.n_true,
              f"mean_active must be a number in (0, n_true = {self.n_true}], got {self.mean_active!r}")
@@ -72,9 +73,10 @@ class SyntheticConfig:
                                         "within groups); with group_size 1 it must be 0")
         else:
             low = -1 / (self.group_size - 1)  # the equicorrelation matrix is positive definite iff low < rho < 1
-            need(low < self.correlation < 1, f"correlation must be in ({low:g}, 1) for group_size "
-                                             f"{self.group_size} (a positive definite copula), got {self.correlation!r}")
-        need(number(self.noise_std) and self.noise_std >= 0, f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+            need(low < self.correlation < 1, f"correlation must be in ({low:g}, 1) for group_size {self.group_size} "
+                                             f"(a positive definite copula), got {self.correlation!r}")
+        need(number(self.noise_std) and self.noise_std >= 0,
+             f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
 
 
 @dataclass
