@@ -384,20 +384,22 @@ def _finished(out: Path, run: Run, stamp: str, need_model: bool):
         return None
 
 
-def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str = "base",
-            workers: int = 1, resume: bool = True, device: str = "cpu"):
+def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str | None = "base",
+            workers: int = 1, resume: bool = True, device: str = "cpu", extra_metrics: Callable | None = None):
     """Run the protocol; write table.csv, table.json, histories.json and the base models' checkpoints.
 
     ``workers``: runs trained at once (forked processes, one thread each; 1 = in this process).
     ``resume``: reuse the runs an earlier invocation finished with the same configuration, data, seed and
     code (``runs/*.json``); False trains everything again. ``device``: where every run trains (a run's
     numbers may differ across devices by float rounding; the run files do not record it).
-    Returns (rows in plan order, histories {run id: history}, models {run id: model} for runs of
-    ablation ``keep_models``).
+    ``extra_metrics(model) -> {name: number}``: more columns for every run's row, computed from its trained
+    model (``train_runs``). Returns (rows in plan order, histories {run id: history}, models {run id: model}
+    for runs of ablation ``keep_models``; None keeps none).
     """
     runs = protocol.plan()
     done, histories, models = train_runs([r for r in runs if r.shared_with is None], x_train, x_test, out,
-                                         protocol.base_seed, progress, keep_models, workers, resume, device)
+                                         protocol.base_seed, progress, keep_models, workers, resume, device,
+                                         extra_metrics)
     rows = []
     for run in runs:
         if run.shared_with is None:
@@ -412,12 +414,16 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
 
 
 def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, progress: bool = True,
-               keep_models: str | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu"):
+               keep_models: str | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu",
+               extra_metrics: Callable | None = None):
     """Train every run, reusing finished ones; each is written to ``runs/`` when it ends.
 
     A run marked ``may_diverge`` that diverges is returned with row None and its error text as history,
-    and is never saved. Returns (rows {id: row}, histories {id: history}, models {id: model} for runs of
-    ablation ``keep_models``).
+    and is never saved. ``extra_metrics(model) -> {name: finite number}`` is added to each trained run's row
+    (and run file; a name the row already has is an error). A finished run is reused with the values it was
+    saved with, so they must depend only on the model and on what the run's fingerprint covers (the data and
+    TRAINING_SOURCES: e.g. ``metrics.recovery`` against a dictionary the data were drawn from).
+    Returns (rows {id: row}, histories {id: history}, models {id: model} for runs of ablation ``keep_models``).
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
@@ -447,6 +453,8 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
         if row is None:
             tqdm.write(f"  {rid:<42} diverged: {hist}")
             continue
+        if extra_metrics is not None:
+            row.update(_extra_columns(extra_metrics(model.cpu()), row, rid))
         if run.spec.ablation == keep_models:
             models[rid] = model.cpu()  # figures and checkpoints are made on the cpu
             state = {**model.checkpoint(), "key": run.key, "fingerprint": stamp}
@@ -459,16 +467,33 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
     return done, histories, models
 
 
+def _extra_columns(extra, row: dict, rid: str) -> dict:
+    """``extra_metrics``' result checked: a dict of new names to finite numbers."""
+    if not isinstance(extra, dict):
+        raise ValueError(f"{rid}: extra_metrics must return a dict of name -> number, got {type(extra).__name__}")
+    clash = sorted(set(extra) & set(row))
+    if clash:
+        raise ValueError(f"{rid}: extra_metrics returned names the row already has: {clash}")
+    bad = {k: v for k, v in extra.items() if not isinstance(k, str) or isinstance(v, bool)
+           or not isinstance(v, (int, float)) or not np.isfinite(v)}
+    if bad:
+        raise ValueError(f"{rid}: extra_metrics must map names to finite numbers; got {bad}")
+    return extra
+
+
 def write_table(rows: list[dict], out: Path) -> None:
+    """table.json (every key of every row) and table.csv (TABLE_COLUMNS, then any other keys, e.g. a run's
+    extra metrics, in order of first appearance)."""
     out = Path(out)
     write_json(out / "table.json", rows)
+    columns = list(TABLE_COLUMNS) + list(dict.fromkeys(k for r in rows for k in r if k not in TABLE_COLUMNS))
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+            w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
             for r in rows:
-                w.writerow({k: r.get(k, "") for k in TABLE_COLUMNS})
+                w.writerow({k: r.get(k, "") for k in columns})
     atomic_write(out / "table.csv", write_csv)
 
 

@@ -1,4 +1,5 @@
-"""Reconstruction metrics (docs/DESIGN.md, section 4), defined once, kept apart from the training objectives.
+"""Reconstruction metrics (docs/DESIGN.md, section 4), defined once, kept apart from the training objectives;
+recovery of known features (``recovery``, section 10).
 
 Every metric is computed from sums accumulated over the whole evaluation set (``EvalSums``), so means
 are weighted by sample count, never means of per-batch means.
@@ -126,3 +127,39 @@ def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
     if not total > 0:
         raise ValueError(f"fvu is undefined: x {x.shape} has zero variance around its mean (every row equal)")
     return float(((x - recon) ** 2).sum()) / total
+
+
+# --- recovery of known features (synthetic data, common/synthetic.py; docs/DESIGN.md, section 10) -----------
+RECOVERY_THRESHOLD = 0.9  # a true atom counts as recovered when some learned atom has |cosine| >= this (fixed
+                          # before any result)
+
+
+def atom_cosines(learned, true) -> np.ndarray:
+    """|cosine| between every learned atom (rows of ``learned``, (n_learned, n_features)) and every true atom
+    (rows of ``true``, (n_true, n_features)): (n_learned, n_true), float64. The absolute value: an atom's sign
+    is not identified (a signed TopK code may carry it); an atom of norm zero has cosine 0 with everything."""
+    learned = check_array(learned, "learned", ("n_learned", "n_features"))
+    true = check_array(true, "true", ("n_true", learned.shape[1]), hint=f" (n_features = {learned.shape[1]} "
+                                                                        "as in learned)")
+    if learned.shape[0] == 0 or true.shape[0] == 0:
+        raise ValueError(f"need at least one atom on each side, got learned {learned.shape}, true {true.shape}")
+
+    def unit(a):
+        norm = np.linalg.norm(a, axis=1, keepdims=True)
+        return np.divide(a, norm, out=np.zeros_like(a), where=norm > 0)
+    return np.abs(unit(learned) @ unit(true).T)
+
+
+def recovery(learned, true, threshold: float = RECOVERY_THRESHOLD) -> dict:
+    """How well the learned atoms recover the true ones (``atom_cosines``' matrix C, n_learned x n_true):
+
+        mmcs_true_to_learned   mean over true atoms j of max_i C_ij  (each true atom's best learned atom)
+        mmcs_learned_to_true   mean over learned atoms i of max_j C_ij
+        recovered_fraction     fraction of true atoms j with max_i C_ij >= threshold
+    """
+    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    c = atom_cosines(learned, true)
+    best_true, best_learned = c.max(0), c.max(1)
+    return {"mmcs_true_to_learned": float(best_true.mean()), "mmcs_learned_to_true": float(best_learned.mean()),
+            "recovered_fraction": float((best_true >= threshold).mean())}

@@ -138,6 +138,34 @@ def test_parallel_workers_give_the_same_rows_in_plan_order(tmp_path):
     assert (tmp_path / "parallel" / "models" / "pam_rep0.pt").is_file()
 
 
+def test_extra_metrics_of_each_trained_model_join_its_row_csv_and_run_file(tmp_path, monkeypatch):
+    x_train, x_test = data()
+    protocol = tiny_protocol(ablations=only("base", "weight_decay", weight_decay=(0.0,)))
+    seen = []
+
+    def extra(model):  # a number only the trained model knows: its first atom's norm
+        seen.append(model)
+        return {"atom0_norm": float(model.atoms[0].norm()), "n_latents_seen": model.n_latents}
+    rows, _, models = experiment.execute(protocol, x_train, x_test, tmp_path, progress=False,
+                                         extra_metrics=extra)
+    assert len(seen) == 3 and len(rows) == 6  # once per trained run; weight_decay=0 is the base run, shared
+    for r in rows:
+        rid = experiment.RunSpec(r["method"], "base", "-", 0).id
+        assert r["atom0_norm"] == pytest.approx(float(models[rid].atoms[0].norm()), rel=1e-6)
+        assert r["n_latents_seen"] == 12
+    header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
+    assert header == list(experiment.TABLE_COLUMNS) + ["atom0_norm", "n_latents_seen"]
+    # a resumed run keeps the values it was saved with; nothing is recomputed
+    again, _, _ = experiment.execute(protocol, x_train, x_test, tmp_path, progress=False, extra_metrics=extra)
+    assert len(seen) == 3 and [r["atom0_norm"] for r in again] == [r["atom0_norm"] for r in rows]
+    with pytest.raises(ValueError, match=r"extra_metrics returned names the row already has: \['test_mse'\]"):
+        experiment.execute(protocol, x_train, x_test, tmp_path / "clash", progress=False,
+                           extra_metrics=lambda m: {"test_mse": 0.0})
+    with pytest.raises(ValueError, match="extra_metrics must map names to finite numbers"):
+        experiment.execute(protocol, x_train, x_test, tmp_path / "nan", progress=False,
+                           extra_metrics=lambda m: {"x": float("nan")})
+
+
 def test_bad_workers():
     x_train, x_test = data()
     with pytest.raises(ValueError, match="workers"):
