@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import t as student_t
 
-from common import experiment, tuning
+from common import experiment, runner, tuning
 from common.config import at_least, boolean, configure, each, in_range, one_of, satisfies, write_json, write_text
 from common.metrics import RECOVERY_THRESHOLD, recovery
 from common.pam import STATS_DTYPES
@@ -65,18 +65,16 @@ SEED = 42                        # also draws the data (derive_seed(SEED, "data"
 WORKERS = 0                      # runs trained at once in single-thread processes; 0: one per core this process may use
 DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; on a GPU one run at a time
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
-# --- tuning on a validation split of the pool (common/tuning.py): the same number of trials for every method ---
-TUNE = False
-TUNE_TRIALS = 8                  # per method; every grid below has at least this many points
-TUNE_EPOCHS = 0                  # 0: the pool's epochs (STEPS steps)
-TUNE_VAL_FRACTION = 0.1          # of the pool, held out for choosing (the test set chooses nothing)
-TUNED = ""                       # or the output folder of an earlier --TUNE=True run: reuse its chosen values
-                                 # (<folder>/tuning/tuning.json; the same base settings required)
-TUNE_GRID = {
-    "sgd": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "weight_decay": (0.0, 1e-4)},
-    "sgd_tied": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "weight_decay": (0.0, 1e-4)},
-    "pam": {"lr": (3e-4, 6e-4, 1e-3, 2e-3, 4e-3), "mu_nu": (0.0, 1e-4, 1e-3), "alpha": (0.0, 1e-5),
-            "solve_order": ("enc_first", "dec_first")},
+# --- tuning where each claim is judged (common/tuning.py; docs/DESIGN.md, section 5) ------------------
+TUNE = False                     # each method tuned at each sample count (and replicate) on validation rows of its own
+TUNE_BUDGETS = (8, 32)           # trials per method and study (Optuna TPE); results are reported at each budget
+TUNE_EPOCHS = 0                  # the tuned runs' schedule length; 0: each run's own (about STEPS steps)
+TUNE_VAL_FRACTION = 0.2          # of each sample count's training rows, held out for choosing (never the test set)
+TUNE_PER_REPLICATE = ("n_train",)  # tuned again for every replicate (its own subset and split)
+TUNED = ""                       # or the output folder of an earlier --TUNE=True run: reuse its choices
+TUNE_SPACE = {                   # log-uniform ranges (lo, hi) shared by every method, then each method's own
+    "lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1e-2),
+    "pam": {"mu_nu": (1e-6, 1e-2), "alpha": (1e-8, 1e-4), "solve_order": ("enc_first", "dec_first")},
 }
 
 
@@ -113,10 +111,11 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any data
     "WORKERS": at_least(0),
     "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
     "RESUME": boolean(),
-    **tuning.ACCEPT,  # TUNE, TUNE_TRIALS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_GRID, TUNED (common/tuning.py)
+    "TUNE_PER_REPLICATE": each(one_of("n_train")),
+    **tuning.ACCEPT,  # TUNE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_SPACE, TUNED (common/tuning.py)
 }
 QUICK = dict(N_FEATURES=16, N_TRUE=24, MEAN_ACTIVE=3.0, N_TRAINS=(32, 256), N_TEST=64, N_LATENTS=32, K=3, STEPS=24,
-             BATCH_SIZE=32, SEEDS=2, WORKERS=1, TUNE_TRIALS=2)
+             BATCH_SIZE=32, SEEDS=2, WORKERS=1, TUNE_BUDGETS=(2, 3))
 
 run = configure(globals(), quick=QUICK)
 device = resolve_device(DEVICE)
@@ -147,16 +146,13 @@ protocol = experiment.Protocol(
               batch_size=BATCH_SIZE, solve_batch=SOLVE_BATCH, stats_dtype=STATS_DTYPE),
     ablations={"n_train": experiment.Ablation(("fraction",), N_TRAINS, then=n_train)},
     methods=METHODS, seeds=SEEDS, base_seed=run.seed)
-grids = {m: TUNE_GRID[m] for m in METHODS}
-tune_epochs = TUNE_EPOCHS or epochs_for(POOL)
-chosen = None
-if TUNE:
-    tuning.plan_trials(protocol, grids, TUNE_TRIALS, tune_epochs, run.seed)  # validated before any data
-if TUNED:
-    try:
-        chosen = tuning.reuse(Path(TUNED) / "tuning" / "tuning.json", protocol)
-    except ValueError as err:
-        run.fail(f"--TUNED={TUNED}: {err}")
+how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
+try:
+    runner.prepare(protocol, how, POOL, run.seed)
+except ValueError as err:
+    run.fail(f"tuning: {err}")
+if TUNED and not (Path(TUNED) / "tuning" / "tuning.json").is_file():
+    run.fail(f"--TUNED={TUNED}: no tuning/tuning.json there (the output folder of a --TUNE=True run)")
 
 # --- data (after every setting is validated) ------------------------------------------------------------
 data = generate(synthetic, POOL + N_TEST, run.seed_for("data"))
@@ -176,16 +172,13 @@ def recovery_of(model) -> dict:
 # --- runs, figures, summary ---------------------------------------------------------------------------------
 label = (f"synthetic ({N_TRUE} true features in {N_FEATURES} dims), {N_LATENTS} latents, k {K}, {RECIPE} recipe"
          + (", tuned" if TUNE or TUNED else ""))
-if TUNE:  # the one place the methods' settings are chosen
-    print(f"== {label}: tuning, {TUNE_TRIALS} trials per method on a validation split of the pool")
-    chosen = tuning.tune(protocol, grids, TUNE_TRIALS, tune_epochs, x_train, TUNE_VAL_FRACTION, out / "tuning",
-                         run.seed, workers=workers, resume=RESUME, device=device)
-if chosen:
-    protocol = tuning.tuned_protocol(protocol, chosen)
-print(f"== {label}: {len(protocol.plan())} runs (pool {POOL} / test {N_TEST} samples)")
-rows, histories, _ = experiment.execute(protocol, x_train, x_test, out, keep_models=None, workers=workers,
-                                        resume=RESUME, device=device, extra_metrics=recovery_of)
-experiment.ablation_figures(rows, histories, out, label)
+try:
+    result = runner.run(protocol, x_train, x_test, out, f"E4, {label}: SGD vs PAM-SGD against training samples", label,
+                        run.seed, how=how, tuned_from=Path(TUNED) / "tuning" / "tuning.json" if TUNED else None,
+                        workers=workers, resume=RESUME, device=device, keep_models=None, extra_metrics=recovery_of)
+except ValueError as err:
+    run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
+rows = [r for r in result.rows if r.get("budget", 0) == result.budget]  # the figures' budget: the largest
 
 RECOVERY_KEYS = ("recovered_fraction", "mmcs_true_to_learned", "mmcs_learned_to_true")
 
@@ -261,8 +254,7 @@ for i, n in enumerate(N_TRAINS):
         cells.append(f"{stats[m]['test_mse'][i]['mean']:.5f} ± {stats[m]['test_mse'][i]['sd']:.5f}")
     by_mse, by_rec = ranking("test_mse", i, True), ranking("recovered_fraction", i, False)
     lines.append(f"| {n} | " + " | ".join(cells) + f" | {by_mse} | {by_rec} | {'yes' if by_mse == by_rec else 'no'} |")
-text = experiment.summary(rows, f"E4, {label}: SGD vs PAM-SGD against training samples", tuning=chosen,
-                          tuned_in=Path(TUNED) / "tuning" if TUNED else out / "tuning") + "\n".join(lines) + "\n"
+text = (out / "summary.md").read_text() + "\n".join(lines) + "\n"
 write_text(out / "summary.md", text)
 print(text)
 run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "pool": POOL, "n_test": N_TEST})

@@ -59,8 +59,9 @@ def tuning_note(record: dict | None, where: Path | None) -> str:
 
 def run(protocol: experiment.Protocol, x_train, x_test, out: Path, title: str, label: str, seed: int,
         how: Tuning | None = None, tuned_from: Path | None = None, workers: int = 1, resume: bool = True,
-        device: str = "cpu", keep_models: str = "base") -> Result:
-    """Tune (``how``) or reuse (``tuned_from``: a tuning.json), train every run, write figures and summary.md."""
+        device: str = "cpu", keep_models: str | None = "base", extra_metrics=None) -> Result:
+    """Tune (``how``) or reuse (``tuned_from``: a tuning.json), train every run, write figures and summary.md.
+    ``extra_metrics(model) -> dict``: more numbers for every trained run's row (experiment.execute)."""
     out = Path(out)
     record, where = None, None
     if how is not None:
@@ -77,7 +78,7 @@ def run(protocol: experiment.Protocol, x_train, x_test, out: Path, title: str, l
         protocol = replace(protocol, tuned=tuned)
     print(f"== {label}: {len(protocol.plan())} runs ({x_train.shape[0]} train / {x_test.shape[0]} test samples)")
     rows, histories, models = experiment.execute(protocol, x_train, x_test, out, workers=workers, resume=resume,
-                                                 device=device, keep_models=keep_models)
+                                                 device=device, keep_models=keep_models, extra_metrics=extra_metrics)
     budget = max(protocol.budgets, default=0)
     main = [r for r in rows if r.get("budget", 0) == budget]
     experiment.ablation_figures(main, histories, out, label + (f", budget {budget}" if budget else ""))

@@ -16,7 +16,7 @@ The rules (docs/DESIGN.md, section 5), the same for every method:
   ``mu_nu``, ``alpha``, ``solve_order``) come on top. Settings the ablation fixes (e.g. the weight decay in
   the weight-decay ablation) are not tuned.
 - **How a trial trains.** Exactly as the judged run: the same settings, batch, epochs (``epochs``: the length
-  of the learning-rate schedule) on the fit rows; validation MSE is recorded after every epoch. A trial's
+  of the learning-rate schedule; 0: each run's own) on the fit rows; validation MSE is recorded after every epoch. A trial's
   score is its lowest validation MSE and its *stopping epoch* the epoch that reached it: the stopping point
   is a tuned setting, and the judged run stops there (``TrainConfig.stop_epoch``, same schedule). A trial
   that diverges scores +inf (it counts as a trial). Median pruning (Optuna's ``MedianPruner``, after
@@ -66,7 +66,7 @@ ACCEPT = {  # what a script's tuning constants accept (E2 and E3 include these i
     "TUNE_BUDGETS": satisfies(lambda b, c: isinstance(b, tuple) and len(b) > 0 and all(
         isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b) and list(b) == sorted(set(b)),
         "increasing positive integers: trials per study, the choice judged at each"),
-    "TUNE_EPOCHS": at_least(1),
+    "TUNE_EPOCHS": at_least(0),
     "TUNE_VAL_FRACTION": in_range(0, 1, lo_open=True, hi_open=True),
     "TUNE_SPACE": satisfies(lambda s, c: _space_error(s, c["METHODS"]) is None,
                             "ranges (lo, hi) with 0 < lo < hi and choices (tuples of strings), shared at the top "
@@ -312,8 +312,8 @@ def plan_studies(protocol: Protocol, space: dict, budgets, epochs: int, n_train:
     budgets = tuple(budgets)
     if not budgets or list(budgets) != sorted(set(budgets)) or budgets[0] < 1:
         raise ValueError(f"budgets must be increasing positive integers, got {budgets!r}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"tuning epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(f"tuning epochs must be an integer >= 0 (0: each run's own), got {epochs!r}")
     jobs = []
     n = int(n_train)
     for ablation, abl in protocol.ablations.items():
@@ -323,7 +323,8 @@ def plan_studies(protocol: Protocol, space: dict, budgets, epochs: int, n_train:
             for rep in reps:
                 rseed = replicate_seed(protocol.base_seed, rep)
                 for method in methods:
-                    s = dict(protocol.settings(ablation, value, method), epochs=epochs, stop_epoch=0)
+                    s = protocol.settings(ablation, value, method)
+                    s = dict(s, epochs=epochs or s["epochs"], stop_epoch=0)
                     rows = training_rows(n, s["fraction"], rseed)
                     n_rows = n if isinstance(rows, slice) else len(rows)
                     split_seed = derive_seed(rseed, "validation", ablation, value)
