@@ -27,10 +27,13 @@ LOAD = {"safetensors": load_safetensors, "saelens": load_saelens, "sparsify": lo
 
 def make_model(activation="topk_relu", tied=False, centred=False, dtype=torch.float32, seed=0):
     """Every parameter random and non-zero; b_enc negative enough that some samples have fewer than K
-    positive pre-activations (where sparsify's ReLU-then-top-k differs in form from our top-k-then-ReLU)."""
+    positive pre-activations (where sparsify's ReLU-then-top-k differs in form from our top-k-then-ReLU); a
+    threshold (jumprelu: per latent, batchtopk: one) in (0, 1), where it zeroes some positive pre-activations."""
     g = torch.Generator().manual_seed(seed)
     model = SAE(N_FEATURES, N_LATENTS, activation, None if activation == "relu" else K, tied=tied, seed=seed)
     with torch.no_grad():
+        if model.threshold is not None:
+            model.threshold.copy_(torch.rand(model.threshold.shape, generator=g))
         model.W_enc.copy_(0.5 * torch.randn(N_LATENTS, N_FEATURES, generator=g))
         model.b_enc.copy_(torch.randn(N_LATENTS, generator=g) - 1.5)
         if not tied:
@@ -53,17 +56,19 @@ def close(a, b, dtype=torch.float32):
 
 # --- the libraries' forward passes, re-implemented from their source (sae-lens 6.54, sparsify 1.3.3) ----------
 def saelens_reference(folder, x):
-    """sae_lens TopKSAE / AbsTopKSAE / StandardSAE: encode (process_sae_in, W_enc, b_enc, optional norm
+    """sae_lens TopKSAE / AbsTopKSAE / StandardSAE / JumpReLUSAE: encode (process_sae_in, W_enc, b_enc, optional norm
     rescaling, activation) then decode (optional norm rescaling, W_dec, b_dec)."""
     cfg = json.loads((Path(folder) / "cfg.json").read_text())
     t = load_file(str(Path(folder) / "sae_weights.safetensors"))
     w_enc, b_enc, w_dec, b_dec = t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
     hidden = (x - b_dec * cfg["apply_b_dec_to_input"]) @ w_enc + b_enc
-    rescale = cfg["architecture"] != "standard" and cfg["rescale_acts_by_decoder_norm"]
+    rescale = cfg["architecture"] in ("topk", "abstopk") and cfg["rescale_acts_by_decoder_norm"]
     if rescale:
         hidden = hidden * w_dec.norm(dim=-1)
     if cfg["architecture"] == "standard":
         acts = F.relu(hidden)
+    elif cfg["architecture"] == "jumprelu":  # JumpReLUSAE.encode: ReLU, then zero what is <= threshold
+        acts = F.relu(hidden) * (hidden > t["threshold"])
     elif cfg["architecture"] == "topk":
         vals, idx = hidden.topk(cfg["k"], dim=-1, sorted=False)
         acts = torch.zeros_like(hidden).scatter(-1, idx, vals.relu())
@@ -258,7 +263,7 @@ def _edit_cfg(folder, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(normalize_activations="layer_norm"), "normalize_activations='layer_norm'"),
-    (dict(architecture="jumprelu"), "architecture 'jumprelu' has no equivalent"),
+    (dict(architecture="gated"), "architecture 'gated' has no equivalent"),
 ])
 def test_saelens_files_we_cannot_load_exactly_are_refused(tmp_path, changes, match):
     folder = save_saelens(make_model(), tmp_path / "s")
