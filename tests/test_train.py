@@ -209,3 +209,14 @@ def test_thresholded_activation_settings_are_checked():
         TrainConfig(bandwidth=0.0)
     with pytest.raises(ValueError, match="l0 must be a finite number >= 0"):
         TrainConfig(l0=-1.0)
+
+
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+def test_jumprelu_threshold_pushed_down_stops_at_zero(method):
+    """Without an L0 penalty the reconstruction pulls thresholds down; each step projects them back onto >= 0."""
+    xtr, xte = toy()
+    model = SAE(10, 16, "jumprelu", seed=1)
+    with torch.no_grad():
+        model.threshold.fill_(0.02)
+    train(model, xtr, xte, TrainConfig(method=method, epochs=3, batch_size=32, lr=1e-2), seed=2, progress=False)
+    assert (model.threshold >= 0).all() and (model.threshold == 0).sum() >= 4
