@@ -35,7 +35,7 @@ ACTIVATIONS = ("topk", "relu")   # run in this order; any of common/sae.py's tab
 N_LATENTS = 256
 K = 15
 L1 = 0.0                         # L1 on codes for relu (the MNIST original used none)
-L0 = 1e-4                        # L0 on codes for jumprelu (straight-through estimator; docs/DESIGN.md 3.10)
+L0 = 1e-3                        # L0 on codes for jumprelu (straight-through estimator; docs/DESIGN.md 3.10; untuned)
 TOPK_VARIANT = "topk"            # "topk" (signed, the theory's) or "topk_abs" (the original script's)
 LR = 0.0                         # 0: the recipe's (paper 3e-3; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 1.6e-3)
 EPOCHS = 50

@@ -57,7 +57,7 @@ K = 320
 ACTIVATION = "topk"               # base runs: topk (signed), topk_abs (the original script's), relu, or any other
                                   # activation of common/sae.py's table (jumprelu, batchtopk, topk_relu)
 L1 = 1e-5                         # L1 on codes whenever the activation is relu
-L0 = 1e-4                         # L0 on codes whenever the activation is jumprelu (docs/DESIGN.md 3.10)
+L0 = 1e-3                         # L0 on codes whenever the activation is jumprelu (docs/DESIGN.md 3.10; untuned)
 LR = 0.0                          # 0: the recipe's (paper 1e-3; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 4e-4)
 EPOCHS = 100
 ABLATION_EPOCHS = 50
