@@ -287,7 +287,8 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         groups.append({"params": dec, "weight_decay": 0.0})
     opt = torch.optim.Adam(groups, lr=cfg.lr, fused=True)  # fused: ~20% faster epochs on CPU (bench/)
     params = enc + dec
-    named = [n for n, p in model.named_parameters() if any(p is q for q in params)]
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    named = [name_of[id(p)] for p in params]  # in the order of params (the anchors pair them)
     gen = torch.Generator().manual_seed(int(seed))
     # several processes (common/distributed.py): each evaluates its rows and the sums are added
     eval_train, eval_test = dist.shard(x_train), dist.shard(x_test)

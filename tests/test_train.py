@@ -220,3 +220,12 @@ def test_jumprelu_threshold_pushed_down_stops_at_zero(method):
         model.threshold.fill_(0.02)
     train(model, xtr, xte, TrainConfig(method=method, epochs=3, batch_size=32, lr=1e-2), seed=2, progress=False)
     assert (model.threshold >= 0).all() and (model.threshold == 0).sum() >= 4
+
+
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+def test_jumprelu_threshold_takes_the_bias_proximal_term(method):
+    """The proximal anchors pair every trained parameter with its own start (the threshold, an encoder
+    parameter, with nu like a bias): huge nu pins it, mu leaves it free."""
+    pinned, _, _, _ = run(method, "jumprelu", l0=3e-2, mu=1e-3, nu=1e3, epochs=2)
+    free, _, _, _ = run(method, "jumprelu", l0=3e-2, mu=1e3, nu=1e-3, epochs=2)
+    assert pinned.threshold.abs().max() < 1e-3 < free.threshold.max()
