@@ -41,6 +41,8 @@ Conventions, ours -> SAELens 6.54 (read by ``sae_lens.SAE.load_from_disk``):
 | atoms (``W_dec`` rows; ``W_enc`` rows if tied) | ``W_dec`` (d_sae, d_in), same rows (a copy when tied) |
 | ``b_dec`` | ``b_dec`` |
 | ``topk_relu`` / ``topk_abs`` / ``relu`` | architecture ``topk`` / ``abstopk`` / ``standard``: exact |
+| ``jumprelu`` | architecture ``jumprelu``, tensor ``threshold`` (d_sae,) = our threshold (>= 0): exact |
+| ``batchtopk`` (at inference) | ``jumprelu``, its one threshold per latent: exact (SAELens saves BatchTopK so) |
 | ``topk`` (signed) | refused (``allow_inexact``: written as ``topk``, i.e. ReLU'd) |
 | atom norms as trained | ``rescale_acts_by_decoder_norm: false``; ``normalize_activations: none`` |
 
@@ -56,6 +58,7 @@ Conventions, ours -> sparsify 1.3.3 (read by ``sparsify.SparseCoder.load_from_di
 | ``topk_relu`` | ``activation: topk``, our k (ReLU, then top k): exact |
 | ``relu`` | ``activation: topk`` with k = num_latents: exact |
 | ``topk``, ``topk_abs`` | refused (``allow_inexact``: written as ``topk_relu``) |
+| ``jumprelu``, ``batchtopk`` | refused (``allow_inexact``: written as ``relu``, the threshold dropped) |
 | atom norms as trained | written as they are; ``normalize_decoder`` = whether they already have norm 1 |
 
 Loading back: the centre and b_enc come from ``splinterp.safetensors`` when it is there and still matches; else
@@ -80,12 +83,13 @@ of norm 0 gives NaN in SAELens, here a zero atom. sparsify renormalises atoms on
 
 Loading a peer folder gives an SAE whose reconstructions are the library's (and so the original's, for an exact
 export): activation from the architecture (``topk`` -> ``topk_relu``, ``abstopk`` -> ``topk_abs``, ``standard`` ->
-``relu``; sparsify ``topk`` -> ``topk_relu``; k equal to the number of latents -> ``relu``, unless
-``splinterp.json`` says the model was ``topk_relu``); untied, unless ``splinterp.json`` says tied and W_dec equals
+``relu``, ``jumprelu`` -> ``jumprelu`` with threshold max(threshold, 0), SAELens's map, or ``batchtopk`` when
+``splinterp.json`` says so and the thresholds are all equal; sparsify ``topk`` -> ``topk_relu``; k equal to the
+number of latents -> ``relu``, unless ``splinterp.json`` says the model was ``topk_relu``); untied, unless ``splinterp.json`` says tied and W_dec equals
 W_enc exactly. Without our sidecar files (a folder the library wrote, or one whose encoder bias was changed
 since), the input shift comes back as the library has it: centre = b_dec, or none with the centre folded into
 b_enc; the same map with other parameters. Refused on load (ValueError): other SAELens architectures (gated,
-jumprelu, ...), ``normalize_activations`` other than ``none``, a fine-tuning scaling factor other than 1,
+...), ``normalize_activations`` other than ``none``, a fine-tuning scaling factor other than 1,
 sparsify ``groupmax``, transcoders, skip connections, files without a decoder.
 
 Float rounding. The library's pre-activations equal ours to rounding (the folded bias, its own matmul), so a
