@@ -27,14 +27,15 @@ from common.plotting import image_grid, save
 from common.pam import STATS_DTYPES
 from common.recipe import RECIPES, recipe_settings
 from common.train import device_available, resolve_device
-from common.sae import TOPK_ACTIVATIONS
+from common.sae import ACTIVATIONS as SAE_ACTIVATIONS, TOPK_ACTIVATIONS, activation_spec
 
 # --- the paper's / original settings -------------------------------------------------------------
 RECIPE = "paper"                 # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
-ACTIVATIONS = ("topk", "relu")   # run in this order
+ACTIVATIONS = ("topk", "relu")   # run in this order; any of common/sae.py's table ("topk" runs TOPK_VARIANT)
 N_LATENTS = 256
 K = 15
 L1 = 0.0                         # L1 on codes for relu (the MNIST original used none)
+L0 = 1e-3                        # L0 on codes for jumprelu (straight-through estimator; docs/DESIGN.md 3.10; untuned)
 TOPK_VARIANT = "topk"            # "topk" (signed, the theory's) or "topk_abs" (the original script's)
 LR = 0.0                         # 0: the recipe's (paper 3e-3; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 1.6e-3)
 EPOCHS = 50
@@ -78,10 +79,11 @@ TUNE_SPACE = {                   # log-uniform ranges (lo, hi) shared by every m
 }
 ACCEPT = {  # what each constant accepts: checked by configure() before any data is loaded (common/config.py)
     "RECIPE": one_of(*RECIPES),
-    "ACTIVATIONS": each(one_of("topk", "relu")),
+    "ACTIVATIONS": each(one_of(*SAE_ACTIVATIONS)),
     "N_LATENTS": at_least(1),
     "K": in_range(1, "N_LATENTS"),
     "L1": at_least(0),
+    "L0": at_least(0),
     "TOPK_VARIANT": one_of(*TOPK_ACTIVATIONS),
     "LR": at_least(0),
     "EPOCHS": at_least(1),
@@ -142,9 +144,10 @@ if LR:
 how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
 protocols = {}
 for act in ACTIVATIONS:
+    penalty = activation_spec(act).penalty  # each activation's own sparsity penalty (common/sae.py's table)
     protocols[act] = experiment.Protocol(
         base=dict(recipe, n_latents=N_LATENTS, activation=TOPK_VARIANT if act == "topk" else act, k=K,
-                  l1=L1 if act == "relu" else 0.0, enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE,
+                  l1=L1 if penalty == "l1" else 0.0, l0=L0 if penalty == "l0" else 0.0, enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE,
                   epochs=EPOCHS, batch_size=BATCH_SIZE, solve_batch=SOLVE_BATCH, mu=MU, nu=NU,
                   alpha=ALPHA, beta=BETA, prox_form=PROX_FORM, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES,
                   stats_dtype=STATS_DTYPE),

@@ -33,7 +33,7 @@ from common.config import (above, at_least, boolean, configure, each, in_range, 
 from common.pam import STATS_DTYPES
 from common.recipe import RECIPES, recipe_settings
 from common.train import device_available, resolve_device
-from common.sae import ACTIVATIONS as SAE_ACTIVATIONS
+from common.sae import ACTIVATIONS as SAE_ACTIVATIONS, activation_spec
 
 # --- activations -----------------------------------------------------------------------------------
 SOURCE = "llm"                    # "llm", or "synthetic" (a sparse-dictionary stand-in, for --quick and tests)
@@ -55,8 +55,10 @@ N_TRAIN = 0                       # 0: every training activation; N: the first N
 RECIPE = "paper"                  # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
 N_LATENTS = 4096
 K = 320
-ACTIVATION = "topk"               # base runs: topk (signed), topk_abs (the original script's), or relu
+ACTIVATION = "topk"               # base runs: topk (signed), topk_abs (the original script's), relu, or any other
+                                  # activation of common/sae.py's table (jumprelu, batchtopk, topk_relu)
 L1 = 1e-5                         # L1 on codes whenever the activation is relu
+L0 = 1e-3                         # L0 on codes whenever the activation is jumprelu (docs/DESIGN.md 3.10; untuned)
 LR = 0.0                          # 0: the recipe's (paper 1e-3; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 4e-4)
 EPOCHS = 100
 ABLATION_EPOCHS = 50
@@ -137,6 +139,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
     "K": in_range(1, "N_LATENTS"),
     "ACTIVATION": one_of(*SAE_ACTIVATIONS),
     "L1": at_least(0),
+    "L0": at_least(0),
     "LR": at_least(0),
     "EPOCHS": at_least(1),
     "ABLATION_EPOCHS": at_least(1),
@@ -176,10 +179,15 @@ run = configure(globals(), quick=QUICK)
 device = resolve_device(DEVICE)
 workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
 
-def relu_l1(settings, activation):
-    """A ReLU run takes the L1 penalty on its codes (a TopK run needs none)."""
-    if activation == "relu":
-        settings["l1"] = L1
+def penalty_of(activation) -> dict:
+    """The sparsity penalty an activation's runs take (common/sae.py's table): relu L1, jumprelu L0, TopK none."""
+    penalty = activation_spec(activation).penalty
+    return {"l1": L1 if penalty == "l1" else 0.0, "l0": L0 if penalty == "l0" else 0.0}
+
+
+def with_penalty(settings, activation):
+    """An activation ablation's run takes that activation's penalty."""
+    settings.update(penalty_of(activation))
 
 
 def min_steps_batch(settings, fraction):
@@ -199,7 +207,7 @@ Ablation = experiment.Ablation
 ablations = {"base": experiment.BASE,
              "updates": Ablation(("updates_per_batch",), UPDATES, methods=("pam",)),
              "fraction": Ablation(("fraction",), FRACTIONS, then=lambda s, f: min_steps_batch(s, f)),
-             "activation": Ablation(("activation",), ACTIVATION_VALUES, then=relu_l1),
+             "activation": Ablation(("activation",), ACTIVATION_VALUES, then=with_penalty),
              "weight_decay": Ablation(("weight_decay",), WEIGHT_DECAYS),
              "mu_nu": Ablation(("mu", "nu"), MU_NUS),
              "k": Ablation(("k",), KS)}
@@ -220,7 +228,7 @@ recipe = recipe_settings(RECIPE, N_LATENTS, paper_lr=1e-3)
 if LR:
     recipe["lr"] = LR
 protocol = experiment.Protocol(
-    base=dict(recipe, n_latents=N_LATENTS, activation=ACTIVATION, k=K, l1=L1 if ACTIVATION == "relu" else 0.0,
+    base=dict(recipe, n_latents=N_LATENTS, activation=ACTIVATION, k=K, **penalty_of(ACTIVATION),
               enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE, epochs=EPOCHS, batch_size=BATCH_SIZE,
               solve_batch=SOLVE_BATCH, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES, mu=MU, nu=NU, alpha=ALPHA,
               beta=BETA, stats_dtype=STATS_DTYPE),

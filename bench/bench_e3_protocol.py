@@ -27,11 +27,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common import activations, experiment  # noqa: E402
 from common.config import script_constants  # noqa: E402
-from common.sae import SAE  # noqa: E402
+from common.sae import SAE, activation_spec  # noqa: E402
 from common.train import TrainConfig, train  # noqa: E402
 
 SCRIPT = ROOT / "exp_e3_LLM_SGD_PAM_ablations.py"
 _DATA = ()
+
+
+def penalty(activation, c) -> dict:
+    """The script's penalty for ``activation`` (common/sae.py's table: relu L1, jumprelu L0, TopK none)."""
+    p = activation_spec(activation).penalty
+    return {"l1": c["L1"] if p == "l1" else 0.0, "l0": c["L0"] if p == "l0" else 0.0}
 
 
 def _measure(job):
@@ -40,10 +46,9 @@ def _measure(job):
     torch.set_num_threads(1)
     x_train, x_test = _DATA
     n = max(1, round(fraction * x_train.shape[0]))
-    model = SAE(x_train.shape[1], c["N_LATENTS"], activation, None if activation == "relu" else k,
-                tied=method == "sgd_tied", seed=0)
+    model = SAE(x_train.shape[1], c["N_LATENTS"], activation, k, tied=method == "sgd_tied", seed=0)
     cfg = TrainConfig(method=method, epochs=epochs, batch_size=c["BATCH_SIZE"], lr=c["LR"], mu=c["MU"], nu=c["NU"],
-                      l1=c["L1"] if activation == "relu" else 0.0, updates_per_batch=updates,
+                      **penalty(activation, c), updates_per_batch=updates,
                       solve_batch=c["SOLVE_BATCH"], solve_every=c["SOLVE_EVERY"], solve_samples=c["SOLVE_SAMPLES"])
     hist = train(model, x_train[:n], x_test, cfg, seed=1, progress=False)[1:]
     return job[:5], n, statistics.median(h["epoch_time"] + h["eval_time"] for h in hist)
@@ -79,7 +84,7 @@ def main():
         full, small = measured[(method, "topk", k0, 1.0, 1)], measured[(method, "topk", k0, 0.05, 1)]
         per = (full[1] - small[1]) / (full[0] - small[0])
         fixed = full[1] - per * full[0]
-        if act == "relu":
+        if not activation_spec(act).sparse_k:  # dense codes: costed as the measured ReLU run
             per = (measured[(method, "relu", k0, 1.0, 1)][1] - fixed) / N
         elif k != k0:
             per_max = (measured[(method, "topk", kmax, 1.0, 1)][1] - fixed) / N
@@ -96,7 +101,7 @@ def main():
         ablations={"base": experiment.BASE, "updates": A(("updates_per_batch",), c["UPDATES"], methods=("pam",)),
                    "fraction": A(("fraction",), c["FRACTIONS"]),
                    "activation": A(("activation",), c["ACTIVATION_VALUES"],
-                                   then=lambda s, a: s.update(l1=c["L1"]) if a == "relu" else None),
+                                   then=lambda s, a: s.update(penalty(a, c))),
                    "weight_decay": A(("weight_decay",), c["WEIGHT_DECAYS"]), "mu_nu": A(("mu", "nu"), c["MU_NUS"]),
                    "k": A(("k",), c["KS"])},
         ablation_overrides={"epochs": c["ABLATION_EPOCHS"]})

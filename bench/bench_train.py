@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.data import load_mnist  # noqa: E402
-from common.sae import SAE  # noqa: E402
+from common.sae import ACTIVATIONS, SAE  # noqa: E402
 from common.train import TrainConfig, train  # noqa: E402
 
 
@@ -58,8 +58,7 @@ def _one_thread_run(args):
     x_train, x_test = _DATA
     torch.set_num_threads(1)
     d, k = 256, 15
-    model = SAE(x_train.shape[1], d, activation, k if activation != "relu" else None, tied=method == "sgd_tied",
-                seed=0)
+    model = SAE(x_train.shape[1], d, activation, k, tied=method == "sgd_tied", seed=0)  # k: if it takes one
     train(model, x_train, x_test, TrainConfig(method=method, epochs=epochs, batch_size=128, lr=3e-3), seed=1,
           progress=False)
 
@@ -78,7 +77,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="serial runs per method, each from scratch")
-    ap.add_argument("--activation", default="topk", choices=["topk", "relu"])
+    ap.add_argument("--activation", default="topk", choices=ACTIVATIONS)
     ap.add_argument("--workers", type=int, default=2, help="parallel single-thread runs (0: skip this part)")
     args = ap.parse_args()
     if args.epochs < 1 or args.repeats < 1:
@@ -93,8 +92,7 @@ def main():
     for method in ("sgd", "sgd_tied", "pam"):
         hists = []
         for _ in range(args.repeats):
-            model = SAE(nf, d, args.activation, k if args.activation != "relu" else None,
-                        tied=method == "sgd_tied", seed=0)
+            model = SAE(nf, d, args.activation, k, tied=method == "sgd_tied", seed=0)
             cfg = TrainConfig(method=method, epochs=args.epochs, batch_size=128, lr=3e-3)
             hists.append(train(model, x_train, x_test, cfg, seed=1, progress=False)[1:])
         epochs = [h for hist in hists for h in hist]

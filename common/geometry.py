@@ -180,14 +180,24 @@ def sae_sites_weights(model) -> tuple[np.ndarray, np.ndarray, int]:
     ``model.encoder_bias`` (b_enc - W_enc centre for a centred model).
     """
     b = model.encoder_bias.detach()
-    if model.activation in ("topk", "topk_relu"):
+    if model.act.regions == "order_k":
         s, w = topk_sites_weights(model.W_enc.detach(), b)
-    elif model.activation == "topk_abs":
+    elif model.act.regions == "order_k_signed":
         s, w = topk_abs_sites_weights(model.W_enc.detach(), b)
     else:
         raise ValueError(f"sae_sites_weights needs a TopK activation, got {model.activation!r}; "
-                         "for ReLU use relu_sites_weights with the patterns of interest")
+                         "for its activation patterns use sae_pattern_sites_weights")
     return s, w, int(model.k)
+
+
+def sae_pattern_sites_weights(model, patterns) -> tuple[np.ndarray, np.ndarray]:
+    """(sites, weights) of activation patterns (rows of ``patterns`` (n_patterns, n_latents)) of a ``common.sae.SAE``
+    whose regions are activation patterns: ``relu_sites_weights`` with the bias ``b'`` for which code i is
+    non-zero exactly when ``w_i . x + b'_i > 0``: relu ``encoder_bias``; jumprelu and batchtopk (at inference)
+    ``encoder_bias - threshold`` (docs/DESIGN.md 2.3, 2.7). The cell of x is its pattern ``[z(x) != 0]``."""
+    threshold = None if model.threshold is None else model.threshold.detach()
+    bias = model.act.pattern_bias(model.encoder_bias.detach(), threshold)
+    return relu_sites_weights(model.W_enc.detach(), bias.expand(model.n_latents), patterns)
 
 
 # --- cells as polytopes ----------------------------------------------------------------------------

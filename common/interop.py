@@ -41,6 +41,8 @@ Conventions, ours -> SAELens 6.54 (read by ``sae_lens.SAE.load_from_disk``):
 | atoms (``W_dec`` rows; ``W_enc`` rows if tied) | ``W_dec`` (d_sae, d_in), same rows (a copy when tied) |
 | ``b_dec`` | ``b_dec`` |
 | ``topk_relu`` / ``topk_abs`` / ``relu`` | architecture ``topk`` / ``abstopk`` / ``standard``: exact |
+| ``jumprelu`` | architecture ``jumprelu``, tensor ``threshold`` (d_sae,) = our threshold (>= 0): exact |
+| ``batchtopk`` (at inference) | ``jumprelu``, its one threshold per latent: exact (SAELens saves BatchTopK so) |
 | ``topk`` (signed) | refused (``allow_inexact``: written as ``topk``, i.e. ReLU'd) |
 | atom norms as trained | ``rescale_acts_by_decoder_norm: false``; ``normalize_activations: none`` |
 
@@ -56,6 +58,7 @@ Conventions, ours -> sparsify 1.3.3 (read by ``sparsify.SparseCoder.load_from_di
 | ``topk_relu`` | ``activation: topk``, our k (ReLU, then top k): exact |
 | ``relu`` | ``activation: topk`` with k = num_latents: exact |
 | ``topk``, ``topk_abs`` | refused (``allow_inexact``: written as ``topk_relu``) |
+| ``jumprelu``, ``batchtopk`` | refused (``allow_inexact``: written as ``relu``, the threshold dropped) |
 | atom norms as trained | written as they are; ``normalize_decoder`` = whether they already have norm 1 |
 
 Loading back: the centre and b_enc come from ``splinterp.safetensors`` when it is there and still matches; else
@@ -80,12 +83,13 @@ of norm 0 gives NaN in SAELens, here a zero atom. sparsify renormalises atoms on
 
 Loading a peer folder gives an SAE whose reconstructions are the library's (and so the original's, for an exact
 export): activation from the architecture (``topk`` -> ``topk_relu``, ``abstopk`` -> ``topk_abs``, ``standard`` ->
-``relu``; sparsify ``topk`` -> ``topk_relu``; k equal to the number of latents -> ``relu``, unless
-``splinterp.json`` says the model was ``topk_relu``); untied, unless ``splinterp.json`` says tied and W_dec equals
+``relu``, ``jumprelu`` -> ``jumprelu`` with threshold max(threshold, 0), SAELens's map, or ``batchtopk`` when
+``splinterp.json`` says so and the thresholds are all equal; sparsify ``topk`` -> ``topk_relu``; k equal to the
+number of latents -> ``relu``, unless ``splinterp.json`` says the model was ``topk_relu``); untied, unless ``splinterp.json`` says tied and W_dec equals
 W_enc exactly. Without our sidecar files (a folder the library wrote, or one whose encoder bias was changed
 since), the input shift comes back as the library has it: centre = b_dec, or none with the centre folded into
 b_enc; the same map with other parameters. Refused on load (ValueError): other SAELens architectures (gated,
-jumprelu, ...), ``normalize_activations`` other than ``none``, a fine-tuning scaling factor other than 1,
+...), ``normalize_activations`` other than ``none``, a fine-tuning scaling factor other than 1,
 sparsify ``groupmax``, transcoders, skip connections, files without a decoder.
 
 Float rounding. The library's pre-activations equal ours to rounding (the folded bias, its own matmul), so a
@@ -106,7 +110,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .sae import SAE, SAEConfig
+from .sae import ACTIVATION_TABLE, ACTIVATIONS, SAE, SAEConfig, activation_spec
 
 CFG_FILE = "cfg.json"
 OURS_WEIGHTS = "sae.safetensors"
@@ -117,12 +121,17 @@ SIDECAR_TENSORS = "splinterp.safetensors"
 FORMAT_NAME, FORMAT_VERSION = "splinterp-sae", 1
 # Written as metadata.sae_lens_version: SAELens reads files without one as pre-6.0 configs and converts them.
 SAELENS_FORMAT_VERSION = "6.54.12"
-# Our activations each format reproduces exactly.
-EXACT_ACTIVATIONS = {"safetensors": ("topk", "topk_relu", "topk_abs", "relu"),
-                     "saelens": ("topk_relu", "topk_abs", "relu"),
-                     "sparsify": ("topk_relu", "relu")}
-_SAELENS_ARCH = {"topk_relu": "topk", "topk_abs": "abstopk", "relu": "standard"}
-_SAELENS_ACTIVATION = {"topk": "topk_relu", "abstopk": "topk_abs", "standard": "relu"}
+# Our activations each format reproduces exactly (the activation table's export names, common/sae.py).
+EXACT_ACTIVATIONS = {"safetensors": ACTIVATIONS,
+                     "saelens": tuple(n for n, a in ACTIVATION_TABLE.items() if a.saelens),
+                     "sparsify": tuple(n for n, a in ACTIVATION_TABLE.items() if a.sparsify)}
+# a SAELens architecture loads as the first of our activations that exports to it (jumprelu, not batchtopk:
+# a batchtopk model comes back as such only when splinterp.json says so and its thresholds are all equal)
+_SAELENS_ACTIVATION = {}
+for _name, _act in ACTIVATION_TABLE.items():
+    if _act.saelens:
+        _SAELENS_ACTIVATION.setdefault(_act.saelens, _name)
+_SAELENS_TOPK = ("topk", "abstopk")  # the SAELens architectures with k and rescale_acts_by_decoder_norm
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _INIT_FIELDS = ("enc_init_scale", "dec_init_scale", "init")
@@ -209,16 +218,14 @@ def _check_export(model: SAE, fmt: str, allow_inexact: bool) -> str:
     if model.activation in EXACT_ACTIVATIONS[fmt]:
         return model.activation
     lib = {"saelens": "SAELens", "sparsify": "sparsify"}[fmt]
-    why = ("keeps negative selected pre-activations, which the library's TopK sets to 0 (ReLU)"
-           if model.activation == "topk" else
-           "selects by |pre-activation|; sparsify has no such TopK (it applies ReLU, then keeps the k largest)")
-    msg = (f"activation {model.activation!r} cannot be exported exactly to {lib}: it {why}. Exact exports: "
-           f"{', '.join(EXACT_ACTIVATIONS[fmt])}.")
+    nearest = model.act.nearest_export
+    msg = (f"activation {model.activation!r} cannot be exported exactly to {lib}: it {model.act.inexact_note}. "
+           f"Exact exports: {', '.join(EXACT_ACTIVATIONS[fmt])}.")
     if not allow_inexact:
-        raise ValueError(msg + " Pass allow_inexact=True to write the library's nearest model ('topk_relu') anyway.")
-    warnings.warn(msg + " Writing it as 'topk_relu' (allow_inexact=True): the library's reconstructions will differ "
+        raise ValueError(msg + f" Pass allow_inexact=True to write the library's nearest model ({nearest!r}) anyway.")
+    warnings.warn(msg + f" Writing it as {nearest!r} (allow_inexact=True): the library's reconstructions will differ "
                   "from this model's wherever that matters.", UserWarning, stacklevel=4)
-    return "topk_relu"
+    return nearest
 
 
 def _sidecar(model: SAE, fmt: str, exported_as: str) -> dict:
@@ -270,21 +277,28 @@ def _restore(folder: Path, side: dict | None, expected_b_enc, lib_bias) -> tuple
     return b_enc, centre
 
 
-def _build(*, activation: str, k, w_enc, b_enc, w_dec, b_dec, centre=None, side: dict | None = None,
+def _build(*, activation: str, k, w_enc, b_enc, w_dec, b_dec, centre=None, threshold=None, side: dict | None = None,
            dtype: torch.dtype) -> SAE:
-    """An SAE with these parameters (W_enc, W_dec (n_latents, n_features)); tied when ``side`` says the
-    original was tied and W_dec equals W_enc exactly."""
+    """An SAE with these parameters (W_enc, W_dec (n_latents, n_features); ``threshold`` (n_latents,) for a
+    thresholded activation); tied when ``side`` says the original was tied and W_dec equals W_enc exactly."""
     n_latents, n_features = w_enc.shape
     src = (side or {}).get("source_config", {})
     if activation == "topk_relu" and k == n_latents and src.get("activation") != "topk_relu":
         activation = "relu"  # top-k of all latents then ReLU is ReLU
+    source = ACTIVATION_TABLE.get(src.get("activation"))
+    if (threshold is not None and source is not None and source.threshold == "running"
+            and source.saelens == activation_spec(activation).saelens and torch.all(threshold == threshold[0])):
+        # a batchtopk model at inference is a jumprelu one with one threshold for every latent
+        activation, k, threshold = source.name, src.get("k"), threshold[0]
     tied = bool(src.get("tied")) and torch.equal(w_enc, w_dec)
     init = {f: src[f] for f in _INIT_FIELDS if f in src}
-    model = SAE(n_features, n_latents, activation, k if activation != "relu" else None, tied=tied, **init).to(dtype)
+    model = SAE(n_features, n_latents, activation, k, tied=tied, **init).to(dtype)
     state = {"W_enc": w_enc, "b_enc": b_enc, "b_dec": b_dec,
              "centre": centre if centre is not None else torch.zeros(n_features, dtype=dtype)}
     if not tied:
         state["W_dec"] = w_dec
+    if threshold is not None:
+        state["threshold"] = threshold
     model.load_state_dict({name: t.to(dtype) for name, t in state.items()})
     model.set_centre(model.centre.clone())
     return model
@@ -370,26 +384,33 @@ def load_safetensors(folder) -> SAE:
 # --- SAELens ------------------------------------------------------------------------------------------
 def save_saelens(model: SAE, folder, *, allow_inexact: bool = False) -> Path:
     """A folder ``sae_lens.SAE.load_from_disk`` opens (SAELens 6.x): architecture ``topk`` (our topk_relu),
-    ``abstopk`` (topk_abs) or ``standard`` (relu), with the centre folded in (module docstring). Signed
-    ``topk`` raises ValueError unless ``allow_inexact``."""
+    ``abstopk`` (topk_abs), ``standard`` (relu) or ``jumprelu`` (jumprelu, and batchtopk at inference), with the
+    centre folded in (module docstring). Signed ``topk`` raises ValueError unless ``allow_inexact``."""
     return _save_peer(model, folder, "saelens", allow_inexact, _saelens_file, SAELENS_WEIGHTS)
 
 
 def _saelens_file(model: SAE, activation: str, centre: torch.Tensor) -> tuple[dict, dict]:
     """SAELens's cfg.json and tensors for ``model`` run as ``activation``."""
     apply_b_dec, b_enc = _saelens_encoder_bias(model.W_enc, model.b_enc, centre, _is_centred(model), model.b_dec)
-    arch = _SAELENS_ARCH[activation]
+    act = activation_spec(activation)
+    arch = act.saelens
     cfg = {"d_in": model.n_features, "d_sae": model.n_latents, "dtype": _dtype_name(model.W_enc.dtype),
            "device": "cpu", "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION}}
-    if arch != "standard":
+    if arch in _SAELENS_TOPK:
         cfg.update(k=model.k, rescale_acts_by_decoder_norm=False)
     cfg["architecture"] = arch
-    return cfg, {"W_enc": model.W_enc.T, "b_enc": b_enc, "W_dec": model.atoms, "b_dec": model.b_dec}
+    tensors = {"W_enc": model.W_enc.T, "b_enc": b_enc, "W_dec": model.atoms, "b_dec": model.b_dec}
+    if act.threshold:
+        if (model.threshold < 0).any():
+            raise ValueError(f"a {activation} threshold below 0 has no SAELens equivalent (SAELens applies "
+                             "ReLU before its threshold; training keeps thresholds >= 0)")
+        tensors["threshold"] = model.threshold.expand(model.n_latents)  # batchtopk: its one threshold, per latent
+    return cfg, tensors
 
 
 def load_saelens(folder) -> SAE:
-    """An SAE computing what SAELens computes for the folder (architectures standard, topk, abstopk)."""
+    """An SAE computing what SAELens computes for the folder (architectures standard, topk, abstopk, jumprelu)."""
     folder = Path(folder)
     _wrong_format(folder, "saelens")
     cfg = _read_json(folder / CFG_FILE)
@@ -415,14 +436,19 @@ def load_saelens(folder) -> SAE:
             if not torch.all(tensors[name] == 1):
                 raise ValueError(f"{folder}: a fine-tuning scaling factor other than 1 is not supported")
             del tensors[name]
-    _expect_keys(tensors, {"W_enc", "b_enc", "W_dec", "b_dec"}, path)
-    for name, shape in (("W_enc", (d_in, d_sae)), ("b_enc", (d_sae,)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,))):
-        _expect_shape(tensors[name], shape, name, path)
+    thresholded = arch == "jumprelu"
+    _expect_keys(tensors, {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if thresholded else set()), path)
+    for name, shape in (("W_enc", (d_in, d_sae)), ("b_enc", (d_sae,)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,)),
+                        ("threshold", (d_sae,))):
+        if name in tensors:
+            _expect_shape(tensors[name], shape, name, path)
+    # SAELens's JumpReLU: relu(a) * (a > threshold), the same map as ours with the threshold max(threshold, 0)
+    threshold = tensors["threshold"].clamp(min=0) if thresholded else None
     w_enc, b_enc, w_dec, b_dec = tensors["W_enc"].T.contiguous(), tensors["b_enc"], tensors["W_dec"], tensors["b_dec"]
     apply_b_dec = cfg.get("apply_b_dec_to_input", True)
     centre = b_dec.clone() if apply_b_dec else None
     side = _read_sidecar(folder, d_in, d_sae)
-    rescale = arch != "standard" and cfg.get("rescale_acts_by_decoder_norm", False)
+    rescale = arch in _SAELENS_TOPK and cfg.get("rescale_acts_by_decoder_norm", False)
 
     def exported_bias(b, c, centred):  # what save_saelens writes for (b_enc, centre) = (b, c)
         apply, bias = _saelens_encoder_bias(w_enc, b, c, centred, b_dec)
@@ -438,8 +464,8 @@ def load_saelens(folder) -> SAE:
         w_enc = (w_enc.double() * s[:, None]).to(dtype)
         b_enc = (b_enc.double() * s).to(dtype)
         w_dec = torch.where((s > 0)[:, None], w_dec.double() / safe[:, None], 0.0).to(dtype)
-    return _build(activation=_SAELENS_ACTIVATION[arch], k=int(k) if arch != "standard" else None, w_enc=w_enc,
-                  b_enc=b_enc, w_dec=w_dec, b_dec=b_dec, centre=centre, side=side, dtype=dtype)
+    return _build(activation=_SAELENS_ACTIVATION[arch], k=int(k) if arch in _SAELENS_TOPK else None, w_enc=w_enc,
+                  b_enc=b_enc, w_dec=w_dec, b_dec=b_dec, centre=centre, threshold=threshold, side=side, dtype=dtype)
 
 
 # --- sparsify -----------------------------------------------------------------------------------------
@@ -452,7 +478,7 @@ def save_sparsify(model: SAE, folder, *, allow_inexact: bool = False) -> Path:
 
 def _sparsify_file(model: SAE, activation: str, centre: torch.Tensor) -> tuple[dict, dict]:
     """sparsify's cfg.json and tensors for ``model`` run as ``activation``."""
-    k = model.n_latents if activation == "relu" else model.k
+    k = model.k if activation_spec(activation).takes_k else model.n_latents  # relu: ReLU then top-(all)
     b_enc = _sparsify_encoder_bias(model.W_enc, model.b_enc, centre, model.b_dec)
     norms = model.atoms.detach().double().norm(dim=1)
     unit = bool(torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-5))

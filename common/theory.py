@@ -97,7 +97,7 @@ def _piecewise_affine(rng, n_points, activation, n_features, n_latents, k, jacob
     model = random_sae(rng, n_features, n_latents, activation, k)
     x = torch.from_numpy(random_points(rng, n_points, n_features))
     a = model.preacts(x)
-    if activation == "relu":
+    if not model.is_topk:
         mask = (a > 0).to(a.dtype)
     else:
         _, idx, _ = model.encode_sparse(x)

@@ -9,10 +9,14 @@ Methods
 
 Objective (identical for every method; coefficients relative to the MSE, see ``common.pam``):
 
-    mse(x, recon) + l1 * mean_r ||z_r||_1 + alpha ||W_dec||^2 + beta ||b_dec||^2
+    mse(x, recon) + l1 * mean_r ||z_r||_1 + l0 * mean_r ||z_r||_0 + alpha ||W_dec||^2 + beta ||b_dec||^2
         + mu ||W - W^t||^2 + nu ||b - b^t||^2     (proximal terms on every trained block)
 
-with W^t, b^t the parameters at the start of the outer iteration (epoch). ``prox_form="l2"`` replaces
+with W^t, b^t the parameters at the start of the outer iteration (epoch); a learned threshold (jumprelu)
+counts as a bias. The L0 term needs an activation with a learned threshold (jumprelu): its gradient, and the
+threshold's, come from straight-through estimators with kernel width ``bandwidth`` (docs/DESIGN.md 3.10).
+Training computes the codes with ``SAE.forward_train`` (batchtopk: the batch's k * batch_size largest values;
+the evaluation and PAM's decoder solve use the inference codes, its running threshold). ``prox_form="l2"`` replaces
 the proximal terms by the original scripts' plain L2, mu ||W_enc||^2 + nu ||b_enc||^2, on the encoder only.
 ``weight_decay`` is Adam's weight decay on the encoder.
 
@@ -50,7 +54,7 @@ from . import distributed as dist
 from .metrics import EvalSums, data_sums, evaluate_sums, summarise
 from .pam import STATS_DTYPES, collect_stats, decoder_objective, solve_decoder, sse_from_stats
 from .recipe import centre_of
-from .sae import SAE
+from .sae import ACTIVATION_TABLE, SAE
 from .stream import Stream
 
 METHODS = ("pam", "sgd", "sgd_tied")
@@ -108,6 +112,8 @@ class TrainConfig:
     updates_per_batch: int = 1      # Adam steps per mini-batch (the PAM ablation; 1 for the baselines)
     weight_decay: float = 0.0       # Adam weight decay on the encoder
     l1: float = 0.0                 # L1 penalty on codes
+    l0: float = 0.0                 # L0 penalty on codes (jumprelu: straight-through estimator)
+    bandwidth: float = 0.05         # jumprelu: width of the estimators' rectangle kernel (SAELens's default)
     mu: float = 0.0                 # proximal coefficient on weights
     nu: float = 0.0                 # proximal coefficient on biases
     prox_form: str = "proximal"     # "proximal" (ours) or "l2" (the original's plain L2 on the encoder)
@@ -154,7 +160,7 @@ class TrainConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                  f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("lr", "weight_decay", "l1", "mu", "nu", "alpha", "beta", "aux_coef"):
+        for name in ("lr", "weight_decay", "l1", "l0", "mu", "nu", "alpha", "beta", "aux_coef"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"{name} must be a finite number >= 0, got {v!r}")
@@ -162,14 +168,17 @@ class TrainConfig:
         need(isinstance(self.stop_epoch, int) and not isinstance(self.stop_epoch, bool)
              and 0 <= self.stop_epoch <= self.epochs,
              f"stop_epoch must be an integer in [0, epochs = {self.epochs}] (0: no early stop), got {self.stop_epoch!r}")
+        need(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth!r}")
 
 
-def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, codes, trained: set):
+def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, out, trained: set):
     """Everything in the training objective except the reconstruction MSE; None when nothing applies.
-    ``codes`` (dense) are needed only with an L1 penalty."""
+    ``out``: the forward pass (dense codes, an SAEOutput, are needed only with an L1 or L0 penalty)."""
     terms = []
     if cfg.l1:
-        terms.append(cfg.l1 * codes.abs().sum(-1).mean())
+        terms.append(cfg.l1 * out.codes.abs().sum(-1).mean())
+    if cfg.l0:
+        terms.append(cfg.l0 * model.act.l0(out.preacts, model.threshold, cfg.bandwidth))
     if "decoder" in trained:
         if cfg.alpha:
             terms.append(cfg.alpha * model.atoms.pow(2).sum())
@@ -182,7 +191,7 @@ def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, codes, trained
             terms.append(cfg.nu * model.b_enc.pow(2).sum())
     else:
         for name, anchor in anchors.items():
-            coef = cfg.nu if name.startswith("b_") else cfg.mu
+            coef = cfg.mu if anchor.ndim == 2 else cfg.nu  # weight matrices; biases (and thresholds)
             if coef:
                 terms.append(coef * (getattr(model, name) - anchor).pow(2).sum())
     return sum(terms[1:], terms[0]) if terms else None
@@ -248,6 +257,13 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         raise ValueError("method 'sgd_tied' needs a tied model (SAE(..., tied=True))")
     if cfg.method != "sgd_tied" and model.tied:
         raise ValueError(f"method {cfg.method!r} needs an untied model (SAE(..., tied=False))")
+    if cfg.l0 and model.act.threshold != "learned":
+        learned = [n for n, a in ACTIVATION_TABLE.items() if a.threshold == "learned"]
+        raise ValueError(f"l0={cfg.l0}: an L0 penalty needs an activation with a learned threshold "
+                         f"({', '.join(learned)}); this model uses {model.activation!r}")
+    if model.act.trains_on_batch and dist.active():
+        raise ValueError(f"activation {model.activation!r} selects over the whole batch; several processes hold "
+                         "parts of it: train it in one process")
     for name, x in (("x_train", x_train), ("x_test", x_test)):
         if len(x.shape) != 2 or x.shape[1] != model.n_features:
             raise ValueError(f"{name} must have shape (n_samples, {model.n_features}), got {tuple(x.shape)}")
@@ -282,7 +298,8 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         groups.append({"params": dec, "weight_decay": 0.0})
     opt = torch.optim.Adam(groups, lr=cfg.lr, fused=True)  # fused: ~20% faster epochs on CPU (bench/)
     params = enc + dec
-    named = [n for n, p in model.named_parameters() if any(p is q for q in params)]
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    named = [name_of[id(p)] for p in params]  # in the order of params (the anchors pair them)
     gen = torch.Generator().manual_seed(int(seed))
     # several processes (common/distributed.py): each evaluates its rows and the sums are added
     eval_train, eval_test = dist.shard(x_train), dist.shard(x_test)
@@ -340,14 +357,7 @@ def _aux_loss(model: SAE, xb, out, dead: torch.Tensor, cfg: TrainConfig):
     n_dead = int(dead.sum())
     if n_dead == 0:
         return None
-    k_aux = min(cfg.aux_k, n_dead)
-    score = out.preacts.abs() if model.activation == "topk_abs" else out.preacts
-    idx = score.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
-    vals = out.preacts.gather(-1, idx)
-    if model.activation != "topk_abs":
-        # only a positive pre-activation can grow into the top k; a signed target would let a dead latent
-        # reconstruct the residual with a negative value (its atom turned around) and stay dead
-        vals = F.relu(vals)
+    vals, idx = model.act.aux_select(out.preacts, dead, min(cfg.aux_k, n_dead))
     e_hat = F.embedding_bag(idx, model.atoms, per_sample_weights=vals, mode="sum")
     scale = min(n_dead / cfg.aux_k, 1.0)
     return cfg.aux_coef * scale * F.mse_loss(e_hat, (xb - out.recon).detach())
@@ -358,6 +368,13 @@ def _project_atom_gradient(W_dec: torch.nn.Parameter) -> None:
     """Remove from each atom's gradient its component along the (unit-norm) atom."""
     if W_dec.grad is not None:
         W_dec.grad.sub_((W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec)
+
+
+@torch.no_grad()
+def _project_threshold(model: SAE) -> None:
+    """A learned threshold (jumprelu) is kept >= 0 after every step (docs/DESIGN.md 3.10)."""
+    if model.act.threshold == "learned":
+        model.threshold.clamp_(min=0.0)
 
 
 def _check_finite(model: SAE, loss: float, where: str) -> None:
@@ -422,13 +439,14 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
                         since_fired += n_batch
                         since_fired[dist.any_rank(torch.zeros_like(since_fired, dtype=torch.bool))] = 0
                     opt.step()
+                    _project_threshold(model)
                     if sched is not None:
                         sched.step()
                     steps += 1
                     continue
                 codes = aux_term = None
-                if cfg.l1 or not model.is_topk:
-                    out = model(xb)
+                if cfg.l1 or cfg.l0 or not model.is_topk:
+                    out = model.forward_train(xb, cfg.bandwidth)
                     recon, codes = out.recon, out.codes
                     if aux:
                         fired = (codes != 0).any(0)
@@ -441,7 +459,7 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
                 if aux:
                     aux_term = _aux_loss(model, xb, out, since_fired >= dead_after, cfg)
                 loss = F.mse_loss(recon, xb)
-                penalty = _objective_terms(model, cfg, anchors, codes, trained)
+                penalty = _objective_terms(model, cfg, anchors, out, trained)
                 if penalty is not None:
                     loss = loss + penalty
                 total = loss if aux_term is None else loss + aux_term
@@ -452,6 +470,7 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
                 if unit_norm:
                     _project_atom_gradient(model.W_dec)
                 opt.step()
+                _project_threshold(model)
                 if unit_norm:
                     with torch.no_grad():
                         model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True))

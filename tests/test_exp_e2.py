@@ -52,3 +52,11 @@ def test_bad_override_fails_before_work(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--K=999: expected an integer in [1, --N_LATENTS (= 256)]" in res.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_e2_accepts_every_activation_of_the_table(tmp_path):
+    res = subprocess.run([sys.executable, str(SCRIPT), "--ACTIVATIONS=topk,gelu", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--ACTIVATIONS=topk,gelu" in res.stderr
+    assert "batchtopk" in res.stderr and "jumprelu" in res.stderr  # the accepted ones, from the table
+    assert not any(tmp_path.iterdir())

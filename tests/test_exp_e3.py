@@ -80,3 +80,24 @@ def test_streamed_activations_folder_gives_the_loaded_result(tmp_path):
         res = subprocess.run([sys.executable, str(SCRIPT), "--quick", f"--ACTIVATIONS={value}", "--STREAM=True",
                               "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and bad in res.stderr, (value, res.stderr[-1000:])
+
+
+def test_every_activation_of_the_table_runs_with_its_default_penalty(tmp_path):
+    """--ACTIVATION_VALUES takes any activation of common/sae.py's table; each run gets the table's penalty
+    (jumprelu: L0, relu: L1, TopK and batchtopk: none)."""
+    res = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--ONLY=activation",
+                          "--ACTIVATION_VALUES=jumprelu,batchtopk,relu", "--METHODS=pam,sgd", "--L0=0.002"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "table.json").read_text())
+    assert sorted((r["value"], r["activation"], r["method"]) for r in rows) == sorted(
+        (a, a, m) for a in ("jumprelu", "batchtopk", "relu") for m in ("pam", "sgd"))
+    assert all(math.isfinite(float(r["test_mse"])) for r in rows)
+    penalties = {}
+    for path in (tmp_path / "runs").glob("*.json"):
+        s = dict(json.loads(json.loads(path.read_text())["key"])[2])  # the run's key: [method, replicate, settings]
+        penalties[s["activation"]] = (s["l1"], s["l0"])
+    assert penalties == {"jumprelu": (0.0, 0.002), "batchtopk": (0.0, 0.0), "relu": (1e-5, 0.0)}
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path / "bad"),
+                          "--ACTIVATION=gelu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--ACTIVATION=gelu" in bad.stderr and "jumprelu" in bad.stderr

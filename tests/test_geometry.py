@@ -80,6 +80,62 @@ def test_relu_cells_are_power_cells_of_patterns():
     assert T.check_relu(np.random.default_rng(8), 800, n_features=3, n_latents=6) == (800, 800)
 
 
+# --- item 7: thresholded activations are ReLU patterns with shifted biases -------------------------
+
+ALL_PATTERNS = np.array(list(product([0, 1], repeat=7)), dtype=float)
+
+
+def power_cell_patterns(x, sites, weights):
+    return ALL_PATTERNS[G.power_distance(x, sites, weights).argmin(1)]
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+def test_thresholded_patterns_are_power_cells_with_shifted_biases(activation):
+    """docs/DESIGN.md 2.7: the pattern [z(x) != 0] is x's power cell among all 2^d patterns with the biases
+    encoder_bias - theta (jumprelu: per latent; batchtopk at inference: one theta); with the unshifted biases
+    (plain ReLU's cells) it is not."""
+    model = random_sae(3, 7, activation=activation, k=2, seed=30)
+    model.set_centre(torch.full((3,), 0.3, dtype=torch.float64))
+    g = torch.Generator().manual_seed(31)
+    with torch.no_grad():
+        model.threshold.copy_(torch.rand(model.threshold.shape, generator=g, dtype=torch.float64) + 0.2)
+    x = 1.5 * torch.randn(800, 3, generator=g, dtype=torch.float64)
+    q = (model.encode(x) != 0).double().numpy()
+    cells = power_cell_patterns(x, *G.sae_pattern_sites_weights(model, ALL_PATTERNS))
+    assert (cells == q).all()
+    shifted = model.encoder_bias.detach() - model.threshold.detach()  # the sites and weights by hand (2.3)
+    sites = ALL_PATTERNS @ model.W_enc.detach().numpy()
+    weights = (sites * sites).sum(1) + 2 * ALL_PATTERNS @ shifted.expand(7).numpy()
+    np.testing.assert_allclose(G.sae_pattern_sites_weights(model, ALL_PATTERNS)[1], weights, rtol=1e-12)
+    relu_cells = power_cell_patterns(x, *G.relu_sites_weights(model.W_enc, model.encoder_bias, ALL_PATTERNS))
+    assert (relu_cells != q).any(1).mean() > 0.2  # the shift matters
+
+
+def test_batchtopk_training_pattern_is_a_shifted_power_cell_of_the_batch():
+    """In training a BatchTopK batch keeps a_i(x_r) > t, t the largest value it did not keep: the same cells with
+    theta = t for every latent (docs/DESIGN.md 2.7)."""
+    model = random_sae(3, 7, activation="batchtopk", k=2, seed=32)
+    x = 1.5 * torch.randn(50, 3, generator=torch.Generator().manual_seed(33), dtype=torch.float64)
+    codes = model.forward_train(x).codes.detach()
+    q = (codes != 0).double().numpy()
+    assert q.sum() == 2 * 50
+    t = model.preacts(x).detach().clamp(min=0)[codes == 0].max()
+    sites, weights = G.relu_sites_weights(model.W_enc, model.encoder_bias - t, ALL_PATTERNS)
+    assert (power_cell_patterns(x, sites, weights) == q).all()
+
+
+def test_relu_patterns_through_the_table_are_the_unshifted_cells():
+    assert T.check_relu(np.random.default_rng(8), 300, n_features=3, n_latents=6) == (300, 300)
+    model = random_sae(3, 7, activation="relu", seed=34)
+    x = 1.5 * torch.randn(400, 3, generator=torch.Generator().manual_seed(35), dtype=torch.float64)
+    cells = power_cell_patterns(x, *G.sae_pattern_sites_weights(model, ALL_PATTERNS))
+    assert (cells == (model.encode(x) != 0).double().numpy()).all()
+    with pytest.raises(ValueError, match="sae_pattern_sites_weights"):
+        G.sae_sites_weights(model)
+    with pytest.raises(ValueError, match="regions 'order_k', not activation patterns"):
+        G.sae_pattern_sites_weights(random_sae(3, 7, k=2), ALL_PATTERNS)
+
+
 # --- item 4: k-means is the Top-1 special case ---------------------------------------------------
 
 def test_top1_with_centroid_sites_is_kmeans():

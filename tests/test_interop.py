@@ -27,10 +27,13 @@ LOAD = {"safetensors": load_safetensors, "saelens": load_saelens, "sparsify": lo
 
 def make_model(activation="topk_relu", tied=False, centred=False, dtype=torch.float32, seed=0):
     """Every parameter random and non-zero; b_enc negative enough that some samples have fewer than K
-    positive pre-activations (where sparsify's ReLU-then-top-k differs in form from our top-k-then-ReLU)."""
+    positive pre-activations (where sparsify's ReLU-then-top-k differs in form from our top-k-then-ReLU); a
+    threshold (jumprelu: per latent, batchtopk: one) in (0, 1), where it zeroes some positive pre-activations."""
     g = torch.Generator().manual_seed(seed)
     model = SAE(N_FEATURES, N_LATENTS, activation, None if activation == "relu" else K, tied=tied, seed=seed)
     with torch.no_grad():
+        if model.threshold is not None:
+            model.threshold.copy_(torch.rand(model.threshold.shape, generator=g))
         model.W_enc.copy_(0.5 * torch.randn(N_LATENTS, N_FEATURES, generator=g))
         model.b_enc.copy_(torch.randn(N_LATENTS, generator=g) - 1.5)
         if not tied:
@@ -53,17 +56,19 @@ def close(a, b, dtype=torch.float32):
 
 # --- the libraries' forward passes, re-implemented from their source (sae-lens 6.54, sparsify 1.3.3) ----------
 def saelens_reference(folder, x):
-    """sae_lens TopKSAE / AbsTopKSAE / StandardSAE: encode (process_sae_in, W_enc, b_enc, optional norm
+    """sae_lens TopKSAE / AbsTopKSAE / StandardSAE / JumpReLUSAE: encode (process_sae_in, W_enc, b_enc, optional norm
     rescaling, activation) then decode (optional norm rescaling, W_dec, b_dec)."""
     cfg = json.loads((Path(folder) / "cfg.json").read_text())
     t = load_file(str(Path(folder) / "sae_weights.safetensors"))
     w_enc, b_enc, w_dec, b_dec = t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
     hidden = (x - b_dec * cfg["apply_b_dec_to_input"]) @ w_enc + b_enc
-    rescale = cfg["architecture"] != "standard" and cfg["rescale_acts_by_decoder_norm"]
+    rescale = cfg["architecture"] in ("topk", "abstopk") and cfg["rescale_acts_by_decoder_norm"]
     if rescale:
         hidden = hidden * w_dec.norm(dim=-1)
     if cfg["architecture"] == "standard":
         acts = F.relu(hidden)
+    elif cfg["architecture"] == "jumprelu":  # JumpReLUSAE.encode: ReLU, then zero what is <= threshold
+        acts = F.relu(hidden) * (hidden > t["threshold"])
     elif cfg["architecture"] == "topk":
         vals, idx = hidden.topk(cfg["k"], dim=-1, sorted=False)
         acts = torch.zeros_like(hidden).scatter(-1, idx, vals.relu())
@@ -250,6 +255,58 @@ def test_allow_inexact_warns_and_writes_the_topk_relu_model(tmp_path, fmt):
     close(back.reconstruct(x), relu_twin.reconstruct(x))
 
 
+# --- thresholded activations: jumprelu, batchtopk ----------------------------------------------------------
+def test_thresholded_activations_export_to_saelens_jumprelu(tmp_path):
+    """jumprelu and batchtopk (at inference) are SAELens's JumpReLU: cfg without k, a per-latent threshold tensor
+    (batchtopk: its one threshold repeated); back as batchtopk only while splinterp.json says so."""
+    x = data()
+    for activation in ("jumprelu", "batchtopk"):
+        model = make_model(activation, centred=True)
+        folder = save_saelens(model, tmp_path / activation)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        assert cfg["architecture"] == "jumprelu" and "k" not in cfg and "rescale_acts_by_decoder_norm" not in cfg
+        t = load_file(str(folder / "sae_weights.safetensors"))
+        assert set(t) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"} and t["threshold"].shape == (N_LATENTS,)
+        assert torch.equal(t["threshold"], model.threshold.detach().expand(N_LATENTS))
+        assert ((model.preacts(x) > 0) & (model.encode(x) == 0)).any()  # the threshold zeroes positive values
+        (folder / "splinterp.json").unlink()
+        (folder / "splinterp.safetensors").unlink()
+        bare = load_saelens(folder)
+        assert bare.activation == "jumprelu" and bare.k is None
+        close(bare.reconstruct(x), model.reconstruct(x))
+        close(saelens_reference(folder, x)[0], model.reconstruct(x))
+
+
+def test_saelens_jumprelu_file_with_negative_thresholds_loads_as_saelens_computes(tmp_path):
+    model = make_model("jumprelu")
+    folder = save_saelens(model, tmp_path / "s")
+    t = load_file(str(folder / "sae_weights.safetensors"))
+    t["threshold"] = t["threshold"] - 0.5  # some below 0: SAELens's relu(a) H(a - theta) is then relu(a) there
+    assert (t["threshold"] < 0).any()
+    save_file(t, str(folder / "sae_weights.safetensors"))
+    x = data()
+    back = load_saelens(folder)
+    assert (back.threshold >= 0).all()
+    close(back.reconstruct(x), saelens_reference(folder, x)[0])
+    with torch.no_grad():
+        model.threshold.sub_(1.0)
+    with pytest.raises(ValueError, match="threshold below 0 has no SAELens equivalent"):
+        save_saelens(model, tmp_path / "neg")
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+def test_thresholded_activations_to_sparsify_are_refused_or_written_as_relu(tmp_path, activation):
+    model, x = make_model(activation), data()
+    with pytest.raises(ValueError, match=f"activation '{activation}' cannot be exported exactly to sparsify: it .*"
+                                         "no thresholded activation"):
+        save_sparsify(model, tmp_path / "x")
+    with pytest.warns(UserWarning, match="Writing it as 'relu'"):
+        save_sparsify(model, tmp_path / "y", allow_inexact=True)
+    relu_twin = SAE(N_FEATURES, N_LATENTS, "relu")  # the same parameters, no threshold
+    relu_twin.load_state_dict({k: v for k, v in model.state_dict().items() if k != "threshold"})
+    close(sparsify_reference(tmp_path / "y", x)[0], relu_twin.reconstruct(x))
+
+
 def _edit_cfg(folder, **changes):
     cfg = json.loads((folder / "cfg.json").read_text())
     cfg.update(changes)
@@ -258,7 +315,7 @@ def _edit_cfg(folder, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(normalize_activations="layer_norm"), "normalize_activations='layer_norm'"),
-    (dict(architecture="jumprelu"), "architecture 'jumprelu' has no equivalent"),
+    (dict(architecture="gated"), "architecture 'gated' has no equivalent"),
 ])
 def test_saelens_files_we_cannot_load_exactly_are_refused(tmp_path, changes, match):
     folder = save_saelens(make_model(), tmp_path / "s")
@@ -383,6 +440,54 @@ def test_saelens_own_loader_reproduces_our_model(tmp_path, activation, centred, 
     with torch.no_grad():
         close(lens(x), model.reconstruct(x))
         close(lens.encode(x), model.encode(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation,centred,tied", [(a, c, t) for a in ("jumprelu", "batchtopk")
+                                                     for c in (False, True) for t in (False, True)])
+def test_saelens_own_loader_reproduces_our_thresholded_models(tmp_path, activation, centred, tied):
+    """SAELens's JumpReLUSAE (what it also saves its BatchTopK as) from our export: our codes and reconstructions."""
+    sae_lens = _peer("sae_lens")
+    model, x = make_model(activation, tied, centred), data()
+    save_saelens(model, tmp_path / "sae")
+    lens = sae_lens.SAE.load_from_disk(tmp_path / "sae")
+    assert type(lens).__name__ == "JumpReLUSAE"
+    with torch.no_grad():
+        close(lens(x), model.reconstruct(x))
+        close(lens.encode(x), model.encode(x))
+        assert ((model.preacts(x) > 0) & (lens.encode(x) == 0)).any()  # the thresholds are doing something
+
+
+@pytest.mark.slow
+def test_saelens_jumprelu_and_batchtopk_models_load_here(tmp_path):
+    """A JumpReLU SAE built and saved by SAELens, and a BatchTopK training SAE saved for inference (as JumpReLU,
+    its running threshold per latent), load with SAELens's reconstructions."""
+    sae_lens = _peer("sae_lens")
+    g = torch.Generator().manual_seed(7)
+    x = data()
+    lens = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=N_FEATURES, d_sae=N_LATENTS, apply_b_dec_to_input=True))
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        lens.threshold.copy_(torch.rand(N_LATENTS, generator=g))
+    lens.save_model(tmp_path / "jump")
+    model = load_saelens(tmp_path / "jump")
+    assert model.activation == "jumprelu"
+    with torch.no_grad():
+        close(model.reconstruct(x), lens(x))
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    train_sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=N_FEATURES, d_sae=N_LATENTS, k=K,
+                                                                rescale_acts_by_decoder_norm=False))
+    with torch.no_grad():
+        for p in train_sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        train_sae.topk_threshold.fill_(0.4)
+    train_sae.save_inference_model(tmp_path / "batch")
+    inference = sae_lens.SAE.load_from_disk(tmp_path / "batch")
+    model = load_saelens(tmp_path / "batch")
+    assert type(inference).__name__ == "JumpReLUSAE" and model.activation == "jumprelu"
+    with torch.no_grad():
+        close(model.reconstruct(x), inference(x))
 
 
 @pytest.mark.slow

@@ -171,3 +171,61 @@ def test_bad_data_fails_before_training():
         train(SAE(10, 16, "topk", 3), torch.randn(5, 4), xte, TrainConfig(epochs=1), progress=False)
     with pytest.raises(ValueError, match="needs a tied model"):
         train(SAE(10, 16, "topk", 3), *toy(), TrainConfig(method="sgd_tied", epochs=1), progress=False)
+
+
+# --- jumprelu and batchtopk (docs/DESIGN.md 3.10) ------------------------------------------------------------
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+@pytest.mark.parametrize("activation,opts", [("jumprelu", dict(l0=1e-3)), ("batchtopk", {})])
+def test_thresholded_activations_train_and_lower_the_mse(method, activation, opts):
+    _, hist, _, _ = run(method, activation, **opts)
+    assert hist[-1]["train_mse"] < 0.5 * hist[0]["train_mse"]
+    assert hist[-1]["test_mse"] < 0.5 * hist[0]["test_mse"]
+    if method == "pam":
+        for row in hist[1:]:  # the solve is exact on the inference codes, whatever the activation
+            assert row["objective_after_solve"] <= row["objective_before_solve"] + 1e-12
+
+
+def test_jumprelu_threshold_is_learned_kept_non_negative_and_the_l0_penalty_lowers_l0():
+    free, hist_free, _, _ = run("sgd", "jumprelu")
+    sparse, hist_sparse, _, _ = run("sgd", "jumprelu", l0=3e-2)
+    assert (sparse.threshold >= 0).all() and (free.threshold >= 0).all()
+    assert sparse.threshold.max() > 0.05  # moved from 0 by the L0 estimator
+    assert hist_sparse[-1]["train_l0"] < 0.7 * hist_free[-1]["train_l0"]
+    pam, _, _, _ = run("pam", "jumprelu", l0=3e-2)
+    assert pam.threshold.max() > 0.05  # an encoder parameter: PAM's encoder phase trains it
+
+
+def test_batchtopk_training_sets_its_inference_threshold():
+    model, hist, xtr, _ = run("sgd", "batchtopk")
+    assert float(model.threshold) > 0
+    # at inference about k non-zeros per row on average (the threshold is the batches' smallest kept value)
+    assert 1.5 < hist[-1]["train_l0"] < 6
+
+
+def test_thresholded_activation_settings_are_checked():
+    with pytest.raises(ValueError, match="an L0 penalty needs an activation with a learned threshold \\(jumprelu\\)"):
+        run("sgd", "relu", l0=1e-3, epochs=1)
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        TrainConfig(bandwidth=0.0)
+    with pytest.raises(ValueError, match="l0 must be a finite number >= 0"):
+        TrainConfig(l0=-1.0)
+
+
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+def test_jumprelu_threshold_pushed_down_stops_at_zero(method):
+    """Without an L0 penalty the reconstruction pulls thresholds down; each step projects them back onto >= 0."""
+    xtr, xte = toy()
+    model = SAE(10, 16, "jumprelu", seed=1)
+    with torch.no_grad():
+        model.threshold.fill_(0.02)
+    train(model, xtr, xte, TrainConfig(method=method, epochs=3, batch_size=32, lr=1e-2), seed=2, progress=False)
+    assert (model.threshold >= 0).all() and (model.threshold == 0).sum() >= 4
+
+
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+def test_jumprelu_threshold_takes_the_bias_proximal_term(method):
+    """The proximal anchors pair every trained parameter with its own start (the threshold, an encoder
+    parameter, with nu like a bias): huge nu pins it, mu leaves it free."""
+    pinned, _, _, _ = run(method, "jumprelu", l0=3e-2, mu=1e-3, nu=1e3, epochs=2)
+    free, _, _, _ = run(method, "jumprelu", l0=3e-2, mu=1e3, nu=1e-3, epochs=2)
+    assert pinned.threshold.abs().max() < 1e-3 < free.threshold.max()
