@@ -8,6 +8,8 @@ Categories (tallied separately, never summed into one count):
     paper-empirical  an empirical claim of the paper (PAM-SGD vs SGD, sample efficiency, ...)
     implementation   a check of our own code (e.g. the decoder step never raises the objective); never
                      counted as evidence for the paper
+    beyond-paper     a question the paper does not ask, judged by the same rules (e.g. recovery of known
+                     features on ground-truth data)
 
 Comparison rule (``compare``), for the question "is A lower than B?" over replicates:
     The replicates are paired: replicate r of A and of B share the data subset, the initialisation family, the
@@ -55,6 +57,11 @@ modern tuned one): the same verdict under every protocol -> that verdict; otherw
 holds and another does not hold, else inconclusive. The claim depends on the protocol when the verdicts
 differ. A claim with protocols carries exactly this overall verdict and flag.
 
+Agreement rule (``agreement_verdict``, do two metrics rank two methods alike?): at each setting, both metrics'
+comparisons (each by the family rule); holds if at least one setting has both decided and every such setting
+has the same winner under both; does not hold if some setting has both decided with different winners;
+inconclusive otherwise.
+
 E1 rule (``between_verdict``): holds if k-means + local PCA of the SAE's rank <= the exact TopK SAE's MSE <=
 k-means' MSE, in every case; does not hold otherwise.
 
@@ -81,13 +88,14 @@ from scipy.stats import t as student_t
 from common.config import write_text
 
 VERDICTS = ("holds", "does not hold", "mixed", "inconclusive", "uninformative")
-CATEGORIES = ("identity", "paper-empirical", "implementation")
+CATEGORIES = ("identity", "paper-empirical", "implementation", "beyond-paper")
 SPARSITY_MARGIN = 0.05    # a sparser model may have at most this much higher test MSE (fixed before any result)
 CATEGORY_TITLES = {
     "identity": "Numerical checks of the theory's identities (can fail only through a bug; each has a negative "
                 "control)",
     "paper-empirical": "Paper's empirical claims",
     "implementation": "Implementation checks (our code; never counted as evidence for the paper)",
+    "beyond-paper": "Beyond the paper (our questions, the same rules)",
 }
 SETTING_VERDICTS = ("holds", "does not hold", "inconclusive", "uninformative")  # what compare returns
 
@@ -200,6 +208,18 @@ def sparsity_family(settings, level: float = 0.95, margin: float = SPARSITY_MARG
         else:  # sparser: only with its error within the margin
             verdicts.append({"holds": "holds", "does not hold": "does not hold"}.get(f.verdict, "inconclusive"))
     return verdicts, l0, fid
+
+
+def agreement_verdict(first, second) -> str:
+    """Agreement rule. ``first``, ``second``: per setting, the verdicts of "is A better than B?" under each metric
+    (holds: A better; does not hold: B better)."""
+    first, second = list(first), list(second)
+    if len(first) != len(second) or not first:
+        raise ValueError(f"agreement_verdict needs two equally long, non-empty lists, got {len(first)} and {len(second)}")
+    decided = [(a, b) for a, b in zip(first, second) if a in ("holds", "does not hold") and b in ("holds", "does not hold")]
+    if any(a != b for a, b in decided):
+        return "does not hold"
+    return "holds" if decided else "inconclusive"
 
 
 def cap_at_edge(verdict: str, on_edge: bool) -> str:
