@@ -458,8 +458,9 @@ def test_reuse_refuses_other_data_other_settings_an_edited_record_and_missing_st
         tuning.reuse(path, p, experiment.fingerprint(x, xt, p.base_seed + 1))
     with pytest.raises(ValueError, match=r"other base settings.*k 2 vs 3"):
         tuning.reuse(path, replace(p, base=dict(p.base, k=3)), stamp)
+    edited = forged(out, tmp_path, lambda r: r["studies"][0]["trials"][0].update(val_mse=1e-9), digest=False)
     with pytest.raises(ValueError, match="changed after it was written"):       # edited, sha256 left
-        tuning.reuse(forged(out, tmp_path, lambda r: r["studies"][0]["trials"][0].update(val_mse=1e-9), False), p, stamp)
+        tuning.reuse(edited, p, stamp)
     for ablations, seeds, methods in (({"base": experiment.BASE, "fraction": Ablation(("fraction",), (0.5, 0.25))}, 2,
                                        ("pam", "sgd")),
                                       (p.ablations, 3, ("pam", "sgd")),               # fraction: per replicate
