@@ -28,11 +28,14 @@ The rules (docs/DESIGN.md, section 5), the same for every method:
 - **Edges.** A chosen number in the outer ``EDGE`` of its log-range (an end that means "none" excepted:
   ``NONE_AT_LOW``), or a stopping epoch equal to ``epochs``, is *on the edge*: the range is extended past it
   once (the value times 2, 4 and 8 beyond the end, the other settings kept; for the epoch, a trial with a
-  schedule twice as long). If the best is then the outermost extension (or again the last epoch), the
-  setting is marked *edge* in the record and a claim that rests on it is at most inconclusive.
+  schedule twice as long). If the best is then the outermost extension (for the epoch: the longer schedule,
+  stopping at its last epoch), the setting is marked *edge* in the record and a claim that rests on it is at most
+  inconclusive.
 - **Resuming.** Every study is kept in an Optuna journal file (``<out>/studies/``); an interrupted tuning goes
-  on where it stopped (trials left running are marked failed and do not count). A study is named by a hash of
-  everything it depends on (settings, ranges, data, seeds, training code).
+  on where it stopped (trials left running are marked failed and do not count; the trials past an edge are kept
+  there too), and draws what an uninterrupted one would (the sampler is seeded by the trial's place). A study is
+  named by a hash of everything it depends on (settings, ranges, data, seeds, training code), not by the budgets:
+  a larger budget continues the journal of a smaller one.
 
 ``tuning.json`` records, for every study, the data fingerprint, the settings, every trial and the choices;
 ``reuse`` (a script's ``TUNED`` option) accepts a record only for the same data and settings, and only when
@@ -207,6 +210,9 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
         return [t for t in opt.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
     while len(finished()) < study.budgets[-1]:
+        # seeded by the trial's place among the counted ones: a sampler's generator lives in this process, so a
+        # resumed study seeded once would repeat its first draws; this way it draws what an uninterrupted one does
+        opt.sampler = optuna.samplers.TPESampler(seed=derive_seed(study.seed, "trial", len(finished())))
         trial = opt.ask()
         values = {}
         for name, spec in study.space.items():
@@ -239,16 +245,18 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
                        "stop_epoch": best[1], "epochs": epochs,
                        "pruned_at": max(t.intermediate_values) if t.state == TrialState.PRUNED else None,
                        "diverged": t.user_attrs.get("diverged", "")})
-    extensions = {}  # (values, epochs) -> (val_mse, stop_epoch): trials past an edge, shared by the budgets
-
     def extra(values, n_epochs):
-        key = json.dumps([sorted(values.items()), n_epochs])
-        if key not in extensions:
+        """(val_mse, stop_epoch) of a trial past an edge: trained once, kept in the study's journal (shared by the
+        budgets, and not trained again when the tuning is resumed)."""
+        key = "extension " + json.dumps([sorted(values.items()), n_epochs])
+        if key not in opt.user_attrs:
             try:
-                extensions[key] = _best_epoch(_train_trial(study, values, n_epochs, x_fit, x_val))
+                mse, stop = _best_epoch(_train_trial(study, values, n_epochs, x_fit, x_val))
             except NonFiniteError:
-                extensions[key] = (math.inf, None)
-        return extensions[key]
+                mse, stop = math.inf, None
+            opt.set_user_attr(key, [mse if math.isfinite(mse) else None, stop])
+        mse, stop = opt.user_attrs[key]
+        return (math.inf if mse is None else mse), stop
 
     choices = {}
     for b in study.budgets:
@@ -282,7 +290,9 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
                  "stop_epoch": stop}]})
             if mse < choice["val_mse"]:
                 choice.update(epochs=2 * epochs, stop_epoch=stop, val_mse=mse)
-            if choice["stop_epoch"] == choice["epochs"]:
+            # on the edge when the longer schedule wins and again stops at its last epoch (when it loses, the
+            # validation MSE rose after the last epoch of the shorter one: that stopping epoch is no edge)
+            if choice["epochs"] == 2 * epochs and choice["stop_epoch"] == choice["epochs"]:
                 choice["edge"].append("epochs")
         choices[str(b)] = choice
     return {"ablation": study.ablation, "value": study.value, "method": study.method, "replicate": study.replicate,
@@ -331,7 +341,7 @@ def plan_studies(protocol: Protocol, space: dict, budgets, epochs: int, n_train:
                     fit, val = validation_split(n_rows, val_fraction, split_seed)
                     sp = method_space(space, method, fixed=abl.sets)
                     sseed = derive_seed(seed, "study", ablation, value, rep)
-                    name = hashlib.sha256(json.dumps([sorted(s.items()), sp, budgets, sseed, rseed, split_seed,
+                    name = hashlib.sha256(json.dumps([sorted(s.items()), sp, sseed, rseed, split_seed,
                                                       val_fraction, method, stamp], default=str).encode()
                                           ).hexdigest()[:16]
                     jobs.append((Study(ablation, value, method, rep, s, sp, budgets, sseed, rseed, split_seed, name),
@@ -452,7 +462,7 @@ def reuse(path, protocol: Protocol, stamp: str) -> tuple[dict, dict]:
     path = Path(path)
     try:
         record = json.loads(path.read_text())
-        studies, base, fp = record["studies"], record["base"], record["fingerprint"]
+        studies, base, fp, epochs = record["studies"], record["base"], record["fingerprint"], record["epochs"]
         ok = record.get("sha256") == _digest(record)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a tuning.json written by --TUNE=True ({type(err).__name__}: {err})") from None
@@ -469,10 +479,14 @@ def reuse(path, protocol: Protocol, stamp: str) -> tuple[dict, dict]:
                          "(tuned, now): " + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
     for st in studies:
         for b, c in st["choices"].items():
-            cands = [(t["val_mse"], t["values"]) for t in st["trials"][:int(b)] if t["val_mse"] is not None]
-            cands += [(t["val_mse"], t["values"]) for e in c["extended"] for t in e["trials"] if t["val_mse"] is not None]
+            # (val MSE, values, stopping epoch, schedule) of every recorded trial: the choice must be the best one
+            # whole (a value trial past an edge ran the study's schedule)
+            cands = [(t["val_mse"], t["values"], t["stop_epoch"], t["epochs"]) for t in st["trials"][:int(b)]
+                     if t["val_mse"] is not None]
+            cands += [(t["val_mse"], t["values"], t["stop_epoch"], t.get("epochs", epochs))
+                      for e in c["extended"] for t in e["trials"] if t["val_mse"] is not None]
             best = min(cands, key=lambda cv: cv[0], default=None)
-            if best is None or (c["val_mse"], c["values"]) != best:
+            if best is None or (c["val_mse"], c["values"], c["stop_epoch"], c["epochs"]) != best:
                 raise ValueError(f"{path}: the choice of {st['method']} at {st['ablation']}={st['value']} (budget {b}) "
                                  "is not the best of its recorded trials; tune again")
     tuned = chosen_settings(record, protocol)

@@ -54,9 +54,47 @@ def test_bad_override_fails_before_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+<<<<<<< HEAD
 def test_e2_accepts_every_activation_of_the_table(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--ACTIVATIONS=topk,gelu", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--ACTIVATIONS=topk,gelu" in res.stderr
     assert "batchtopk" in res.stderr and "jumprelu" in res.stderr  # the accepted ones, from the table
     assert not any(tmp_path.iterdir())
+=======
+@pytest.mark.skipif(not (ROOT / "data" / "mnist" / "train-images-idx3-ubyte").exists(), reason="MNIST not fetched")
+def test_a_reused_tuning_gives_the_tuning_runs_table_and_other_data_are_refused(tmp_path):
+    """--TUNE=True tunes each method at each value (the fraction per replicate) and trains at each budget; --TUNED
+    with that folder tunes nothing and gives the same table and summary; on other data it exits 2."""
+    env = dict(os.environ, MPLBACKEND="Agg")
+    small = ["--quick", "--RECIPE=modern", "--ACTIVATIONS=topk", "--ONLY=base,fraction", "--FRACTIONS=0.5",
+             "--METHODS=pam,sgd", "--WORKERS=1"]
+
+    def e2(*args):
+        return subprocess.run([sys.executable, str(SCRIPT), *small, *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    tuned = e2("--TUNE=True", "--out", str(tmp_path / "tuned"))
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    record = json.loads((tmp_path / "tuned" / "topk" / "tuning" / "tuning.json").read_text())
+    assert record["budgets"] == [2, 3] and len(record["studies"]) == 4     # base and fraction 0.5, pam and sgd
+    reused = e2("--TUNED=" + str(tmp_path / "tuned"), "--out", str(tmp_path / "reused"))
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert not (tmp_path / "reused" / "topk" / "tuning").exists()           # nothing tuned again
+
+    def table(name):
+        rows = json.loads((tmp_path / name / "topk" / "table.json").read_text())
+        return [{k: v for k, v in r.items() if k not in ("wall_time", "train_time")} for r in rows]
+
+    rows = table("tuned")
+    assert len(rows) == 2 * 4 and {r["budget"] for r in rows} == {2, 3}
+    assert all(json.loads(r["tuned"])["epochs"] >= 2 for r in rows)
+    assert table("reused") == rows
+    summary = (tmp_path / "tuned" / "topk" / "summary.md").read_text()
+    assert (tmp_path / "reused" / "topk" / "summary.md").read_text() == summary
+    assert str(tmp_path / "tuned" / "topk" / "tuning") in summary
+    other = e2("--TUNED=" + str(tmp_path / "tuned"), "--N_TRAIN=300", "--out", str(tmp_path / "other"))
+    assert other.returncode == 2 and "tuned on other data" in other.stderr and "Traceback" not in other.stderr
+    both = e2("--TUNE=True", "--TUNED=" + str(tmp_path / "tuned"), "--out", str(tmp_path / "both"))
+    assert both.returncode == 2 and "--TUNED" in both.stderr and not (tmp_path / "both").exists()
+>>>>>>> tunetests

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from common import experiment, tuning
+from common import experiment
 from common.sae import SAEConfig
 from common.train import TrainConfig
 
@@ -70,14 +70,56 @@ def test_a_run_spec_names_a_run_and_every_planned_run_carries_one():
     assert {r.spec.replicate for r in runs} == {0, 1} and len({r.spec for r in runs}) == len(runs)
 
 
-def test_tuning_trials_are_run_specs_too():
-    protocol = tiny_protocol(ablations=only("base"), methods=("pam", "sgd"))
-    grids = {"pam": {"lr": (1e-3, 2e-3, 4e-3)}, "sgd": {"lr": (1e-3, 2e-3), "weight_decay": (0.0, 1e-4)}}
-    planned = tuning.plan_trials(protocol, grids, 2, epochs=1, seed=0)
-    assert [r.spec for r, _ in planned] == [experiment.RunSpec(m, "tune", i, 0) for m in ("pam", "sgd") for i in (0, 1)]
-    for run, values in planned:
-        assert run.may_diverge and run.settings["epochs"] == 1
-        assert all(run.settings[k] == v for k, v in values.items())
+def test_a_tuned_protocol_plans_one_run_per_budget_and_shares_identical_choices(tmp_path):
+    """With settings chosen per value (common/tuning.py) every run is planned once per budget, its choice last; a
+    budget whose choice is the same as a smaller one's is trained once, and its row carries its own budget."""
+    protocol = tiny_protocol(ablations=only("base", "weight_decay"), methods=("pam", "sgd"))
+    choice = {"lr": 1e-2, "epochs": 3, "stop_epoch": 2}
+    tuned = {}
+    for ablation, values in (("base", ("-",)), ("weight_decay", (0.0, 1e-3))):
+        for value in values:
+            for method in ("pam", "sgd"):
+                tuned[experiment.TunedKey(ablation, value, method, 0, 2)] = dict(choice)
+                later = dict(choice, lr=2e-2) if method == "pam" and ablation == "base" else dict(choice)
+                tuned[experiment.TunedKey(ablation, value, method, 0, 5)] = later
+    p = dataclasses.replace(protocol, tuned=tuned)
+    assert p.budgets == (2, 5) and protocol.budgets == ()
+    runs = {r.spec.id: r for r in p.plan()}
+    assert len(runs) == 2 * (2 + 2 * 2)
+    assert experiment.RunSpec("sgd", "base", "-", 0, 5).id == "sgd|base=-|rep0|budget5"
+    for rid, run in runs.items():
+        assert rid.endswith(f"|budget{run.spec.budget}") and run.spec.budget in (2, 5)
+        expected = tuned[experiment.TunedKey(run.spec.ablation, run.spec.value, run.spec.method, 0, run.spec.budget)]
+        assert {k: run.settings[k] for k in expected} == expected       # the choice comes last (epochs: 3, not 2)
+        assert json.loads(run.tuned) == expected
+    assert runs["sgd|base=-|rep0|budget5"].shared_with == "sgd|base=-|rep0|budget2"      # the same choice
+    assert runs["sgd|weight_decay=0.0|rep0|budget2"].shared_with == "sgd|base=-|rep0|budget2"
+    assert runs["pam|base=-|rep0|budget5"].shared_with is None                          # another choice
+    x_train, x_test = data()
+    rows, hist, _ = experiment.execute(p, x_train, x_test, tmp_path, progress=False)
+    by = {(r["method"], r["ablation"], r["value"], r["budget"]): r for r in rows}
+    assert len(by) == len(rows) == 12
+    shared = by[("sgd", "base", "-", 5)]
+    assert shared["shared_with"] == "sgd|base=-|rep0|budget2" and shared["budget"] == 5
+    assert shared["test_mse"] == by[("sgd", "base", "-", 2)]["test_mse"]
+    assert by[("pam", "base", "-", 5)]["test_mse"] != by[("pam", "base", "-", 2)]["test_mse"]
+    for r in rows:
+        assert (r["epochs"], r["stop_epoch"], r["steps"]) == (3, 2, 2 * 7)   # 200 rows in batches of 32
+    assert len(hist["sgd|base=-|rep0|budget5"]) == 3
+    summary = experiment.summary(rows, "tuned")
+    assert "## Tuning budget: 5 trials" in summary and summary.index("budget: 5") < summary.index("budget: 2")
+    # every run needs its own choice
+    missing = dict(tuned)
+    del missing[experiment.TunedKey("weight_decay", 1e-3, "sgd", 0, 5)]
+    with pytest.raises(ValueError, match=r"no tuned settings for TunedKey\(ablation='weight_decay', value=0.001, "
+                                         r"method='sgd', replicate=0, budget=5\)"):
+        dataclasses.replace(protocol, tuned=missing).plan()
+    with pytest.raises(ValueError, match=r"no tuned settings for .*replicate=1"):
+        dataclasses.replace(protocol, tuned=tuned, seeds=2).plan()
+    bad = dict(tuned)
+    bad[experiment.TunedKey("base", "-", "pam", 0, 2)] = {"lrate": 1e-2}
+    with pytest.raises(ValueError, match=r"tuned settings of base=- have unknown settings \['lrate'\]"):
+        dataclasses.replace(protocol, tuned=bad).plan()
 
 
 def test_settings_split_into_the_model_and_the_training_configuration():

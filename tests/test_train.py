@@ -156,7 +156,9 @@ def test_proximal_term_holds_parameters_near_anchor():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="adam"), "method must be one of"), (dict(lr=0.0), "lr must be > 0"),
     (dict(solve_order="sideways"), "solve_order"), (dict(updates_per_batch=0), "updates_per_batch"),
-    (dict(mu=-1.0), "mu must be"), (dict(prox_form="l3"), "prox_form"), (dict(batch_size=2.5), "batch_size")])
+    (dict(mu=-1.0), "mu must be"), (dict(prox_form="l3"), "prox_form"), (dict(batch_size=2.5), "batch_size"),
+    (dict(epochs=3, stop_epoch=4), r"stop_epoch must be an integer in \[0, epochs = 3\]"),
+    (dict(stop_epoch=-1), "stop_epoch"), (dict(stop_epoch=True), "stop_epoch"), (dict(stop_epoch=1.0), "stop_epoch")])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
@@ -229,3 +231,53 @@ def test_jumprelu_threshold_takes_the_bias_proximal_term(method):
     pinned, _, _, _ = run(method, "jumprelu", l0=3e-2, mu=1e-3, nu=1e3, epochs=2)
     free, _, _, _ = run(method, "jumprelu", l0=3e-2, mu=1e3, nu=1e-3, epochs=2)
     assert pinned.threshold.abs().max() < 1e-3 < free.threshold.max()
+
+
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+def test_stop_epoch_ends_the_run_on_the_schedule_of_its_epochs(method):
+    """stop_epoch cuts the run; the learning-rate schedule still spans ``epochs`` (the same history as the whole
+    run up to there, another one than a run of stop_epoch epochs)."""
+    def strip(hist):
+        return [{k: v for k, v in e.items() if not k.endswith("_time")} for e in hist]
+
+    sched = dict(lr_schedule="warmup_decay", warmup_steps=20)
+    _, whole, _, _ = run(method, epochs=4, **sched)
+    _, stopped, _, _ = run(method, epochs=4, stop_epoch=2, **sched)
+    _, short, _, _ = run(method, epochs=2, **sched)
+    assert [e["epoch"] for e in stopped] == [0, 1, 2] and stopped[-1]["grad_steps"] == 2 * math.ceil(500 / 32)
+    assert strip(stopped) == strip(whole[:3])
+    assert strip(stopped)[-1] != strip(short)[-1]
+    _, full, _, _ = run(method, epochs=3, stop_epoch=3)      # stop_epoch = epochs: the whole run
+    assert len(full) == 4
+
+
+def test_report_sees_every_epoch_and_can_end_the_run_and_score_train_false_skips_training_metrics():
+    xtr, xte = toy()
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def report(epoch, row):
+        seen.append((epoch, row["test_mse"]))
+        if epoch == 2:
+            raise Stop
+
+    model = SAE(10, 16, "topk", 3, seed=1)
+    with pytest.raises(Stop):
+        train(model, xtr, xte, TrainConfig(method="sgd", epochs=4, batch_size=32, lr=1e-2), seed=2, progress=False,
+              report=report)
+    assert [e for e, _ in seen] == [1, 2]
+    _, hist, _, _ = run("sgd", epochs=2)
+    assert [mse for _, mse in seen] == [e["test_mse"] for e in hist[1:3]]
+    for method in ("sgd", "pam"):
+        _, scored, _, _ = run(method, epochs=2)
+        unscored = train(SAE(10, 16, "topk", 3, seed=1), xtr, xte,
+                         TrainConfig(method=method, epochs=2, batch_size=32, lr=1e-2), seed=2, progress=False,
+                         score_train=False)
+        for a, b in zip(scored, unscored):
+            assert {k: v for k, v in a.items() if k.startswith("test_")} == \
+                   {k: v for k, v in b.items() if k.startswith("test_")}
+        # SGD's training metrics are skipped; PAM's come free with its statistics (after each solve)
+        has_train = ["train_mse" in e for e in unscored]
+        assert has_train == ([False, False, False] if method == "sgd" else [False, True, True])
