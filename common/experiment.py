@@ -79,15 +79,14 @@ class RunSpec:
 @dataclass(frozen=True)
 class Run:
     """A planned run: its spec, its full settings (``Protocol.settings``), the key its configuration is
-    compared on, the id of the run it is reported from when an earlier one has the same key (None: it trains),
-    the tuned settings it uses (JSON, for the table) and whether diverging is a result (a tuning trial)."""
+    compared on, the id of the run it is reported from when an earlier one has the same key (None: it trains)
+    and the tuned settings it uses (JSON, for the table)."""
 
     spec: RunSpec
     settings: dict
     key: str
     shared_with: str | None = None
     tuned: str = ""
-    may_diverge: bool = False
 
 
 # a run's settings: the model's (SAEConfig: n_features comes from the data, tied from the method), the
@@ -285,19 +284,9 @@ def _worker_init(lock, counter) -> None:
         _WORKER_SLOT = counter.value  # this worker's progress-bar line (0 is the protocol's bar)
 
 
-def _run_or_divergence(run: Run, x_train, x_test, base_seed, progress, position=None, device="cpu"):
-    """run_one; a run marked ``may_diverge`` (a tuning trial) that diverges gives (None, error text, None)."""
-    try:
-        return run_one(run, x_train, x_test, base_seed, progress, position, device)
-    except NonFiniteError as err:
-        if not run.may_diverge:
-            raise
-        return None, str(err), None
-
-
 def _worker_run(run: Run):
     x_train, x_test, base_seed, progress = _WORKER_DATA
-    row, hist, model = _run_or_divergence(run, x_train, x_test, base_seed, progress, position=_WORKER_SLOT)
+    row, hist, model = run_one(run, x_train, x_test, base_seed, progress, position=_WORKER_SLOT)
     return run.spec.id, row, hist, model.checkpoint() if model is not None else None
 
 
@@ -312,7 +301,7 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
     """
     if workers <= 1 or len(todo) <= 1 or dist.active():  # under torchrun each run is spread over the ranks
         for run in todo:
-            yield (run.spec.id, *_run_or_divergence(run, x_train, x_test, base_seed, progress, device=device))
+            yield (run.spec.id, *run_one(run, x_train, x_test, base_seed, progress, device=device))
         return
     if torch.device(device).type != "cpu":
         raise ValueError(f"workers > 1 fork cpu processes; on {device} train one run at a time (workers=1)")
@@ -418,8 +407,7 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
                extra_metrics: Callable | None = None):
     """Train every run, reusing finished ones; each is written to ``runs/`` when it ends.
 
-    A run marked ``may_diverge`` that diverges is returned with row None and its error text as history,
-    and is never saved. ``extra_metrics(model) -> {name: finite number}`` is added to each trained run's row
+    ``extra_metrics(model) -> {name: finite number}`` is added to each trained run's row
     (and run file; a name the row already has is an error). A finished run is reused with the values it was
     saved with, so they must depend only on the model and on what the run's fingerprint covers (the data and
     TRAINING_SOURCES: e.g. ``metrics.recovery`` against a dictionary the data were drawn from).
@@ -450,9 +438,6 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
         run = by_id[rid]
         histories[rid], done[rid] = hist, row
         bar.update(1)
-        if row is None:
-            tqdm.write(f"  {rid:<42} diverged: {hist}")
-            continue
         if extra_metrics is not None:
             row.update(_extra_columns(extra_metrics(model.cpu()), row, rid))
         if run.spec.ablation == keep_models:
