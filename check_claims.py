@@ -16,6 +16,8 @@ experiments' settings are the scripts' own constants; the fast profile overrides
 below, and the report lists every command.
 """
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common import claims as C
 from common import theory
@@ -103,6 +106,7 @@ QUICK = dict(E4_FEW_SAMPLES=256, E4_ARGS="", SEEDS=2, DIRECTION_SEEDS=2, TUNE_BU
              LLM_WEIGHT_DECAYS=(0.0, 1e-3))
 
 ROOT = Path(__file__).resolve().parent
+STARTED, LOAD_BEFORE = time.time(), round(os.getloadavg()[0], 1)
 run = configure(globals(), quick=QUICK, name="claims",
                 default_out=ROOT / "results" / ("quick_claims" if "--quick" in sys.argv else ""))
 OUT = run.out
@@ -554,8 +558,16 @@ for protocol in ("modern",):
         links=[d / "summary.md"], budgets=per, stable=stable)
 
 # --- report ------------------------------------------------------------------------------------------
+machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
+           f"{torch.__version__}")
 C.write_report(OUT, claims, list(commands.values()),
                {"profile": PROFILE, "seeds": SEEDS, "direction_seeds": DIRECTION_SEEDS, "protocols": list(PROTOCOLS),
-                "command": "python check_claims.py" + (" --full" if FULL else "") + (" --quick" if run.quick else "")})
+                "command": "python check_claims.py" + (" --full" if FULL else "") + (" --quick" if run.quick else ""),
+                "run": {"wall_time_s": time.time() - STARTED, "machine": machine, "load_before": LOAD_BEFORE,
+                        "load_after": round(os.getloadavg()[0], 1),
+                        "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}})
+# the results section of docs/RESULTS.md is generated from this report (a quick run writes beside it instead)
+C.write_results(json.loads((OUT / "claims.json").read_text()),
+                OUT / "RESULTS.md" if run.quick else ROOT / "docs" / "RESULTS.md")
 print(f"\nwrote {OUT / 'CLAIMS.md'}: {C.tally(claims)}")
 run.finish()

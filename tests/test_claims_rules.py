@@ -248,13 +248,14 @@ def test_write_report_round_trip(tmp_path):
 
     md = (tmp_path / "CLAIMS.md").read_text().splitlines()
     assert md[0].startswith("# ") and md[1] == ""
-    tallies = md[2:5]  # the report opens with the three tallies, one per category, in this order
+    tallies = md[2:6]  # the report opens with the four tallies, one per category, in this order
     assert tallies[0].startswith("- **Numerical checks of the theory's identities") and "holds: 1" in tallies[0]
     assert tallies[1].startswith("- **Paper's empirical claims**") and "mixed: 1" in tallies[1]
     assert tallies[2].startswith("- **Implementation checks") and "holds: 1" in tallies[2]
+    assert tallies[3].startswith("- **Beyond the paper")
     text = "\n".join(md)
     assert "| [E2-efficiency](#e2-efficiency) statement of E2-efficiency | paper-empirical | paper: holds; " \
-           "modern-tuned: does not hold | **mixed** | yes |" in text
+           "modern-tuned: does not hold | — | **mixed** | yes |" in text
     for c in claims:
         assert f"## {c.id}" in text
     assert "- `python exp.py --quick` (12 s)" in text
@@ -292,3 +293,34 @@ def test_convergence_rule_and_its_negative_controls():
     assert convergence_verdict([still_falling]) == "inconclusive"                 # not settled yet
     with pytest.raises(ValueError, match="at least 2 epochs"):
         convergence_verdict([[1.0]])
+
+
+def test_results_section_is_generated_from_the_report_and_keeps_the_text_around_it(tmp_path):
+    from common.claims import RESULTS_BEGIN, RESULTS_END, write_results
+    cmp = compare(A, B)
+    numbers = {"paper": {"0.01": {"pam": {"mean": 1.051, "std": 0.11, "n": 5}, "sgd": {"mean": 1.62, "std": 0.19, "n": 5},
+                                  "comparison": cmp.__dict__, "verdict": "holds"}}}
+    claims = [Claim(id="E2-x", category="paper-empirical", statement="s", source="s", ran={}, numbers=numbers, rule="r",
+                    verdict="holds", protocols={"paper": "holds"}),
+              Claim(id="T1", category="identity", statement="t", source="s", ran={}, numbers={"agree": 3}, rule="r",
+                    verdict="holds")]
+    write_report(tmp_path, claims, [{"command": "python e2.py", "wall_time": 61.0, "returncode": 0}],
+                 {"profile": "fast", "command": "python check_claims.py",
+                  "run": {"wall_time_s": 1500.0, "machine": "test box", "load_before": 0.5, "load_after": 1.5,
+                          "finished_utc": "2026-01-01 00:00"}})
+    report = json.loads((tmp_path / "claims.json").read_text())
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# Results\n\nhand-written intro\n\n{RESULTS_BEGIN}\nold numbers 0.999\n{RESULTS_END}\n\n## Benchmarks\nkept\n")
+    write_results(report, md)
+    text = md.read_text()
+    assert "hand-written intro" in text and "## Benchmarks\nkept" in text and "old numbers" not in text
+    assert "wall time: 25.0 min" in text and "test box" in text and "`python e2.py` (61 s)" in text
+    assert "| E2-x | paper: holds | — | **holds** |" in text and "| T1 | — | — | **holds** |" in text
+    # figure for figure: the means, spreads and the interval of the report
+    assert "pam 1.051 ± 0.11; sgd 1.62 ± 0.19" in text
+    assert f"[{cmp.ci_low:.4g}, {cmp.ci_high:.4g}]" in text
+    write_results(report, md)   # idempotent: regenerating gives the same file
+    assert md.read_text() == text
+    md.write_text("no markers here")
+    with pytest.raises(ValueError, match="markers"):
+        write_results(report, md)
