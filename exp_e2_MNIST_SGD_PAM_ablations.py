@@ -37,7 +37,8 @@ K = 15
 L1 = 0.0                         # L1 on codes for relu (the MNIST original used none)
 L0 = 1e-3                        # L0 on codes for jumprelu (straight-through estimator; docs/DESIGN.md 3.10; untuned)
 TOPK_VARIANT = "topk"            # "topk" (signed, the theory's) or "topk_abs" (the original script's)
-LR = 0.0                         # 0: the recipe's (paper 3e-3; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 1.6e-3)
+LR = 0.0                         # 0: the recipe's (paper: PAPER_LR; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 1.6e-3)
+PAPER_LR = 3e-3                  # the original MNIST script's learning rate (the paper recipe's)
 EPOCHS = 50
 BATCH_SIZE = 128
 SOLVE_BATCH = 1024               # batch for collecting the decoder statistics only
@@ -56,7 +57,6 @@ UPDATES = (1, 3, 5, 10)
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 MU_NUS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
-ONLY = ("base", "updates", "fraction", "weight_decay", "mu_nu")
 SEEDS = 1                        # replicate seeds, derived from SEED
 SEED = 42
 WORKERS = 0                      # runs trained at once in single-thread processes; 0: one per core this process
@@ -77,50 +77,6 @@ TUNE_SPACE = {                   # log-uniform ranges (lo, hi) shared by every m
     "lr": (1e-4, 3e-2), "weight_decay": (1e-6, 1e-2),
     "pam": {"mu_nu": (1e-6, 1e-2), "alpha": (1e-8, 1e-4), "solve_order": ("enc_first", "dec_first")},
 }
-ACCEPT = {  # what each constant accepts: checked by configure() before any data is loaded (common/config.py)
-    "RECIPE": one_of(*RECIPES),
-    "ACTIVATIONS": each(one_of(*SAE_ACTIVATIONS)),
-    "N_LATENTS": at_least(1),
-    "K": in_range(1, "N_LATENTS"),
-    "L1": at_least(0),
-    "L0": at_least(0),
-    "TOPK_VARIANT": one_of(*TOPK_ACTIVATIONS),
-    "LR": at_least(0),
-    "EPOCHS": at_least(1),
-    "BATCH_SIZE": at_least(1),
-    "SOLVE_BATCH": at_least(1),
-    "ENC_INIT_SCALE": above(0),
-    "DEC_INIT_SCALE": at_least(0),
-    "MU": at_least(0),
-    "NU": at_least(0),
-    "ALPHA": at_least(0),
-    "BETA": at_least(0),
-    "PROX_FORM": one_of("proximal", "l2"),
-    "SOLVE_EVERY": at_least(1),
-    "SOLVE_SAMPLES": at_least(0),
-    "STATS_DTYPE": one_of(*STATS_DTYPES),
-    "METHODS": each(one_of(*experiment.METHODS)),
-    "UPDATES": each(at_least(1)),
-    "FRACTIONS": each(in_range(0, 1, lo_open=True)),
-    "WEIGHT_DECAYS": each(at_least(0)),
-    "MU_NUS": each(at_least(0)),
-    "ONLY": each(one_of("base", "updates", "fraction", "weight_decay", "mu_nu")),
-    "SEEDS": at_least(1),
-    "SEED": at_least(0),
-    "WORKERS": at_least(0),
-    "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
-    "RESUME": boolean(),
-    "N_TRAIN": in_range(0, 60_000),
-    "N_TEST": in_range(0, 10_000),
-    "TUNE_PER_REPLICATE": each(one_of("base", "updates", "fraction", "weight_decay", "mu_nu")),
-    **tuning.ACCEPT,  # TUNE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_SPACE, TUNED (common/tuning.py)
-}
-QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 1.0), WEIGHT_DECAYS=(0.0, 1e-3),
-             MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4, TUNE_BUDGETS=(2, 3), TUNE_EPOCHS=2)
-
-run = configure(globals(), quick=QUICK)
-device = resolve_device(DEVICE)
-workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
 
 
 def fraction_epochs(settings, f):
@@ -128,79 +84,88 @@ def fraction_epochs(settings, f):
     settings["epochs"] = min(EPOCHS, min(20, max(10, math.floor(20 * f))))
 
 
-# the paper's ablations: the settings each gives its values (adding one here is all it takes)
-Ablation = experiment.Ablation
-ablations = {"base": experiment.BASE,
-             "updates": Ablation(("updates_per_batch",), UPDATES, methods=("pam",)),
-             "fraction": Ablation(("fraction",), FRACTIONS, then=fraction_epochs),
-             "weight_decay": Ablation(("weight_decay",), WEIGHT_DECAYS),
-             "mu_nu": Ablation(("mu", "nu"), MU_NUS)}
-only = experiment.parse_only(ONLY, list(ablations))
+# the paper's ablations, each declared once: the settings it sets, the constant holding its values, the methods it
+# concerns, what else follows from a value. ONLY (default: all) and TUNE_PER_REPLICATE accept these names.
+ABLATIONS = {"updates": experiment.Ablation(("updates_per_batch",), "UPDATES", methods=("pam",)),
+             "fraction": experiment.Ablation(("fraction",), "FRACTIONS", then=fraction_epochs),
+             "weight_decay": experiment.Ablation(("weight_decay",), "WEIGHT_DECAYS"),
+             "mu_nu": experiment.Ablation(("mu", "nu"), "MU_NUS")}
+ONLY = ("base", *ABLATIONS)
+ACCEPT = runner.accept(globals(),  # the rules shared by the SAE protocols (common/runner.py), then this script's own
+                       ACTIVATIONS=each(one_of(*SAE_ACTIVATIONS)), TOPK_VARIANT=one_of(*TOPK_ACTIVATIONS),
+                       PAPER_LR=above(0), ONLY=runner.only_rule(ABLATIONS),
+                       TUNE_PER_REPLICATE=runner.only_rule(ABLATIONS), N_TRAIN=in_range(0, 60_000),
+                       N_TEST=in_range(0, 10_000))
+QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 1.0), WEIGHT_DECAYS=(0.0, 1e-3),
+             MU_NUS=(0.0, 1e-3), N_LATENTS=32, K=4, TUNE_BUDGETS=(2, 3), TUNE_EPOCHS=2)
 
-# --- the protocol per activation (validated here, before any data is loaded) ---------------------
-recipe = recipe_settings(RECIPE, N_LATENTS, paper_lr=3e-3)
-if LR:
-    recipe["lr"] = LR
-how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
-protocols = {}
-for act in ACTIVATIONS:
-    penalty = activation_spec(act).penalty  # each activation's own sparsity penalty (common/sae.py's table)
-    protocols[act] = experiment.Protocol(
-        base=dict(recipe, n_latents=N_LATENTS, activation=TOPK_VARIANT if act == "topk" else act, k=K,
-                  l1=L1 if penalty == "l1" else 0.0, l0=L0 if penalty == "l0" else 0.0, enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE,
-                  epochs=EPOCHS, batch_size=BATCH_SIZE, solve_batch=SOLVE_BATCH, mu=MU, nu=NU,
-                  alpha=ALPHA, beta=BETA, prox_form=PROX_FORM, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES,
-                  stats_dtype=STATS_DTYPE),
-        ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed)
-    try:
-        runner.prepare(protocols[act], how, N_TRAIN or 60_000, run.seed)
-    except ValueError as err:
-        run.fail(f"tuning: {err}")
-    if TUNED and not (Path(TUNED) / act / "tuning" / "tuning.json").is_file():
-        run.fail(f"--TUNED={TUNED}: no {act}/tuning/tuning.json there (the output folder of a --TUNE=True run)")
+run = configure(globals(), quick=QUICK)
 
-# --- data (after every setting is validated) ----------------------------------------------------------
-with distributed.main_first():             # under torchrun rank 0 fetches MNIST if missing, then the others
-    x_train, _, x_test, _ = load_mnist()
-if N_TRAIN:
-    x_train = x_train[:N_TRAIN]
-if N_TEST:
-    x_test = x_test[:N_TEST]
-digits = x_test[:10]                       # 10 fixed test digits for the reconstruction figure
 
-# --- runs, figures, summary -----------------------------------------------------------------------
-for act, protocol in protocols.items():
-    out = run.dir(act)
-    label = f"MNIST {protocol.base['activation']}, {RECIPE} recipe" + (", tuned" if TUNE or TUNED else "")
-    try:
-        result = runner.run(protocol, x_train, x_test, out, f"E2, {label}: SGD vs PAM-SGD", label, run.seed, how=how,
-                            tuned_from=Path(TUNED) / act / "tuning" / "tuning.json" if TUNED else None,
-                            workers=workers, resume=RESUME, device=device)
-    except ValueError as err:
-        run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
-    models = result.models
-    if "base" in only:
-        ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
-        base = {m: models[i] for m, i in ids.items() if i in models}
-        with torch.no_grad():
-            recons = {m: model(digits)[0] for m, model in base.items()}
-        stack = torch.cat([digits] + list(recons.values())).numpy()
-        lo, hi = float(stack.min()), float(stack.max())   # one intensity scale for originals and every method
-        fig = image_grid(stack, 10, row_labels=["original"] + list(recons), vmin=lo, vmax=hi,
-                         suptitle=f"{label}: 10 test digits and their reconstructions")
-        save(fig, out / "reconstructions.png",
-             {"rows": ["original"] + list(recons), "vmin": lo, "vmax": hi,
-              "mse_per_digit": {m: ((r - digits) ** 2).mean(1).tolist() for m, r in recons.items()}})
-        for m, model in base.items():
-            n_show = min(64, model.n_latents)
-            enc = model.W_enc.detach()[:n_show].numpy()
-            fig = image_grid(enc, 16, cmap="RdBu_r", cell=0.7, suptitle=f"{label} {m}: encoder filters (first {n_show})")
-            save(fig, out / f"filters_{m}_encoder.png", {"latents": list(range(n_show))})
-            if not model.tied:
-                dec = model.W_dec.detach()[:n_show].numpy()
-                fig = image_grid(dec, 16, cmap="RdBu_r", cell=0.7,
-                                 suptitle=f"{label} {m}: decoder atoms (first {n_show})")
-                save(fig, out / f"filters_{m}_decoder.png", {"latents": list(range(n_show))})
-        experiment.stem_plots(base, digits, out, label)
-run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed),
-                 "n_train": len(x_train), "n_test": len(x_test)})
+def main():
+    device = resolve_device(DEVICE)
+    workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
+    ablations = runner.ablations(ABLATIONS, globals(), ONLY)
+    how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
+    # --- the protocol per activation (validated here, before any data is loaded) -----------------------
+    protocols = {}
+    for act in ACTIVATIONS:
+        base = runner.base_settings(globals(), TOPK_VARIANT if act == "topk" else act, PAPER_LR)
+        protocols[act] = experiment.Protocol(base=base, ablations=ablations, methods=METHODS, seeds=SEEDS,
+                                             base_seed=run.seed)
+        try:
+            runner.prepare(protocols[act], how, N_TRAIN or 60_000, run.seed)
+        except ValueError as err:
+            run.fail(f"tuning: {err}")
+        if TUNED and not (Path(TUNED) / act / "tuning" / "tuning.json").is_file():
+            run.fail(f"--TUNED={TUNED}: no {act}/tuning/tuning.json there (the output folder of a --TUNE=True run)")
+
+    # --- data (after every setting is validated) ------------------------------------------------------
+    with distributed.main_first():             # under torchrun rank 0 fetches MNIST if missing, then the others
+        x_train, _, x_test, _ = load_mnist()
+    if N_TRAIN:
+        x_train = x_train[:N_TRAIN]
+    if N_TEST:
+        x_test = x_test[:N_TEST]
+    digits = x_test[:10]                       # 10 fixed test digits for the reconstruction figure
+
+    # --- runs, figures, summary -----------------------------------------------------------------------
+    for act, protocol in protocols.items():
+        out = run.dir(act)
+        label = f"MNIST {protocol.base['activation']}, {RECIPE} recipe" + (", tuned" if TUNE or TUNED else "")
+        try:
+            result = runner.run(protocol, x_train, x_test, out, f"E2, {label}: SGD vs PAM-SGD", label, run.seed, how=how,
+                                tuned_from=Path(TUNED) / act / "tuning" / "tuning.json" if TUNED else None,
+                                workers=workers, resume=RESUME, device=device)
+        except ValueError as err:
+            run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
+        models = result.models
+        if "base" in ablations:
+            ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
+            base = {m: models[i] for m, i in ids.items() if i in models}
+            with torch.no_grad():
+                recons = {m: model(digits)[0] for m, model in base.items()}
+            stack = torch.cat([digits] + list(recons.values())).numpy()
+            lo, hi = float(stack.min()), float(stack.max())   # one intensity scale for originals and every method
+            fig = image_grid(stack, 10, row_labels=["original"] + list(recons), vmin=lo, vmax=hi,
+                             suptitle=f"{label}: 10 test digits and their reconstructions")
+            save(fig, out / "reconstructions.png",
+                 {"rows": ["original"] + list(recons), "vmin": lo, "vmax": hi,
+                  "mse_per_digit": {m: ((r - digits) ** 2).mean(1).tolist() for m, r in recons.items()}})
+            for m, model in base.items():
+                n_show = min(64, model.n_latents)
+                enc = model.W_enc.detach()[:n_show].numpy()
+                fig = image_grid(enc, 16, cmap="RdBu_r", cell=0.7, suptitle=f"{label} {m}: encoder filters (first {n_show})")
+                save(fig, out / f"filters_{m}_encoder.png", {"latents": list(range(n_show))})
+                if not model.tied:
+                    dec = model.W_dec.detach()[:n_show].numpy()
+                    fig = image_grid(dec, 16, cmap="RdBu_r", cell=0.7,
+                                     suptitle=f"{label} {m}: decoder atoms (first {n_show})")
+                    save(fig, out / f"filters_{m}_decoder.png", {"latents": list(range(n_show))})
+            experiment.stem_plots(base, digits, out, label)
+    run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed),
+                     "n_train": len(x_train), "n_test": len(x_test)})
+
+
+if __name__ == "__main__":
+    main()

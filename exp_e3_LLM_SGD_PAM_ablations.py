@@ -59,7 +59,8 @@ ACTIVATION = "topk"               # base runs: topk (signed), topk_abs (the orig
                                   # activation of common/sae.py's table (jumprelu, batchtopk, topk_relu)
 L1 = 1e-5                         # L1 on codes whenever the activation is relu
 L0 = 1e-3                         # L0 on codes whenever the activation is jumprelu (docs/DESIGN.md 3.10; untuned)
-LR = 0.0                          # 0: the recipe's (paper 1e-3; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 4e-4)
+LR = 0.0                          # 0: the recipe's (paper: PAPER_LR; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 4e-4)
+PAPER_LR = 1e-3                   # the original LLM script's learning rate (the paper recipe's)
 EPOCHS = 100
 ABLATION_EPOCHS = 50
 BATCH_SIZE = 256
@@ -81,7 +82,6 @@ ACTIVATION_VALUES = ("topk", "relu")
 WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 MU_NUS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 KS = (15, 20, 40, 80, 160, 320, 640, 1280)
-ONLY = ("base", "updates", "fraction", "activation", "weight_decay", "mu_nu", "k")
 SEEDS = 1
 SEED = 42
 WORKERS = 0                      # runs trained at once in single-thread processes; 0: one per core this process
@@ -111,7 +111,16 @@ def _readable_activations(path) -> bool:
         return False
 
 
-ACCEPT = {  # what each constant accepts: checked by configure() before any extraction (common/config.py)
+# the paper's ablations, each declared once: the settings it sets, the constant holding its values, the methods it
+# concerns, what else follows from a value. ONLY (default: all) and TUNE_PER_REPLICATE accept these names.
+ABLATIONS = {"updates": experiment.Ablation(("updates_per_batch",), "UPDATES", methods=("pam",)),
+             "fraction": experiment.Ablation(("fraction",), "FRACTIONS", then=lambda s, f: min_steps_batch(s, f)),
+             "activation": experiment.Ablation(("activation",), "ACTIVATION_VALUES", then=lambda s, a: with_penalty(s, a)),
+             "weight_decay": experiment.Ablation(("weight_decay",), "WEIGHT_DECAYS"),
+             "mu_nu": experiment.Ablation(("mu", "nu"), "MU_NUS"),
+             "k": experiment.Ablation(("k",), "KS")}
+ONLY = ("base", *ABLATIONS)
+ACCEPT = {  # this script's own rules, then those shared by the SAE protocols (common/runner.py)
     "SOURCE": one_of("llm", "synthetic"),
     "ACTIVATIONS": satisfies(lambda p, c: p == "" or _readable_activations(p), "empty, or an existing .npy or "
                              ".safetensors file or a folder of them (your own activations, n_samples x n_features)"),
@@ -134,43 +143,16 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any extr
         lambda n, c: c["ACTIVATIONS"] or c["TOKEN_RULE"] == "all"
         or n <= c["N_TEXTS"] - round(c["TEST_FRACTION"] * c["N_TEXTS"]),
         "at most the training split of the --N_TEXTS = {N_TEXTS} samples (0: all of it)"),
-    "RECIPE": one_of(*RECIPES),
-    "N_LATENTS": at_least(1),
-    "K": in_range(1, "N_LATENTS"),
     "ACTIVATION": one_of(*SAE_ACTIVATIONS),
-    "L1": at_least(0),
-    "L0": at_least(0),
-    "LR": at_least(0),
-    "EPOCHS": at_least(1),
     "ABLATION_EPOCHS": at_least(1),
-    "BATCH_SIZE": at_least(1),
-    "SOLVE_BATCH": at_least(1),
-    "SOLVE_EVERY": at_least(1),
-    "SOLVE_SAMPLES": at_least(0),
-    "STATS_DTYPE": one_of(*STATS_DTYPES),
-    "MU": at_least(0),
-    "NU": at_least(0),
-    "ALPHA": at_least(0),
-    "BETA": at_least(0),
-    "ENC_INIT_SCALE": above(0),
-    "DEC_INIT_SCALE": at_least(0),
-    "METHODS": each(one_of(*experiment.METHODS)),
-    "UPDATES": each(at_least(1)),
-    "FRACTIONS": each(in_range(0, 1, lo_open=True)),
     "ACTIVATION_VALUES": each(one_of(*SAE_ACTIVATIONS)),
-    "WEIGHT_DECAYS": each(at_least(0)),
-    "MU_NUS": each(at_least(0)),
     "KS": each(in_range(1, "N_LATENTS")),
-    "ONLY": each(one_of("base", "updates", "fraction", "activation", "weight_decay", "mu_nu", "k")),
-    "SEEDS": at_least(1),
-    "SEED": at_least(0),
-    "WORKERS": at_least(0),
-    "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
-    "RESUME": boolean(),
     "MIN_STEPS": at_least(0),
-    "TUNE_PER_REPLICATE": each(one_of("base", "updates", "fraction", "activation", "weight_decay", "mu_nu", "k")),
-    **tuning.ACCEPT,  # TUNE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_SPACE, TUNED (common/tuning.py)
+    "PAPER_LR": above(0),
+    "ONLY": runner.only_rule(ABLATIONS),
+    "TUNE_PER_REPLICATE": runner.only_rule(ABLATIONS),
 }
+ACCEPT = runner.accept(globals(), **ACCEPT)
 QUICK = dict(SOURCE="synthetic", N_TEXTS=400, N_LATENTS=48, K=6, EPOCHS=2, ABLATION_EPOCHS=2, BATCH_SIZE=64,
              UPDATES=(1, 3), FRACTIONS=(0.25, 1.0), WEIGHT_DECAYS=(0.0, 1e-3), MU_NUS=(1e-3, 1e-1), KS=(3, 6),
              TUNE_BUDGETS=(2, 3), TUNE_EPOCHS=2)
@@ -202,16 +184,7 @@ def min_steps_batch(settings, fraction):
 n_rows = []  # the training rows, set once the data are loaded (MIN_STEPS)
 
 
-# the paper's ablations: the settings each gives its values (adding one here is all it takes)
-Ablation = experiment.Ablation
-ablations = {"base": experiment.BASE,
-             "updates": Ablation(("updates_per_batch",), UPDATES, methods=("pam",)),
-             "fraction": Ablation(("fraction",), FRACTIONS, then=lambda s, f: min_steps_batch(s, f)),
-             "activation": Ablation(("activation",), ACTIVATION_VALUES, then=with_penalty),
-             "weight_decay": Ablation(("weight_decay",), WEIGHT_DECAYS),
-             "mu_nu": Ablation(("mu", "nu"), MU_NUS),
-             "k": Ablation(("k",), KS)}
-only = experiment.parse_only(ONLY, list(ablations))
+ablations = runner.ablations(ABLATIONS, globals(), ONLY)
 
 
 def synthetic(n_samples, n_features=64, n_atoms=256, k=8, seed=0):
@@ -224,16 +197,9 @@ def synthetic(n_samples, n_features=64, n_atoms=256, k=8, seed=0):
 
 
 # --- the protocol (validated before any extraction) --------------------------------------------------
-recipe = recipe_settings(RECIPE, N_LATENTS, paper_lr=1e-3)
-if LR:
-    recipe["lr"] = LR
-protocol = experiment.Protocol(
-    base=dict(recipe, n_latents=N_LATENTS, activation=ACTIVATION, k=K, **penalty_of(ACTIVATION),
-              enc_init_scale=ENC_INIT_SCALE, dec_init_scale=DEC_INIT_SCALE, epochs=EPOCHS, batch_size=BATCH_SIZE,
-              solve_batch=SOLVE_BATCH, solve_every=SOLVE_EVERY, solve_samples=SOLVE_SAMPLES, mu=MU, nu=NU, alpha=ALPHA,
-              beta=BETA, stats_dtype=STATS_DTYPE),
-    ablations={a: ablations[a] for a in only}, methods=METHODS, seeds=SEEDS, base_seed=run.seed,
-    ablation_overrides={"epochs": ABLATION_EPOCHS})
+protocol = experiment.Protocol(base=runner.base_settings(globals(), ACTIVATION, PAPER_LR), ablations=ablations,
+                               methods=METHODS, seeds=SEEDS, base_seed=run.seed,
+                               ablation_overrides={"epochs": ABLATION_EPOCHS})
 how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
 try:
     runner.prepare(protocol, how, N_TRAIN or 10 * N_TEXTS, run.seed)
@@ -282,7 +248,7 @@ try:
                         resume=RESUME, device=device)
 except ValueError as err:
     run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
-if "base" in only:
+if "base" in ablations:
     ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
     experiment.stem_plots({m: result.models[i] for m, i in ids.items() if i in result.models}, x_test, run.out, label)
 run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "activations": meta})

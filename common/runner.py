@@ -13,7 +13,89 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import experiment, tuning
-from .config import write_text
+from .config import above, at_least, boolean, each, in_range, one_of, satisfies, write_text
+from .pam import STATS_DTYPES
+from .recipe import RECIPES, recipe_settings
+from .sae import ACTIVATIONS, activation_spec
+from .train import METHODS, device_available
+
+# The constants every SAE-protocol script (E2, E3, E4) may declare, each mapped once to the setting it sets
+# (experiment.SETTINGS) and checked once by the rule below. A script declares the ones it has, ACCEPT's rules apply
+# to those, and ``base_settings`` builds the protocol's base settings from them.
+SETTING_OF = {"N_LATENTS": "n_latents", "K": "k", "EPOCHS": "epochs", "BATCH_SIZE": "batch_size",
+              "SOLVE_BATCH": "solve_batch", "ENC_INIT_SCALE": "enc_init_scale", "DEC_INIT_SCALE": "dec_init_scale",
+              "MU": "mu", "NU": "nu", "ALPHA": "alpha", "BETA": "beta", "PROX_FORM": "prox_form",
+              "SOLVE_EVERY": "solve_every", "SOLVE_SAMPLES": "solve_samples", "STATS_DTYPE": "stats_dtype"}
+ACCEPT = {
+    "RECIPE": one_of(*RECIPES),
+    "N_LATENTS": at_least(1),
+    "K": in_range(1, "N_LATENTS"),
+    "L1": at_least(0),
+    "L0": at_least(0),
+    "LR": at_least(0),
+    "EPOCHS": at_least(1),
+    "BATCH_SIZE": at_least(1),
+    "SOLVE_BATCH": at_least(1),
+    "ENC_INIT_SCALE": above(0),
+    "DEC_INIT_SCALE": at_least(0),
+    "MU": at_least(0),
+    "NU": at_least(0),
+    "ALPHA": at_least(0),
+    "BETA": at_least(0),
+    "PROX_FORM": one_of("proximal", "l2"),
+    "SOLVE_EVERY": at_least(1),
+    "SOLVE_SAMPLES": at_least(0),
+    "STATS_DTYPE": one_of(*STATS_DTYPES),
+    "METHODS": each(one_of(*METHODS)),
+    "UPDATES": each(at_least(1)),
+    "FRACTIONS": each(in_range(0, 1, lo_open=True)),
+    "WEIGHT_DECAYS": each(at_least(0)),
+    "MU_NUS": each(at_least(0)),
+    "SEEDS": at_least(1),
+    "SEED": at_least(0),
+    "WORKERS": at_least(0),
+    "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
+    "RESUME": boolean(),
+    **tuning.ACCEPT,
+}
+
+
+def accept(constants: dict, **own) -> dict:
+    """A script's ACCEPT: the shared rules of the constants it declares, then its own (``own`` wins)."""
+    return {k: v for k, v in ACCEPT.items() if k in constants} | own
+
+
+def base_settings(constants: dict, activation: str, paper_lr: float) -> dict:
+    """The protocol's base settings from a script's constants: the recipe's (``RECIPE``, ``LR`` when > 0, the paper's
+    learning rate ``paper_lr``), every constant of SETTING_OF the script declares, the activation and the penalty
+    its table entry takes (``L1`` or ``L0``)."""
+    base = recipe_settings(constants["RECIPE"], constants["N_LATENTS"], paper_lr=paper_lr)
+    if constants.get("LR"):
+        base["lr"] = constants["LR"]
+    base.update({setting: constants[c] for c, setting in SETTING_OF.items() if c in constants})
+    penalty = activation_spec(activation).penalty
+    base.update(activation=activation, l1=constants.get("L1", 0.0) if penalty == "l1" else 0.0,
+                l0=constants.get("L0", 0.0) if penalty == "l0" else 0.0)
+    return base
+
+
+def ablations(table: dict, constants: dict, only) -> dict:
+    """The ablations to run: ``table`` declares each once ({name: Ablation whose ``values`` names the constant
+    holding them}); ``only`` picks them (every name when empty); "base" is the base run."""
+    chosen = experiment.parse_only(only, ["base", *table])
+    out = {}
+    for name in chosen:
+        if name == "base":
+            out[name] = experiment.BASE
+        else:
+            a = table[name]
+            out[name] = experiment.Ablation(a.sets, tuple(constants[a.values]), a.methods, a.then)
+    return out
+
+
+def only_rule(table: dict):
+    """ACCEPT's rule for ONLY and TUNE_PER_REPLICATE: the base run and the declared ablations."""
+    return each(one_of("base", *table))
 
 
 @dataclass(frozen=True)
