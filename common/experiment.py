@@ -99,7 +99,9 @@ DEFAULTS = {f.name: f.default for f in (*fields(TrainConfig), *fields(SAEConfig)
             if f.name in SETTINGS and f.default is not MISSING} | {"fraction": 1.0}
 TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "train_mse", "test_mse", "train_fvu", "test_fvu",
                  "l0", "dead", "uninformative", "epochs", "samples_seen", "n_train", "wall_time", "train_time",
-                 "tuned", "shared_with")
+                 "tuned", "shared_with",
+                 # the loss recovered on the language model (E3 with LM_EVAL_TOKENS; common/lm_eval.py): blank elsewhere
+                 "ce_loss_score", "kl_div_score", "ce_sae", "kl_sae", "ce_loss_score_mean", "kl_div_score_mean")
 
 
 def check_settings(names, where: str) -> None:
@@ -314,7 +316,14 @@ def run_file(out: Path, run: Run) -> Path:
 
 
 def _checkpoint_path(out: Path, run: Run) -> Path:
-    return Path(out) / "models" / f"{run.spec.method}_rep{run.spec.replicate}.pt"
+    spec = run.spec
+    tag = "" if spec.ablation == "base" else re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"_{spec.ablation}={spec.value}")
+    return Path(out) / "models" / f"{spec.method}{tag}_rep{spec.replicate}.pt"
+
+
+def kept(keep_models) -> tuple:
+    """The ablations whose models are kept: ``keep_models`` is one ablation's name, several, or None."""
+    return () if keep_models is None else (keep_models,) if isinstance(keep_models, str) else tuple(keep_models)
 
 
 def _finished(out: Path, run: Run, stamp: str, need_model: bool):
@@ -326,8 +335,8 @@ def _finished(out: Path, run: Run, stamp: str, need_model: bool):
             return None
         model = None
         if need_model:
-            # the checkpoint path is per method and repeat, not per configuration: another setting run in
-            # the same folder overwrites it, so it must carry the same run key and fingerprint
+            # the checkpoint path is per method, ablation value and repeat, not per configuration: another setting
+            # run in the same folder overwrites it, so it must carry the same run key and fingerprint
             ckpt = torch.load(_checkpoint_path(out, run), weights_only=True)
             if ckpt.get("key") != run.key or ckpt.get("fingerprint") != stamp:
                 return None
@@ -340,7 +349,7 @@ def _finished(out: Path, run: Run, stamp: str, need_model: bool):
         return None
 
 
-def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str = "base",
+def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str | tuple = "base",
             workers: int = 1, resume: bool = True, device: str = "cpu"):
     """Run the protocol; write table.csv, table.json, histories.json and the base models' checkpoints.
 
@@ -349,7 +358,7 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
     code (``runs/*.json``); False trains everything again. ``device``: where every run trains (a run's
     numbers may differ across devices by float rounding; the run files do not record it).
     Returns (rows in plan order, histories {run id: history}, models {run id: model} for runs of
-    ablation ``keep_models``).
+    ablation ``keep_models``: one name or several; a row shared with such a run names it in ``shared_with``).
     """
     runs = protocol.plan()
     done, histories, models = train_runs([r for r in runs if r.shared_with is None], x_train, x_test, out,
@@ -368,13 +377,14 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
 
 
 def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, progress: bool = True,
-               keep_models: str | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu"):
+               keep_models: str | tuple | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu"):
     """Train every run, reusing finished ones; each is written to ``runs/`` when it ends.
 
     A run marked ``may_diverge`` that diverges is returned with row None and its error text as history,
     and is never saved. Returns (rows {id: row}, histories {id: history}, models {id: model} for runs of
-    ablation ``keep_models``).
+    ablation ``keep_models``: one name, several or None).
     """
+    keep = kept(keep_models)
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
@@ -382,7 +392,7 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
     histories, models, done = {}, {}, {}
     todo = []
     # under torchrun rank 0 reads the finished runs and sends them to the others: every rank trains the same list
-    finished = dist.on_main(lambda: [_finished(out, r, stamp, r.spec.ablation == keep_models) if resume else None
+    finished = dist.on_main(lambda: [_finished(out, r, stamp, r.spec.ablation in keep) if resume else None
                                      for r in runs])
     for run, found in zip(runs, finished):
         if found is None:
@@ -403,7 +413,7 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
         if row is None:
             tqdm.write(f"  {rid:<42} diverged: {hist}")
             continue
-        if run.spec.ablation == keep_models:
+        if run.spec.ablation in keep:
             models[rid] = model.cpu()  # figures and checkpoints are made on the cpu
             state = {**model.checkpoint(), "key": run.key, "fingerprint": stamp}
             atomic_write(_checkpoint_path(out, run), lambda tmp: torch.save(state, tmp))

@@ -37,21 +37,22 @@ ROW_KEYS = ("ce_loss_score", "kl_div_score", "ce_sae", "kl_sae", "ce_loss_score_
 BASELINE_KEYS = ("ce_clean", "ce_zero", "kl_zero", "ce_mean", "kl_mean")
 
 
-def heldout_ids(tokenizer, texts: list[str], max_tokens: int, n_tokens: int) -> list[list[int]]:
-    """Token ids of ``texts`` in the order given, tokenised as the extraction does (truncated to ``max_tokens``),
-    as many as it takes to score exactly ``n_tokens`` positions (a text of L tokens scores L - 2: every position
-    but the first whose next token is in the text); the last one cut to fit, texts with nothing to score skipped.
-    Raises DataError when the texts hold fewer than ``n_tokens`` such positions."""
+def heldout_ids(tokenizer, texts: list[str], max_tokens: int, n_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """(token ids, which of ``texts`` they are): ``texts`` in the order given, tokenised as the extraction does
+    (truncated to ``max_tokens``), as many as it takes to score exactly ``n_tokens`` positions (a text of L tokens
+    scores L - 2: every position but the first whose next token is in the text); the last one cut to fit, texts
+    with nothing to score skipped. Raises DataError when the texts hold fewer than ``n_tokens`` such positions."""
     if not (isinstance(n_tokens, int) and n_tokens >= 1):
         raise ValueError(f"n_tokens={n_tokens!r}: expected an int >= 1")
-    out, left = [], n_tokens
-    for ids in tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]:
+    out, used, left = [], [], n_tokens
+    for i, ids in enumerate(tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]):
         if len(ids) < 3:
             continue
         out.append(list(ids[:left + 2]))
+        used.append(i)
         left -= len(out[-1]) - 2
         if left == 0:
-            return out
+            return out, used
     raise DataError(f"n_tokens={n_tokens}: the {len(texts)} held-out texts hold only {n_tokens - left} positions "
                     "to score (every token but the first and the last of each text)")
 
@@ -223,6 +224,57 @@ def source_sha256() -> str:
     """The scores' code: this module and the extraction's (the splice point)."""
     here = Path(__file__).resolve().parent
     return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("lm_eval.py", "activations.py"))).hexdigest()
+
+
+def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str, eval_key: str | None, evaluator,
+               mean: torch.Tensor, std: torch.Tensor, group: int = 8, device=None, progress: bool = True) -> dict:
+    """Add ROW_KEYS to every row (of ``experiment.execute``) whose model is in ``models`` ({run id: SAE}; a
+    shared row's model is its ``shared_with`` run's); returns the baselines.
+
+    Each run's scores are kept in ``<out>/lm_eval/<run file stem>.json`` with its run key, ``stamp`` (the data
+    and training code: ``experiment.fingerprint``) and ``eval_key`` (the language model, layer, held-out tokens and
+    this code), and reused only when all three match (``eval_key`` None: never). ``evaluator()`` makes the
+    :class:`LMEval`, only when some run must be scored; ``group`` SAEs are scored together (one clean vocabulary
+    projection for all of them). ``mean``, ``std``: the standardisation the SAEs were trained under."""
+    from tqdm.auto import tqdm
+
+    from .config import write_json
+    from .experiment import RunSpec, run_file
+
+    by_id = {r.spec.id: r for r in runs}
+    folder = Path(out) / "lm_eval"
+    found, baselines = {}, None
+    for rid in models:
+        try:
+            saved = json.loads((folder / f"{run_file(out, by_id[rid]).stem}.json").read_text())
+            if eval_key is not None and (saved["key"], saved["fingerprint"], saved["eval"]) == (
+                    by_id[rid].key, stamp, eval_key):
+                found[rid], baselines = saved["scores"], saved["baselines"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    todo = [rid for rid in models if rid not in found]
+    if found:
+        tqdm.write(f"  LM loss: {len(found)} runs scored earlier with the same settings, data and code ({folder}); "
+                   f"{len(todo)} to score")
+    if todo:
+        ev = evaluator()
+        baselines = ev.baselines
+        bar = tqdm(total=len(todo), desc=f"LM loss ({ev.n_tokens} tokens)", disable=not progress)
+        for start in range(0, len(todo), group):
+            part = todo[start:start + group]
+            got = ev.score({rid: sae_reconstruction(models[rid], mean, std, device) for rid in part})
+            for rid in part:
+                found[rid] = got[rid]
+                write_json(folder / f"{run_file(out, by_id[rid]).stem}.json",
+                           {"key": by_id[rid].key, "fingerprint": stamp, "eval": eval_key, "scores": got[rid],
+                            "baselines": baselines})
+            bar.update(len(part))
+        bar.close()
+    for row in rows:
+        rid = row["shared_with"] or RunSpec(row["method"], row["ablation"], row["value"], row["replicate"]).id
+        if rid in found:
+            row.update(found[rid])
+    return baselines
 
 
 def summary(rows: list[dict], baselines: dict) -> str:

@@ -119,9 +119,10 @@ def test_last_rows_are_the_extracted_activations(tok):
 def test_heldout_ids_score_exactly_the_budget(tok):
     lengths = [len(r) for r in ids_of(tok, TEXTS + ["die"])]  # "die": 2 tokens, nothing to score
     assert lengths[-1] == 2
-    ids = L.heldout_ids(tok, ["die"] + TEXTS, 128, n_tokens=lengths[0] - 2 + 3)
-    assert [len(r) for r in ids] == [lengths[0], 5] and ids[1] == ids_of(tok)[1][:5]
-    assert sum(len(r) - 2 for r in L.heldout_ids(tok, TEXTS, 4, n_tokens=8)) == 8  # truncated to 4 tokens each
+    ids, used = L.heldout_ids(tok, ["die"] + TEXTS, 128, n_tokens=lengths[0] - 2 + 3)
+    assert [len(r) for r in ids] == [lengths[0], 5] and ids[1] == ids_of(tok)[1][:5] and used == [1, 2]
+    ids, used = L.heldout_ids(tok, TEXTS, 4, n_tokens=8)  # truncated to 4 tokens each
+    assert sum(len(r) - 2 for r in ids) == 8 and used == [0, 1, 2, 3]
     with pytest.raises(DataError, match="hold only 15 positions"):
         L.heldout_ids(tok, TEXTS, 6, n_tokens=16)  # 4 + 4 + 3 + 4
 
