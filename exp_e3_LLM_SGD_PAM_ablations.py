@@ -12,6 +12,7 @@ with the training statistics only.
     python exp_e3_LLM_SGD_PAM_ablations.py --RECIPE=modern --TUNE=True   # the field's recipe, tuned per method
     python exp_e3_LLM_SGD_PAM_ablations.py --ACTIVATIONS=my_acts.npy    # your own activations (or .safetensors / a folder)
     python exp_e3_LLM_SGD_PAM_ablations.py --ACTIVATIONS=shards/ --STREAM=True   # a folder larger than memory
+    python exp_e3_LLM_SGD_PAM_ablations.py --ONLY=fraction --LM_EVAL_TOKENS=512  # + loss recovered on the LM
 
 With --TUNE=True each method's hyperparameters are first chosen on a validation split of the training
 activations (TUNE_GRID, the same number of trials per method; tuning/tuning.md), then every run uses
@@ -19,7 +20,9 @@ them and is reported on the test split.
 
 Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was extracted),
 curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
-with L0 and dead fraction), histories.json, summary.md, models/*.pt.
+with L0 and dead fraction), histories.json, summary.md, models/*.pt. With LM_EVAL_TOKENS: lm_eval.json (the
+baselines), lm_eval/ (each run's scores, reused on resume) and the scores in every row of a kept model
+(common/lm_eval.py).
 """
 import json
 import os
@@ -300,11 +303,7 @@ if LM_EVAL_TOKENS:
         lm, _ = activations.load_model(MODEL, device)
         ev = lm_eval.LMEval(lm, heldout["ids"], meta["layer"], mean, batch_size=EXTRACT_BATCH,
                             pad_id=heldout["pad_id"])
-        # the texts are the test rows': their last tokens' activations are the extracted ones (all but the last
-        # text, which may be cut; bf16 extraction moves them by ~1%)
-        got, want = ev.last_rows[:-1], X[heldout["rows"][:-1]]
-        if len(want) and float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) > 0.05:
-            raise RuntimeError("the held-out texts' activations differ from the extracted test rows: texts misaligned")
+        lm_eval.check_heldout(ev.last_rows[:-1], X[heldout["rows"][:-1]])  # the last text may be cut
         return ev
 
     import transformers

@@ -207,6 +207,20 @@ class LMEval:
         return {name: scores(v["ce"], v["kl"], b) for name, v in self.losses(reconstructions).items()}
 
 
+def check_heldout(last_rows: torch.Tensor, extracted: torch.Tensor, tol: float = 0.05) -> None:
+    """ValueError unless each held-out text's activation at its last token (``LMEval.last_rows``, all but a last
+    text that was cut) is the extracted test row it is meant to be (``extracted``, same order): a misaligned list
+    of texts would be scored as held out while it is not. ``tol``: relative distance (bf16 extraction moves rows
+    by ~1%)."""
+    n = min(len(last_rows), len(extracted))
+    if n == 0:
+        return
+    gap = ((last_rows[:n] - extracted[:n]).norm(dim=1) / extracted[:n].norm(dim=1).clamp(min=1e-12)).max()
+    if not float(gap) <= tol:
+        raise ValueError(f"the held-out texts' last-token activations differ from the extracted test rows by up to "
+                         f"{float(gap):.3g} (relative; tolerance {tol}): the texts are not those rows")
+
+
 def scores(ce: float, kl: float, baselines: dict) -> dict:
     """ROW_KEYS from the spliced CE and KL and the baselines (ce_clean, ce_zero, kl_zero, ce_mean, kl_mean)."""
     b = baselines

@@ -114,6 +114,9 @@ def test_last_rows_are_the_extracted_activations(tok):
     ev = L.LMEval(model, ids_of(tok), LAYER, mean=torch.zeros(32), batch_size=3)
     want = A.extract(model, tok, TEXTS, LAYER, "last", progress=False)
     torch.testing.assert_close(ev.last_rows, want, rtol=1e-5, atol=1e-5)
+    L.check_heldout(ev.last_rows, want)
+    with pytest.raises(ValueError, match="the texts are not those rows"):
+        L.check_heldout(ev.last_rows, want[[1, 0, 2, 3]])  # two texts swapped
 
 
 def test_heldout_ids_score_exactly_the_budget(tok):
