@@ -4,7 +4,8 @@ Times, on TOKENS scored positions of Shakespeare texts (the E3 texts, 128 tokens
 the once-per-text part (the blocks below the splice, the clean pass, the identity check and both ablations:
 ``LMEval(...)``) and the per-SAE part (the blocks above the splice and the vocabulary projection for GROUP SAEs
 scored together, divided by GROUP). The SAEs are random (their cost does not depend on their training), of E3's
-fast-profile size (1024 latents, K 80) unless told otherwise. Prints tokens per second and seconds per SAE, the
+fast-profile size (1024 latents, K 80) unless told otherwise; with no training mean here, the mean ablation is the
+zero one. Prints tokens per second and seconds per SAE, the
 projected cost of N_SAES SAEs, and saves the figures as JSON. Wall-clock figures depend on other load on the
 machine: the load average and the process's CPU seconds are printed with them.
 
