@@ -12,6 +12,7 @@ with the training statistics only.
     python exp_e3_LLM_SGD_PAM_ablations.py --RECIPE=modern --TUNE=True   # the field's recipe, tuned per method
     python exp_e3_LLM_SGD_PAM_ablations.py --ACTIVATIONS=my_acts.npy    # your own activations (or .safetensors / a folder)
     python exp_e3_LLM_SGD_PAM_ablations.py --ACTIVATIONS=shards/ --STREAM=True   # a folder larger than memory
+    python exp_e3_LLM_SGD_PAM_ablations.py --ONLY=fraction --LM_EVAL_TOKENS=512  # + loss recovered on the LM
 
 With --TUNE=True each method's hyperparameters are first chosen on a validation split of the training
 activations (TUNE_GRID, the same number of trials per method; tuning/tuning.md), then every run uses
@@ -19,15 +20,18 @@ them and is reported on the test split.
 
 Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was extracted),
 curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
-with L0 and dead fraction), histories.json, summary.md, models/*.pt.
+with L0 and dead fraction), histories.json, summary.md, models/*.pt. With LM_EVAL_TOKENS: lm_eval.json (the
+baselines), lm_eval/ (each run's scores, reused on resume) and the scores in every row of a kept model
+(common/lm_eval.py).
 """
+import json
 import math
 import os
 from pathlib import Path
 
 import torch
 
-from common import activations, distributed, experiment, runner, stream, tuning
+from common import activations, distributed, experiment, lm_eval, runner, stream, tuning
 from common.config import (above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_json,
                            write_text)
 from common.pam import STATS_DTYPES
@@ -51,6 +55,12 @@ EXTRACT_BATCH = 8
 EXTRACT_DTYPE = "float32"         # or "bfloat16" (faster matmuls, the stored activations stay float32)
 TEST_FRACTION = 0.1               # split 90/10; standardised with the training statistics only
 N_TRAIN = 0                       # 0: every training activation; N: the first N of them (after the split)
+CACHE_DIR = ""                    # where extracted activations are cached; "": data/llm/cache
+# --- the loss recovered on the language model (common/lm_eval.py; DESIGN 9.2) --------------------------
+LM_EVAL_TOKENS = 0                # 0: off; N: score each kept SAE spliced into the model on N held-out tokens (of
+                                  # the test texts): ce_loss_score, kl_div_score, ce_sae, kl_sae in every table row
+LM_EVAL_ABLATIONS = ("base", "fraction")  # the ablations whose runs keep their models (models/) and are scored
+LM_EVAL_GROUP = 8                 # SAEs scored together (one clean vocabulary projection for all of them)
 # --- the SAE and its training (paper) ---------------------------------------------------------------
 RECIPE = "paper"                  # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
 N_LATENTS = 4096
@@ -139,6 +149,13 @@ ACCEPT = {  # this script's own rules, then those shared by the SAE protocols (c
     "TEST_FRACTION": in_range(0, 1, lo_open=True, hi_open=True) & satisfies(
         lambda f, c: c["ACTIVATIONS"] or c["TOKEN_RULE"] == "all" or 1 <= round(f * c["N_TEXTS"]) < c["N_TEXTS"],
         "leaving at least one of the --N_TEXTS = {N_TEXTS} samples in each split"),
+    "CACHE_DIR": satisfies(lambda d, c: d == "" or not Path(d).is_file(), "empty, or a folder (made if missing)"),
+    "LM_EVAL_TOKENS": at_least(0) & satisfies(
+        lambda n, c: n == 0 or (c["SOURCE"] == "llm" and not c["ACTIVATIONS"] and c["TOKEN_RULE"] == "last"),
+        "0 unless --SOURCE=llm, --TOKEN_RULE=last and no --ACTIVATIONS (the language model is needed, and only "
+        "token rule 'last' holds whole texts out: 'all' splits each text's tokens between training and test)"),
+    "LM_EVAL_ABLATIONS": runner.only_rule(ABLATIONS),
+    "LM_EVAL_GROUP": at_least(1),
     "N_TRAIN": at_least(0) & satisfies(
         lambda n, c: c["ACTIVATIONS"] or c["TOKEN_RULE"] == "all"
         or n <= c["N_TEXTS"] - round(c["TEST_FRACTION"] * c["N_TEXTS"]),
@@ -226,12 +243,25 @@ else:
     with distributed.main_first():  # under torchrun rank 0 extracts and caches, then the others read the cache
         X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
                                                n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
-                                               dtype=EXTRACT_DTYPE)
+                                               dtype=EXTRACT_DTYPE, cache_dir=CACHE_DIR or activations.CACHE_DIR)
 x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
 if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
     run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
 if N_TRAIN:
     x_train = x_train[:N_TRAIN]
+heldout = None
+if LM_EVAL_TOKENS:  # the held-out texts: the test rows of the split (a row a text), in the split's order
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(activations.model_source(MODEL))
+    texts = activations.split_texts(activations.read_text(TEXT or None)[0], N_TEXTS, MAX_TOKENS)
+    test_rows = activations.split_rows(X.shape[0], TEST_FRACTION, seed=run.seed_for("split"))[1].tolist()
+    try:
+        ids, used = lm_eval.heldout_ids(tokenizer, [texts[i] for i in test_rows], MAX_TOKENS, LM_EVAL_TOKENS)
+    except activations.DataError as err:
+        run.fail(f"--LM_EVAL_TOKENS={LM_EVAL_TOKENS}: {err}")
+    heldout = dict(ids=ids, rows=[test_rows[i] for i in used],
+                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 read = "streamed through memory maps" if isinstance(x_train, stream.Stream) else "into memory"
 write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
                                                standardised="per feature, training mean and std", read=read))
@@ -242,13 +272,39 @@ print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} t
 n_rows.append(x_train.shape[0])
 label = (f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}, {RECIPE} recipe"
          + (", tuned" if TUNE or TUNED else ""))
+keep = ("base", *LM_EVAL_ABLATIONS) if LM_EVAL_TOKENS else "base"
 try:
     result = runner.run(protocol, x_train, x_test, run.out, f"E3, {label}: SGD vs PAM-SGD", label, run.seed, how=how,
                         tuned_from=Path(TUNED) / "tuning" / "tuning.json" if TUNED else None, workers=workers,
-                        resume=RESUME, device=device)
+                        resume=RESUME, device=device, keep_models=keep)
 except ValueError as err:
     run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
+rows, models = result.rows, result.models
 if "base" in ablations:
     ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
-    experiment.stem_plots({m: result.models[i] for m, i in ids.items() if i in result.models}, x_test, run.out, label)
+    experiment.stem_plots({m: models[i] for m, i in ids.items() if i in models}, x_test, run.out, label)
+text = (run.out / "summary.md").read_text()
+if LM_EVAL_TOKENS:
+    def evaluator():
+        lm, _ = activations.load_model(MODEL, device)
+        ev = lm_eval.LMEval(lm, heldout["ids"], meta["layer"], mean, batch_size=EXTRACT_BATCH,
+                            pad_id=heldout["pad_id"])
+        lm_eval.check_heldout(ev.last_rows[:-1], X[heldout["rows"][:-1]])  # the last text may be cut
+        return ev
+
+    import transformers
+    eval_key = None if meta.get("model_sha256") is None else json.dumps(
+        {"model_sha256": meta["model_sha256"], "layer": meta["layer"], "ids": lm_eval.ids_sha256(heldout["ids"]),
+         "code": lm_eval.source_sha256(), "transformers": transformers.__version__})
+    plan = result.protocol.plan()
+    scored = {r.spec.id: models[r.spec.id] for r in plan if r.spec.id in models and r.spec.ablation in LM_EVAL_ABLATIONS}
+    baselines = lm_eval.score_runs(rows, scored, plan, run.out, experiment.fingerprint(x_train, x_test, run.seed),
+                                   eval_key, evaluator, mean, std, group=LM_EVAL_GROUP, device=device)
+    experiment.write_table(rows, run.out)
+    if baselines is not None:
+        write_json(run.out / "lm_eval.json", dict(baselines, model=meta["model"], layer=meta["layer"],
+                                                  ablations=list(LM_EVAL_ABLATIONS), test_rows=heldout["rows"]))
+        text += "\n" + lm_eval.summary([r for r in rows if r.get("budget", 0) == result.budget], baselines)
+write_text(run.out / "summary.md", text)
+print(text)
 run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "activations": meta})

@@ -782,6 +782,19 @@ def load_user_activations(path, stream: bool = False) -> tuple:
     return X, meta
 
 
+def split_rows(n: int, test_fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, test rows) of :func:`split_standardise`'s split of ``n`` rows, in the order it takes them:
+    a seeded permutation, its first ``round(test_fraction * n)`` rows for the test. With token rule ``last`` a
+    row is a text: the test rows are the held-out texts (``common/lm_eval.py``)."""
+    if not (0.0 < test_fraction < 1.0):
+        raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
+    n_test = int(round(test_fraction * n))
+    if not 1 <= n_test < n:
+        raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test set")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return order[n_test:], order[:n_test]
+
+
 def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8):
     """Random train/test split, then per-feature z-scores with the TRAINING mean and std only.
 
@@ -794,14 +807,8 @@ def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0
 
     if isinstance(X, Stream):
         return split_stream(X, test_fraction, seed, eps)
-    if not (0.0 < test_fraction < 1.0):
-        raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
-    n = X.shape[0]
-    n_test = int(round(test_fraction * n))
-    if not 1 <= n_test < n:
-        raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test set")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    train, test = X[order[n_test:]], X[order[:n_test]]
+    train_rows, test_rows = split_rows(X.shape[0], test_fraction, seed)
+    train, test = X[train_rows], X[test_rows]
     mean = train.mean(0)
     std = train.std(0, unbiased=False).clamp(min=eps)
     return (train - mean) / std, (test - mean) / std, mean, std

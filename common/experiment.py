@@ -100,7 +100,9 @@ DEFAULTS = {f.name: f.default for f in (*fields(TrainConfig), *fields(SAEConfig)
             if f.name in SETTINGS and f.default is not MISSING} | {"fraction": 1.0}
 TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "budget", "train_mse", "test_mse",
                  "train_fvu", "test_fvu", "l0", "dead", "uninformative", "epochs", "stop_epoch", "steps", "batch_size",
-                 "samples_seen", "n_train", "wall_time", "train_time", "tuned", "shared_with")
+                 "samples_seen", "n_train", "wall_time", "train_time", "tuned", "shared_with",
+                 # the loss recovered on the language model (E3 with LM_EVAL_TOKENS; common/lm_eval.py): blank elsewhere
+                 "ce_loss_score", "kl_div_score", "ce_sae", "kl_sae", "ce_loss_score_mean", "kl_div_score_mean")
 
 
 def check_settings(names, where: str) -> None:
@@ -347,7 +349,15 @@ def run_file(out: Path, run: Run) -> Path:
 
 
 def _checkpoint_path(out: Path, run: Run) -> Path:
-    return Path(out) / "models" / f"{run.spec.method}_rep{run.spec.replicate}.pt"
+    spec = run.spec
+    tag = "" if spec.ablation == "base" else re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"_{spec.ablation}={spec.value}")
+    budget = f"_budget{spec.budget}" if spec.budget else ""
+    return Path(out) / "models" / f"{spec.method}{tag}_rep{spec.replicate}{budget}.pt"
+
+
+def kept(keep_models) -> tuple:
+    """The ablations whose models are kept: ``keep_models`` is one ablation's name, several, or None."""
+    return () if keep_models is None else (keep_models,) if isinstance(keep_models, str) else tuple(keep_models)
 
 
 def _finished(out: Path, run: Run, stamp: str, need_model: bool):
@@ -359,8 +369,8 @@ def _finished(out: Path, run: Run, stamp: str, need_model: bool):
             return None
         model = None
         if need_model:
-            # the checkpoint path is per method and repeat, not per configuration: another setting run in
-            # the same folder overwrites it, so it must carry the same run key and fingerprint
+            # the checkpoint path is per method, ablation value and repeat, not per configuration: another setting
+            # run in the same folder overwrites it, so it must carry the same run key and fingerprint
             ckpt = torch.load(_checkpoint_path(out, run), weights_only=True)
             if ckpt.get("key") != run.key or ckpt.get("fingerprint") != stamp:
                 return None
@@ -373,8 +383,9 @@ def _finished(out: Path, run: Run, stamp: str, need_model: bool):
         return None
 
 
-def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True, keep_models: str | None = "base",
-            workers: int = 1, resume: bool = True, device: str = "cpu", extra_metrics: Callable | None = None):
+def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = True,
+            keep_models: str | tuple | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu",
+            extra_metrics: Callable | None = None):
     """Run the protocol; write table.csv, table.json, histories.json and the base models' checkpoints.
 
     ``workers``: runs trained at once (forked processes, one thread each; 1 = in this process).
@@ -383,7 +394,8 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
     numbers may differ across devices by float rounding; the run files do not record it).
     ``extra_metrics(model) -> {name: number}``: more columns for every run's row, computed from its trained
     model (``train_runs``). Returns (rows in plan order, histories {run id: history}, models {run id: model}
-    for runs of ablation ``keep_models``; None keeps none).
+    for runs of ablation ``keep_models``: one name, several or None; a row shared with such a run names it in
+    ``shared_with``).
     """
     runs = protocol.plan()
     done, histories, models = train_runs([r for r in runs if r.shared_with is None], x_train, x_test, out,
@@ -403,7 +415,7 @@ def execute(protocol: Protocol, x_train, x_test, out: Path, progress: bool = Tru
 
 
 def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, progress: bool = True,
-               keep_models: str | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu",
+               keep_models: str | tuple | None = "base", workers: int = 1, resume: bool = True, device: str = "cpu",
                extra_metrics: Callable | None = None):
     """Train every run, reusing finished ones; each is written to ``runs/`` when it ends.
 
@@ -411,8 +423,10 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
     (and run file; a name the row already has is an error). A finished run is reused with the values it was
     saved with, so they must depend only on the model and on what the run's fingerprint covers (the data and
     TRAINING_SOURCES: e.g. ``metrics.recovery`` against a dictionary the data were drawn from).
-    Returns (rows {id: row}, histories {id: history}, models {id: model} for runs of ablation ``keep_models``).
+    Returns (rows {id: row}, histories {id: history}, models {id: model} for runs of ablation ``keep_models``:
+    one name, several or None).
     """
+    keep = kept(keep_models)
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
@@ -420,7 +434,7 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
     histories, models, done = {}, {}, {}
     todo = []
     # under torchrun rank 0 reads the finished runs and sends them to the others: every rank trains the same list
-    finished = dist.on_main(lambda: [_finished(out, r, stamp, r.spec.ablation == keep_models) if resume else None
+    finished = dist.on_main(lambda: [_finished(out, r, stamp, r.spec.ablation in keep) if resume else None
                                      for r in runs])
     for run, found in zip(runs, finished):
         if found is None:
@@ -440,7 +454,7 @@ def train_runs(runs: list[Run], x_train, x_test, out: Path, base_seed: int, prog
         bar.update(1)
         if extra_metrics is not None:
             row.update(_extra_columns(extra_metrics(model.cpu()), row, rid))
-        if run.spec.ablation == keep_models:
+        if run.spec.ablation in keep:
             models[rid] = model.cpu()  # figures and checkpoints are made on the cpu
             state = {**model.checkpoint(), "key": run.key, "fingerprint": stamp}
             atomic_write(_checkpoint_path(out, run), lambda tmp: torch.save(state, tmp))

@@ -116,6 +116,7 @@ class Result:
     models: dict
     record: dict | None        # the tuning record (tuning.json), None when nothing was tuned
     budget: int                # the budget of the main figures (the largest; 0 untuned)
+    protocol: experiment.Protocol  # the protocol that ran (with its tuned settings)
 
 
 def prepare(protocol: experiment.Protocol, how: Tuning | None, n_train: int, seed: int) -> None:
@@ -169,4 +170,4 @@ def run(protocol: experiment.Protocol, x_train, x_test, out: Path, title: str, l
     text = experiment.summary(rows, title, tuning_note(record, where))
     write_text(out / "summary.md", text)
     print(text)
-    return Result(rows, histories, models, record, budget)
+    return Result(rows, histories, models, record, budget, protocol)

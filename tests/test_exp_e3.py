@@ -101,3 +101,58 @@ def test_every_activation_of_the_table_runs_with_its_default_penalty(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path / "bad"),
                           "--ACTIVATION=gelu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--ACTIVATION=gelu" in bad.stderr and "jumprelu" in bad.stderr
+
+
+def test_loss_recovered_on_a_tiny_language_model(tmp_path):
+    """--LM_EVAL_TOKENS: every base and fraction row holds the LM scores of its SAE on held-out tokens; a second
+    invocation reuses them (and the models), scoring again a run scored under other eval settings; settings without
+    held-out texts fail."""
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_activations import WORDS, tiny_model, tiny_tokenizer
+
+    model = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(WORDS * 60))
+    common = ["--quick", "--SOURCE=llm", f"--MODEL={model}", f"--TEXT={corpus}", f"--CACHE_DIR={tmp_path / 'cache'}",
+              "--N_TEXTS=200", "--MAX_TOKENS=16", "--ONLY=base,fraction,k", "--METHODS=pam,sgd", "--WORKERS=1"]
+    out = tmp_path / "out"
+
+    def e3(*extra, folder=out):
+        return subprocess.run([sys.executable, str(SCRIPT), *common, *extra, "--out", str(folder)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    res = e3("--LM_EVAL_TOKENS=150")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((out / "table.json").read_text())
+    keys = ("ce_loss_score", "kl_div_score", "ce_sae", "kl_sae", "ce_loss_score_mean", "kl_div_score_mean")
+    scored = [r for r in rows if r["ablation"] in ("base", "fraction")]
+    assert len(scored) == 2 + 4 and all(math.isfinite(r[k]) for r in scored for k in keys)
+    k_rows = {(r["method"], r["value"]): r for r in rows if r["ablation"] == "k"}
+    assert not any("ce_sae" in r for (m, v), r in k_rows.items() if v == 3)  # models not kept: not scored
+    assert all(k_rows[m, 6]["ce_sae"] == r["ce_sae"] for r in scored if r["ablation"] == "base"  # k 6 is the base run
+               for m in [r["method"]])
+    base = json.loads((out / "lm_eval.json").read_text())
+    assert base["n_tokens"] == 150 and base["n_texts"] == len(base["test_rows"]) and base["layer"] == 2
+    for r in scored:  # the scores are the formulas of the row's CE and KL against the baselines
+        assert math.isclose(r["ce_loss_score"], (base["ce_zero"] - r["ce_sae"]) / (base["ce_zero"] - base["ce_clean"]))
+        assert math.isclose(r["kl_div_score_mean"], (base["kl_mean"] - r["kl_sae"]) / base["kl_mean"])
+    full = {r["method"]: r for r in scored if r["ablation"] == "fraction" and r["value"] == 1.0}
+    assert all(full[m]["ce_sae"] == r["ce_sae"] for r in scored if r["ablation"] == "base" for m in [r["method"]])
+    assert "## Loss recovered on the language model" in (out / "summary.md").read_text()
+    assert "ce_loss_score" in (out / "table.csv").read_text().splitlines()[0]
+
+    stale = next((out / "lm_eval").glob("sgd_fraction_0.25_rep0_*.json"))  # scored under other eval settings
+    stale.write_text(stale.read_text().replace('"eval": "{', '"eval": "{\\"other\\": 1, '))
+    again = e3("--LM_EVAL_TOKENS=150")
+    assert again.returncode == 0 and "; 0 to train" in again.stdout, again.stdout[-2000:]
+    assert "3 runs scored earlier" in again.stdout and "; 1 to score" in again.stdout, again.stdout[-2000:]
+    assert json.loads((out / "table.json").read_text()) == rows and '"other"' not in stale.read_text()
+
+    for extra, msg in ((("--LM_EVAL_TOKENS=100", "--TOKEN_RULE=all"), "--LM_EVAL_TOKENS=100: expected an integer >= 0 and 0 unless --SOURCE=llm"),
+                       (("--LM_EVAL_TOKENS=5000",), "--LM_EVAL_TOKENS=5000: n_tokens=5000: the 20 held-out texts")):
+        bad = e3(*extra, folder=tmp_path / "bad")
+        assert bad.returncode == 2 and msg in bad.stderr, (extra, bad.stderr[-1000:])
