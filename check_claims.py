@@ -61,6 +61,7 @@ LLM_SUBSET = 2250            # fast profile: E3's K / weight-decay / updates / m
                              # activations: the paper's 9000 per 4096 latents at LLM_N_LATENTS
 LLM_EPOCHS = 10              # fast profile (paper: 100, ablations 50)
 LLM_TUNE_EPOCHS = 10         # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
+LLM_EVAL_TOKENS = 256        # fast profile: held-out tokens on which each E3 fraction SAE is spliced into the LM
 LLM_MIN_STEPS = 50           # fast profile: no E3 run's schedule under this many optimiser steps (smaller batches)
 LLM_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)  # fast profile
 E4_ARGS = "--N_TRAINS=256,1024,4096 --STEPS=500"  # fast profile of the ground-truth experiment (space separated)
@@ -75,6 +76,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "TUNE_BUDGETS": each(at_least(1)) & satisfies(lambda b, c: list(b) == sorted(set(b)), "increasing budgets"),
     "TUNE_BUDGET": at_least(1),
     "LLM_MIN_STEPS": at_least(0),
+    "LLM_EVAL_TOKENS": at_least(0),
     "THEORY_INSTANCES": at_least(1),
     "THEORY_POINTS": at_least(10),
     "SMALL_FRACTION": in_range(0, 1, lo_open=True) & satisfies(
@@ -99,7 +101,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "E4_FEW_SAMPLES": at_least(1),
     "SEED": at_least(0),
 }
-QUICK = dict(E4_FEW_SAMPLES=256, E4_ARGS="", SEEDS=2, DIRECTION_SEEDS=2, TUNE_BUDGETS=(2, 3), TUNE_BUDGET=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
+QUICK = dict(LLM_EVAL_TOKENS=0, E4_FEW_SAMPLES=256, E4_ARGS="", SEEDS=2, DIRECTION_SEEDS=2, TUNE_BUDGETS=(2, 3), TUNE_BUDGET=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
              MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, MNIST_TUNE_EPOCHS=1, MNIST_WEIGHT_DECAYS=(0.0, 1e-3),
              CONVERGENCE_EPOCHS=3, MNIST_SUBSET=400, LLM_FRACTIONS=(0.1,), LLM_EPOCHS=1, LLM_TUNE_EPOCHS=1,
              LLM_SUBSET=200, LLM_N_LATENTS=48, LLM_K=6, LLM_KS=(3, 6),
@@ -473,7 +475,9 @@ e3_tune_epochs = E3_PAPER["TUNE_EPOCHS"] if FULL else LLM_TUNE_EPOCHS
 extra += [] if FULL else [f"--MIN_STEPS={LLM_MIN_STEPS}"]
 for protocol in PROTOCOLS:
     p_args, d = protocol_args(protocol, e3_tune_epochs), OUT / protocol
-    script(f"{protocol}/e3_fraction", E3, ["--ONLY=fraction"] + llm_fracs + fraction_methods[protocol] + llm_epochs
+    lm_eval = [f"--LM_EVAL_TOKENS={LLM_EVAL_TOKENS}", "--LM_EVAL_ABLATIONS=fraction"] if LLM_EVAL_TOKENS else []
+    script(f"{protocol}/e3_fraction", E3, ["--ONLY=fraction"] + llm_fracs + fraction_methods[protocol] + lm_eval
+           + llm_epochs
            + seeds + protocol_args(protocol, e3_tune_epochs, TUNE_BUDGETS) + extra, d / "e3_fraction")
     script(f"{protocol}/e3_k_weight_decay", E3, ["--ONLY=k,weight_decay", "--METHODS=pam,sgd"] + llm_subset + llm_ks
            + llm_epochs + seeds + p_args + extra, d / "e3_k_weight_decay")
@@ -488,6 +492,28 @@ llm_note = "" if FULL else (f"fast profile: {LLM_N_LATENTS} latents, K = {LLM_K}
                              "sizes scaled with it to keep the paper's samples per latent")
 sample_efficiency("E3-sample-efficiency", llm, "e3_fraction", "", "paper E3 (sample efficiency; paper: Gemma-2-2B)",
                   llm_note)
+
+# the loss recovered on the language model (SAELens' ce_loss_score against zero ablation): higher is better
+per, numbers, links, budgets, stable = {}, {}, [], None, None
+for protocol in PROTOCOLS:
+    d = OUT / protocol / "e3_fraction"
+    rows = [r for r in table(d / "table.json") if r.get("ce_loss_score") is not None]
+    if not rows:
+        continue
+    fracs = [f for f in values_of(rows, "fraction") if f <= SMALL_FRACTION]
+    flipped = [dict(r, neg_ce_loss_score=-r["ce_loss_score"]) for r in rows if r["method"] in ("pam", "sgd")]
+    per[protocol], numbers[protocol], b, st = judge(flipped, "fraction", fracs, "pam", "sgd", key="neg_ce_loss_score",
+                                                    tuned_dir=d)
+    if b:
+        budgets, stable = b, st
+    links += [d / "summary.md", d / "lm_eval.json"]
+add("E3-lm-loss-recovered", "paper-empirical", f"{llm}: at small training fractions (<= {100 * SMALL_FRACTION:g}%) "
+    "PAM-SGD's SAEs recover more of the language model's loss (SAELens' ce_loss_score) than SGD's", "paper E3 "
+    "(sample efficiency), judged as the field judges SAEs", {p: commands[f"{p}/e3_fraction"]["command"] for p in per},
+    numbers, "paired comparison of ce_loss_score (numbers: minus the score, lower is better) at every small fraction "
+    "on the same held-out tokens, Holm-corrected, combined; both sides informative (test FVU < 1)",
+    protocols=per or None, verdict=None if per else "inconclusive", links=links, budgets=budgets, stable=stable,
+    note="" if per else "not measured: no language model in this profile (the quick profile's synthetic stand-in)")
 
 for ablation, statement, pick_values in (
         ("k", "at every K: PAM-SGD reaches a lower test MSE than SGD", lambda vs: vs),
