@@ -141,7 +141,9 @@ def test_the_split_partitions_each_values_own_training_rows_alike_for_every_meth
     with pytest.raises(ValueError, match="budgets must be increasing"):
         tuning.plan_studies(p, SPACE, (3, 2), 2, 100, 0.2, 0)
     with pytest.raises(ValueError, match="tuning epochs"):
-        tuning.plan_studies(p, SPACE, (2,), 0, 100, 0.2, 0)
+        tuning.plan_studies(p, SPACE, (2,), -1, 100, 0.2, 0)
+    own = tuning.plan_studies(p, SPACE, (2,), 0, 100, 0.2, 0)   # 0: each run's own schedule
+    assert {s.settings["epochs"] for s, *_ in own} == {p.settings(s.ablation, s.value, s.method)["epochs"] for s, *_ in own}
     with pytest.raises(ValueError, match="tuning space"):
         tuning.plan_studies(p, {"lr": (1.0, 0.1)}, (2,), 2, 100, 0.2, 0)
 
