@@ -213,98 +213,103 @@ def synthetic(n_samples, n_features=64, n_atoms=256, k=8, seed=0):
     return codes @ atoms + 0.1 * torch.randn(n_samples, n_features, generator=g)
 
 
-# --- the protocol (validated before any extraction) --------------------------------------------------
-protocol = experiment.Protocol(base=runner.base_settings(globals(), ACTIVATION, PAPER_LR), ablations=ablations,
-                               methods=METHODS, seeds=SEEDS, base_seed=run.seed,
-                               ablation_overrides={"epochs": ABLATION_EPOCHS})
-how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
-try:
-    runner.prepare(protocol, how, N_TRAIN or 10 * N_TEXTS, run.seed)
-except ValueError as err:
-    run.fail(f"tuning: {err}")
-if TUNED and not (Path(TUNED) / "tuning" / "tuning.json").is_file():
-    run.fail(f"--TUNED={TUNED}: no tuning/tuning.json there (the output folder of a --TUNE=True run)")
-
-# --- activations -------------------------------------------------------------------------------------
-if ACTIVATIONS:
-    X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
-    n = X.shape[0]
-    problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
-               if not 1 <= round(TEST_FRACTION * n) < n else
-               f"--N_TRAIN={N_TRAIN} exceeds the training split of its {n} samples"
-               if N_TRAIN > n - round(TEST_FRACTION * n) else "")
-    if problem:  # what only the data can tell: checked before any training
-        run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {problem}")
-elif SOURCE == "synthetic":
-    X = synthetic(N_TEXTS, seed=run.seed_for("synthetic"))
-    meta = {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
-            "n_features": X.shape[1]}
-else:
-    with distributed.main_first():  # under torchrun rank 0 extracts and caches, then the others read the cache
-        X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
-                                               n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
-                                               dtype=EXTRACT_DTYPE, cache_dir=CACHE_DIR or activations.CACHE_DIR)
-x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
-if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
-    run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
-if N_TRAIN:
-    x_train = x_train[:N_TRAIN]
-heldout = None
-if LM_EVAL_TOKENS:  # the held-out texts: the test rows of the split (a row a text), in the split's order
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(activations.model_source(MODEL))
-    texts = activations.split_texts(activations.read_text(TEXT or None)[0], N_TEXTS, MAX_TOKENS)
-    test_rows = activations.split_rows(X.shape[0], TEST_FRACTION, seed=run.seed_for("split"))[1].tolist()
+def main():
+    # --- the protocol (validated before any extraction) --------------------------------------------------
+    protocol = experiment.Protocol(base=runner.base_settings(globals(), ACTIVATION, PAPER_LR), ablations=ablations,
+                                   methods=METHODS, seeds=SEEDS, base_seed=run.seed,
+                                   ablation_overrides={"epochs": ABLATION_EPOCHS})
+    how = runner.Tuning(TUNE_SPACE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_PER_REPLICATE) if TUNE else None
     try:
-        ids, used = lm_eval.heldout_ids(tokenizer, [texts[i] for i in test_rows], MAX_TOKENS, LM_EVAL_TOKENS)
-    except activations.DataError as err:
-        run.fail(f"--LM_EVAL_TOKENS={LM_EVAL_TOKENS}: {err}")
-    heldout = dict(ids=ids, rows=[test_rows[i] for i in used],
-                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-read = "streamed through memory maps" if isinstance(x_train, stream.Stream) else "into memory"
-write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
-                                               standardised="per feature, training mean and std", read=read))
-print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} train / {x_test.shape[0]} test "
-      f"x {x_train.shape[1]} features")
+        runner.prepare(protocol, how, N_TRAIN or 10 * N_TEXTS, run.seed)
+    except ValueError as err:
+        run.fail(f"tuning: {err}")
+    if TUNED and not (Path(TUNED) / "tuning" / "tuning.json").is_file():
+        run.fail(f"--TUNED={TUNED}: no tuning/tuning.json there (the output folder of a --TUNE=True run)")
 
-# --- runs, figures, summary -----------------------------------------------------------------------
-n_rows.append(x_train.shape[0])
-label = (f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}, {RECIPE} recipe"
-         + (", tuned" if TUNE or TUNED else ""))
-keep = ("base", *LM_EVAL_ABLATIONS) if LM_EVAL_TOKENS else "base"
-try:
-    result = runner.run(protocol, x_train, x_test, run.out, f"E3, {label}: SGD vs PAM-SGD", label, run.seed, how=how,
-                        tuned_from=Path(TUNED) / "tuning" / "tuning.json" if TUNED else None, workers=workers,
-                        resume=RESUME, device=device, keep_models=keep)
-except ValueError as err:
-    run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
-rows, models = result.rows, result.models
-if "base" in ablations:
-    ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
-    experiment.stem_plots({m: models[i] for m, i in ids.items() if i in models}, x_test, run.out, label)
-text = (run.out / "summary.md").read_text()
-if LM_EVAL_TOKENS:
-    def evaluator():
-        lm, _ = activations.load_model(MODEL, device)
-        ev = lm_eval.LMEval(lm, heldout["ids"], meta["layer"], mean, batch_size=EXTRACT_BATCH,
-                            pad_id=heldout["pad_id"])
-        lm_eval.check_heldout(ev.last_rows[:-1], X[heldout["rows"][:-1]])  # the last text may be cut
-        return ev
+    # --- activations -------------------------------------------------------------------------------------
+    if ACTIVATIONS:
+        X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
+        n = X.shape[0]
+        problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
+                   if not 1 <= round(TEST_FRACTION * n) < n else
+                   f"--N_TRAIN={N_TRAIN} exceeds the training split of its {n} samples"
+                   if N_TRAIN > n - round(TEST_FRACTION * n) else "")
+        if problem:  # what only the data can tell: checked before any training
+            run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {problem}")
+    elif SOURCE == "synthetic":
+        X = synthetic(N_TEXTS, seed=run.seed_for("synthetic"))
+        meta = {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
+                "n_features": X.shape[1]}
+    else:
+        with distributed.main_first():  # under torchrun rank 0 extracts and caches, then the others read the cache
+            X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
+                                                   n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
+                                                   dtype=EXTRACT_DTYPE, cache_dir=CACHE_DIR or activations.CACHE_DIR)
+    x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
+    if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
+        run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
+    if N_TRAIN:
+        x_train = x_train[:N_TRAIN]
+    heldout = None
+    if LM_EVAL_TOKENS:  # the held-out texts: the test rows of the split (a row a text), in the split's order
+        from transformers import AutoTokenizer
 
-    import transformers
-    eval_key = None if meta.get("model_sha256") is None else json.dumps(
-        {"model_sha256": meta["model_sha256"], "layer": meta["layer"], "ids": lm_eval.ids_sha256(heldout["ids"]),
-         "code": lm_eval.source_sha256(), "transformers": transformers.__version__})
-    plan = result.protocol.plan()
-    scored = {r.spec.id: models[r.spec.id] for r in plan if r.spec.id in models and r.spec.ablation in LM_EVAL_ABLATIONS}
-    baselines = lm_eval.score_runs(rows, scored, plan, run.out, experiment.fingerprint(x_train, x_test, run.seed),
-                                   eval_key, evaluator, mean, std, group=LM_EVAL_GROUP, device=device)
-    experiment.write_table(rows, run.out)
-    if baselines is not None:
-        write_json(run.out / "lm_eval.json", dict(baselines, model=meta["model"], layer=meta["layer"],
-                                                  ablations=list(LM_EVAL_ABLATIONS), test_rows=heldout["rows"]))
-        text += "\n" + lm_eval.summary([r for r in rows if r.get("budget", 0) == result.budget], baselines)
-write_text(run.out / "summary.md", text)
-print(text)
-run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "activations": meta})
+        tokenizer = AutoTokenizer.from_pretrained(activations.model_source(MODEL))
+        texts = activations.split_texts(activations.read_text(TEXT or None)[0], N_TEXTS, MAX_TOKENS)
+        test_rows = activations.split_rows(X.shape[0], TEST_FRACTION, seed=run.seed_for("split"))[1].tolist()
+        try:
+            ids, used = lm_eval.heldout_ids(tokenizer, [texts[i] for i in test_rows], MAX_TOKENS, LM_EVAL_TOKENS)
+        except activations.DataError as err:
+            run.fail(f"--LM_EVAL_TOKENS={LM_EVAL_TOKENS}: {err}")
+        heldout = dict(ids=ids, rows=[test_rows[i] for i in used],
+                       pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    read = "streamed through memory maps" if isinstance(x_train, stream.Stream) else "into memory"
+    write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
+                                                   standardised="per feature, training mean and std", read=read))
+    print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} train / {x_test.shape[0]} test "
+          f"x {x_train.shape[1]} features")
+
+    # --- runs, figures, summary -----------------------------------------------------------------------
+    n_rows.append(x_train.shape[0])
+    label = (f"LLM {meta['model']} L{meta['layer']}, {ACTIVATION}, {RECIPE} recipe"
+             + (", tuned" if TUNE or TUNED else ""))
+    keep = ("base", *LM_EVAL_ABLATIONS) if LM_EVAL_TOKENS else "base"
+    try:
+        result = runner.run(protocol, x_train, x_test, run.out, f"E3, {label}: SGD vs PAM-SGD", label, run.seed, how=how,
+                            tuned_from=Path(TUNED) / "tuning" / "tuning.json" if TUNED else None, workers=workers,
+                            resume=RESUME, device=device, keep_models=keep)
+    except ValueError as err:
+        run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
+    rows, models = result.rows, result.models
+    if "base" in ablations:
+        ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
+        experiment.stem_plots({m: models[i] for m, i in ids.items() if i in models}, x_test, run.out, label)
+    text = (run.out / "summary.md").read_text()
+    if LM_EVAL_TOKENS:
+        def evaluator():
+            lm, _ = activations.load_model(MODEL, device)
+            ev = lm_eval.LMEval(lm, heldout["ids"], meta["layer"], mean, batch_size=EXTRACT_BATCH,
+                                pad_id=heldout["pad_id"])
+            lm_eval.check_heldout(ev.last_rows[:-1], X[heldout["rows"][:-1]])  # the last text may be cut
+            return ev
+
+        import transformers
+        eval_key = None if meta.get("model_sha256") is None else json.dumps(
+            {"model_sha256": meta["model_sha256"], "layer": meta["layer"], "ids": lm_eval.ids_sha256(heldout["ids"]),
+             "code": lm_eval.source_sha256(), "transformers": transformers.__version__})
+        plan = result.protocol.plan()
+        scored = {r.spec.id: models[r.spec.id] for r in plan if r.spec.id in models and r.spec.ablation in LM_EVAL_ABLATIONS}
+        baselines = lm_eval.score_runs(rows, scored, plan, run.out, experiment.fingerprint(x_train, x_test, run.seed),
+                                       eval_key, evaluator, mean, std, group=LM_EVAL_GROUP, device=device)
+        experiment.write_table(rows, run.out)
+        if baselines is not None:
+            write_json(run.out / "lm_eval.json", dict(baselines, model=meta["model"], layer=meta["layer"],
+                                                      ablations=list(LM_EVAL_ABLATIONS), test_rows=heldout["rows"]))
+            text += "\n" + lm_eval.summary([r for r in rows if r.get("budget", 0) == result.budget], baselines)
+    write_text(run.out / "summary.md", text)
+    print(text)
+    run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "activations": meta})
+
+
+if __name__ == "__main__":
+    main()
