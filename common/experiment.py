@@ -599,7 +599,7 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
                                          (axes[1, 0], "dead", "dead fraction (test)", False)):
             series = {m: [agg[metric].get((ablation, v, m), (np.nan,))[0] for v in values] for m in methods}
             errs = {m: [agg[metric].get((ablation, v, m), (0, 0))[1] for v in values] for m in methods}
-            grouped_bars(ax, values, series, ylabel, f"{label}: {ablation}", errors=errs, logy=logy)
+            grouped_bars(ax, values, series, ylabel, ylabel, errors=errs, logy=logy)
             ax.set_xlabel(ablation)
             if metric == "test_fvu":
                 ax.axhline(1.0, color="k", lw=0.8, ls="--", label="FVU 1: uninformative")
@@ -620,6 +620,8 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
         if len(lines) > 8:
             axes[1, 1].legend(fontsize=6, ncol=2)
         numbers["curves"] = {k: {"epoch": v[0], "test_mse": v[1]} for k, v in lines.items()}
+        fig.suptitle(f"{label}: {ablation}")
+        fig.tight_layout()
         paths.append(save(fig, out / f"ablation_{ablation}.png", numbers))
     return paths
 
@@ -638,7 +640,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0, budget: in
             h = histories.get(RunSpec(m, "base", "-", rep, budget).id)
             if h:
                 series[m] = ([e["epoch"] for e in h], [e[f"{split}_mse"] for e in h])
-        curves(axes[i], series, "epoch", f"{split} MSE", f"{label}: {split} MSE (equal epochs)", logy=True)
+        curves(axes[i], series, "epoch", f"{split} MSE", f"{split} MSE (equal epochs)", logy=True)
         numbers[split] = {k: {"epoch": v[0], "mse": v[1]} for k, v in series.items()}
     # equal wall-clock view: test MSE against cumulative training seconds (evaluation excluded)
     series = {}
@@ -646,7 +648,9 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0, budget: in
         h = histories.get(RunSpec(m, "base", "-", rep, budget).id)
         if h:
             series[m] = (np.cumsum([e["epoch_time"] for e in h]).tolist(), [e["test_mse"] for e in h])
-    curves(axes[2], series, "training seconds", "test MSE", f"{label}: test MSE (equal wall clock)", logy=True)
+    curves(axes[2], series, "training time (s)", "test MSE", "test MSE (equal wall clock)", logy=True)
+    fig.suptitle(label)
+    fig.tight_layout()
     numbers["test_vs_seconds"] = {k: {"seconds": v[0], "mse": v[1]} for k, v in series.items()}
     return save(fig, Path(out) / "curves_base.png", numbers)
 

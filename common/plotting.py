@@ -18,9 +18,29 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from .config import atomic_write, write_json  # noqa: E402
 
 
+class OverlapWarning(UserWarning):
+    """A saved figure has text that runs into other text (titles, axis labels, the suptitle)."""
+
+
+def overlapping_text(fig) -> list[tuple[str, str]]:
+    """Pairs of the figure's titles, suptitle and axis labels whose drawn boxes overlap (after a draw)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [fig._suptitle] if fig._suptitle is not None else []
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t is not None and t.get_text().strip()
+             and t.get_visible()]
+    return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
+
+
 def save(fig, path, numbers: dict | None = None, dpi: int = 130) -> Path:
-    """Save ``fig`` as PNG (atomically) and, if given, the numbers behind it as JSON beside it."""
+    """Save ``fig`` as PNG (atomically) and, if given, the numbers behind it as JSON beside it. Text that runs
+    into other text is reported as an ``OverlapWarning`` naming the file (the tests turn it into an error)."""
     path = Path(path)
+    import warnings
+    for a, b in overlapping_text(fig):
+        warnings.warn(f"{path.name}: {a!r} overlaps {b!r}", OverlapWarning, stacklevel=2)
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
     finally:

@@ -286,3 +286,35 @@ def test_e1_default_settings_claims(tmp_path, name):
     trained = mse["sae_topk"] if mse["sae_relaxed"] is None else mse["sae_relaxed"]
     assert mse["local_pca_on_sae_regions"] <= min(trained, mse["sae_topk"]) + 1e-12
     assert trained < mse["kmeans"]
+
+
+def test_protocol_figures_have_no_overlapping_text(tmp_path):
+    """The ablation bars and the base curves with a long label: no title or axis label runs into another (the check
+    itself fails on a figure built to overlap)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from common import experiment
+    from common.plotting import OverlapWarning, overlapping_text
+
+    fig, axes = plt.subplots(1, 2, figsize=(4, 2))
+    for ax in axes:
+        ax.set_title("a long title that cannot fit in half of a four-inch figure")
+    assert overlapping_text(fig)  # negative control
+    plt.close(fig)
+    rows, histories = [], {}
+    for m in ("pam", "sgd", "sgd_tied"):
+        for v in (0.01, 0.1):
+            for rep in (0, 1):
+                rows.append({"method": m, "ablation": "fraction", "value": v, "replicate": rep, "budget": 8,
+                             "test_mse": 0.1 + v, "test_fvu": 0.5, "dead": 0.1})
+                histories[experiment.RunSpec(m, "fraction", v, rep, 8).id] = [
+                    {"epoch": e, "test_mse": 0.3 - 0.01 * e, "train_mse": 0.3, "epoch_time": 1.0} for e in range(5)]
+            histories[experiment.RunSpec(m, "base", "-", 0, 8).id] = histories[experiment.RunSpec(m, "fraction", v, 0, 8).id]
+    label = "MNIST topk, modern recipe, tuned, budget 8: a long label as the scripts make them"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OverlapWarning)
+        experiment.ablation_figures(rows, histories, tmp_path, label)
+        experiment.base_curves(histories, tmp_path, label, budget=8)
+    assert (tmp_path / "ablation_fraction.png").exists() and (tmp_path / "curves_base.png").exists()
