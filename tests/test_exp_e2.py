@@ -54,14 +54,14 @@ def test_bad_override_fails_before_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-<<<<<<< HEAD
 def test_e2_accepts_every_activation_of_the_table(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--ACTIVATIONS=topk,gelu", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--ACTIVATIONS=topk,gelu" in res.stderr
     assert "batchtopk" in res.stderr and "jumprelu" in res.stderr  # the accepted ones, from the table
     assert not any(tmp_path.iterdir())
-=======
+
+
 @pytest.mark.skipif(not (ROOT / "data" / "mnist" / "train-images-idx3-ubyte").exists(), reason="MNIST not fetched")
 def test_a_reused_tuning_gives_the_tuning_runs_table_and_other_data_are_refused(tmp_path):
     """--TUNE=True tunes each method at each value (the fraction per replicate) and trains at each budget; --TUNED
@@ -97,4 +97,3 @@ def test_a_reused_tuning_gives_the_tuning_runs_table_and_other_data_are_refused(
     assert other.returncode == 2 and "tuned on other data" in other.stderr and "Traceback" not in other.stderr
     both = e2("--TUNE=True", "--TUNED=" + str(tmp_path / "tuned"), "--out", str(tmp_path / "both"))
     assert both.returncode == 2 and "--TUNED" in both.stderr and not (tmp_path / "both").exists()
->>>>>>> tunetests
