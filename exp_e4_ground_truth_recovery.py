@@ -83,37 +83,24 @@ def _correlation_ok(r, c) -> bool:
     return r == 0 if g == 1 else -1 / (g - 1) < r < 1
 
 
-ACCEPT = {  # what each constant accepts: checked by configure() before any data is drawn (common/config.py)
-    "N_FEATURES": at_least(1),
-    "N_TRUE": at_least(1),
-    "MEAN_ACTIVE": in_range(0, "N_TRUE", lo_open=True),
-    "ZIPF_EXPONENT": at_least(0),
-    "MAGNITUDE": one_of(*MAGNITUDES),
-    "LOGNORMAL_SIGMA": in_range(0, None, lo_open=True),
-    "GROUP_SIZE": in_range(1, "N_TRUE"),
-    "CORRELATION": satisfies(_correlation_ok, "0 when --GROUP_SIZE is 1 (= {GROUP_SIZE}); otherwise a number in "
-                                              "(-1 / (GROUP_SIZE - 1), 1) (a positive definite copula)"),
-    "NOISE_STD": at_least(0),
-    "N_TRAINS": each(at_least(1)),
-    "N_TEST": at_least(1),
-    "RECIPE": one_of(*RECIPES),
-    "N_LATENTS": at_least(1),
-    "K": in_range(1, "N_LATENTS"),
-    "TOPK_VARIANT": one_of(*TOPK_ACTIVATIONS),
-    "LR": at_least(0),
-    "STEPS": at_least(1),
-    "BATCH_SIZE": at_least(1),
-    "SOLVE_BATCH": at_least(1),
-    "STATS_DTYPE": one_of(*STATS_DTYPES),
-    "METHODS": each(one_of(*experiment.METHODS)),
-    "SEEDS": at_least(1),
-    "SEED": at_least(0),
-    "WORKERS": at_least(0),
-    "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
-    "RESUME": boolean(),
-    "TUNE_PER_REPLICATE": each(one_of("n_train")),
-    **tuning.ACCEPT,  # TUNE, TUNE_BUDGETS, TUNE_EPOCHS, TUNE_VAL_FRACTION, TUNE_SPACE, TUNED (common/tuning.py)
-}
+ACCEPT = runner.accept(  # the rules shared by the SAE protocols (common/runner.py), then this script's own
+    globals(),
+    N_FEATURES=at_least(1),
+    N_TRUE=at_least(1),
+    MEAN_ACTIVE=in_range(0, "N_TRUE", lo_open=True),
+    ZIPF_EXPONENT=at_least(0),
+    MAGNITUDE=one_of(*MAGNITUDES),
+    LOGNORMAL_SIGMA=in_range(0, None, lo_open=True),
+    GROUP_SIZE=in_range(1, "N_TRUE"),
+    CORRELATION=satisfies(_correlation_ok, "0 when --GROUP_SIZE is 1 (= {GROUP_SIZE}); otherwise a number in "
+                                           "(-1 / (GROUP_SIZE - 1), 1) (a positive definite copula)"),
+    NOISE_STD=at_least(0),
+    N_TRAINS=each(at_least(1)),
+    N_TEST=at_least(1),
+    TOPK_VARIANT=one_of(*TOPK_ACTIVATIONS),
+    STEPS=at_least(1),
+    TUNE_PER_REPLICATE=each(one_of("n_train")),
+)
 QUICK = dict(N_FEATURES=16, N_TRUE=24, MEAN_ACTIVE=3.0, N_TRAINS=(32, 256), N_TEST=64, N_LATENTS=32, K=3, STEPS=24,
              BATCH_SIZE=32, SEEDS=2, WORKERS=1, TUNE_BUDGETS=(2, 3))
 
