@@ -236,14 +236,17 @@ else:
         X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
                                                n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
                                                dtype=EXTRACT_DTYPE)
-x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
+standardised = {}
+x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"),
+                                                           info=standardised)
 if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
     run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
 if N_TRAIN:
     x_train = x_train[:N_TRAIN]
 read = "streamed through memory maps" if isinstance(x_train, stream.Stream) else "into memory"
 write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
-                                               standardised="per feature, training mean and std", read=read))
+                                               standardised="per feature, training mean and std, in float64",
+                                               constant_features=standardised["constant_features"], read=read))
 print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} train / {x_test.shape[0]} test "
       f"x {x_train.shape[1]} features")
 

@@ -782,18 +782,43 @@ def load_user_activations(path, stream: bool = False) -> tuple:
     return X, meta
 
 
-def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8):
+def standardisation(mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, list[int]]:
+    """The per-feature divisor of the z-scores, and the features that are not scaled (docs/DESIGN.md, 9.2).
+
+    ``mean``, ``std``: the training rows' float64 mean and population std. A feature whose std is at most
+    ``eps * max(1, |mean|)`` is constant on the training rows (up to rounding at its magnitude): it is centred
+    and not scaled (divisor 1), so rounding noise is never blown up into unit variance. Returns (float64 divisor,
+    indices of the constant features)."""
+    constant = std <= eps * mean.abs().clamp(min=1.0)
+    return torch.where(constant, torch.ones_like(std), std), torch.nonzero(constant).flatten().tolist()
+
+
+def report_constant(constant: list[int], n_features: int) -> None:
+    """Say which features are constant on the training rows (centred, not scaled), on stderr."""
+    if constant:
+        shown = ", ".join(map(str, constant[:20])) + (f" and {len(constant) - 20} more" if len(constant) > 20 else "")
+        print(f"standardisation: {len(constant)} of {n_features} features are constant on the training rows "
+              f"(std <= eps max(1, |mean|)): centred, not scaled: {shown}", file=sys.stderr)
+
+
+def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8,
+                      info: dict | None = None):
     """Random train/test split, then per-feature z-scores with the TRAINING mean and std only.
 
     X (N, n_features) -> (train (N - n_test, n_features), test (n_test, n_features), mean (n_features,),
-    std (n_features,)), n_test = round(test_fraction * N); std is the population std, floored at ``eps``.
+    std (n_features,)), n_test = round(test_fraction * N). The moments (population std) and the z-scores
+    ``(x - mean) / std`` are computed in float64 and the rows returned in X's dtype (so data near the float32
+    range, or a constant column far from 0, are standardised exactly; docs/DESIGN.md, 9.2). A feature with std
+    <= ``eps * max(1, |mean|)`` is constant: centred, not scaled (its returned std is 1); such features are
+    printed on stderr and listed in ``info["constant_features"]`` when ``info`` (a dict) is given. mean and std
+    are returned in X's dtype.
     ``X`` may be a ``common.stream.Stream`` (a folder of shards): the same split and statistics, by streaming
     (``common.stream.split_standardise``; the splits are then views, standardised as they are read).
     """
     from .stream import Stream, split_standardise as split_stream
 
     if isinstance(X, Stream):
-        return split_stream(X, test_fraction, seed, eps)
+        return split_stream(X, test_fraction, seed, eps, info)
     if not (0.0 < test_fraction < 1.0):
         raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
     n = X.shape[0]
@@ -801,10 +826,14 @@ def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0
     if not 1 <= n_test < n:
         raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test set")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    train, test = X[order[n_test:]], X[order[:n_test]]
+    train, test = X[order[n_test:]].double(), X[order[:n_test]].double()
     mean = train.mean(0)
-    std = train.std(0, unbiased=False).clamp(min=eps)
-    return (train - mean) / std, (test - mean) / std, mean, std
+    std, constant = standardisation(mean, train.std(0, unbiased=False), eps)
+    report_constant(constant, X.shape[1])
+    if info is not None:
+        info["constant_features"] = constant
+    return (((train - mean) / std).to(X.dtype), ((test - mean) / std).to(X.dtype), mean.to(X.dtype),
+            std.to(X.dtype))
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -251,8 +251,9 @@ class Stream:
         return self._view(self.index, self.mean, self.std, buffer_rows=buffer_rows)
 
     def standardised(self, mean: torch.Tensor, std: torch.Tensor) -> "Stream":
-        """The same rows as ``(x - mean) / std`` per feature (computed in the data's dtype as they are read)."""
-        return self._view(self.index, mean.to(self.dtype), std.to(self.dtype))
+        """The same rows as ``(x - mean) / std`` per feature, computed in float64 as they are read and delivered
+        in the view's dtype (the in-memory ``split_standardise``'s operations, so the same bits)."""
+        return self._view(self.index, mean.to(torch.float64), std.to(torch.float64))
 
     # ------------------------------------------------------------------------------------------------ reads
     def _gather(self, src: np.ndarray) -> torch.Tensor:
@@ -274,9 +275,16 @@ class Stream:
                         shard.rows_of(ordered[a:b] - self.offsets[s], part)
                         out[order[a:b]] = part
                         del part
-        if self.mean is not None:  # in place: the same (correctly rounded) float operations as (x - mean) / std
-            np.subtract(out, self.mean.cpu().numpy(), out=out)
-            np.divide(out, self.std.cpu().numpy(), out=out)
+        if self.mean is not None:  # in float64, then the view's dtype: the in-memory (x - mean) / std, bit for bit
+            if out.dtype == np.float64:
+                np.subtract(out, self.mean.cpu().numpy(), out=out)
+                np.divide(out, self.std.cpu().numpy(), out=out)
+            else:
+                wide = out.astype(np.float64)
+                np.subtract(wide, self.mean.cpu().numpy(), out=wide)
+                np.divide(wide, self.std.cpu().numpy(), out=wide)
+                out = wide.astype(out.dtype)
+                del wide
         return torch.from_numpy(out).to(self.device)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
@@ -440,14 +448,19 @@ def _check_index(path: Path, files, shards, hashes=None) -> None:
             raise DataError(f"{f}: sha256 differs from the one in {INDEX}: stale or corrupt shard")
 
 
-def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8):
+def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8,
+                      info: dict | None = None):
     """``common.activations.split_standardise`` for a folder of shards, by streaming.
 
     The same split (``torch.randperm(N, seed)``: the first ``n_test`` positions are the test rows, the rest the
-    training rows, each view in that order) and the same standardisation (training mean and population std,
-    floored at ``eps``), accumulated in float64 (one pass, which also checks every row finite) and returned in
-    the data's dtype. Returns (train view, test view, mean, std); nothing else is read.
+    training rows, each view in that order) and the same standardisation (training mean and population std
+    accumulated in float64 in one pass, which also checks every row finite; constant features centred, not
+    scaled: ``activations.standardisation``); the views standardise in float64 as they read and deliver the
+    data's dtype. Returns (train view, test view, mean, std), mean and std in the data's dtype; nothing else is
+    read.
     """
+    from .activations import report_constant, standardisation
+
     if not (0.0 < test_fraction < 1.0):
         raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
     n = len(X)
@@ -461,8 +474,11 @@ def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps:
     else:  # one pass over the folder: every row checked finite, the training rows' moments (with multiplicity)
         weight = np.bincount(train.source_rows(), minlength=int(X.offsets[-1]))
         mean, std = _moments(x[np.repeat(np.arange(len(src)), weight[src])] for src, x in X._checked_scan())
-    mean, std = mean.to(X.dtype), std.clamp(min=eps).to(X.dtype)
-    return train.standardised(mean, std), test.standardised(mean, std), mean, std
+    std, constant = standardisation(mean, std, eps)
+    report_constant(constant, X.n_features)
+    if info is not None:
+        info["constant_features"] = constant
+    return train.standardised(mean, std), test.standardised(mean, std), mean.to(X.dtype), std.to(X.dtype)
 
 
 def chunks(x, batch_size: int):
