@@ -312,11 +312,18 @@ def _pids_script(out):
         "def pid(_):\n"
         "    time.sleep(0.2)\n"
         "    return os.getpid()\n"
+        "def train(_):\n"
+        "    start = time.time()\n"
+        "    while time.time() - start < 60:\n"
+        "        pass\n"
         "ns = {'__file__': '/x/demo_script.py', 'EPOCHS': 1, 'ACCEPT': {'EPOCHS': at_least(1)}}\n"
         f"run = configure(ns, ['--out', {str(out)!r}])\n"
         "ctx = mp.get_context('fork')\n"
         "pool = ctx.Pool(2, initializer=experiment._worker_init, initargs=(ctx.RLock(), ctx.Value('i', 0), os.getpid()))\n"
-        "print(' '.join(map(str, sorted(set(pool.map(pid, range(4), chunksize=1))))), flush=True)\n"
+        "pids = sorted(set(pool.map(pid, range(4), chunksize=1)))\n"
+        "pool.map_async(train, range(2), chunksize=1)\n"
+        "time.sleep(0.5)\n"
+        "print(' '.join(map(str, pids)), flush=True)\n"
         "time.sleep(120)\n")
 
 
@@ -329,7 +336,10 @@ def test_killed_run_leaves_no_worker_and_no_lock(tmp_path, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _pids_script(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     workers = [int(p) for p in proc.stdout.readline().split()]
-    assert workers and lock_holder(out) == proc.pid
+    assert workers and lock_holder(out) == proc.pid and all(_state(w) in "RS" for w in workers)   # training
+    lock = str((out / ".lock").resolve())
+    for w in workers:   # the forked workers do not hold the lock file open (the lock dies with the parent)
+        assert lock not in {os.path.realpath(fd) for fd in Path(f"/proc/{w}/fd").iterdir()}, w
     proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=30)
     deadline = time.time() + 10
