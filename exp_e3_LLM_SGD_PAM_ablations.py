@@ -219,7 +219,10 @@ if TUNED:
 
 # --- activations -------------------------------------------------------------------------------------
 if ACTIVATIONS:
-    X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
+    try:  # every problem of the data (shape, type, truncation, index, NaN/Inf) before anything but config.json is written
+        X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
+    except activations.DataError as err:
+        run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
     n = X.shape[0]
     problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
                if not 1 <= round(TEST_FRACTION * n) < n else
@@ -237,8 +240,11 @@ else:
                                                n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
                                                dtype=EXTRACT_DTYPE)
 standardised = {}
-x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"),
-                                                           info=standardised)
+try:  # a streamed folder's values are checked finite by the split's one pass
+    x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"),
+                                                               info=standardised)
+except activations.DataError as err:
+    run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
 if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
     run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
 if N_TRAIN:

@@ -80,19 +80,32 @@ class _Shard:
         self.path = path
         self.stamp = _stamp(path)
         if path.suffix == ".npy":
-            try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except Exception as err:  # noqa: BLE001 - numpy raises several types on a damaged header
-                raise DataError(f"{path}: not a readable .npy file ({type(err).__name__}: {err})") from None
-            self.shape, self.dtype, self.offset, self.name = arr.shape, arr.dtype, arr.offset, None
-            self.fortran = arr.ndim == 2 and not arr.flags.c_contiguous and arr.shape[0] > 1
-            del arr
+            self._npy_header()
         else:
             self._safetensors_header()
         if len(self.shape) != 2 or self.shape[0] == 0 or self.shape[1] == 0 or self.dtype.kind not in "fiu":
             raise DataError(f"{path}: expected a non-empty 2-D array (n_samples, n_features) of real numbers, "
                             f"got shape {tuple(self.shape)} and dtype {self.dtype}")
         self.rows, self.width = int(self.shape[0]), int(self.shape[1])
+        if self.offset is not None:  # the data the header describes must be in the file (nothing is mapped yet)
+            need = self.offset + self.rows * self.width * self.dtype.itemsize
+            if self.stamp[0] < need:
+                raise DataError(f"{path}: truncated: {self.stamp[0]} bytes, but its header describes {self.rows} x "
+                                f"{self.width} {self.dtype} ({need} bytes)")
+
+    def _npy_header(self) -> None:
+        """Shape, dtype, order and data offset from the .npy header alone (the file is neither loaded nor mapped)."""
+        fmt = np.lib.format
+        try:
+            with open(self.path, "rb") as f:
+                version = fmt.read_magic(f)
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                self.offset = f.tell()
+        except Exception as err:  # noqa: BLE001 - numpy raises several types on a damaged header
+            raise DataError(f"{self.path}: not a readable .npy file ({type(err).__name__}: {err})") from None
+        self.shape, self.dtype, self.name = tuple(shape), np.dtype(dtype), None
+        self.fortran = bool(fortran) and len(self.shape) == 2 and self.shape[0] > 1
 
     def _safetensors_header(self) -> None:
         from safetensors import safe_open
@@ -120,6 +133,11 @@ class _Shard:
                 raise DataError(f"{self.path}: dtype {info['dtype']}: expected a float tensor (F16, BF16, F32, F64)")
 
     def rows_of(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """``_rows_of``; float64 values beyond float32's range become Inf quietly (the finite check names them)."""
+        with np.errstate(over="ignore"):
+            self._rows_of(rows, out)
+
+    def _rows_of(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Write the rows ``rows`` (sorted, int64) of this shard into ``out`` (len(rows), width).
 
         Read through memory maps of at most ``SPAN_BYTES`` of the file each, unmapped after the copy, so the
@@ -186,6 +204,8 @@ class Stream:
             raise ValueError(f"dtype={dtype}: expected torch.float32, torch.float64 or None")
         path = Path(path)
         files = shard_files(path)
+        if (path / INDEX).exists():  # the files the index lists, before any shard is read
+            _check_index(path, files)
         shards = [_Shard(f) for f in files]
         for s in shards[1:]:
             if s.width != shards[0].width:
@@ -393,7 +413,10 @@ class Stream:
             if bad.any():
                 r, c = (int(v) for v in np.argwhere(bad)[0])
                 s = int(np.searchsorted(self.offsets, src[r], side="right") - 1)
-                raise DataError(f"{self._shards[s].path} holds NaN/Inf values (first at row "
+                shard = self._shards[s]
+                wide = (" (or values beyond the float32 range, |x| > 3.4e38, read as float32)"
+                        if shard.dtype.itemsize > 4 and self.dtype == torch.float32 else "")
+                raise DataError(f"{shard.path} holds NaN/Inf values{wide} (first at row "
                                 f"{int(src[r] - self.offsets[s])}, feature {c})")
             yield src, x
         self.root["checked"] = True
@@ -424,9 +447,9 @@ def _moments(blocks) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / n))
 
 
-def _check_index(path: Path, files, shards, hashes=None) -> None:
-    """The folder's shards against its index.json: the same files, rows and (``hashes``: a function giving the
-    shards' sha256) sha256."""
+def _check_index(path: Path, files, shards=(), hashes=None) -> None:
+    """The folder's shards against its index.json: the same files, then (``shards``: their headers) rows and width,
+    then (``hashes``: a function giving the shards' sha256) sha256."""
     where = path / INDEX
     try:
         index = json.loads(where.read_text())

@@ -486,3 +486,86 @@ def test_e3_in_memory_and_streamed_give_the_same_table_on_awkward_columns(tmp_pa
         for metric in ("train_mse", "test_mse", "test_fvu", "l0", "dead"):
             assert math.isclose(a[metric], b[metric], rel_tol=1e-6, abs_tol=1e-9), (a["method"], metric)
         assert a["test_mse"] < 2.0, a
+
+
+def _shards(p, x=None):
+    from common.stream import write_shards
+    write_shards(torch.randn(40, 4) if x is None else x, p, shard_rows=16)
+
+
+def _edit_index(p, **entry):
+    index = json.loads((p / "index.json").read_text())
+    index["shards"][1].update(entry)
+    (p / "index.json").write_text(json.dumps(index))
+
+
+def _truncate(f, keep=-40):
+    data = f.read_bytes()
+    f.write_bytes(data[:keep])
+
+
+BAD_DATA = {   # what to write into the folder, the message (a regex), the file named
+    "index rows": (lambda p: (_shards(p), _edit_index(p, rows=17)), "16 x 4, but index.json records 17", "00001.npy"),
+    "index sha256": (lambda p: (_shards(p), _edit_index(p, sha256="0" * 64)), "sha256 differs", "00001.npy"),
+    "index lists other files": (lambda p: (_shards(p), (p / "00001.npy").rename(p / "zz.npy")), "not listed",
+                                "shards"),
+    "index before mapping": (lambda p: (_shards(p), np.save(p / "zz.npy", np.zeros((9, 4))), _truncate(p / "zz.npy")),
+                             "not listed: \\['zz.npy'\\]", "shards"),
+    "truncated npy": (lambda p: (np.save(p / "a.npy", np.zeros((30, 4), np.float32)), _truncate(p / "a.npy")),
+                      "truncated: .* bytes, but its header describes 30 x 4 float32", "a.npy"),
+    "truncated safetensors": (lambda p: (__import__("safetensors.torch").torch.save_file(
+        {"x": torch.zeros(30, 4)}, str(p / "a.safetensors")), _truncate(p / "a.safetensors")),
+        "not a readable .safetensors", "a.safetensors"),
+    "NaN row": (lambda p: _shards(p, torch.randn(40, 4).index_fill_(0, torch.tensor([21]), float("nan"))),
+                "holds NaN/Inf values \\(first at row 5, feature 0\\)", "00001.npy"),
+    "Inf": (lambda p: np.save(p / "a.npy", np.array([[1.0, np.inf]] * 3, np.float32)), "NaN/Inf", "a.npy"),
+    "beyond float32": (lambda p: np.save(p / "a.npy", np.array([[1.0, 1e39]] * 3)), "beyond the float32 range",
+                       "a.npy"),
+    "mixed widths": (lambda p: (np.save(p / "a.npy", np.zeros((3, 2))), np.save(p / "b.npy", np.zeros((3, 4)))),
+                     "4 features, but a.npy has 2", "b.npy"),
+    "1-D": (lambda p: np.save(p / "a.npy", np.zeros(5)), "2-D array", "a.npy"),
+    "3-D": (lambda p: np.save(p / "a.npy", np.zeros((2, 3, 4))), "2-D array", "a.npy"),
+    "strings": (lambda p: np.save(p / "a.npy", np.array([["a", "b"]] * 3)), "real numbers", "a.npy"),
+    "objects": (lambda p: np.save(p / "a.npy", np.array([[1, None]] * 3, dtype=object), allow_pickle=True),
+                "real numbers", "a.npy"),
+    "complex": (lambda p: np.save(p / "a.npy", np.zeros((3, 2), np.complex64)), "real numbers", "a.npy"),
+    "bool": (lambda p: np.save(p / "a.npy", np.zeros((3, 2), bool)), "real numbers", "a.npy"),
+    "zero rows": (lambda p: np.save(p / "a.npy", np.zeros((0, 4), np.float32)), "non-empty", "a.npy"),
+    "zero columns": (lambda p: np.save(p / "a.npy", np.zeros((4, 0), np.float32)), "non-empty", "a.npy"),
+    "not numpy": (lambda p: (p / "a.npy").write_bytes(b"hello"), "not a readable .npy", "a.npy"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DATA))
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_activations_are_one_data_error_naming_the_file(tmp_path, kind, stream):
+    """Every problem of your own activations is a DataError naming the file (and the row of a NaN), loaded or
+    streamed (then at the latest by the split's pass), never a library error."""
+    from common.data import DataError
+    make, match, named = BAD_DATA[kind]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    make(folder)
+    with pytest.raises(DataError, match=match) as err:
+        X, _ = A.load_user_activations(folder, stream=stream)
+        A.split_standardise(X, 0.25)
+    assert named in str(err.value)
+
+
+@pytest.mark.parametrize("kind, stream", [("truncated npy", False), ("NaN row", True), ("index rows", False)])
+def test_e3_bad_activations_exit_2_in_one_line_and_write_nothing(tmp_path, kind, stream):
+    import subprocess
+    import sys
+
+    make, match, named = BAD_DATA[kind]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    make(folder)
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "exp_e3_LLM_SGD_PAM_ablations.py"), "--quick", "--ONLY=base",
+                          f"--ACTIVATIONS={folder}", f"--STREAM={stream}", "--out", str(tmp_path / "out")], cwd=root,
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "--ACTIVATIONS=" in lines[0] and named in lines[0] and __import__("re").search(match, lines[0])
+    assert not (tmp_path / "out").exists()       # nothing written: the folder it created is removed again
