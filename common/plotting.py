@@ -75,7 +75,6 @@ def save(fig, path, numbers: dict | None = None, dpi: int = 130, seconds: float 
     (default ``DRAW_SECONDS``): FigureError naming the file, no file left behind."""
     path = Path(path)
     try:
-        fig.canvas.draw_idle()
         _check_extents(fig, path)
         atomic_write(path, lambda tmp: _savefig_bounded(fig, tmp, dpi, path, DRAW_SECONDS if seconds is None
                                                         else seconds))
