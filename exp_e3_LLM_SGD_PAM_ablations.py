@@ -228,7 +228,10 @@ def main():
 
     # --- activations -------------------------------------------------------------------------------------
     if ACTIVATIONS:
-        X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
+        try:  # every problem of the data (shape, type, truncation, index, NaN/Inf) before anything but config.json is written
+            X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
+        except activations.DataError as err:
+            run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
         n = X.shape[0]
         problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
                    if not 1 <= round(TEST_FRACTION * n) < n else
@@ -245,7 +248,12 @@ def main():
             X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
                                                    n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
                                                    dtype=EXTRACT_DTYPE, cache_dir=CACHE_DIR or activations.CACHE_DIR)
-    x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"))
+    standardised = {}
+    try:  # a streamed folder's values are checked finite by the split's one pass
+        x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"),
+                                                                   info=standardised)
+    except activations.DataError as err:
+        run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
     if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
         run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
     if N_TRAIN:
@@ -265,7 +273,8 @@ def main():
                        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     read = "streamed through memory maps" if isinstance(x_train, stream.Stream) else "into memory"
     write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
-                                                   standardised="per feature, training mean and std", read=read))
+                                                   standardised="per feature, training mean and std, in float64",
+                                                   constant_features=standardised["constant_features"], read=read))
     print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} train / {x_test.shape[0]} test "
           f"x {x_train.shape[1]} features")
 

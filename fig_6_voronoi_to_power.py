@@ -8,6 +8,7 @@ all weights by a constant changes no cell.
 
     python fig_6_voronoi_to_power.py [--quick] [--out DIR] [--seed N]
 """
+import math
 import sys
 
 import matplotlib.pyplot as plt
@@ -16,7 +17,7 @@ from matplotlib.patches import Circle, Polygon
 
 from common import geometry as G
 from common import plotting
-from common.config import above, at_least, box, configure, finite
+from common.config import above, at_least, box, configure, finite, satisfies
 from common.data import grid
 
 SEED = 42
@@ -27,13 +28,22 @@ FIRST_SITE_BONUS = 4.0
 VIEW = (-4.0, 4.0, -4.0, 4.0)
 GRID_RES = 500
 
+_MAX_RADIUS_VIEWS = 100   # a circle of radius sqrt(ω) wider than this many views is a degenerate figure
+
+
+def _span(view) -> float:
+    return max(view[1] - view[0], view[3] - view[2])
+
+
 ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
     "SEED": at_least(0),
     "N_SITES": at_least(3),                 # the 2nd-order diagram needs pairs of sites, and a third site
     "SITE_LOW": finite(),
     "SITE_HIGH": above("SITE_LOW"),
     "WEIGHT_LOW": at_least(0),              # circles of radius sqrt(weight)
-    "WEIGHT_HIGH": above("WEIGHT_LOW"),
+    "WEIGHT_HIGH": above("WEIGHT_LOW") & satisfies(
+        lambda w, c: math.sqrt(w + c["FIRST_SITE_BONUS"]) <= _MAX_RADIUS_VIEWS * _span(c["VIEW"]),
+        "such that the largest circle, of radius sqrt(--WEIGHT_HIGH + --FIRST_SITE_BONUS), is at most 100 view widths"),
     "FIRST_SITE_BONUS": at_least(0),
     "VIEW": box("x", "y"),
     "GRID_RES": at_least(2),

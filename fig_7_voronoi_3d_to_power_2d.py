@@ -179,6 +179,19 @@ def main(argv=None):
     run = configure(globals(), argv=argv, quick=QUICK)
     window = (WINDOW_W, WINDOW_H)
 
+    # the variation's Top-1 SAE is trained first: a diverged training is refused before anything is drawn
+    x = toy_e1(VAR_N_POINTS, seed=VAR_DATA_SEED)
+    model = e1.init_sae(x, VAR_N_LATENTS, 1, "data", seed=run.seed_for("variation_sae"), bias_scale=0.1,
+                        dec_scale=0.1)
+    e1.train_e1(model, x, "topk", VAR_STEPS, VAR_LR, None, unit_norm=False, dec_bias=True, desc="variation SAE")
+    with torch.no_grad():
+        recon, _, _ = model(torch.as_tensor(x))
+        _, top1, _ = model.encode_sparse(torch.as_tensor(x))
+    try:
+        e1.check_converged(model, x, float(np.mean((x - recon.numpy()) ** 2)))
+    except e1.Diverged as err:
+        run.fail(f"--VAR_LR={VAR_LR:g}: {err}")
+
     # --- random sites, lifted ------------------------------------------------------------------
     rng = np.random.default_rng(run.seed_for("sites"))
     sites = rng.uniform(SITE_LOW, SITE_HIGH, (N_SITES, 2))
@@ -209,13 +222,6 @@ def main(argv=None):
     write_json(path3d.with_suffix(".json"), numbers)
 
     # --- variation: a Top-1 SAE's sites lifted above the power diagram they induce on E1 ----------
-    x = toy_e1(VAR_N_POINTS, seed=VAR_DATA_SEED)
-    model = e1.init_sae(x, VAR_N_LATENTS, 1, "data", seed=run.seed_for("variation_sae"), bias_scale=0.1,
-                        dec_scale=0.1)
-    e1.train_e1(model, x, "topk", VAR_STEPS, VAR_LR, None, unit_norm=False, dec_bias=True, desc="variation SAE")
-    with torch.no_grad():
-        recon, _, _ = model(torch.as_tensor(x))
-        _, top1, _ = model.encode_sparse(torch.as_tensor(x))
     v_sites, v_weights, _ = G.sae_sites_weights(model)
     v_h, A = G.lift_heights(v_weights, T0, v_weights.max() + VAR_A_MARGIN)
     v_lifted = G.lift(v_sites, v_h)

@@ -725,60 +725,33 @@ def user_activation_files(path) -> list[Path]:
     return [path]
 
 
-def _read_shard(path: Path) -> torch.Tensor:
-    if path.suffix == ".npy":
-        import numpy as np
-        return torch.from_numpy(np.array(np.load(path, mmap_mode="r", allow_pickle=False)))
-    from safetensors.torch import load_file
-    tensors = load_file(str(path))
-    if len(tensors) != 1:
-        raise DataError(f"{path}: expected one tensor (n_samples, n_features), found {sorted(tensors)}")
-    return next(iter(tensors.values()))
-
-
 def load_user_activations(path, stream: bool = False) -> tuple:
     """Your own activations (n_samples, n_features) as float32, with metadata (every file's sha256): a
     .npy (read without pickle), a .safetensors holding one tensor, or a folder of such shards (their rows
-    concatenated in name order). Every shard must be 2-D, of real numbers, finite, and of the same width; a
-    folder with an ``index.json`` (``activation_shards``, ``common.stream``) must match it (files, rows, sha256).
+    concatenated in name order). Every shard must be 2-D, non-empty, of real numbers (not bool, complex, text or
+    objects), as long as its header says, finite, and of the same width; a folder with an ``index.json``
+    (``activation_shards``, ``common.stream``) must match it (files first, then rows and sha256). Every problem is
+    a DataError naming the file (and the row and feature of a NaN/Inf), found before anything is computed.
 
     ``stream=True`` (a folder only): a float32 ``common.stream.Stream`` of the folder instead of a tensor, for
     activations larger than memory: only the headers and the sha256 of the shards are read here; the values
     are checked finite by the split's pass (``split_standardise``)."""
-    from .stream import Stream
+    from .stream import Stream, _Shard
 
     path = Path(path)
-    if stream:
-        if not path.is_dir():
-            raise DataError(f"{path}: streaming reads a folder of shards (*.npy / *.safetensors), not a single file")
-        X = Stream.open(path, verify=False, dtype=torch.float32)
-        rows = [int(b - a) for a, b in zip(X.offsets[:-1], X.offsets[1:])]
-        files, hashes = user_activation_files(path), X.shard_sha256()
+    if stream and not path.is_dir():
+        raise DataError(f"{path}: streaming reads a folder of shards (*.npy / *.safetensors), not a single file")
+    files = user_activation_files(path)
+    if path.is_dir():
+        X = Stream.open(path, verify=True, dtype=torch.float32)   # headers, widths, index.json (files, rows, sha256)
     else:
-        files = user_activation_files(path)
-        shards, width = [], None
-        for f in files:
-            x = _read_shard(f)
-            if x.ndim != 2 or x.shape[0] == 0 or x.is_complex() or x.dtype == torch.bool:
-                raise DataError(f"{f}: expected a non-empty 2-D array (n_samples, n_features) of real numbers, "
-                                f"got shape {tuple(x.shape)} and dtype {x.dtype}")
-            if width is not None and x.shape[1] != width:
-                raise DataError(f"{f}: {x.shape[1]} features, but the earlier shards have {width}")
-            width = x.shape[1]
-            shards.append(check_finite(x.float(), str(f)))
-        X = torch.cat(shards)
-        rows, hashes = [s.shape[0] for s in shards], [sha256(f) for f in files]
+        X = Stream([_Shard(path)], root={"checked": False, "path": str(path)}, dtype=torch.float32)
+    rows = [int(b - a) for a, b in zip(X.offsets[:-1], X.offsets[1:])]
+    hashes = X.shard_sha256()
+    if not stream:
+        X = X.check_finite().materialise()
     meta = {"model": f"your activations ({path})", "layer": None, "count": X.shape[0], "n_features": X.shape[1],
             "files": [{"name": f.name, "sha256": h, "rows": r} for f, h, r in zip(files, hashes, rows)]}
-    index = path / "index.json"
-    if path.is_dir() and index.exists():  # a folder written by the sharded extraction: it must match
-        if not stream:
-            Stream.open(path, verify=False)  # the same shards, of the recorded rows (a stream was opened so)
-        recorded = {e["name"]: e.get("sha256") for e in json.loads(index.read_text())["shards"]}
-        for f in meta["files"]:
-            if recorded[f["name"]] not in (None, f["sha256"]):
-                raise DataError(f"{path / f['name']}: sha256 differs from the one in {index}: stale or "
-                                "corrupt shard")
     return X, meta
 
 
@@ -795,23 +768,52 @@ def split_rows(n: int, test_fraction: float = 0.1, seed: int = 0) -> tuple[torch
     return order[n_test:], order[:n_test]
 
 
-def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8):
+def standardisation(mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, list[int]]:
+    """The per-feature divisor of the z-scores, and the features that are not scaled (docs/DESIGN.md, 9.3).
+
+    ``mean``, ``std``: the training rows' float64 mean and population std. A feature whose std is at most
+    ``eps * max(1, |mean|)`` is constant on the training rows (up to rounding at its magnitude): it is centred
+    and not scaled (divisor 1), so rounding noise is never blown up into unit variance. Returns (float64 divisor,
+    indices of the constant features)."""
+    constant = std <= eps * mean.abs().clamp(min=1.0)
+    return torch.where(constant, torch.ones_like(std), std), torch.nonzero(constant).flatten().tolist()
+
+
+def report_constant(constant: list[int], n_features: int) -> None:
+    """Say which features are constant on the training rows (centred, not scaled), on stderr."""
+    if constant:
+        shown = ", ".join(map(str, constant[:20])) + (f" and {len(constant) - 20} more" if len(constant) > 20 else "")
+        print(f"standardisation: {len(constant)} of {n_features} features are constant on the training rows "
+              f"(std <= eps max(1, |mean|)): centred, not scaled: {shown}", file=sys.stderr)
+
+
+def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8,
+                      info: dict | None = None):
     """Random train/test split, then per-feature z-scores with the TRAINING mean and std only.
 
     X (N, n_features) -> (train (N - n_test, n_features), test (n_test, n_features), mean (n_features,),
-    std (n_features,)), n_test = round(test_fraction * N); std is the population std, floored at ``eps``.
+    std (n_features,)), n_test = round(test_fraction * N). The moments (population std) and the z-scores
+    ``(x - mean) / std`` are computed in float64 and the rows returned in X's dtype (so data near the float32
+    range, or a constant column far from 0, are standardised exactly; docs/DESIGN.md, 9.3). A feature with std
+    <= ``eps * max(1, |mean|)`` is constant: centred, not scaled (its returned std is 1); such features are
+    printed on stderr and listed in ``info["constant_features"]`` when ``info`` (a dict) is given. mean and std
+    are returned in X's dtype.
     ``X`` may be a ``common.stream.Stream`` (a folder of shards): the same split and statistics, by streaming
     (``common.stream.split_standardise``; the splits are then views, standardised as they are read).
     """
     from .stream import Stream, split_standardise as split_stream
 
     if isinstance(X, Stream):
-        return split_stream(X, test_fraction, seed, eps)
+        return split_stream(X, test_fraction, seed, eps, info)
     train_rows, test_rows = split_rows(X.shape[0], test_fraction, seed)
-    train, test = X[train_rows], X[test_rows]
+    train, test = X[train_rows].double(), X[test_rows].double()
     mean = train.mean(0)
-    std = train.std(0, unbiased=False).clamp(min=eps)
-    return (train - mean) / std, (test - mean) / std, mean, std
+    std, constant = standardisation(mean, train.std(0, unbiased=False), eps)
+    report_constant(constant, X.shape[1])
+    if info is not None:
+        info["constant_features"] = constant
+    return (((train - mean) / std).to(X.dtype), ((test - mean) / std).to(X.dtype), mean.to(X.dtype),
+            std.to(X.dtype))
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -45,11 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -91,6 +93,11 @@ class ConfigError(ValueError):
 
 class OutputBusy(ConfigError):
     """Another process holds the output folder's lock."""
+
+
+class OutputError(ConfigError):
+    """A file of the output folder cannot be written (disk full, read-only, permission), or would replace a
+    file this project did not write."""
 
 
 # --- what a constant accepts ---------------------------------------------------------------------------
@@ -233,6 +240,9 @@ class Run:
     argv: list = field(default_factory=list)
     script: Path | None = None
     _lock: "OutputLock | None" = field(default=None, repr=False)
+    parent: str | None = None        # the folder of the run that started this one, when nested in it (relative)
+    _created: list = field(default_factory=list, repr=False)   # folders this run's claim created
+    _foreign: set = field(default_factory=set, repr=False)     # files found in the folder that it did not write
 
     def seed_for(self, *parts) -> int:
         return derive_seed(self.seed, *parts)
@@ -275,10 +285,26 @@ class Run:
 
     def fail(self, message: str) -> NoReturn:
         """What only the data or an earlier run can tell, found before any training: the error in one line on
-        stderr, the folder unlocked, exit status 2 (as for a bad setting)."""
+        stderr, the folder unlocked (and removed again when this run created it and wrote nothing but its record),
+        exit status 2 (as for a bad setting)."""
         print(f"{self.name}: error: {' '.join(message.split())}", file=sys.stderr)
-        self.release()
+        self.abandon()
         raise SystemExit(2)
+
+    def abandon(self) -> None:
+        """Release the folder; a folder this run created, where it wrote nothing but its record, is removed."""
+        lock = self._lock
+        self.release()
+        if not self._created or lock is None or not is_writer():
+            return
+        if set(_journal(self.out)) - {RECORD_NAME} or _present(self.out) - {RECORD_NAME, JOURNAL_NAME}:
+            return
+        for name in (RECORD_NAME, JOURNAL_NAME, LOCK_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                (self.out / name).unlink()
+        for folder in self._created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def release(self) -> None:
         """Unlock the output folder without writing the manifest (idempotent)."""
@@ -438,12 +464,35 @@ def configure(namespace: dict, argv=None, quick: dict | None = None, name: str |
         distributed.init()
         distributed.quiet_others()   # rank 0 alone reports, including the errors below
     try:
-        return _configure(namespace, argv, quick, name, default_out)
+        run = _configure(namespace, argv, quick, name, default_out)
     except ConfigError as err:
         if namespace.get("__name__") != "__main__":
             raise
         print(f"{name}: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    if namespace.get("__name__") == "__main__":
+        _one_line_errors(name)
+    return run
+
+
+def _one_line_errors(name: str) -> None:
+    """In a script: an uncaught ConfigError (bad setting, output folder unusable: full, read-only) or DataError
+    (bad data) met after ``configure`` is one line on stderr and exit status 2, as for a bad setting; the
+    runs of this process release their folders first. Anything else keeps its traceback (a bug)."""
+    from .data import DataError
+
+    previous = sys.excepthook
+
+    def hook(kind, err, tb):
+        if not issubclass(kind, (ConfigError, DataError)):
+            return previous(kind, err, tb)
+        print(f"{name}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        for run in list(_ACTIVE):
+            run.abandon()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.excepthook = hook
 
 
 def _configure(namespace, argv, quick, name, default_out) -> Run:
@@ -520,8 +569,13 @@ def _configure(namespace, argv, quick, name, default_out) -> Run:
     # a --quick run never overwrites the figures (or the resumable runs) of a real one
     default = ROOT / "results" / ("quick" if is_quick else "") / name
     out_dir = Path(out) if out else Path(default_out) if default_out else default
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: not a folder")
+    _check_writable(out_dir)
+    for flag in INPUT_FOLDERS:
+        source = consts.get(flag)
+        if overwrite and isinstance(source, str) and source and _overlap(out_dir, Path(source)):
+            raise ConfigError(f"--OVERWRITE=True with --{flag}={source}: the output folder {out_dir} and the folder "
+                              f"--{flag} reads overlap, so --OVERWRITE would delete what --{flag} reuses; choose "
+                              "another --out")
     script = namespace.get("__file__")
     run = Run(name=name, out=out_dir, seed=int(seed), quick=is_quick, values=dict(consts), overwrite=overwrite,
               argv=argv, script=Path(script).resolve() if script and Path(script).is_file() else None)
@@ -534,7 +588,11 @@ def _configure(namespace, argv, quick, name, default_out) -> Run:
 
 def _take_folder(run: Run) -> None:
     """Lock the output folder, claim it (``_claim_folder``) and write the configuration's record."""
-    run._lock = OutputLock(run.out)
+    run._created = [p for p in (run.out, *run.out.parents) if not p.exists()]
+    try:
+        run._lock = OutputLock(run.out)
+    except OSError as err:
+        raise OutputError(f"--out {run.out}: cannot create or lock the folder ({err.strerror or err})") from None
     try:
         _claim_folder(run, check_only=False)
     except BaseException:
@@ -542,7 +600,7 @@ def _take_folder(run: Run) -> None:
         raise
     _ACTIVE.append(run)
     write_json(run.out / RECORD_NAME, {"format": 2, "script": run.name, "quick": run.quick, "seed": run.seed,
-                                      "argv": run.argv, "constants": run.values})
+                                      "argv": run.argv, "constants": run.values, "parent": run.parent})
 
 
 # --- the output folder: record, lock, file list ----------------------------------------------------------
@@ -589,21 +647,37 @@ def _differences(old: dict, new: dict) -> str:
 
 
 def _claim_folder(run: Run, check_only: bool) -> None:
-    """Refuse a folder that holds another configuration (unless --OVERWRITE, which clears it first)."""
+    """Own the output folder (docs/DESIGN.md, section 11): refuse a folder inside or above another run's folder, a
+    folder holding files this project did not write (no record), and one holding another configuration or a
+    lost record (unless --OVERWRITE, which first removes the files its journal lists)."""
     out = run.out
+    run.parent = _nesting(out)
     if not out.is_dir():
         return
     recorded, rec = _record(out, run.values)
-    if recorded is None or recorded == run.settings():
-        if not check_only and recorded is not None:
+    listed = set(_journal(out)) | set((rec or {}).get("files") or {})
+    present = _present(out)
+    if recorded is None:
+        if not present:
+            return
+        if not (out / JOURNAL_NAME).exists():
+            raise ConfigError(f"--out {out}: the folder holds files this project did not write "
+                              f"({_some(present)}); choose an empty or new folder")
+        if not run.overwrite:
+            raise ConfigError(f"--out {out}: the record of the configuration that wrote this folder ({RECORD_NAME}, "
+                              f"{MANIFEST_NAME}) is missing, so its {len(listed)} files cannot be matched to this one; "
+                              "add --OVERWRITE=True to remove them, or choose another --out")
+        rec = {}
+    elif recorded == run.settings():
+        if not check_only and (out / JOURNAL_NAME).exists():   # (an older version's folder kept no journal)
+            run._foreign = present - listed - {RECORD_NAME, JOURNAL_NAME, MANIFEST_NAME}
             with contextlib.suppress(FileNotFoundError):
                 (out / MANIFEST_NAME).unlink()   # in progress again: the manifest is rewritten at the end
         return
-    if not run.overwrite:
+    elif not run.overwrite:
         raise ConfigError(f"--out {out}: the folder holds the results of another configuration "
                           f"({_differences(recorded, run.settings())}); add --OVERWRITE=True to replace them, "
                           "or choose another --out")
-    listed = set(_journal(out)) | set(rec.get("files") or {})
     if not (out / JOURNAL_NAME).exists() and "files" not in rec:
         raise ConfigError(f"--OVERWRITE: {out} was written by an older version that kept no list of its files; "
                           "remove the folder yourself or choose another --out")
@@ -620,6 +694,126 @@ def _claim_folder(run: Run, check_only: bool) -> None:
         while parent.resolve() != root and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+    run._foreign = _present(out) - {RECORD_NAME}
+
+
+INPUT_FOLDERS = ("TUNED",)   # constants naming a folder a run reads: never inside or around its output with --OVERWRITE
+_TEMPORARY = re.compile(r"^\..+\.tmp")   # atomic_write's temporary files (left by a killed process)
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _some(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _check_writable(out: Path) -> None:
+    """ConfigError when ``out`` cannot be a folder: it or a folder above it is a file, or the nearest existing
+    folder cannot be written."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"--out {out}: {p} is a file, not a folder; choose another --out")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(f"--out {out}: the folder {p} cannot be written (permission denied or read-only)")
+            return
+
+
+def _is_run_folder(p: Path) -> bool:
+    """Whether ``p`` is the output folder of a run (it holds a journal, a manifest or a run record)."""
+    if (p / JOURNAL_NAME).is_file() or (p / MANIFEST_NAME).is_file():
+        return True
+    try:
+        rec = json.loads((p / RECORD_NAME).read_text())
+        return isinstance(rec, dict) and "script" in rec and "constants" in rec
+    except (OSError, ValueError):
+        return False
+
+
+def _parent_of(p: Path) -> Path | None:
+    """The folder of the run that started the run in ``p`` (recorded in its config.json), else None."""
+    try:
+        rel = json.loads((p / RECORD_NAME).read_text()).get("parent")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (p / rel).resolve() if isinstance(rel, str) else None
+
+
+def _ancestry() -> set[int]:
+    """This process's ancestors' pids (Linux: through /proc; elsewhere the parent only)."""
+    pids, pid = set(), os.getppid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def lock_holder(folder) -> int | None:
+    """The pid written in ``folder``'s lock when a live process holds the lock, else None."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _nesting(out: Path) -> str | None:
+    """ConfigError when ``out`` is inside or above another run's output folder. A run started by the run whose
+    folder holds ``out`` (a parent process holding that folder's lock, as check_claims.py starts the experiments)
+    is nested in it: returns that folder relative to ``out`` (recorded as "parent"), else None."""
+    resolved = out.resolve()
+    parent = None
+    for above in resolved.parents:
+        if _is_run_folder(above):
+            if lock_holder(above) in _ancestry() | {os.getpid()}:
+                parent = os.path.relpath(above, resolved)
+                break
+            raise ConfigError(f"--out {out}: inside the output folder of another run ({above}); choose a folder "
+                              "outside it")
+    if resolved.is_dir():
+        for dirpath, dirnames, _ in os.walk(resolved):
+            for d in list(dirnames):
+                sub = Path(dirpath) / d
+                if _is_run_folder(sub):
+                    dirnames.remove(d)
+                    if _parent_of(sub) != resolved:
+                        raise ConfigError(f"--out {out}: the folder holds the output folder of another run ({sub}); "
+                                          "choose another --out")
+    return parent
+
+
+def _present(out: Path) -> set[str]:
+    """Files under ``out`` (relative paths), except the lock, temporary files of atomic_write and the folders of
+    the runs nested in this one."""
+    root, found = out.resolve(), set()
+    if not root.is_dir():
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in list(dirnames):
+            if _is_run_folder(Path(dirpath) / d):
+                dirnames.remove(d)
+        for f in filenames:
+            if f != LOCK_NAME and not _TEMPORARY.match(f):
+                found.add((Path(dirpath) / f).relative_to(root).as_posix())
+    return found
 
 
 def _journal(out: Path) -> list[str]:
@@ -682,6 +876,16 @@ class OutputLock:
     def __init__(self, folder):
         pass
 
+    @classmethod
+    def _drop_inherited(cls) -> None:
+        """In a forked child: close the inherited lock files, so the lock dies with the process that took it
+        (flock is held while any process keeps the file open: a child outliving its killed parent kept it)."""
+        for lock, _ in cls._held.values():
+            with contextlib.suppress(OSError):
+                os.close(lock._fd)
+        cls._held.clear()
+        _ACTIVE.clear()
+
     def release(self) -> None:
         held = self._held.get(self._key)
         if held is None or held[0] is not self or self.pid != os.getpid():
@@ -698,6 +902,9 @@ class OutputLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+os.register_at_fork(after_in_child=OutputLock._drop_inherited)
 
 
 def lock_output(folder) -> OutputLock:
@@ -767,19 +974,39 @@ def atomic_write(path, write) -> Path:
     path = Path(path)
     if not is_writer():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
+    _check_not_foreign(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+        os.close(fd)
+        os.chmod(tmp, 0o644)
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        if isinstance(err, OSError) and err.errno in _OUTPUT_ERRNOS:
+            raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
         raise
     _note_written(path)
     return path
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                  errno.EFBIG, errno.EIO}
+
+
+def _check_not_foreign(path: Path) -> None:
+    """OutputError when ``path`` is a file that was in an active run's folder before the run and that no run of
+    this project wrote (the run never replaces it)."""
+    resolved = path.resolve()
+    for run in _ACTIVE:
+        root = run.out.resolve()
+        if run._foreign and resolved.is_relative_to(root) and resolved.relative_to(root).as_posix() in run._foreign:
+            raise OutputError(f"refusing to replace {path}: the file was in --out {run.out} before this run and "
+                              "was not written by it; move it away or choose another --out")
 
 
 def write_json(path, obj) -> Path:

@@ -37,6 +37,7 @@ and k-means + rank-K local PCA with as many clusters as the SAE's non-empty Top-
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import MISSING, dataclass, fields
 from typing import NamedTuple
@@ -260,6 +261,24 @@ def train_e1(model: SAE, x: np.ndarray, mode: str, steps: int, lr: float, temper
     return {"history": hist, "snapshots": snapshots, "seconds": time.perf_counter() - t0}
 
 
+class Diverged(ValueError):
+    """Training diverged; the caller names the setting (its learning rate)."""
+
+
+DIVERGED_FVU = 1e3   # a reconstruction this many times worse than predicting the data's mean is no result
+
+
+def check_converged(model: SAE, x: np.ndarray, mse: float) -> None:
+    """Diverged when a parameter is NaN/Inf, or the reconstruction MSE ``mse`` is not finite or exceeds
+    ``DIVERGED_FVU`` times the data's variance (the MSE of predicting the mean)."""
+    var = float(((x - x.mean(0)) ** 2).mean())
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad or not math.isfinite(mse) or mse > DIVERGED_FVU * var:
+        raise Diverged(f"training diverged (reconstruction MSE {mse:.3g}, accepted at most {DIVERGED_FVU:g} x the "
+                       f"data's variance {var:.3g}; non-finite parameters: {', '.join(bad) or 'none'}); use a smaller "
+                       "learning rate")
+
+
 def partition(W_enc, b_enc, k: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Order-k power-diagram cells (sites = rows of W_enc, weights ||w||^2 + 2 b) of ``points``:
     (ids (n,), active sets (n_sets, k)) as in ``geometry.order_k_labels``."""
@@ -357,6 +376,9 @@ def train_sae(view: View, s: E1Settings, centers: np.ndarray, seed: int, desc: s
     xt = torch.as_tensor(view.x)
     exact = exact_model(model, s.unit_norm)
     with torch.no_grad():
+        for m in (model, exact):
+            check_converged(m, view.x, float(F.mse_loss(e1_forward(model, xt, s.mode, s.temperature, s.unit_norm)[0]
+                                                        if m is model else exact(xt)[0], xt)))
         return TrainedSAE(model, exact, training,
                           e1_forward(model, xt, s.mode, s.temperature, s.unit_norm)[0].numpy(),
                           exact(xt)[0].numpy(),
@@ -518,7 +540,10 @@ def run_e1(run, s: E1Settings) -> dict:
     """The whole E1 experiment for one script, under ``run.out``; returns the numbers of ``partitions.json``."""
     view = data_and_grid(s)
     km = kmeans_baselines(view, s, seed=run.seed_for("kmeans"))
-    sae = train_sae(view, s, km.fit["centers"], seed=run.seed_for("sae"), desc=run.name)
+    try:
+        sae = train_sae(view, s, km.fit["centers"], seed=run.seed_for("sae"), desc=run.name)
+    except Diverged as err:
+        run.fail(f"--LR={s.lr:g}: {err}")
     cells = exact_cells(sae.exact, view, s.k)
     numbers = summarise(s, view, km, sae, cells)
     plot_partitions(run.path("partitions.png"), s, view, km, sae, cells, numbers)

@@ -21,6 +21,7 @@ import csv
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import re
 import time
 from collections.abc import Callable
@@ -277,8 +278,24 @@ _WORKER_DATA: tuple = ()
 _WORKER_SLOT = 0
 
 
-def _worker_init(lock, counter) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: this forked worker is killed when the process that forked it ends (SIGKILL, SIGTERM or any exit), so
+    a killed protocol leaves no worker training (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return   # not Linux: workers end when the pool's pipes close
+    if os.getppid() != parent:   # the parent ended before the request took effect
+        os._exit(1)
+
+
+def _worker_init(lock, counter, parent=None) -> None:
     global _WORKER_SLOT
+    if parent is not None:
+        _die_with_parent(parent)
     torch.set_num_threads(1)  # one thread per worker: small matmuls scale poorly across threads
     tqdm.set_lock(lock)
     with counter.get_lock():
@@ -312,7 +329,7 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
     _WORKER_DATA = (x_train, x_test, base_seed, progress)
     try:
         with ctx.Pool(min(workers, len(todo)), initializer=_worker_init,
-                      initargs=(ctx.RLock(), ctx.Value("i", 0))) as pool:
+                      initargs=(ctx.RLock(), ctx.Value("i", 0), os.getpid())) as pool:
             for rid, row, hist, ckpt in pool.imap_unordered(_worker_run, todo):
                 yield rid, row, hist, SAE.from_checkpoint(ckpt) if ckpt is not None else None
     finally:

@@ -204,11 +204,48 @@ def _write(folder, cfg: dict, tensors: dict, weights_name: str, sidecar: dict | 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
-        out = json.load(f)
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(out, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return out
+
+
+_REQUIRED = object()
+
+
+def _cfg_int(cfg: dict, key: str, folder: Path, default=_REQUIRED, low: int = 1, high: int | None = None) -> int:
+    """cfg[key] as an integer in [low, high]: ValueError naming the folder and the key when it is missing (without
+    a default), not an integer (2.5, "3", true) or out of range."""
+    if key not in cfg or cfg[key] is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{folder}: {CFG_FILE} has no {key!r} (an integer), which this format requires")
+        return default
+    v = cfg[key]
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{folder}: {CFG_FILE} has {key}={cfg[key]!r}; expected an integer {bound}")
+    return v
+
+
+def _load_tensors(path: Path) -> dict:
+    """The tensors of a safetensors file, every one finite: ValueError naming the file when it is unreadable
+    (truncated, not safetensors) or a tensor holds NaN/Inf."""
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on a damaged file
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{path}: tensor {name!r} holds {int((~torch.isfinite(t)).sum())} NaN/Inf values")
+    return tensors
 
 
 def _check_export(model: SAE, fmt: str, allow_inexact: bool) -> str:
@@ -267,7 +304,7 @@ def _restore(folder: Path, side: dict | None, expected_b_enc, lib_bias) -> tuple
     path = folder / SIDECAR_TENSORS
     if side is None or not path.is_file():
         return None
-    t = load_file(str(path))
+    t = _load_tensors(path)
     if set(t) != {"b_enc", "centre"} or t["b_enc"].shape != expected_b_enc.shape:
         return None
     b_enc, centre = t["b_enc"].to(expected_b_enc.dtype), t["centre"].to(expected_b_enc.dtype)
@@ -367,10 +404,17 @@ def load_safetensors(folder) -> SAE:
     if cfg.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: format_version {cfg.get('format_version')!r}, this code reads {FORMAT_VERSION}")
     config = {f.name: cfg[f.name] for f in fields(SAEConfig) if f.name in cfg}
+    for key in ("n_features", "n_latents"):
+        config[key] = _cfg_int(cfg, key, folder)
+    if config.get("k") is not None:
+        config["k"] = _cfg_int(cfg, "k", folder, high=config["n_latents"])
     dtype = _dtype(cfg.get("dtype", "float32"))
-    model = SAE(**config).to(dtype)
+    try:
+        model = SAE(**config).to(dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder}: {CFG_FILE} describes no valid SAE ({err})") from None
     path = folder / OURS_WEIGHTS
-    tensors = load_file(str(path))
+    tensors = _load_tensors(path)
     _expect_keys(tensors, set(model.state_dict()), path)
     for name, t in model.state_dict().items():
         _expect_shape(tensors[name], tuple(t.shape), name, path)
@@ -428,9 +472,11 @@ def load_saelens(folder) -> SAE:
     if norm not in ("none", None, False):
         raise ValueError(f"{folder}: normalize_activations={norm!r} rescales the input at run time; only 'none' "
                          "loads exactly (fold the normalisation into the weights in SAELens first)")
-    d_in, d_sae, dtype = int(cfg["d_in"]), int(cfg["d_sae"]), _dtype(cfg.get("dtype", "float32"))
+    d_in, d_sae, dtype = _cfg_int(cfg, "d_in", folder), _cfg_int(cfg, "d_sae", folder), _dtype(cfg.get("dtype", "float32"))
+    if arch != "standard":
+        k = _cfg_int({"k": k}, "k", folder, high=d_sae)
     path = folder / SAELENS_WEIGHTS
-    tensors = {name: t.to(dtype) for name, t in load_file(str(path)).items()}  # SAELens casts to cfg dtype too
+    tensors = {name: t.to(dtype) for name, t in _load_tensors(path).items()}  # SAELens casts to cfg dtype too
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in tensors:
             if not torch.all(tensors[name] == 1):
@@ -500,13 +546,14 @@ def load_sparsify(folder) -> SAE:
     for flag in ("transcode", "skip_connection"):
         if cfg.get(flag, False):
             raise ValueError(f"{folder}: {flag}=true is not a sparse autoencoder of our form")
-    d_in = int(cfg["d_in"])
-    n_latents = int(cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32))
-    k = int(cfg.get("k", 32))
+    d_in = _cfg_int(cfg, "d_in", folder)
+    n_latents = _cfg_int(cfg, "num_latents", folder, default=0, low=0) or d_in * _cfg_int(cfg, "expansion_factor",
+                                                                                         folder, default=32)
+    k = _cfg_int(cfg, "k", folder, default=32, high=n_latents)
     if not 1 <= k <= n_latents:
         raise ValueError(f"{folder}: k={k} outside 1..num_latents={n_latents}")
     path = folder / SPARSIFY_WEIGHTS
-    tensors = load_file(str(path))
+    tensors = _load_tensors(path)
     _expect_keys(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, path,
                  " (a file saved without its decoder cannot be loaded)" if "W_dec" not in tensors else "")
     for name, shape in (("encoder.weight", (n_latents, d_in)), ("encoder.bias", (n_latents,)),

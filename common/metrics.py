@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import check_array
+from .data import check_array, check_int
 from .stream import chunks
 
 
@@ -89,6 +89,7 @@ def evaluate(model, x: torch.Tensor, batch_size: int = 1024, sums_of_x=None) -> 
 @torch.no_grad()
 def evaluate_sums(model, x: torch.Tensor, batch_size: int = 1024, sums_of_x=None) -> EvalSums:
     """``evaluate``'s sums before they are summarised (so that several processes can add theirs)."""
+    check_int(batch_size, "batch_size", low=1)
     sums = EvalSums.empty(model.n_features, model.n_latents, device=x.device)
     for xb in chunks(x, batch_size):
         if model.is_topk:

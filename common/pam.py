@@ -143,8 +143,20 @@ class DecoderStats:
         self.sum_x += x64.sum(0)
         self.sum_xx += float(x64.pow(2).sum())
 
+    def _check_x(self, x: torch.Tensor, other: torch.Tensor, other_name: str) -> None:
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"x must have shape (b, {self.n_features}) (n_features of these statistics), got "
+                             f"{tuple(x.shape)}")
+        if other.ndim != 2 or other.shape[0] != x.shape[0]:
+            raise ValueError(f"{other_name} must have shape ({x.shape[0]}, ...) (one row per row of x), got "
+                             f"{tuple(other.shape)}")
+
     def add_dense(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """Add a batch: x (b, n_features), dense codes (b, n_latents)."""
+        self._check_x(x, codes, "codes")
+        if codes.shape[1] != self.n_latents:
+            raise ValueError(f"codes must have shape ({x.shape[0]}, {self.n_latents}) (n_latents of these "
+                             f"statistics), got {tuple(codes.shape)}")
         x64, z64 = x.to(self.device, torch.float64), codes.to(self.device, torch.float64)
         codes = z64
         self._add_common(x64)
@@ -157,6 +169,13 @@ class DecoderStats:
 
     def add_sparse(self, x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """Add a batch of TopK codes given by their non-zeros: vals, idx (b, k). Cost O(b k^2 + b k n)."""
+        self._check_x(x, vals, "vals")
+        if idx.shape != vals.shape or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be an integer tensor of the shape of vals {tuple(vals.shape)}, got "
+                             f"{tuple(idx.shape)} {idx.dtype}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_latents):
+            raise ValueError(f"idx must hold latent indices in 0..{self.n_latents - 1} (n_latents of these "
+                             f"statistics), got {int(idx.min())}..{int(idx.max())}")
         x64, vals, idx = x.to(self.device, torch.float64), vals.to(self.device), idx.to(self.device)
         self._add_common(x64)
         d = self.n_latents
@@ -345,6 +364,12 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
             raise ValueError(f"{name} must be >= 0, got {v!r}")
     if stats.n <= 0:
         raise ValueError("cannot solve the decoder from empty statistics")
+    if tuple(atoms_prev.shape) != (stats.n_latents, stats.n_features):
+        raise ValueError(f"atoms_prev must have shape (n_latents, n_features) = ({stats.n_latents}, "
+                         f"{stats.n_features}) of the statistics, got {tuple(atoms_prev.shape)}")
+    if tuple(b_prev.shape) != (stats.n_features,):
+        raise ValueError(f"b_prev must have shape (n_features,) = ({stats.n_features},) of the statistics, got "
+                         f"{tuple(b_prev.shape)}")
     N, d = stats.n, stats.n_latents
     scale = N * stats.n_features
     a_, b_, m_, n_ = alpha * scale, beta * scale, mu * scale, nu * scale

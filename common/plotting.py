@@ -6,6 +6,10 @@ a point (x, y) is the label of that point. Rasters use nearest-neighbour interpo
 """
 from __future__ import annotations
 
+import os
+import signal
+import time
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from .config import atomic_write, write_json  # noqa: E402
+from .config import ConfigError, atomic_write, write_json  # noqa: E402
 
 
 class OverlapWarning(UserWarning):
@@ -34,15 +38,66 @@ def overlapping_text(fig) -> list[tuple[str, str]]:
     return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
 
 
-def save(fig, path, numbers: dict | None = None, dpi: int = 130) -> Path:
-    """Save ``fig`` as PNG (atomically) and, if given, the numbers behind it as JSON beside it. Text that runs
-    into other text is reported as an ``OverlapWarning`` naming the file (the tests turn it into an error)."""
+DRAW_SECONDS = 300   # the most one figure may take to draw (a few seconds normally)
+MAX_EXTENT_PX = 1e7  # an artist larger than this (in pixels) is a degenerate figure: refused before drawing
+
+
+class FigureError(ConfigError):
+    """A figure cannot be drawn: an artist of degenerate size, or drawing takes longer than ``DRAW_SECONDS``."""
+
+
+def _check_extents(fig, path: Path) -> None:
+    """FigureError when a patch or line of ``fig`` spans a non-finite or huge extent (a setting that made the figure
+    degenerate: Agg would spin on it for minutes)."""
+    for ax in fig.axes:
+        for artist in (*ax.patches, *ax.lines):
+            box = artist.get_window_extent()
+            size = max(abs(box.width), abs(box.height))
+            if not np.isfinite(size) or size > MAX_EXTENT_PX:
+                raise FigureError(f"{path}: the figure is degenerate ({type(artist).__name__} of {size:.3g} pixels, "
+                                  f"at most {MAX_EXTENT_PX:g}): a setting makes it too large to draw")
+
+
+def _savefig_bounded(fig, tmp: Path, dpi: int, path: Path, seconds: float) -> None:
+    """``fig.savefig(tmp)`` in a forked process (Linux/macOS) stopped after ``seconds`` (FigureError naming ``path``);
+    where fork is unavailable, in this process without a bound."""
+    if not hasattr(os, "fork"):
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        return
+    pid = os.fork()
+    if pid == 0:   # the child draws and exits without running this process's exit handlers
+        code = 1
+        try:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + seconds
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise FigureError(f"{path}: drawing took more than {seconds:g} s; a setting makes the figure degenerate")
+        time.sleep(0.02)
+    if os.waitstatus_to_exitcode(status) != 0:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")   # the child's error, raised here
+
+
+def save(fig, path, numbers: dict | None = None, dpi: int = 130, seconds: float | None = None) -> Path:
+    """Save ``fig`` as PNG (atomically) and, if given, the numbers behind it as JSON beside it. A degenerate figure
+    (an artist of non-finite or huge extent) is refused before drawing, and drawing is stopped after ``seconds``
+    (default ``DRAW_SECONDS``): FigureError naming the file, no file left behind. Text that runs into other text
+    is reported as an ``OverlapWarning`` naming the file (the tests turn it into an error)."""
     path = Path(path)
-    import warnings
-    for a, b in overlapping_text(fig):
-        warnings.warn(f"{path.name}: {a!r} overlaps {b!r}", OverlapWarning, stacklevel=2)
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
+        _check_extents(fig, path)
+        atomic_write(path, lambda tmp: _savefig_bounded(fig, tmp, dpi, path, DRAW_SECONDS if seconds is None
+                                                        else seconds))
+        for a, b in overlapping_text(fig):  # drawn within the bound just now: drawing again is quick
+            warnings.warn(f"{path.name}: {a!r} overlaps {b!r}", OverlapWarning, stacklevel=2)
     finally:
         plt.close(fig)
     if numbers is not None:

@@ -419,6 +419,9 @@ class SAE(nn.Module):
         """Pre-activations (n, n_latents) = (x - centre) W_enc^T + b_enc."""
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise ValueError(f"x must have shape (n_samples, {self.n_features}), got {tuple(x.shape)}")
+        if x.dtype != self.W_enc.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x has dtype {x.dtype}, the model's parameters {self.W_enc.dtype}: convert one of them "
+                             f"(x.to({self.W_enc.dtype}) or model.to({x.dtype}))")
         if self._centred:
             x = x - self.centre
         return F.linear(x, self.W_enc, self.b_enc)
@@ -428,6 +431,11 @@ class SAE(nn.Module):
         if not self.is_topk:
             raise ValueError(f"encode_sparse needs a TopK activation, this model uses {self.activation!r}")
         a = self.preacts(x)
+        bad = ~torch.isfinite(x).all(1)
+        if bad.any():
+            rows = torch.nonzero(bad).flatten()
+            raise ValueError(f"x holds NaN/Inf in {len(rows)} rows (first: row {int(rows[0])}): no active set; "
+                             "remove or repair those rows")
         vals, idx = self.act.sparse(a, self.k)
         return vals, idx, a
 

@@ -80,19 +80,32 @@ class _Shard:
         self.path = path
         self.stamp = _stamp(path)
         if path.suffix == ".npy":
-            try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except Exception as err:  # noqa: BLE001 - numpy raises several types on a damaged header
-                raise DataError(f"{path}: not a readable .npy file ({type(err).__name__}: {err})") from None
-            self.shape, self.dtype, self.offset, self.name = arr.shape, arr.dtype, arr.offset, None
-            self.fortran = arr.ndim == 2 and not arr.flags.c_contiguous and arr.shape[0] > 1
-            del arr
+            self._npy_header()
         else:
             self._safetensors_header()
         if len(self.shape) != 2 or self.shape[0] == 0 or self.shape[1] == 0 or self.dtype.kind not in "fiu":
             raise DataError(f"{path}: expected a non-empty 2-D array (n_samples, n_features) of real numbers, "
                             f"got shape {tuple(self.shape)} and dtype {self.dtype}")
         self.rows, self.width = int(self.shape[0]), int(self.shape[1])
+        if self.offset is not None:  # the data the header describes must be in the file (nothing is mapped yet)
+            need = self.offset + self.rows * self.width * self.dtype.itemsize
+            if self.stamp[0] < need:
+                raise DataError(f"{path}: truncated: {self.stamp[0]} bytes, but its header describes {self.rows} x "
+                                f"{self.width} {self.dtype} ({need} bytes)")
+
+    def _npy_header(self) -> None:
+        """Shape, dtype, order and data offset from the .npy header alone (the file is neither loaded nor mapped)."""
+        fmt = np.lib.format
+        try:
+            with open(self.path, "rb") as f:
+                version = fmt.read_magic(f)
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                self.offset = f.tell()
+        except Exception as err:  # noqa: BLE001 - numpy raises several types on a damaged header
+            raise DataError(f"{self.path}: not a readable .npy file ({type(err).__name__}: {err})") from None
+        self.shape, self.dtype, self.name = tuple(shape), np.dtype(dtype), None
+        self.fortran = bool(fortran) and len(self.shape) == 2 and self.shape[0] > 1
 
     def _safetensors_header(self) -> None:
         from safetensors import safe_open
@@ -120,6 +133,11 @@ class _Shard:
                 raise DataError(f"{self.path}: dtype {info['dtype']}: expected a float tensor (F16, BF16, F32, F64)")
 
     def rows_of(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """``_rows_of``; float64 values beyond float32's range become Inf quietly (the finite check names them)."""
+        with np.errstate(over="ignore"):
+            self._rows_of(rows, out)
+
+    def _rows_of(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Write the rows ``rows`` (sorted, int64) of this shard into ``out`` (len(rows), width).
 
         Read through memory maps of at most ``SPAN_BYTES`` of the file each, unmapped after the copy, so the
@@ -186,6 +204,8 @@ class Stream:
             raise ValueError(f"dtype={dtype}: expected torch.float32, torch.float64 or None")
         path = Path(path)
         files = shard_files(path)
+        if (path / INDEX).exists():  # the files the index lists, before any shard is read
+            _check_index(path, files)
         shards = [_Shard(f) for f in files]
         for s in shards[1:]:
             if s.width != shards[0].width:
@@ -251,8 +271,9 @@ class Stream:
         return self._view(self.index, self.mean, self.std, buffer_rows=buffer_rows)
 
     def standardised(self, mean: torch.Tensor, std: torch.Tensor) -> "Stream":
-        """The same rows as ``(x - mean) / std`` per feature (computed in the data's dtype as they are read)."""
-        return self._view(self.index, mean.to(self.dtype), std.to(self.dtype))
+        """The same rows as ``(x - mean) / std`` per feature, computed in float64 as they are read and delivered
+        in the view's dtype (the in-memory ``split_standardise``'s operations, so the same bits)."""
+        return self._view(self.index, mean.to(torch.float64), std.to(torch.float64))
 
     # ------------------------------------------------------------------------------------------------ reads
     def _gather(self, src: np.ndarray) -> torch.Tensor:
@@ -274,9 +295,16 @@ class Stream:
                         shard.rows_of(ordered[a:b] - self.offsets[s], part)
                         out[order[a:b]] = part
                         del part
-        if self.mean is not None:  # in place: the same (correctly rounded) float operations as (x - mean) / std
-            np.subtract(out, self.mean.cpu().numpy(), out=out)
-            np.divide(out, self.std.cpu().numpy(), out=out)
+        if self.mean is not None:  # in float64, then the view's dtype: the in-memory (x - mean) / std, bit for bit
+            if out.dtype == np.float64:
+                np.subtract(out, self.mean.cpu().numpy(), out=out)
+                np.divide(out, self.std.cpu().numpy(), out=out)
+            else:
+                wide = out.astype(np.float64)
+                np.subtract(wide, self.mean.cpu().numpy(), out=wide)
+                np.divide(wide, self.std.cpu().numpy(), out=wide)
+                out = wide.astype(out.dtype)
+                del wide
         return torch.from_numpy(out).to(self.device)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
@@ -385,7 +413,10 @@ class Stream:
             if bad.any():
                 r, c = (int(v) for v in np.argwhere(bad)[0])
                 s = int(np.searchsorted(self.offsets, src[r], side="right") - 1)
-                raise DataError(f"{self._shards[s].path} holds NaN/Inf values (first at row "
+                shard = self._shards[s]
+                wide = (" (or values beyond the float32 range, |x| > 3.4e38, read as float32)"
+                        if shard.dtype.itemsize > 4 and self.dtype == torch.float32 else "")
+                raise DataError(f"{shard.path} holds NaN/Inf values{wide} (first at row "
                                 f"{int(src[r] - self.offsets[s])}, feature {c})")
             yield src, x
         self.root["checked"] = True
@@ -416,9 +447,9 @@ def _moments(blocks) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / n))
 
 
-def _check_index(path: Path, files, shards, hashes=None) -> None:
-    """The folder's shards against its index.json: the same files, rows and (``hashes``: a function giving the
-    shards' sha256) sha256."""
+def _check_index(path: Path, files, shards=(), hashes=None) -> None:
+    """The folder's shards against its index.json: the same files, then (``shards``: their headers) rows and width,
+    then (``hashes``: a function giving the shards' sha256) sha256."""
     where = path / INDEX
     try:
         index = json.loads(where.read_text())
@@ -440,14 +471,19 @@ def _check_index(path: Path, files, shards, hashes=None) -> None:
             raise DataError(f"{f}: sha256 differs from the one in {INDEX}: stale or corrupt shard")
 
 
-def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8):
+def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8,
+                      info: dict | None = None):
     """``common.activations.split_standardise`` for a folder of shards, by streaming.
 
     The same split (``torch.randperm(N, seed)``: the first ``n_test`` positions are the test rows, the rest the
-    training rows, each view in that order) and the same standardisation (training mean and population std,
-    floored at ``eps``), accumulated in float64 (one pass, which also checks every row finite) and returned in
-    the data's dtype. Returns (train view, test view, mean, std); nothing else is read.
+    training rows, each view in that order) and the same standardisation (training mean and population std
+    accumulated in float64 in one pass, which also checks every row finite; constant features centred, not
+    scaled: ``activations.standardisation``); the views standardise in float64 as they read and deliver the
+    data's dtype. Returns (train view, test view, mean, std), mean and std in the data's dtype; nothing else is
+    read.
     """
+    from .activations import report_constant, standardisation
+
     if not (0.0 < test_fraction < 1.0):
         raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
     n = len(X)
@@ -461,8 +497,11 @@ def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps:
     else:  # one pass over the folder: every row checked finite, the training rows' moments (with multiplicity)
         weight = np.bincount(train.source_rows(), minlength=int(X.offsets[-1]))
         mean, std = _moments(x[np.repeat(np.arange(len(src)), weight[src])] for src, x in X._checked_scan())
-    mean, std = mean.to(X.dtype), std.clamp(min=eps).to(X.dtype)
-    return train.standardised(mean, std), test.standardised(mean, std), mean, std
+    std, constant = standardisation(mean, std, eps)
+    report_constant(constant, X.n_features)
+    if info is not None:
+        info["constant_features"] = constant
+    return train.standardised(mean, std), test.standardised(mean, std), mean.to(X.dtype), std.to(X.dtype)
 
 
 def chunks(x, batch_size: int):

@@ -421,3 +421,151 @@ def test_e3_runs_on_your_own_activations(tmp_path):
                           f"--ACTIVATIONS={tmp_path / 'nope.npy'}", "--out", str(tmp_path / "out2")], cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--ACTIVATIONS" in bad.stderr and not (tmp_path / "out2").exists()
+
+
+def awkward_columns(n=200, seed=0):
+    """Ordinary columns plus a column constant at 999.9, one constant at 0.1, one near 1e30 and one up to 1e38."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    x[:, 0] = 999.9
+    x[:, 1] = 0.1
+    x[:, 2] = 1e30 * (1 + 0.01 * torch.randn(n, generator=g))
+    x[:, 3] = 1e38 * torch.rand(n, generator=g)
+    return x
+
+
+def test_standardisation_in_float64_with_constant_columns_in_memory_and_streamed(tmp_path, capsys):
+    """The z-scores are computed in float64 on both paths (so the same bits), a constant column (at any magnitude)
+    is centred and not scaled, and the features left unscaled are reported."""
+    from common.stream import Stream, write_shards
+
+    x = awkward_columns()
+    write_shards(x, tmp_path / "shards", shard_rows=64)
+    info_mem, info_str = {}, {}
+    mem = A.split_standardise(x, 0.1, seed=3, info=info_mem)
+    got = A.split_standardise(Stream.open(tmp_path / "shards"), 0.1, seed=3, info=info_str)
+    assert info_mem["constant_features"] == info_str["constant_features"] == [0, 1]
+    assert "2 of 8 features are constant" in capsys.readouterr().err
+    for a, b in zip(mem[:2], got[:2]):
+        assert torch.equal(a, b.materialise())
+    train, test = mem[0], mem[1]
+    assert torch.isfinite(train).all() and torch.isfinite(test).all()
+    assert torch.equal(train[:, :2], torch.zeros(180, 2)) and torch.equal(test[:, :2], torch.zeros(20, 2))
+    torch.testing.assert_close(train[:, 2:].double().std(0, unbiased=False), torch.ones(6, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    # the independent float64 computation on the training rows
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(3))
+    raw = x[order[20:]].double()
+    want = (raw[:, 2:] - raw[:, 2:].mean(0)) / raw[:, 2:].std(0, unbiased=False)
+    torch.testing.assert_close(train[:, 2:].double(), want, atol=1e-6, rtol=0)
+
+
+def test_e3_in_memory_and_streamed_give_the_same_table_on_awkward_columns(tmp_path):
+    """A constant column at 999.9, a column near 1e30 and ordinary data: the in-memory and the streamed E3 give the
+    same table, every model informative-or-finite (no test MSE of 1e7 from a float32 standardisation)."""
+    import math
+    import subprocess
+    import sys
+
+    from common.stream import write_shards
+
+    write_shards(awkward_columns(), tmp_path / "shards", shard_rows=64)
+    root = Path(__file__).resolve().parent.parent
+    tables = {}
+    for stream in (True, False):
+        out = tmp_path / f"out_{stream}"
+        res = subprocess.run([sys.executable, str(root / "exp_e3_LLM_SGD_PAM_ablations.py"), "--quick", "--ONLY=base",
+                              "--METHODS=pam,sgd", "--N_LATENTS=16", "--K=2", "--KS=2", "--WORKERS=1",
+                              f"--ACTIVATIONS={tmp_path / 'shards'}", f"--STREAM={stream}", "--out", str(out)],
+                             cwd=root, capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "2 of 8 features are constant" in res.stderr
+        assert json.loads((out / "activations.json").read_text())["constant_features"] == [0, 1]
+        tables[stream] = json.loads((out / "table.json").read_text())
+    for a, b in zip(tables[True], tables[False], strict=True):
+        for metric in ("train_mse", "test_mse", "test_fvu", "l0", "dead"):
+            assert math.isclose(a[metric], b[metric], rel_tol=1e-6, abs_tol=1e-9), (a["method"], metric)
+        assert a["test_mse"] < 2.0, a
+
+
+def _shards(p, x=None):
+    from common.stream import write_shards
+    write_shards(torch.randn(40, 4) if x is None else x, p, shard_rows=16)
+
+
+def _edit_index(p, **entry):
+    index = json.loads((p / "index.json").read_text())
+    index["shards"][1].update(entry)
+    (p / "index.json").write_text(json.dumps(index))
+
+
+def _truncate(f, keep=-40):
+    data = f.read_bytes()
+    f.write_bytes(data[:keep])
+
+
+BAD_DATA = {   # what to write into the folder, the message (a regex), the file named
+    "index rows": (lambda p: (_shards(p), _edit_index(p, rows=17)), "16 x 4, but index.json records 17", "00001.npy"),
+    "index sha256": (lambda p: (_shards(p), _edit_index(p, sha256="0" * 64)), "sha256 differs", "00001.npy"),
+    "index lists other files": (lambda p: (_shards(p), (p / "00001.npy").rename(p / "zz.npy")), "not listed",
+                                "shards"),
+    "index before mapping": (lambda p: (_shards(p), np.save(p / "zz.npy", np.zeros((9, 4))), _truncate(p / "zz.npy")),
+                             "not listed: \\['zz.npy'\\]", "shards"),
+    "truncated npy": (lambda p: (np.save(p / "a.npy", np.zeros((30, 4), np.float32)), _truncate(p / "a.npy")),
+                      "truncated: .* bytes, but its header describes 30 x 4 float32", "a.npy"),
+    "truncated safetensors": (lambda p: (__import__("safetensors.torch").torch.save_file(
+        {"x": torch.zeros(30, 4)}, str(p / "a.safetensors")), _truncate(p / "a.safetensors")),
+        "not a readable .safetensors", "a.safetensors"),
+    "NaN row": (lambda p: _shards(p, torch.randn(40, 4).index_fill_(0, torch.tensor([21]), float("nan"))),
+                "holds NaN/Inf values \\(first at row 5, feature 0\\)", "00001.npy"),
+    "Inf": (lambda p: np.save(p / "a.npy", np.array([[1.0, np.inf]] * 3, np.float32)), "NaN/Inf", "a.npy"),
+    "beyond float32": (lambda p: np.save(p / "a.npy", np.array([[1.0, 1e39]] * 3)), "beyond the float32 range",
+                       "a.npy"),
+    "mixed widths": (lambda p: (np.save(p / "a.npy", np.zeros((3, 2))), np.save(p / "b.npy", np.zeros((3, 4)))),
+                     "4 features, but a.npy has 2", "b.npy"),
+    "1-D": (lambda p: np.save(p / "a.npy", np.zeros(5)), "2-D array", "a.npy"),
+    "3-D": (lambda p: np.save(p / "a.npy", np.zeros((2, 3, 4))), "2-D array", "a.npy"),
+    "strings": (lambda p: np.save(p / "a.npy", np.array([["a", "b"]] * 3)), "real numbers", "a.npy"),
+    "objects": (lambda p: np.save(p / "a.npy", np.array([[1, None]] * 3, dtype=object), allow_pickle=True),
+                "real numbers", "a.npy"),
+    "complex": (lambda p: np.save(p / "a.npy", np.zeros((3, 2), np.complex64)), "real numbers", "a.npy"),
+    "bool": (lambda p: np.save(p / "a.npy", np.zeros((3, 2), bool)), "real numbers", "a.npy"),
+    "zero rows": (lambda p: np.save(p / "a.npy", np.zeros((0, 4), np.float32)), "non-empty", "a.npy"),
+    "zero columns": (lambda p: np.save(p / "a.npy", np.zeros((4, 0), np.float32)), "non-empty", "a.npy"),
+    "not numpy": (lambda p: (p / "a.npy").write_bytes(b"hello"), "not a readable .npy", "a.npy"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DATA))
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_activations_are_one_data_error_naming_the_file(tmp_path, kind, stream):
+    """Every problem of your own activations is a DataError naming the file (and the row of a NaN), loaded or
+    streamed (then at the latest by the split's pass), never a library error."""
+    from common.data import DataError
+    make, match, named = BAD_DATA[kind]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    make(folder)
+    with pytest.raises(DataError, match=match) as err:
+        X, _ = A.load_user_activations(folder, stream=stream)
+        A.split_standardise(X, 0.25)
+    assert named in str(err.value)
+
+
+@pytest.mark.parametrize("kind, stream", [("truncated npy", False), ("NaN row", True), ("index rows", False)])
+def test_e3_bad_activations_exit_2_in_one_line_and_write_nothing(tmp_path, kind, stream):
+    import subprocess
+    import sys
+
+    make, match, named = BAD_DATA[kind]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    make(folder)
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "exp_e3_LLM_SGD_PAM_ablations.py"), "--quick", "--ONLY=base",
+                          f"--ACTIVATIONS={folder}", f"--STREAM={stream}", "--out", str(tmp_path / "out")], cwd=root,
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "--ACTIVATIONS=" in lines[0] and named in lines[0] and __import__("re").search(match, lines[0])
+    assert not (tmp_path / "out").exists()       # nothing written: the folder it created is removed again

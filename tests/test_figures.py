@@ -318,3 +318,55 @@ def test_protocol_figures_have_no_overlapping_text(tmp_path):
         experiment.ablation_figures(rows, histories, tmp_path, label)
         experiment.base_curves(histories, tmp_path, label, budget=8)
     assert (tmp_path / "ablation_fraction.png").exists() and (tmp_path / "curves_base.png").exists()
+
+def _script(name, *args, timeout=200):
+    return subprocess.run([sys.executable, str(ROOT / f"{name}.py"), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, MPLBACKEND="Agg"))
+
+
+@pytest.mark.parametrize("name, flag", [("exp_e1_between_kmeans_and_pca_k_1", "--LR=1e30"),
+                                        ("fig_7_voronoi_3d_to_power_2d", "--VAR_LR=1e30")])
+def test_diverged_training_is_refused_naming_the_setting(tmp_path, name, flag):
+    res = _script(name, "--quick", flag, "--out", tmp_path / "out")
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"{flag.split('=')[0]}=1e+30: training diverged" in last and "smaller learning rate" in last
+    assert not (tmp_path / "out").exists()          # nothing drawn, nothing left
+
+
+def test_check_converged_rule():
+    x = toy_e1(100, seed=0)
+    var = float(((x - x.mean(0)) ** 2).mean())
+    model = e1.init_sae(x, 4, 1, "randn", seed=0)
+    e1.check_converged(model, x, 999 * var)
+    with pytest.raises(e1.Diverged, match="reconstruction MSE"):
+        e1.check_converged(model, x, 1001 * var)
+    with pytest.raises(e1.Diverged, match="non-finite parameters: b_enc"):
+        with torch.no_grad():
+            model.b_enc[0] = float("nan")
+        e1.check_converged(model, x, 0.1)
+
+
+def test_fig6_weights_that_make_the_figure_degenerate_are_refused(tmp_path):
+    res = _script("fig_6_voronoi_to_power", "--quick", "--WEIGHT_HIGH=1e300", "--out", tmp_path / "out", timeout=60)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--WEIGHT_HIGH=1e+300: expected" in res.stderr and "100 view widths" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_degenerate_figure_refused_and_drawing_bounded_in_time(tmp_path):
+    from matplotlib.patches import Circle
+    fig, ax = plt.subplots()
+    ax.add_patch(Circle((0, 0), 1e150, fill=False))
+    ax.set_xlim(-1, 1)
+    ax.set_ylim(-1, 1)
+    with pytest.raises(plotting.FigureError, match="big.png: the figure is degenerate \\(Circle of"):
+        plotting.save(fig, tmp_path / "big.png")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    with pytest.raises(plotting.FigureError, match="slow.png: drawing took more than 0.001 s"):
+        plotting.save(fig, tmp_path / "slow.png", seconds=0.001)
+    assert list(tmp_path.iterdir()) == []           # no file, no temporary file
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    assert plotting.save(fig, tmp_path / "ok.png").stat().st_size > 1000

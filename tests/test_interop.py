@@ -537,3 +537,46 @@ def test_sparsify_saved_model_loads_here(tmp_path):
     model, x = load_sparsify(tmp_path / "coder"), data()
     with torch.no_grad():
         close(model.reconstruct(x), coder(x).sae_out)
+
+
+def _without_cfg_key(folder, key):
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg[key]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
+def _poison(folder, weights, name, value):
+    t = load_file(str(folder / weights))
+    t[name] = t[name].clone()
+    t[name].view(-1)[0] = value
+    save_file(t, str(folder / weights))
+
+
+BAD_FOLDERS = [   # (format, how the folder is damaged, the message (regex))
+    ("saelens", lambda f: _edit_cfg(f, k=2.7), "has k=2.7; expected an integer 1..20"),
+    ("sparsify", lambda f: _edit_cfg(f, k=2.5), "has k=2.5; expected an integer 1..20"),
+    ("safetensors", lambda f: _edit_cfg(f, k=2.5), "has k=2.5; expected an integer 1..20"),
+    ("saelens", lambda f: _edit_cfg(f, k=99), "has k=99; expected an integer 1..20"),
+    ("sparsify", lambda f: _edit_cfg(f, d_in="12"), "has d_in='12'; expected an integer"),
+    ("saelens", lambda f: _without_cfg_key(f, "d_in"), "has no 'd_in'"),
+    ("sparsify", lambda f: _without_cfg_key(f, "d_in"), "match none of ours"),
+    ("saelens", lambda f: (f / "cfg.json").write_text("{not json"), "cfg.json: not valid JSON"),
+    ("saelens", lambda f: _poison(f, "sae_weights.safetensors", "W_dec", float("nan")), "'W_dec' holds 1 NaN/Inf"),
+    ("sparsify", lambda f: _poison(f, "sae.safetensors", "encoder.bias", float("inf")), "'encoder.bias' holds 1"),
+    ("safetensors", lambda f: _poison(f, "sae.safetensors", "b_dec", float("nan")), "'b_dec' holds 1 NaN/Inf"),
+    ("saelens", lambda f: (f / "sae_weights.safetensors").write_bytes(
+        (f / "sae_weights.safetensors").read_bytes()[:-30]), "not a readable safetensors file"),
+    ("sparsify", lambda f: _edit_cfg(f, d_in=13), "encoder.weight has shape \\(20, 12\\), expected \\(20, 13\\)"),
+    ("saelens", lambda f: _edit_cfg(f, d_sae=21), "W_enc has shape \\(12, 20\\), expected \\(12, 21\\)"),
+]
+
+
+@pytest.mark.parametrize("fmt, damage, match", BAD_FOLDERS, ids=[f"{f}-{m[:20]}" for f, _, m in BAD_FOLDERS])
+def test_damaged_folders_are_refused_naming_the_folder(tmp_path, fmt, damage, match):
+    """k an integer, every weight finite, shapes matching cfg.json, the cfg readable: otherwise a ValueError (or
+    FileNotFoundError) whose message names the folder, never a library error or a silent k = int(2.7)."""
+    folder = SAVE[fmt](make_model(), tmp_path / "sae")
+    damage(folder)
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as err:
+        LOAD[fmt](folder)
+    assert str(folder) in str(err.value)

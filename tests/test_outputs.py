@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, at_least, configure, lock_output, one_of, write_text
+from common.config import ConfigError, at_least, configure, lock_output, one_of, text, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 E1 = ROOT / "exp_e1_between_kmeans_and_pca_k_1.py"
@@ -183,3 +183,175 @@ def test_e3_other_configuration_refused_then_overwritten_without_stale_files(e3_
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name not in HIDDEN}
     assert not [f for f in files if "ablation_k" in f or "_k_" in f], files     # the earlier k ablation is gone
     assert set(json.loads((out / "manifest.json").read_text())["files"]) == files
+
+
+# --- the folder is owned: files the project did not write, nesting, a lost record, reused tuning ------------------
+def test_a_folder_of_the_users_own_files_is_refused(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}')
+    (out / "summary.md").write_text("# my notes")
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="holds files this project did not write \\(config.json, summary.md\\)"):
+        configure(namespace(), ["--out", str(out)])
+    assert snapshot(out) == before and not (out / ".lock").exists()
+
+
+def test_a_file_dropped_into_a_run_folder_is_never_replaced(tmp_path):
+    from common.config import OutputError
+    run, out = started(tmp_path, {"table.csv": "a\n"})
+    run.finish()
+    (out / "summary.md").write_text("the user's own notes")
+    run = configure(namespace(), ["--out", str(out)])          # the same configuration resumes
+    with pytest.raises(OutputError, match="refusing to replace .*summary.md"):
+        write_text(out / "summary.md", "# summary")
+    write_text(out / "table.csv", "b\n")                        # its own files are replaced
+    run.release()
+    assert (out / "summary.md").read_text() == "the user's own notes"
+
+
+def test_a_run_inside_or_above_another_runs_folder_is_refused(tmp_path):
+    run, x = started(tmp_path, {"topk/table.csv": "a\n", "topk/summary.md": "# s\n"})
+    run.finish()
+    before = snapshot(x)
+    for inner in (x / "topk", x / "new"):
+        with pytest.raises(ConfigError, match=f"inside the output folder of another run \\({x}\\)"):
+            configure(namespace(EPOCHS=3), ["--out", str(inner)])
+    with pytest.raises(ConfigError, match=f"holds the output folder of another run \\({x}\\)"):
+        configure(namespace(), ["--out", str(tmp_path)])
+    assert snapshot(x) == before and not (x / "new").exists()
+    # a run started by the run that holds the folder (check_claims.py's experiments) is nested in it
+    outer = configure(namespace(), ["--out", str(x)])
+    inner = configure(namespace(EPOCHS=3), ["--out", str(x / "sub")])
+    assert json.loads((x / "sub" / "config.json").read_text())["parent"] == ".."
+    inner.finish()
+    outer.finish()
+    configure(namespace(), ["--out", str(x)]).finish()         # its nested run's folder is its own
+
+
+def test_a_lost_record_leaves_no_stale_figure(tmp_path):
+    run, out = started(tmp_path, {"ablation_fraction.png": "old figure", "table.csv": "old\n"})
+    run.finish()
+    (out / "manifest.json").unlink()
+    (out / "config.json").unlink()
+    with pytest.raises(ConfigError, match="record of the configuration that wrote this folder .* is missing"):
+        configure(namespace(), ["--out", str(out)])
+    assert (out / "ablation_fraction.png").exists()
+    run = configure(namespace(), ["--out", str(out), "--OVERWRITE=True"])
+    assert not (out / "ablation_fraction.png").exists() and not (out / "table.csv").exists()
+    write_text(out / "ablation_k.png", "figure")
+    run.finish()
+    for name in (".written", "manifest.json", "config.json"):   # the journal lost too: nothing can be matched
+        (out / name).unlink()
+    with pytest.raises(ConfigError, match="holds files this project did not write"):
+        configure(namespace(), ["--out", str(out), "--OVERWRITE=True"])
+
+
+def test_overwrite_never_deletes_the_tuning_it_reuses(tmp_path):
+    run, out = started(tmp_path, {"tuning/tuning.json": "{}"})
+    run.finish()
+    before = snapshot(out)
+    for target in (out, out / "again"):
+        with pytest.raises(ConfigError, match="--OVERWRITE=True with --TUNED=.*overlap"):
+            ns = namespace(TUNED="")
+            ns["ACCEPT"]["TUNED"] = text()
+            configure(ns, ["--out", str(target), "--EPOCHS=3", "--OVERWRITE=True",
+                                            f"--TUNED={out}"])
+    assert snapshot(out) == before
+    res = script(E3, "--quick", "--ONLY=base", f"--TUNED={out}", "--OVERWRITE=True", "--out", out)
+    assert res.returncode == 2 and "overlap" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert snapshot(out) == before
+
+
+# --- output-folder problems: one line, exit 2 -------------------------------------------------------------------
+def test_out_under_a_file_or_unwritable_is_refused_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    res = script(FIG6, "--quick", "--out", tmp_path / "file" / "sub")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"{tmp_path / 'file'} is a file, not a folder" in res.stderr
+    monkeypatch.setattr("common.config.os.access", lambda p, mode: False)
+    with pytest.raises(ConfigError, match="cannot be written"):
+        configure(namespace(), ["--out", str(tmp_path / "ro" / "out")])
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from common.config import OutputError
+
+    run, out = started(tmp_path, {})
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OutputError, match=f"cannot write {out / 'table.csv'}: No space left on device"):
+        write_text(out / "table.csv", "a\n")
+    run.release()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    # a script: the disk fills after config.json is written
+    code = ("import errno, pathlib, runpy, sys\n"
+            "orig = pathlib.Path.write_text\n"
+            "def full(self, *a, **k):\n"
+            "    if 'config' in self.name: return orig(self, *a, **k)\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "pathlib.Path.write_text = full\n"
+            f"sys.argv = ['fig6', '--quick', '--out', {str(tmp_path / 'f6')!r}]\n"
+            f"runpy.run_path({str(FIG6)!r}, run_name='__main__')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, MPLBACKEND="Agg"))
+    assert res.returncode == 2 and "No space left on device" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "cannot write" in res.stderr.strip().splitlines()[-1]
+
+
+# --- killed runs: workers die with their parent, the lock is free at once -------------------------------------------
+def _pids_script(out):
+    return (
+        "import multiprocessing as mp, os, sys, time\n"
+        "from common import experiment\n"
+        "from common.config import at_least, configure\n"
+        "def pid(_):\n"
+        "    time.sleep(0.2)\n"
+        "    return os.getpid()\n"
+        "def train(_):\n"
+        "    start = time.time()\n"
+        "    while time.time() - start < 60:\n"
+        "        pass\n"
+        "ns = {'__file__': '/x/demo_script.py', 'EPOCHS': 1, 'ACCEPT': {'EPOCHS': at_least(1)}}\n"
+        f"run = configure(ns, ['--out', {str(out)!r}])\n"
+        "ctx = mp.get_context('fork')\n"
+        "pool = ctx.Pool(2, initializer=experiment._worker_init, initargs=(ctx.RLock(), ctx.Value('i', 0), os.getpid()))\n"
+        "pids = sorted(set(pool.map(pid, range(4), chunksize=1)))\n"
+        "pool.map_async(train, range(2), chunksize=1)\n"
+        "time.sleep(0.5)\n"
+        "print(' '.join(map(str, pids)), flush=True)\n"
+        "time.sleep(120)\n")
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_run_leaves_no_worker_and_no_lock(tmp_path, sig):
+    import signal
+    import time
+
+    from common.config import lock_holder
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _pids_script(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers and lock_holder(out) == proc.pid and all(_state(w) in "RS" for w in workers)   # training
+    lock = str((out / ".lock").resolve())
+    for w in workers:   # the forked workers do not hold the lock file open (the lock dies with the parent)
+        assert lock not in {os.path.realpath(fd) for fd in Path(f"/proc/{w}/fd").iterdir()}, w
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=30)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in _state(w)], "workers outlived"
+    assert lock_holder(out) is None
+    configure(namespace(), ["--out", str(out), "--OVERWRITE=True"]).release()   # taken over at once
+
+
+def _state(pid) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

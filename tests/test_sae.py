@@ -270,3 +270,40 @@ def test_thresholded_models_checkpoint_with_their_threshold(tmp_path, activation
     x = torch.randn(5, 6)
     assert torch.equal(model(x)[0], back(x)[0])
     assert any(p is model.threshold for p in model.encoder_parameters()) == (activation == "jumprelu")
+
+def test_library_bad_input_is_an_error_naming_the_argument():
+    """NaN rows have no active set; mismatched shapes, indices out of range, a zero batch size and a float32 input to
+    a float64 model are ValueErrors naming the argument, never raw torch errors (or an answer)."""
+    from common.metrics import evaluate
+    from common.pam import DecoderStats, solve_decoder
+
+    model = SAE(6, 10, "topk", 3, seed=0)
+    x = torch.randn(5, 6)
+    x[2, 4] = float("nan")
+    with pytest.raises(ValueError, match="x holds NaN/Inf in 1 rows \\(first: row 2\\): no active set"):
+        model.encode_sparse(x)
+    with pytest.raises(ValueError, match="x has dtype torch.float32, the model's parameters torch.float64"):
+        SAE(6, 10, "topk", 3, seed=0).double().encode_sparse(torch.randn(4, 6))
+    with pytest.raises(ValueError, match="batch_size must be an int with 1 <= batch_size, got 0"):
+        evaluate(model, torch.randn(8, 6), batch_size=0)
+    stats = DecoderStats.empty(6, 10)
+    good = torch.randn(4, 6)
+    vals, idx = torch.rand(4, 3), torch.randint(0, 10, (4, 3))
+    for call, match in (
+            (lambda: stats.add_dense(good, torch.randn(4, 9)), "codes must have shape \\(4, 10\\)"),
+            (lambda: stats.add_dense(torch.randn(4, 5), torch.randn(4, 10)), "x must have shape \\(b, 6\\)"),
+            (lambda: stats.add_dense(good, torch.randn(3, 10)), "codes must have shape \\(4, ...\\)"),
+            (lambda: stats.add_sparse(good, vals, idx[:, :2]), "idx must be an integer tensor of the shape of vals"),
+            (lambda: stats.add_sparse(good, vals, idx + 10), "idx must hold latent indices in 0..9"),
+            (lambda: stats.add_sparse(good, vals, idx.float()), "idx must be an integer tensor")):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert stats.n == 0                      # nothing was added by a refused batch
+    data = torch.randn(200, 6)
+    with torch.no_grad():
+        stats.add_sparse(data, *model.encode_sparse(data)[:2])
+    with pytest.raises(ValueError, match="atoms_prev must have shape \\(n_latents, n_features\\) = \\(10, 6\\)"):
+        solve_decoder(stats, torch.zeros(6, 10), torch.zeros(6))
+    with pytest.raises(ValueError, match="b_prev must have shape \\(n_features,\\) = \\(6,\\)"):
+        solve_decoder(stats, torch.zeros(10, 6), torch.zeros(10))
+    solve_decoder(stats, torch.zeros(10, 6), torch.zeros(6), alpha=1e-3)
