@@ -19,7 +19,7 @@ $(STAMP): requirements.txt constraints.txt
 venv: $(STAMP)
 
 $(MNIST): $(STAMP)
-	$(PY) -m common.data mnist
+	$(PY) -m common.infra.data mnist
 
 data: $(MNIST)
 
@@ -66,7 +66,7 @@ peers: $(PEERS_STAMP)
 
 # our trainers next to SAELens and sparsify on MNIST, one table (20 epochs: ~8 min); fetches MNIST if missing
 bench-peers: $(PEERS_STAMP)
-	test -e $(MNIST) || $(PEERS_PY) -m common.data mnist
+	test -e $(MNIST) || $(PEERS_PY) -m common.infra.data mnist
 	$(PEERS_PY) bench/bench_peers.py
 
 clean:

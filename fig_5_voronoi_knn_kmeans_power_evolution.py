@@ -17,10 +17,10 @@ from matplotlib.patches import Circle, Polygon
 from sklearn.cluster import KMeans
 from sklearn.neighbors import KNeighborsClassifier
 
-from common import geometry as G
-from common import plotting
-from common.config import above, at_least, box, configure, each, finite, satisfies
-from common.data import grid
+from common.experiments import plotting
+from common.experiments.config import above, at_least, box, configure, each, finite, satisfies
+from common.infra.data import grid
+from common.maths import geometry as G
 
 SEED = 42
 N_SITES = 12
@@ -33,7 +33,7 @@ N_CLUSTERS = 3
 VIEW = (-4.5, 4.5, -4.5, 4.5)
 GRID_RES = 450
 
-ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/experiments/config.py)
     "SEED": at_least(0),
     "N_SITES": at_least(4),                 # scipy's Voronoi needs 4 sites in 2-D
     "SITE_LOW": finite(),

@@ -15,10 +15,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Circle, Polygon
 
-from common import geometry as G
-from common import plotting
-from common.config import above, at_least, box, configure, finite, satisfies
-from common.data import grid
+from common.experiments import plotting
+from common.experiments.config import above, at_least, box, configure, finite, satisfies
+from common.infra.data import grid
+from common.maths import geometry as G
 
 SEED = 42
 N_SITES = 7
@@ -35,7 +35,7 @@ def _span(view) -> float:
     return max(view[1] - view[0], view[3] - view[2])
 
 
-ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/experiments/config.py)
     "SEED": at_least(0),
     "N_SITES": at_least(3),                 # the 2nd-order diagram needs pairs of sites, and a third site
     "SITE_LOW": finite(),

@@ -23,11 +23,10 @@ import torch
 from matplotlib.patches import Circle, Polygon
 from scipy.spatial import ConvexHull
 
-from common import e1
-from common import geometry as G
-from common import plotting
-from common.config import above, at_least, atomic_write, box, configure, finite, satisfies, write_json
-from common.data import grid, toy_e1
+from common.experiments import e1, plotting
+from common.experiments.config import above, at_least, atomic_write, box, configure, finite, satisfies, write_json
+from common.infra.data import grid, toy_e1
+from common.maths import geometry as G
 
 SEED = 42
 N_SITES = 12
@@ -47,7 +46,7 @@ VAR_LR = 1e-2
 VAR_A_MARGIN = 0.3             # A = max weight + margin: the lowest lifted site sits sqrt(margin) above T0
 VAR_BOX = (-2.0, 2.0, -2.0, 2.0)
 
-ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/config.py)
+ACCEPT = {  # what each constant accepts: checked by configure() before any work (common/experiments/config.py)
     "SEED": at_least(0),
     "N_SITES": at_least(1),
     "SITE_LOW": finite(),

@@ -1,6 +1,6 @@
 """One training epoch's time per activation and method, on a fixed small MNIST subset.
 
-Every activation of common/sae.py's table, trained by pam, sgd and sgd_tied at E2's settings (d 256, K 15,
+Every activation of common/maths/sae.py's table, trained by pam, sgd and sgd_tied at E2's settings (d 256, K 15,
 batch 128, lr 3e-3, paper init; each activation with E2's default penalty: relu L1 = E2's L1, jumprelu L0 =
 E2's L0), on the first N_TRAIN training images (evaluated on the first N_TEST test images), one thread, one run
 at a time. Prints per row the median over the epochs of the training time (for PAM: encoder phase + decoder
@@ -19,10 +19,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common.config import script_constants, write_json  # noqa: E402
-from common.data import load_mnist  # noqa: E402
-from common.sae import ACTIVATIONS, SAE, activation_spec  # noqa: E402
-from common.train import METHODS, TrainConfig, train  # noqa: E402
+from common.experiments.config import script_constants, write_json  # noqa: E402
+from common.infra.data import load_mnist  # noqa: E402
+from common.maths.sae import ACTIVATIONS, SAE, activation_spec  # noqa: E402
+from common.maths.train import METHODS, TrainConfig, train  # noqa: E402
 
 E2 = script_constants(ROOT / "exp_e2_MNIST_SGD_PAM_ablations.py")
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.sae import SPARSE_DECODE_MAX_DENSITY  # noqa: E402
+from common.maths.sae import SPARSE_DECODE_MAX_DENSITY  # noqa: E402
 
 SHAPES = [("MNIST", 784, 256, 128, (15,)), ("LLM", 640, 4096, 256, (15, 80, 320, 640, 1024, 1280))]
 

@@ -25,17 +25,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import activations, experiment  # noqa: E402
-from common.config import script_constants  # noqa: E402
-from common.sae import SAE, activation_spec  # noqa: E402
-from common.train import TrainConfig, train  # noqa: E402
+from common import experiment  # noqa: E402
+from common.experiments.config import script_constants  # noqa: E402
+from common.infra import activations
+from common.maths.sae import SAE, activation_spec  # noqa: E402
+from common.maths.train import TrainConfig, train  # noqa: E402
 
 SCRIPT = ROOT / "exp_e3_LLM_SGD_PAM_ablations.py"
 _DATA = ()
 
 
 def penalty(activation, c) -> dict:
-    """The script's penalty for ``activation`` (common/sae.py's table: relu L1, jumprelu L0, TopK none)."""
+    """The script's penalty for ``activation`` (common/maths/sae.py's table: relu L1, jumprelu L0, TopK none)."""
     p = activation_spec(activation).penalty
     return {"l1": c["L1"] if p == "l1" else 0.0, "l0": c["L0"] if p == "l0" else 0.0}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import activations as A  # noqa: E402
+from common.infra import activations as A  # noqa: E402
 
 N_TEXTS = 200
 MAX_TOKENS = 128

@@ -1,4 +1,4 @@
-"""Benchmark of the loss recovered on the language model (common/lm_eval.py) for the default model.
+"""Benchmark of the loss recovered on the language model (common/maths/lm_eval.py) for the default model.
 
 Times, on TOKENS scored positions of Shakespeare texts (the E3 texts, 128 tokens at most) at E3's default layer:
 the once-per-text part (the blocks below the splice, the clean pass, the identity check and both ablations:
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import activations as A  # noqa: E402
 from common import lm_eval  # noqa: E402
-from common.sae import SAE  # noqa: E402
+from common.infra import activations as A  # noqa: E402
+from common.maths.sae import SAE  # noqa: E402
 
 
 def main():

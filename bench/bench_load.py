@@ -2,7 +2,7 @@
 
 Two workloads, each timed quiet and then with a competitor (a busy Python loop in another process):
 - extraction (tokens/s, the default model, 96 texts): 2 fixed threads vs threads following the free cores
-  (common/cpu.py, what ``common.activations.extract`` does);
+  (common/infra/cpu.py, what ``common.infra.activations.extract`` does);
 - MNIST SGD training (epochs/s, d 256, K 15): one run on 2 threads vs the scripts' mode, two single-thread
   runs at once (WORKERS = 2).
 Prints each throughput and its ratio to the quiet one; target: >= 40% of quiet with one competitor.
@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common.data import load_mnist  # noqa: E402
-from common.sae import SAE  # noqa: E402
-from common.train import TrainConfig, train  # noqa: E402
+from common.infra.data import load_mnist  # noqa: E402
+from common.maths.sae import SAE  # noqa: E402
+from common.maths.train import TrainConfig, train  # noqa: E402
 
 
 def competitor(stop):
@@ -44,7 +44,7 @@ def with_competitor(fn):
 
 
 def extraction(adapt):
-    from common import activations as A
+    from common.infra import activations as A
     torch.set_num_threads(2)
     model, tokenizer = A.load_model(A.DEFAULT_MODEL)
     layer = A.default_layer(A.n_layers_of(A.DEFAULT_MODEL))

@@ -1,7 +1,7 @@
 """Our trainers next to two public SAE libraries, on the same MNIST tensors, scored by the same metric code.
 
 Every row trains a TopK SAE (784 -> 256 latents, K = 15, batch 128, EPOCHS epochs) on the same training
-images, in the same mini-batch order, and is scored by ``common.metrics.evaluate`` on the test set:
+images, in the same mini-batch order, and is scored by ``common.maths.metrics.evaluate`` on the test set:
 test MSE, test FVU, L0, dead fraction (latents never non-zero on the test set) and seconds per epoch of
 training alone (no evaluation inside the timed part). Rows:
 
@@ -9,7 +9,7 @@ training alone (no evaluation inside the timed part). Rows:
     sparsify  EleutherAI sparsify SparseCoder, Adam lr 1.6e-3 (its Adam default for 256 latents), in the
               smallest loop that does what its Trainer does (the Trainer itself needs a Hugging Face
               language model to hook: it cannot take in-memory tensors)
-    ours      common.train.train, sgd and pam, each with recipe "paper" and recipe "modern"
+    ours      common.maths.train.train, sgd and pam, each with recipe "paper" and recipe "modern"
 
 The peer libraries live in their own venv: `make peers` builds .venv-peers, `make bench-peers` runs this
 script there. In the main .venv the peer rows are skipped with a message (exit 0) and our rows still run.
@@ -36,10 +36,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.data import load_mnist  # noqa: E402
-from common.metrics import evaluate  # noqa: E402
-from common.sae import SAE, densify  # noqa: E402
-from common.train import TrainConfig, train  # noqa: E402
+from common.infra.data import load_mnist  # noqa: E402
+from common.maths.metrics import evaluate  # noqa: E402
+from common.maths.sae import SAE, densify  # noqa: E402
+from common.maths.train import TrainConfig, train  # noqa: E402
 
 N_LATENTS, K, BATCH = 256, 15, 128
 EPOCHS = 20
@@ -56,7 +56,7 @@ class Skipped(Exception):
 
 # --- the shared parts: batch order and scoring --------------------------------------------------------
 def batch_indices(n: int, epochs: int, seed: int):
-    """Mini-batch indices per epoch, exactly as common.train draws them (one generator seeded once,
+    """Mini-batch indices per epoch, exactly as common.maths.train draws them (one generator seeded once,
     one randperm per epoch, the last batch shorter), so every row sees the same batches."""
     gen = torch.Generator().manual_seed(int(seed))
     for _ in range(epochs):
@@ -65,7 +65,7 @@ def batch_indices(n: int, epochs: int, seed: int):
 
 
 class AsOurSAE:
-    """The part of our SAE interface that ``common.metrics.evaluate`` reads, around a peer model: TopK
+    """The part of our SAE interface that ``common.maths.metrics.evaluate`` reads, around a peer model: TopK
     non-zeros (values, latent indices) from the library's encoder, reconstruction from its decoder."""
 
     is_topk = True
@@ -175,7 +175,7 @@ def run_sparsify(x_train, x_test, epochs, seed):
 
 # --- ours -------------------------------------------------------------------------------------------------
 def run_ours(method, recipe, x_train, x_test, epochs, seed):
-    from common.recipe import recipe_settings
+    from common.experiments.recipe import recipe_settings
     s = recipe_settings(recipe, n_latents=N_LATENTS, paper_lr=PAPER_LR)
     model = SAE(x_train.shape[1], N_LATENTS, "topk", K, init=s.pop("init"), seed=seed)
     cfg = TrainConfig(method=method, epochs=epochs, batch_size=BATCH, **s)
@@ -183,7 +183,7 @@ def run_ours(method, recipe, x_train, x_test, epochs, seed):
     last = history[-1]
     metrics = {m: last[f"test_{m}"] for m in ("mse", "fvu", "l0", "dead")}
     return row(f"ours {method}, recipe {recipe}", cfg.lr, metrics, [h["epoch_time"] for h in history[1:]],
-               note="common.train.train")
+               note="common.maths.train.train")
 
 
 # --- the table --------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def main():
     for r in rows:
         if r.get("note"):
             print(f"  {r['trainer']}: {r['note']}")
-    print("Every row: same training images and batch order, scored by common.metrics.evaluate on the test set "
+    print("Every row: same training images and batch order, scored by common.maths.metrics.evaluate on the test set "
           "(FVU against the test set's own mean; dead = never non-zero on the test set); s/epoch = training "
           "only (PAM: encoder pass + statistics + solve).")
     print(f"wall time {time.perf_counter() - t_start:.0f} s; load average at end: "

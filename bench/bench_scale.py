@@ -35,10 +35,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import distributed as dist  # noqa: E402
-from common import stream as S  # noqa: E402
-from common import train as T  # noqa: E402
-from common.sae import SAE  # noqa: E402
+from common.infra import distributed as dist  # noqa: E402
+from common.infra import stream as S  # noqa: E402
+from common.maths import train as T  # noqa: E402
+from common.maths.sae import SAE  # noqa: E402
 
 # estimated multiply-add work of one token in one SGD step (and in PAM's encoder phase): the dense encoder's forward
 # and weight gradient (2 x 2 n d FLOPs) and the TopK decoder's forward and backward through K atoms (3 x 2 K n)

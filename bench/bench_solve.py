@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_train import matmul_rate  # noqa: E402
-from common.pam import DecoderStats, solve_decoder, sse_from_stats  # noqa: E402
+from common.maths.pam import DecoderStats, solve_decoder, sse_from_stats  # noqa: E402
 
 
 def peak_gb() -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.pam import SPARSE_MAX_DENSITY, CompensatedStats, DecoderStats  # noqa: E402
+from common.maths.pam import SPARSE_MAX_DENSITY, CompensatedStats, DecoderStats  # noqa: E402
 
 
 def epoch(kind: str, dtype: str, batches, n: int, d: int) -> float:

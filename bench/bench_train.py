@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.data import load_mnist  # noqa: E402
-from common.sae import ACTIVATIONS, SAE  # noqa: E402
-from common.train import TrainConfig, train  # noqa: E402
+from common.infra.data import load_mnist  # noqa: E402
+from common.maths.sae import ACTIVATIONS, SAE  # noqa: E402
+from common.maths.train import TrainConfig, train  # noqa: E402
 
 
 def matmul_rate(dtype=torch.float32, size=2048, reps=5) -> float:

@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import distributed as dist  # noqa: E402
-from common.sae import SAE  # noqa: E402
-from common.stream import Stream  # noqa: E402
-from common.train import TrainConfig, train  # noqa: E402
+from common.infra import distributed as dist  # noqa: E402
+from common.infra.stream import Stream  # noqa: E402
+from common.maths.sae import SAE  # noqa: E402
+from common.maths.train import TrainConfig, train  # noqa: E402
 
 
 def problem(method):

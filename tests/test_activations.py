@@ -1,4 +1,4 @@
-"""common/activations.py on tiny transformers built here (no download), plus one slow test on SmolLM2."""
+"""common/infra/activations.py on tiny transformers built here (no download), plus one slow test on SmolLM2."""
 import importlib.util
 import json
 import os
@@ -12,8 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from common import activations as A  # noqa: E402
-from common.data import DataError  # noqa: E402
+from common.infra import activations as A  # noqa: E402
+from common.infra.data import DataError  # noqa: E402
 
 WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows of outrageous "
          "fortune take arms against a sea troubles by opposing end them die sleep no more").split()
@@ -376,7 +376,7 @@ def test_your_own_activations_npy_safetensors_and_shards_give_the_same_tensor(tm
     import numpy as np
     from safetensors.torch import save_file
 
-    from common.activations import load_user_activations
+    from common.infra.activations import load_user_activations
     x = torch.randn(30, 5)
     np.save(tmp_path / "a.npy", x.numpy())
     save_file({"acts": x}, str(tmp_path / "a.safetensors"))
@@ -397,8 +397,8 @@ def test_your_own_activations_npy_safetensors_and_shards_give_the_same_tensor(tm
     (lambda p: (p / "x.txt").write_text("1 2"), "no \\*.npy or \\*.safetensors"),
 ])
 def test_your_own_activations_refused_with_the_file_named(tmp_path, bad, match):
-    from common.activations import load_user_activations
-    from common.data import DataError
+    from common.infra.activations import load_user_activations
+    from common.infra.data import DataError
     bad(tmp_path)
     with pytest.raises(DataError, match=match):
         load_user_activations(tmp_path)
@@ -437,7 +437,7 @@ def awkward_columns(n=200, seed=0):
 def test_standardisation_in_float64_with_constant_columns_in_memory_and_streamed(tmp_path, capsys):
     """The z-scores are computed in float64 on both paths (so the same bits), a constant column (at any magnitude)
     is centred and not scaled, and the features left unscaled are reported."""
-    from common.stream import Stream, write_shards
+    from common.infra.stream import Stream, write_shards
 
     x = awkward_columns()
     write_shards(x, tmp_path / "shards", shard_rows=64)
@@ -467,7 +467,7 @@ def test_e3_in_memory_and_streamed_give_the_same_table_on_awkward_columns(tmp_pa
     import subprocess
     import sys
 
-    from common.stream import write_shards
+    from common.infra.stream import write_shards
 
     write_shards(awkward_columns(), tmp_path / "shards", shard_rows=64)
     root = Path(__file__).resolve().parent.parent
@@ -489,7 +489,7 @@ def test_e3_in_memory_and_streamed_give_the_same_table_on_awkward_columns(tmp_pa
 
 
 def _shards(p, x=None):
-    from common.stream import write_shards
+    from common.infra.stream import write_shards
     write_shards(torch.randn(40, 4) if x is None else x, p, shard_rows=16)
 
 
@@ -541,7 +541,7 @@ BAD_DATA = {   # what to write into the folder, the message (a regex), the file 
 def test_bad_activations_are_one_data_error_naming_the_file(tmp_path, kind, stream):
     """Every problem of your own activations is a DataError naming the file (and the row of a NaN), loaded or
     streamed (then at the latest by the split's pass), never a library error."""
-    from common.data import DataError
+    from common.infra.data import DataError
     make, match, named = BAD_DATA[kind]
     folder = tmp_path / "shards"
     folder.mkdir()

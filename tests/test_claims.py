@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.claims import CATEGORIES, VERDICTS, across_protocols
+from common.experiments.claims import CATEGORIES, VERDICTS, across_protocols
 
 ROOT = Path(__file__).resolve().parent.parent
 THEORY = ["T1-piecewise-affine", "T1b-relu-piecewise-affine", "T2-topk-power-diagram", "T2b-k-subset-form",

@@ -1,4 +1,4 @@
-"""common.claims: the verdict rules (compare, combine, across_protocols), Claim, tally and the report."""
+"""common.experiments.claims: the verdict rules (compare, combine, across_protocols), Claim, tally and the report."""
 import json
 import math
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.claims import (CATEGORIES, SPARSITY_MARGIN, VERDICTS, Claim, across_budgets, across_protocols, cap_at_edge,
-                           combine, compare, compare_family, sparsity_family, tally, write_report)
+from common.experiments.claims import (CATEGORIES, SPARSITY_MARGIN, VERDICTS, Claim, across_budgets, across_protocols,
+                                       cap_at_edge, combine, compare, compare_family, sparsity_family, tally,
+                                       write_report)
 
 A = [1.0, 1.2, 0.9, 1.1, 1.05]      # fixed numbers, paired by replicate: A clearly lower than B
 B = [1.5, 1.7, 1.4, 1.9, 1.6]
@@ -269,7 +270,7 @@ def test_write_report_rejects_non_finite_numbers(tmp_path):
 
 
 def test_between_rule_and_its_negative_control():
-    from common.claims import between_verdict
+    from common.experiments.claims import between_verdict
     assert between_verdict(0.1, 0.2, 0.3) == "holds"
     assert between_verdict(0.0, 0.0, 0.3) == "holds"          # an exact comparator (2-D, rank 2)
     assert between_verdict(0.1, 0.35, 0.3) == "does not hold"  # the SAE worse than k-means
@@ -279,7 +280,7 @@ def test_between_rule_and_its_negative_control():
 
 
 def test_convergence_rule_and_its_negative_controls():
-    from common.claims import convergence_verdict
+    from common.experiments.claims import convergence_verdict
     settling = [1.0 / (1 + t) + 0.5 for t in range(40)]
     assert convergence_verdict([settling, [v * 1.1 for v in settling]]) == "holds"
     rising = list(reversed(settling))
@@ -296,7 +297,7 @@ def test_convergence_rule_and_its_negative_controls():
 
 
 def test_results_section_is_generated_from_the_report_and_keeps_the_text_around_it(tmp_path):
-    from common.claims import RESULTS_BEGIN, RESULTS_END, write_results
+    from common.experiments.claims import RESULTS_BEGIN, RESULTS_END, write_results
     cmp = compare(A, B)
     numbers = {"paper": {"0.01": {"pam": {"mean": 1.051, "std": 0.11, "n": 5}, "sgd": {"mean": 1.62, "std": 0.19, "n": 5},
                                   "comparison": cmp.__dict__, "verdict": "holds"}}}

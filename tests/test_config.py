@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from common.config import (ConfigError, above, at_least, atomic_write, box, configure, derive_seed, each, in_range,
-                           one_of, parse_value, satisfies, write_json)
+from common.experiments.config import (ConfigError, above, at_least, atomic_write, box, configure, derive_seed, each,
+                                       in_range, one_of, parse_value, satisfies, write_json)
 
 
 def namespace():
@@ -53,14 +53,14 @@ def test_write_json_is_atomic(tmp_path):
 
 
 def test_default_output_folders_keep_quick_runs_apart(tmp_path, monkeypatch):
-    import common.config as config
+    import common.experiments.config as config
     monkeypatch.setattr(config, "ROOT", tmp_path)
     assert configure(namespace(), []).out == tmp_path / "results" / "demo_script"
     assert configure(namespace(), ["--quick"]).out == tmp_path / "results" / "quick" / "demo_script"
 
 
 def test_write_json_is_strict_and_names_the_file(tmp_path):
-    from common.config import write_json
+    from common.experiments.config import write_json
     with pytest.raises(ValueError, match=r"bad\.json: refusing to write a non-finite number"):
         write_json(tmp_path / "bad.json", {"x": [1.0, float("nan")]})
     assert not (tmp_path / "bad.json").exists()

@@ -1,7 +1,7 @@
-"""common.cpu.FreeCores: torch's thread count follows the cores other processes leave free."""
+"""common.infra.cpu.FreeCores: torch's thread count follows the cores other processes leave free."""
 import torch
 
-from common import cpu
+from common.infra import cpu
 
 
 def test_threads_follow_the_cores_other_processes_use(monkeypatch):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import data
-from common.data import DataError, grid, read_idx, subset_indices, toy_e1, verify_mnist
+from common.infra import data
+from common.infra.data import DataError, grid, read_idx, subset_indices, toy_e1, verify_mnist
 
 
 def write_idx(path, arr):
@@ -77,7 +77,7 @@ def test_grid_and_region_map_orientation(tmp_path):
     """A labelled quadrant: the colour drawn under each point is its own label's colour."""
     import matplotlib.pyplot as plt
 
-    from common.plotting import label_colors, region_map
+    from common.experiments.plotting import label_colors, region_map
 
     pts, shape, extent = grid((-1, 1), (-1, 1), 40, 30)
     labels = ((pts[:, 0] > 0).astype(int) + 2 * (pts[:, 1] > 0).astype(int)).reshape(shape)

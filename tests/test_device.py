@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from common.sae import SAE
-from common.train import TrainConfig, resolve_device, train
+from common.maths.sae import SAE
+from common.maths.train import TrainConfig, resolve_device, train
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import problem  # noqa: E402
 
-from common.train import train  # noqa: E402
+from common.maths.train import train  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 

@@ -1,4 +1,4 @@
-"""E1 in 8-D (exp_e1_between_kmeans_and_pca_8d.py, common/e1.py): the data, the exact Top-K SAE's training and
+"""E1 in 8-D (exp_e1_between_kmeans_and_pca_8d.py, common/experiments/e1.py): the data, the exact Top-K SAE's training and
 decoder solve, each case's numbers against independent computations, the summary rule, and the negative controls
 (an SAE worse than k-means must make the claim fail; the lower bound must stay above 1e-6)."""
 import copy
@@ -164,6 +164,6 @@ def test_quick_run(quick):
 
 
 def test_script_refuses_a_k_at_the_data_dimension(tmp_path):
-    from common.config import ConfigError
+    from common.experiments.config import ConfigError
     with pytest.raises(ConfigError, match="--KS=.*below --DIM"):
         load_script().main(["--quick", "--out", str(tmp_path), "--KS=1,8"])

@@ -42,12 +42,12 @@ def test_bad_settings_fail_before_extraction(tmp_path):
 
 
 def test_streamed_activations_folder_gives_the_loaded_result(tmp_path):
-    """--ACTIVATIONS=folder --STREAM=True: the folder read through memory maps (common/stream.py) trains what the
+    """--ACTIVATIONS=folder --STREAM=True: the folder read through memory maps (common/infra/stream.py) trains what the
     loaded folder trains (the same split and batches; the standardisation accumulated in float64 instead of
     float32, hence agreement to float32 rounding, not bits); a second invocation resumes every run."""
     import torch
 
-    from common.stream import write_shards
+    from common.infra.stream import write_shards
 
     g = torch.Generator().manual_seed(0)
     atoms = torch.randn(64, 16, generator=g)
@@ -83,7 +83,7 @@ def test_streamed_activations_folder_gives_the_loaded_result(tmp_path):
 
 
 def test_every_activation_of_the_table_runs_with_its_default_penalty(tmp_path):
-    """--ACTIVATION_VALUES takes any activation of common/sae.py's table; each run gets the table's penalty
+    """--ACTIVATION_VALUES takes any activation of common/maths/sae.py's table; each run gets the table's penalty
     (jumprelu: L0, relu: L1, TopK and batchtopk: none)."""
     res = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--ONLY=activation",
                           "--ACTIVATION_VALUES=jumprelu,batchtopk,relu", "--METHODS=pam,sgd", "--L0=0.002"],

@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 
-from common import experiment
-from common.sae import SAEConfig
-from common.train import TrainConfig
-
+from common.experiments import experiment
+from common.maths.sae import SAEConfig
+from common.maths.train import TrainConfig
 
 A = experiment.Ablation
 ABLATIONS = {"base": experiment.BASE, "weight_decay": A(("weight_decay",), (0.0, 1e-3)),
@@ -71,7 +70,7 @@ def test_a_run_spec_names_a_run_and_every_planned_run_carries_one():
 
 
 def test_a_tuned_protocol_plans_one_run_per_budget_and_shares_identical_choices(tmp_path):
-    """With settings chosen per value (common/tuning.py) every run is planned once per budget, its choice last; a
+    """With settings chosen per value (common/experiments/tuning.py) every run is planned once per budget, its choice last; a
     budget whose choice is the same as a smaller one's is trained once, and its row carries its own budget."""
     protocol = tiny_protocol(ablations=only("base", "weight_decay"), methods=("pam", "sgd"))
     choice = {"lr": 1e-2, "epochs": 3, "stop_epoch": 2}
@@ -314,7 +313,7 @@ def test_a_crafted_checkpoint_is_never_unpickled_and_the_run_is_retrained(tmp_pa
 
 
 def test_a_run_that_diverges_fails_loudly_and_is_never_saved(tmp_path):
-    from common.train import NonFiniteError
+    from common.maths.train import NonFiniteError
     x_train, x_test = data()
     protocol = tiny_protocol(ablations=only("base"), methods=("sgd",))
     with pytest.raises(NonFiniteError, match=r"sgd\|base=-\|rep0 \(sgd\), epoch 1"):

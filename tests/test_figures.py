@@ -15,9 +15,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from common import e1, plotting  # noqa: E402
-from common import geometry as G  # noqa: E402
-from common.data import grid, toy_e1  # noqa: E402
+from common import plotting  # noqa: E402
+from common.experiments import e1
+from common.infra.data import grid, toy_e1  # noqa: E402
+from common.maths import geometry as G  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 E1_SCRIPTS = ["exp_e1_between_kmeans_and_pca_k_1", "exp_e1_between_kmeans_and_pca_k_3",
@@ -99,7 +100,7 @@ def test_e1_kmeans_numbers_match_sklearn(quick_runs):
 
 
 def test_e1_settings_from_a_scripts_constants():
-    from common.config import ConfigError
+    from common.experiments.config import ConfigError
     k1, hard = load_script(E1_SCRIPTS[0]), load_script(E1_SCRIPTS[2])
     consts = {n: getattr(k1, n) for n in k1.ACCEPT}
     s = e1.E1Settings.from_constants(consts)
@@ -295,8 +296,8 @@ def test_protocol_figures_have_no_overlapping_text(tmp_path):
 
     import matplotlib.pyplot as plt
 
-    from common import experiment
-    from common.plotting import OverlapWarning, overlapping_text
+    from common.experiments import experiment
+    from common.experiments.plotting import OverlapWarning, overlapping_text
 
     fig, axes = plt.subplots(1, 2, figsize=(4, 2))
     for ax in axes:

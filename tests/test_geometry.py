@@ -1,9 +1,9 @@
 """Geometry functions (docs/DESIGN.md, section 2) against independent brute-force computations.
 
 The statements themselves (piecewise affinity, TopK / topk_abs / ReLU regions are power cells, k-means as
-Top-1 and its autoencoder, lifting, k-flats optimality) are common/theory.py's checks: the claims report
+Top-1 and its autoencoder, lifting, k-flats optimality) are common/maths/theory.py's checks: the claims report
 runs them and tests/test_theory.py pins them with negative controls. Where a test here is the same check,
-it calls common/theory.py; the rest test what those checks do not cover.
+it calls common/maths/theory.py; the rest test what those checks do not cover.
 """
 from itertools import combinations, product
 
@@ -13,10 +13,10 @@ import torch
 from scipy.spatial import ConvexHull
 from sklearn.cluster import KMeans
 
-from common import geometry as G
-from common import theory as T
-from common.data import grid
-from common.sae import SAE
+from common.infra.data import grid
+from common.maths import geometry as G
+from common.maths import theory as T
+from common.maths.sae import SAE
 
 
 def random_sae(n_features, n_latents, activation="topk", k=1, seed=0, bias_scale=1.0):
@@ -157,7 +157,7 @@ def test_constant_jacobian_on_a_region():
 
 # --- item 5: local PCA on the SAE's regions beats the SAE (Eckart-Young) ---------------------------
 # An implementation test, not evidence for the paper: it cannot fail for a correct local_pca (so it is
-# not a theory claim); k-flats optimality itself is common/theory.py's T7.
+# not a theory claim); k-flats optimality itself is common/maths/theory.py's T7.
 
 @pytest.mark.parametrize("n_features,k", [(2, 1), (6, 2), (10, 3)])
 def test_local_pca_on_sae_regions_beats_sae(n_features, k):

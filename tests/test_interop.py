@@ -1,4 +1,4 @@
-"""common.interop: our safetensors format, SAELens 6.x and sparsify 1.3 exports and loads.
+"""common.infra.interop: our safetensors format, SAELens 6.x and sparsify 1.3 exports and loads.
 
 Fast tests (main .venv, no peer package): round trips give the original's reconstructions; the written files
 have the peers' names, shapes and cfg keys; a plain re-implementation of each library's forward pass (written
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common.interop import (EXACT_ACTIVATIONS, detect_format, load_any, load_safetensors, load_saelens,
-                            load_sparsify, save_safetensors, save_saelens, save_sparsify)
-from common.sae import SAE
+from common.infra.interop import (EXACT_ACTIVATIONS, detect_format, load_any, load_saelens, load_safetensors,
+                                  load_sparsify, save_saelens, save_safetensors, save_sparsify)
+from common.maths.sae import SAE
 
 N_FEATURES, N_LATENTS, K = 12, 20, 5
 SAVE = {"safetensors": save_safetensors, "saelens": save_saelens, "sparsify": save_sparsify}
@@ -402,7 +402,7 @@ def test_sparsify_native_file(tmp_path):
 
 # --- module hygiene --------------------------------------------------------------------------------------
 def test_interop_imports_no_peer_package_and_never_unpickles():
-    src = (Path(__file__).resolve().parent.parent / "common" / "interop.py").read_text()
+    src = (Path(__file__).resolve().parent.parent / "common" / "infra" / "interop.py").read_text()
     mods = set()
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, ast.Import):

@@ -1,4 +1,4 @@
-"""common/lm_eval.py on tiny transformers built here: the splice against the model's own forward with a hook."""
+"""common/maths/lm_eval.py on tiny transformers built here: the splice against the model's own forward with a hook."""
 import math
 
 import pytest
@@ -7,11 +7,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from common import activations as A  # noqa: E402
-from common import lm_eval as L  # noqa: E402
-from common.data import DataError  # noqa: E402
-from common.sae import SAE  # noqa: E402
 from test_activations import tiny_model, tiny_tokenizer  # noqa: E402
+
+from common.infra import activations as A  # noqa: E402
+from common.infra.data import DataError  # noqa: E402
+from common.maths import lm_eval as L  # noqa: E402
+from common.maths.sae import SAE  # noqa: E402
 
 TEXTS = ["to be or not to be that is the question", "whether tis nobler in the mind", "to suffer the slings",
          "and arrows of outrageous fortune or to take arms against a sea of troubles"]

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import data_sums, evaluate, fvu, mse
-from common.sae import SAE
+from common.maths.metrics import data_sums, evaluate, fvu, mse
+from common.maths.sae import SAE
 
 
 def test_evaluate_matches_direct_formulas_for_any_batch_size():
@@ -59,7 +59,7 @@ def test_mse_and_fvu_reject_mismatched_shapes_and_non_finite_values():
 
 
 def test_summarise_names_the_empty_set():
-    from common.metrics import EvalSums, summarise
+    from common.maths.metrics import EvalSums, summarise
 
     with pytest.raises(ValueError, match=r"empty evaluation set \(n_samples=0\)"):
         summarise(EvalSums.empty(3, 5))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, at_least, configure, lock_output, one_of, text, write_text
+from common.experiments.config import ConfigError, at_least, configure, lock_output, one_of, text, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 E1 = ROOT / "exp_e1_between_kmeans_and_pca_k_1.py"
@@ -109,7 +109,7 @@ def test_manifest_lists_the_files_written_with_their_hashes(tmp_path):
     assert set(manifest["files"]) == {"config.json", "table.csv", "topk/summary.md"}
     assert all(manifest["files"][f] == sha256(out / f) for f in manifest["files"])
     assert manifest["settings"]["constants"]["EPOCHS"] == 50 and manifest["data"] == {"fingerprint": "abc"}
-    assert len(manifest["code"]["sha256"]) == 64 and "common/config.py" in manifest["code"]["files"]
+    assert len(manifest["code"]["sha256"]) == 64 and "common/experiments/config.py" in manifest["code"]["files"]
 
 
 def test_another_configuration_is_refused_then_replaced_with_overwrite(tmp_path):
@@ -198,7 +198,7 @@ def test_a_folder_of_the_users_own_files_is_refused(tmp_path):
 
 
 def test_a_file_dropped_into_a_run_folder_is_never_replaced(tmp_path):
-    from common.config import OutputError
+    from common.experiments.config import OutputError
     run, out = started(tmp_path, {"table.csv": "a\n"})
     run.finish()
     (out / "summary.md").write_text("the user's own notes")
@@ -269,7 +269,7 @@ def test_out_under_a_file_or_unwritable_is_refused_in_one_line(tmp_path, monkeyp
     res = script(FIG6, "--quick", "--out", tmp_path / "file" / "sub")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert f"{tmp_path / 'file'} is a file, not a folder" in res.stderr
-    monkeypatch.setattr("common.config.os.access", lambda p, mode: False)
+    monkeypatch.setattr("common.experiments.config.os.access", lambda p, mode: False)
     with pytest.raises(ConfigError, match="cannot be written"):
         configure(namespace(), ["--out", str(tmp_path / "ro" / "out")])
 
@@ -277,7 +277,7 @@ def test_out_under_a_file_or_unwritable_is_refused_in_one_line(tmp_path, monkeyp
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
     import errno
 
-    from common.config import OutputError
+    from common.experiments.config import OutputError
 
     run, out = started(tmp_path, {})
 
@@ -308,7 +308,7 @@ def _pids_script(out):
     return (
         "import multiprocessing as mp, os, sys, time\n"
         "from common import experiment\n"
-        "from common.config import at_least, configure\n"
+        "from common.experiments.config import at_least, configure\n"
         "def pid(_):\n"
         "    time.sleep(0.2)\n"
         "    return os.getpid()\n"
@@ -332,7 +332,7 @@ def test_killed_run_leaves_no_worker_and_no_lock(tmp_path, sig):
     import signal
     import time
 
-    from common.config import lock_holder
+    from common.experiments.config import lock_holder
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _pids_script(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     workers = [int(p) for p in proc.stdout.readline().split()]

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import pam
-from common.pam import DecoderStats, collect_stats, decoder_objective, solve_decoder, sse_from_stats
-from common.sae import SAE
+from common.maths import pam
+from common.maths.pam import DecoderStats, collect_stats, decoder_objective, solve_decoder, sse_from_stats
+from common.maths.sae import SAE
 
 
 def random_topk_codes(n_samples, n_latents, k, seed):
@@ -167,7 +167,7 @@ def test_solve_rejects_bad_input():
 
 LARGE_SOLVE = """
 import torch
-from common.pam import DecoderStats, solve_decoder
+from common.maths.pam import DecoderStats, solve_decoder
 torch.set_num_threads(2)
 d, n, m = 16384, 4, 48  # rank-m Gram matrix; mu > 0 makes A positive definite
 g = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common.sae import SPARSE_DECODE_MAX_DENSITY, SAE, activate, check_activation, topk_sparse
+from common.maths.sae import SAE, SPARSE_DECODE_MAX_DENSITY, activate, check_activation, topk_sparse
 
 
 def test_topk_variants_against_brute_force():
@@ -128,8 +128,8 @@ def test_topk_sparse_values_match_dense():
 
 # --- the activation table ----------------------------------------------------------------------------------
 def test_activation_table_says_what_each_activation_is():
-    from common.sae import (ACTIVATION_TABLE, ACTIVATIONS, PENALTIES, REGIONS, TOPK_ACTIVATIONS, Activation,
-                            activation_spec)
+    from common.maths.sae import (ACTIVATION_TABLE, ACTIVATIONS, PENALTIES, REGIONS, TOPK_ACTIVATIONS, Activation,
+                                  activation_spec)
     assert ACTIVATIONS == ("topk", "topk_relu", "topk_abs", "relu", "jumprelu", "batchtopk")
     expect = {  # takes_k, sparse_k, penalty, regions, threshold, saelens, sparsify
         "topk": (True, True, "none", "order_k", None, None, None),
@@ -203,7 +203,7 @@ def test_batchtopk_keeps_exactly_k_times_batch_nonzeros_in_training():
 
 
 def test_batchtopk_running_threshold_by_hand():
-    from common.sae import BATCHTOPK_THRESHOLD_RATE as r
+    from common.maths.sae import BATCHTOPK_THRESHOLD_RATE as r
     model = SAE(3, 5, "batchtopk", 1, seed=2, enc_init_scale=1.0).double()
     g = torch.Generator().manual_seed(3)
     expect = 0.0
@@ -236,7 +236,7 @@ def _smoothed_step(a, theta, eps):
 def test_jumprelu_estimators_are_derivatives_of_the_smoothed_objective():
     """theta-gradients of sum g z and of the L0 term against central finite differences of the objective with every
     pre-activation smeared by the rectangle kernel (docs/DESIGN.md 3.10); the a-gradient by hand, H(a - theta) g."""
-    from common.sae import JumpReLU
+    from common.maths.sae import JumpReLU
     g = torch.Generator().manual_seed(4)
     eps, h = 0.3, 1e-6
     a = torch.rand(400, 3, generator=g, dtype=torch.float64) * 2 - 0.5
@@ -274,8 +274,8 @@ def test_thresholded_models_checkpoint_with_their_threshold(tmp_path, activation
 def test_library_bad_input_is_an_error_naming_the_argument():
     """NaN rows have no active set; mismatched shapes, indices out of range, a zero batch size and a float32 input to
     a float64 model are ValueErrors naming the argument, never raw torch errors (or an answer)."""
-    from common.metrics import evaluate
-    from common.pam import DecoderStats, solve_decoder
+    from common.maths.metrics import evaluate
+    from common.maths.pam import DecoderStats, solve_decoder
 
     model = SAE(6, 10, "topk", 3, seed=0)
     x = torch.randn(5, 6)

@@ -27,10 +27,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import pam
-from common.pam import STATS_DTYPES, collect_stats, decoder_objective, solve_decoder
-from common.sae import SAE
-from common.train import TrainConfig, train
+from common.maths import pam
+from common.maths.pam import STATS_DTYPES, collect_stats, decoder_objective, solve_decoder
+from common.maths.sae import SAE
+from common.maths.train import TrainConfig, train
 
 SUMS = ("sum_z", "sum_x", "zz_upper", "zx")
 
@@ -98,7 +98,7 @@ def test_two_sum_keeps_what_plain_float32_addition_loses():
 
 @pytest.mark.parametrize("activation,n_latents", [("topk", 200), ("topk", 20), ("relu", 30)])
 def test_float32_statistics_sum_across_parts_like_float64(activation, n_latents):
-    """Several processes add the float64 conversions of each rank's statistics (common/distributed.py): the
+    """Several processes add the float64 conversions of each rank's statistics (common/infra/distributed.py): the
     parts' sum is as close to the whole's float64 statistics as one float32 pass is."""
     torch.manual_seed(3)
     x = torch.randn(2000, 12) * 2 + 1

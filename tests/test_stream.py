@@ -1,4 +1,4 @@
-"""common/stream.py: a folder of shards streamed through memory maps gives what the same rows give in memory
+"""common/infra/stream.py: a folder of shards streamed through memory maps gives what the same rows give in memory
 (split, standardisation, batches, PAM statistics, training), and bad folders are refused before training."""
 import json
 import math
@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common import activations as A
-from common import stream as S
-from common.data import DataError
-from common.pam import collect_stats
-from common.sae import SAE
-from common.train import TrainConfig, train
+from common.infra import activations as A
+from common.infra import stream as S
+from common.infra.data import DataError
+from common.maths.pam import collect_stats
+from common.maths.sae import SAE
+from common.maths.train import TrainConfig, train
 
 
 def data(n=403, n_features=12, dtype=torch.float64, seed=0):
@@ -55,7 +55,7 @@ def test_streamed_split_and_standardisation_equal_the_in_memory_ones(tmp_path, d
     for g, w in zip((got[0].materialise(), got[1].materialise(), got[2], got[3]), want):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert torch.allclose(g, w, rtol=0, atol=tol * max(1.0, float(w.abs().max())))
-    # the dispatcher of common.activations takes a stream too
+    # the dispatcher of common.infra.activations takes a stream too
     assert torch.equal(A.split_standardise(stream, 0.1, seed=7)[0].materialise(), got[0].materialise())
 
 
@@ -88,7 +88,7 @@ def test_batch_order_is_the_documented_one(tmp_path, buffer_rows):
     stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=buffer_rows)
     B = 32
     got = list(stream.batches(B, torch.Generator().manual_seed(5)))
-    # the definition (common/stream.py): covering buffer -> randperm(n); else windows of R rows in the order
+    # the definition (common/infra/stream.py): covering buffer -> randperm(n); else windows of R rows in the order
     # randperm(W), each window's rows in the order randperm(len(window)), drawn as the window is reached
     g, n, R = torch.Generator().manual_seed(5), 403, buffer_rows
     if R >= n:

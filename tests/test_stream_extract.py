@@ -1,6 +1,6 @@
-"""The sharded extraction (common/activations.py, activation_shards): shards written as the extraction goes,
+"""The sharded extraction (common/infra/activations.py, activation_shards): shards written as the extraction goes,
 the same rows as the in-memory extraction, the cache rules of the single-file entry, and a folder that
---ACTIVATIONS and common/stream.py read."""
+--ACTIVATIONS and common/infra/stream.py read."""
 import json
 import sys
 from pathlib import Path
@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_activations import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
 
-from common import activations as A  # noqa: E402
-from common import stream as S  # noqa: E402
+from common.infra import activations as A  # noqa: E402
+from common.infra import stream as S  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The synthetic ground truth (common/synthetic.py) and the recovery metrics (common/metrics.py), against hand
+"""The synthetic ground truth (common/infra/synthetic.py) and the recovery metrics (common/maths/metrics.py), against hand
 computations and the laws they are drawn from."""
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import RECOVERY_THRESHOLD, atom_cosines, recovery
-from common.synthetic import SyntheticConfig, dictionary, firing_probabilities, generate
+from common.infra.synthetic import SyntheticConfig, dictionary, firing_probabilities, generate
+from common.maths.metrics import RECOVERY_THRESHOLD, atom_cosines, recovery
 
 
 def test_firing_probabilities_follow_the_zipf_law_by_hand():

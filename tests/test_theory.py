@@ -1,4 +1,4 @@
-"""common/theory.py: every theory check holds on small instances, every check can fail (a negative control
+"""common/maths/theory.py: every theory check holds on small instances, every check can fail (a negative control
 injects a defect through the same code path the report uses), and each claim has its own generator."""
 from dataclasses import replace
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.optimize import check_grad
 
-from common import geometry as G
-from common import theory as T
-from common.config import derive_seed
+from common.experiments.config import derive_seed
+from common.maths import geometry as G
+from common.maths import theory as T
 
 POINTS = 200
 

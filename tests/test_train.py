@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from common.data import DataError
-from common.metrics import evaluate
-from common.sae import SAE
-from common.train import TrainConfig, train
+from common.infra.data import DataError
+from common.maths.metrics import evaluate
+from common.maths.sae import SAE
+from common.maths.train import TrainConfig, train
 
 
 def toy(n=600, n_features=10, seed=0):
@@ -71,7 +71,7 @@ def test_pam_options_run_and_learn(opts):
 def watch_solves(monkeypatch):
     """Record every decoder solve of train(): the decoder before and after it, the rows its statistics came
     from, and the statistics the solve used."""
-    import common.train as T
+    import common.maths.train as T
     solves = []
     real_solve, real_collect, real_decoder = T._solve, T.collect_stats, T.solve_decoder
 

@@ -1,4 +1,4 @@
-"""Tuning where each claim is judged (common/tuning.py): studies per ablation value, method and replicate on
+"""Tuning where each claim is judged (common/experiments/tuning.py): studies per ablation value, method and replicate on
 validation rows of that value's own training rows (never other rows, never the test set), the split, the stopping
 epoch, budgets that nest, edges extended once, resuming an interrupted tuning, pruning alike for every method,
 divergence as a counted trial, and reusing a record (TUNED) only for the same data, settings and honest choices."""
@@ -10,8 +10,8 @@ import optuna
 import pytest
 import torch
 
-from common import experiment, runner, tuning
-from common.experiment import Ablation, TunedKey, replicate_seed, training_rows
+from common.experiments import experiment, runner, tuning
+from common.experiments.experiment import Ablation, TunedKey, replicate_seed, training_rows
 
 SPACE = {"lr": (1e-3, 1e-1)}
 

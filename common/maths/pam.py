@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stream import chunks
+from ..infra.stream import chunks
 
 # The CSR product below is exact and stable; torch only warns that the CSR API is labelled beta.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -293,7 +293,7 @@ STATS_DTYPES = ("float64", "float32")
 @torch.no_grad()
 def collect_stats(model, x, batch_size: int = 1024, dtype: str = "float64") -> DecoderStats:
     """Stream ``x`` (n_samples, n_features) through the encoder and accumulate the statistics (on x's device).
-    ``x``: a tensor, or a ``common.stream.Stream`` (a folder of shards, read a buffer at a time; the same
+    ``x``: a tensor, or a ``common.infra.stream.Stream`` (a folder of shards, read a buffer at a time; the same
     batches in the same order as the same rows in memory).
 
     ``dtype``: "float64" accumulates in float64; "float32" computes each batch's products in float32 and accumulates

@@ -7,7 +7,7 @@ Methods
     pam       PAM-SGD (docs/DESIGN.md, section 3): per outer iteration (one epoch by default) an encoder
               phase of Adam steps with the decoder fixed, then the exact closed-form decoder solve
 
-Objective (identical for every method; coefficients relative to the MSE, see ``common.pam``):
+Objective (identical for every method; coefficients relative to the MSE, see ``common.maths.pam``):
 
     mse(x, recon) + l1 * mean_r ||z_r||_1 + l0 * mean_r ||z_r||_0 + alpha ||W_dec||^2 + beta ||b_dec||^2
         + mu ||W - W^t||^2 + nu ||b - b^t||^2     (proximal terms on every trained block)
@@ -20,7 +20,7 @@ the evaluation and PAM's decoder solve use the inference codes, its running thre
 the proximal terms by the original scripts' plain L2, mu ||W_enc||^2 + nu ||b_enc||^2, on the encoder only.
 ``weight_decay`` is Adam's weight decay on the encoder.
 
-The field's TopK recipe (``common.recipe``; each element its own setting, all off by default = the paper):
+The field's TopK recipe (``common.experiments.recipe``; each element its own setting, all off by default = the paper):
 ``b_dec_init`` ("zero", "mean", "median": b_dec set from the training data before training),
 ``centre_input`` (that same point subtracted from x before encoding), ``unit_norm_atoms`` (sgd: the
 gradient component parallel to each atom removed before, and the atoms renormalised after, every step),
@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import check_finite
-from . import distributed as dist
+from ..experiments.recipe import centre_of
+from ..infra import distributed as dist
+from ..infra.data import check_finite
+from ..infra.stream import Stream
 from .metrics import EvalSums, data_sums, evaluate_sums, summarise
 from .pam import STATS_DTYPES, collect_stats, decoder_objective, solve_decoder, sse_from_stats
-from .recipe import centre_of
 from .sae import ACTIVATION_TABLE, SAE
-from .stream import Stream
 
 METHODS = ("pam", "sgd", "sgd_tied")
 B_DEC_INITS = ("zero", "mean", "median")
@@ -106,7 +106,7 @@ class TrainConfig:
     method: str = "pam"
     epochs: int = 50                # the length of the run: the learning-rate schedule spans these epochs
     stop_epoch: int = 0             # stop after this epoch (0: after ``epochs``); chosen on a validation split
-                                    # (common/tuning.py), the schedule still spans ``epochs``
+                                    # (common/experiments/tuning.py), the schedule still spans ``epochs``
     batch_size: int = 128
     lr: float = 3e-3
     updates_per_batch: int = 1      # Adam steps per mini-batch (the PAM ablation; 1 for the baselines)
@@ -125,7 +125,7 @@ class TrainConfig:
     solve_samples: int = 0          # 0: statistics from all training data; m > 0: from m random samples, rescaled
     stats_dtype: str = "float64"    # "float32": statistics in float32, compensated (GPUs with slow float64; README)
     eval_batch: int = 1024
-    # the field's TopK recipe (common.recipe): every element off by default (the paper's protocol)
+    # the field's TopK recipe (common.experiments.recipe): every element off by default (the paper's protocol)
     b_dec_init: str = "zero"        # "zero", "mean" or "median" (geometric) of the training data
     centre_input: bool = False      # subtract that point from x before encoding (needs b_dec_init != "zero")
     unit_norm_atoms: bool = False   # sgd: unit-norm atoms kept through every step
@@ -206,7 +206,7 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     if cfg.solve_samples and cfg.solve_samples < x_train.shape[0]:
         pick = dist.shard(torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples]).to(x_train.device)
         stats = collect_stats(model, x_train[pick], cfg.solve_batch, cfg.stats_dtype)
-        dist.sum_stats(stats)  # several processes: every rank's rows, summed (common/distributed.py)
+        dist.sum_stats(stats)  # several processes: every rank's rows, summed (common/infra/distributed.py)
         stats = stats.scaled(x_train.shape[0] / cfg.solve_samples)
         exact = False
     else:
@@ -241,7 +241,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     cpu, so every device sees the same batches; the model's initialisation has its own seed), so two
     methods given the same seed see the same batches.
 
-    x_train and x_test may be ``common.stream.Stream`` views of a folder of shards (activations larger than
+    x_train and x_test may be ``common.infra.stream.Stream`` views of a folder of shards (activations larger than
     memory): rows are then read a shuffle buffer at a time, in the batch order ``Stream.batches`` defines
     (the in-memory order when the buffer holds the whole view: the same batches, the same numbers).
 
@@ -278,7 +278,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
 
     with torch.no_grad():
         if cfg.b_dec_init != "zero":
-            if isinstance(x_train, Stream):  # streamed: float64 accumulation (common/stream.py)
+            if isinstance(x_train, Stream):  # streamed: float64 accumulation (common/infra/stream.py)
                 if cfg.b_dec_init != "mean":
                     raise ValueError(f"b_dec_init={cfg.b_dec_init!r} needs the training data in memory; a "
                                      "stream supports 'zero' and 'mean'")
@@ -301,7 +301,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     name_of = {id(p): n for n, p in model.named_parameters()}
     named = [name_of[id(p)] for p in params]  # in the order of params (the anchors pair them)
     gen = torch.Generator().manual_seed(int(seed))
-    # several processes (common/distributed.py): each evaluates its rows and the sums are added
+    # several processes (common/infra/distributed.py): each evaluates its rows and the sums are added
     eval_train, eval_test = dist.shard(x_train), dist.shard(x_test)
     sums_train, sums_test = data_sums(eval_train, cfg.eval_batch), data_sums(eval_test, cfg.eval_batch)
 
@@ -388,7 +388,7 @@ def _check_finite(model: SAE, loss: float, where: str) -> None:
 
 def _batches(x_train, batch_size: int, gen: torch.Generator, device):
     """One epoch's mini-batches: (global batch size, this rank's rows of it). In memory: the batches of
-    ``torch.randperm(n, generator=gen)``; a Stream: its ``batches`` (common/stream.py)."""
+    ``torch.randperm(n, generator=gen)``; a Stream: its ``batches`` (common/infra/stream.py)."""
     if isinstance(x_train, Stream):
         yield from x_train.batches(batch_size, gen, dist.shard)
         return

@@ -34,10 +34,10 @@ import torch
 from scipy.optimize import minimize
 from sklearn.cluster import KMeans
 
-from common import geometry as G
-from common.config import derive_seed
-from common.data import check_int
-from common.sae import SAE, densify
+from common.experiments.config import derive_seed
+from common.infra.data import check_int
+from common.maths import geometry as G
+from common.maths.sae import SAE, densify
 
 POINT_SCALE = 1.5  # points ~ N(0, POINT_SCALE^2 I): they reach many cells of a unit-scale SAE
 RTOL = ATOL = 1e-9  # float64 agreement of two computations of the same number

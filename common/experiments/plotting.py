@@ -1,6 +1,6 @@
 """Figures: region maps the right way up, curves, bars, filter grids, stem plots. Always saved, never shown.
 
-Orientation convention (see ``common.data.grid``): a label raster has shape (ny, nx) with row 0 at the
+Orientation convention (see ``common.infra.data.grid``): a label raster has shape (ny, nx) with row 0 at the
 *lowest* y; ``region_map`` draws it with ``origin="lower"`` and the grid's extent, so the colour under
 a point (x, y) is the label of that point. Rasters use nearest-neighbour interpolation: labels never blend.
 """
@@ -123,7 +123,7 @@ def label_colors(n: int, seed: int = 0) -> np.ndarray:
 def region_map(ax, labels: np.ndarray, extent, colors: np.ndarray | None = None, alpha: float = 0.55):
     """Draw an integer label raster (ny, nx), row 0 = lowest y, as flat colours without blending.
 
-    ``extent`` = (xmin, xmax, ymin, ymax) as returned by ``common.data.grid``. Labels must be 0..L-1.
+    ``extent`` = (xmin, xmax, ymin, ymax) as returned by ``common.infra.data.grid``. Labels must be 0..L-1.
     Returns the image artist.
     """
     labels = np.asarray(labels)

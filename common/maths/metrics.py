@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import check_array, check_int
-from .stream import chunks
+from ..infra.data import check_array, check_int
+from ..infra.stream import chunks
 
 
 @dataclass
@@ -70,7 +70,7 @@ def summarise(s: EvalSums) -> dict:
 def data_sums(x: torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, float]:
     """(sum of x over samples (n_features,) float64, sum ||x||^2): the model-free part of the metrics."""
     sum_x, sum_xx = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device), 0.0
-    for xb in chunks(x, batch_size):  # a tensor's slices, or a Stream's (common/stream.py)
+    for xb in chunks(x, batch_size):  # a tensor's slices, or a Stream's (common/infra/stream.py)
         sum_x += xb.sum(0, dtype=torch.float64)
         sum_xx += float(xb.pow(2).sum(1).sum(dtype=torch.float64))
     return sum_x, sum_xx
@@ -130,7 +130,7 @@ def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
     return float(((x - recon) ** 2).sum()) / total
 
 
-# --- recovery of known features (synthetic data, common/synthetic.py; docs/DESIGN.md, section 10) -----------
+# --- recovery of known features (synthetic data, common/infra/synthetic.py; docs/DESIGN.md, section 10) -----------
 RECOVERY_THRESHOLD = 0.9  # a true atom counts as recovered when some learned atom has |cosine| >= this (fixed
                           # before any result)
 

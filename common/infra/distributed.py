@@ -15,12 +15,12 @@ of ``w`` trains on rows ``r, r + w, ...`` of each global batch (docs/DESIGN.md, 
 
 Start it with torchrun (one node: ``torchrun --nproc_per_node=2 script.py``; several:
 ``torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=G script.py``),
-then call ``init()`` (the experiment scripts do it in ``common.config.configure``). Backends: gloo on CPUs;
+then call ``init()`` (the experiment scripts do it in ``common.experiments.config.configure``). Backends: gloo on CPUs;
 with CUDA, nccl for CUDA tensors and gloo for CPU ones, each rank on the GPU ``LOCAL_RANK``. Every collective
 has a timeout, so a rank that dies makes the others fail with an error instead of hanging forever.
 
 A script under torchrun (docs/DESIGN.md, section 3.9): every rank runs it whole, on the same settings and
-data, and trains the same runs one at a time; only rank 0 writes files (``common.config.is_writer``), prints
+data, and trains the same runs one at a time; only rank 0 writes files (``common.experiments.config.is_writer``), prints
 and shows progress (``quiet_others``); what depends on the file system (the output folder's lock and
 records, the runs finished earlier) is decided by rank 0 and sent to the others (``on_main``); data that
 may have to be fetched or extracted is prepared by rank 0 first (``main_first``).
@@ -211,7 +211,7 @@ def any_rank(mask: torch.Tensor) -> torch.Tensor:
 
 
 def sum_stats(stats) -> None:
-    """Sum ``common.pam.DecoderStats`` (float64 tensors and counts; ``fired`` or-ed) across ranks, in place."""
+    """Sum ``common.maths.pam.DecoderStats`` (float64 tensors and counts; ``fired`` or-ed) across ranks, in place."""
     if not active():
         return
     scalars = torch.tensor([stats.n, stats.sum_xx, stats.nnz], dtype=torch.float64, device=stats.zx.device)
@@ -222,7 +222,7 @@ def sum_stats(stats) -> None:
 
 
 def sum_eval(sums) -> None:
-    """Sum ``common.metrics.EvalSums`` across ranks, in place."""
+    """Sum ``common.maths.metrics.EvalSums`` across ranks, in place."""
     if not active():
         return
     scalars = torch.tensor([sums.n_samples, sums.sse, sums.sum_xx, sums.nnz], dtype=torch.float64,

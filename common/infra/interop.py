@@ -110,7 +110,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .sae import ACTIVATION_TABLE, ACTIVATIONS, SAE, SAEConfig, activation_spec
+from ..maths.sae import ACTIVATION_TABLE, ACTIVATIONS, SAE, SAEConfig, activation_spec
 
 CFG_FILE = "cfg.json"
 OURS_WEIGHTS = "sae.safetensors"
@@ -121,7 +121,7 @@ SIDECAR_TENSORS = "splinterp.safetensors"
 FORMAT_NAME, FORMAT_VERSION = "splinterp-sae", 1
 # Written as metadata.sae_lens_version: SAELens reads files without one as pre-6.0 configs and converts them.
 SAELENS_FORMAT_VERSION = "6.54.12"
-# Our activations each format reproduces exactly (the activation table's export names, common/sae.py).
+# Our activations each format reproduces exactly (the activation table's export names, common/maths/sae.py).
 EXACT_ACTIVATIONS = {"safetensors": ACTIVATIONS,
                      "saelens": tuple(n for n, a in ACTIVATION_TABLE.items() if a.saelens),
                      "sparsify": tuple(n for n, a in ACTIVATION_TABLE.items() if a.sparsify)}
@@ -251,7 +251,7 @@ def _load_tensors(path: Path) -> dict:
 def _check_export(model: SAE, fmt: str, allow_inexact: bool) -> str:
     """The activation the library will run; ValueError (or a warning) when it is not exactly ours."""
     if not isinstance(model, SAE):
-        raise TypeError(f"expected a common.sae.SAE, got {type(model).__name__}")
+        raise TypeError(f"expected a common.maths.sae.SAE, got {type(model).__name__}")
     if model.activation in EXACT_ACTIVATIONS[fmt]:
         return model.activation
     lib = {"saelens": "SAELens", "sparsify": "sparsify"}[fmt]
@@ -269,7 +269,7 @@ def _sidecar(model: SAE, fmt: str, exported_as: str) -> dict:
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "exported_to": fmt,
             "source_config": asdict(model.config), "source_centred": _is_centred(model),
             "exported_activation": exported_as, "exact": exported_as == model.activation,
-            "note": "written by common.interop (SplInterp); the library ignores this file"}
+            "note": "written by common.infra.interop (SplInterp); the library ignores this file"}
 
 
 def _save_peer(model: SAE, folder, fmt: str, allow_inexact: bool, layout, weights_name: str) -> Path:
@@ -388,7 +388,7 @@ def save_safetensors(model: SAE, folder) -> Path:
     """Our format: ``cfg.json`` (``SAE.config``, ``centred``, ``dtype``, format tag) and ``sae.safetensors``
     (the state_dict under our names; the centre is written as the model uses it: zeros when not centred)."""
     if not isinstance(model, SAE):
-        raise TypeError(f"expected a common.sae.SAE, got {type(model).__name__}")
+        raise TypeError(f"expected a common.maths.sae.SAE, got {type(model).__name__}")
     state = {name: t for name, t in model.state_dict().items()}
     state["centre"] = _effective_centre(model)
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(model.config),

@@ -54,10 +54,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..maths.sae import SAE
+from ..maths.train import NonFiniteError, train
 from .config import at_least, boolean, derive_seed, in_range, satisfies, write_json, write_text
-from .experiment import (Protocol, TunedKey, configs, fingerprint, replicate_seed, training_rows)
-from .sae import SAE
-from .train import NonFiniteError, train
+from .experiment import Protocol, TunedKey, configs, fingerprint, replicate_seed, training_rows
 
 ALIASES = {"mu_nu": ("mu", "nu")}
 NONE_AT_LOW = ("weight_decay", "mu_nu", "mu", "nu", "alpha", "beta", "l1")  # a range's low end means "none"

@@ -36,7 +36,7 @@ renamed into place) and is listed in ``<out>/.written``; ``Run.finish`` writes `
 last: the settings, a hash of the code (common/ and the script), the data hashes the script passes, and
 every file with its sha256.
 
-Under torchrun (several processes, ``common.distributed``), ``configure`` joins the process group first;
+Under torchrun (several processes, ``common.infra.distributed``), ``configure`` joins the process group first;
 every rank parses and checks the same settings (a bad value: exit 2 on every rank, reported by rank 0
 only), rank 0 alone takes the lock and claims the folder and the others share its outcome, and only rank 0
 writes (``is_writer``: ``atomic_write`` and the manifest do nothing on the other ranks).
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]   # the repository (common/experiments/config.py)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 LOCK_NAME, JOURNAL_NAME, MANIFEST_NAME, RECORD_NAME = ".lock", ".written", "manifest.json", "config.json"
@@ -78,11 +78,11 @@ def _torchrun() -> bool:
 
 
 def _on_main(fn):
-    """``fn()`` on rank 0 only, its result or error shared with every rank (common.distributed.on_main);
+    """``fn()`` on rank 0 only, its result or error shared with every rank (common.infra.distributed.on_main);
     simply ``fn()`` in a single process."""
     if not _torchrun():
         return fn()
-    from . import distributed
+    from ..infra import distributed
     return distributed.on_main(fn)
 
 
@@ -460,7 +460,7 @@ def configure(namespace: dict, argv=None, quick: dict | None = None, name: str |
     """
     name = name or Path(namespace.get("__file__", "script")).stem
     if _torchrun():
-        from . import distributed
+        from ..infra import distributed
         distributed.init()
         distributed.quiet_others()   # rank 0 alone reports, including the errors below
     try:
@@ -479,7 +479,7 @@ def _one_line_errors(name: str) -> None:
     """In a script: an uncaught ConfigError (bad setting, output folder unusable: full, read-only) or DataError
     (bad data) met after ``configure`` is one line on stderr and exit status 2, as for a bad setting; the
     runs of this process release their folders first. Anything else keeps its traceback (a bug)."""
-    from .data import DataError
+    from ..infra.data import DataError
 
     previous = sys.excepthook
 
@@ -921,8 +921,8 @@ def file_sha256(path) -> str:
 
 
 def code_hash(script=None) -> dict:
-    """sha256 of the code a run executes: every common/*.py and the script ({"sha256", "files"})."""
-    paths = sorted((ROOT / "common").glob("*.py")) + ([Path(script)] if script else [])
+    """sha256 of the code a run executes: every .py under common/ and the script ({"sha256", "files"})."""
+    paths = sorted((ROOT / "common").rglob("*.py")) + ([Path(script)] if script else [])
     files = {}
     for p in paths:
         try:

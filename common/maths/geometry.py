@@ -3,7 +3,7 @@ weights, clipped cells, lifting to a Voronoi diagram one dimension up, local PCA
 
 Everything here is a pure function on numpy arrays (torch tensors are accepted and converted; results
 are float64 numpy). Shapes: ``x`` (n_samples, n_features); ``sites`` (n_sites, n_features);
-``weights`` (n_sites,). Every public function checks its inputs once on entry (``common.data.check_array``
+``weights`` (n_sites,). Every public function checks its inputs once on entry (``common.infra.data.check_array``
 and friends): a wrong shape, a non-numeric dtype, a NaN/Inf value, a label or ``k`` out of range raises a
 ValueError naming the argument and what it should be, never a result computed from bad input.
 
@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.spatial import ConvexHull, HalfspaceIntersection, Voronoi
 
-from .data import check_array, check_int, check_scalar
+from ..infra.data import check_array, check_int, check_scalar
 
 
 def _np(a, name: str = "array", shape=None, hint: str = "") -> np.ndarray:
@@ -173,7 +173,7 @@ def order_k_sites_weights(sites, weights, k: int) -> tuple[np.ndarray, np.ndarra
 
 
 def sae_sites_weights(model) -> tuple[np.ndarray, np.ndarray, int]:
-    """(sites, weights, order) of a TopK ``common.sae.SAE``: its regions are the order-``k`` cells.
+    """(sites, weights, order) of a TopK ``common.maths.sae.SAE``: its regions are the order-``k`` cells.
 
     ``topk`` and ``topk_relu`` use ``topk_sites_weights`` (for ``topk_relu`` the selected set is the
     cell; ReLU may further zero some of its codes); ``topk_abs`` uses the 2d signed sites. The bias is
@@ -191,7 +191,7 @@ def sae_sites_weights(model) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def sae_pattern_sites_weights(model, patterns) -> tuple[np.ndarray, np.ndarray]:
-    """(sites, weights) of activation patterns (rows of ``patterns`` (n_patterns, n_latents)) of a ``common.sae.SAE``
+    """(sites, weights) of activation patterns (rows of ``patterns`` (n_patterns, n_latents)) of a ``common.maths.sae.SAE``
     whose regions are activation patterns: ``relu_sites_weights`` with the bias ``b'`` for which code i is
     non-zero exactly when ``w_i . x + b'_i > 0``: relu ``encoder_bias``; jumprelu and batchtopk (at inference)
     ``encoder_bias - threshold`` (docs/DESIGN.md 2.3, 2.7). The cell of x is its pattern ``[z(x) != 0]``."""

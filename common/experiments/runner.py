@@ -3,8 +3,8 @@
 E2 and E3 (and any script built like them) declare their constants, ablations and data, then call
 ``prepare`` before loading any data (every setting of the tuning checked) and ``run`` once the data are in
 memory. The steps, in order: each method tuned at each ablation value on validation rows of that value's own
-training data (common/tuning.py), or an earlier tuning reused (``tuned_from``); every run trained (once per
-tuning budget, common/experiment.py); the ablation figures and base curves of the largest budget; the summary
+training data (common/experiments/tuning.py), or an earlier tuning reused (``tuned_from``); every run trained (once per
+tuning budget, common/experiments/experiment.py); the ablation figures and base curves of the largest budget; the summary
 with every budget. docs/DESIGN.md, section 5.
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..maths.pam import STATS_DTYPES
+from ..maths.sae import activation_spec
+from ..maths.train import METHODS, device_available
 from . import experiment, tuning
 from .config import above, at_least, boolean, each, in_range, one_of, satisfies, write_text
-from .pam import STATS_DTYPES
 from .recipe import RECIPES, recipe_settings
-from .sae import ACTIVATIONS, activation_spec
-from .train import METHODS, device_available
 
 # The constants every SAE-protocol script (E2, E3, E4) may declare, each mapped once to the setting it sets
 # (experiment.SETTINGS) and checked once by the rule below. A script declares the ones it has, ACCEPT's rules apply

@@ -1,7 +1,7 @@
 """Loss recovered on the language model: an SAE's reconstruction spliced into the residual stream (DESIGN 9.2).
 
 The SAE replaces ``hidden_states[layer]`` (the output of block ``layer - 1``, the tensor the activations were
-extracted from: ``common/activations.py``) at every real position of held-out texts but the first (the BOS where
+extracted from: ``common/infra/activations.py``) at every real position of held-out texts but the first (the BOS where
 the tokenizer adds one, as token rule ``all`` leaves it out), in the model's own units; the rest of the model
 runs on it. Scored: the next-token cross-entropy and ``KL(clean || spliced)`` at every position but the first
 whose next token is in the text, averaged over those positions. Scores as SAELens defines them
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .activations import blocks_of, pad
-from .data import DataError
+from ..infra.activations import blocks_of, pad
+from ..infra.data import DataError
 
 ROW_KEYS = ("ce_loss_score", "kl_div_score", "ce_sae", "kl_sae", "ce_loss_score_mean", "kl_div_score_mean")
 BASELINE_KEYS = ("ce_clean", "ce_zero", "kl_zero", "ce_mean", "kl_mean")
@@ -236,8 +236,9 @@ def ids_sha256(ids: list[list[int]]) -> str:
 
 def source_sha256() -> str:
     """The scores' code: this module and the extraction's (the splice point)."""
-    here = Path(__file__).resolve().parent
-    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("lm_eval.py", "activations.py"))).hexdigest()
+    common = Path(__file__).resolve().parents[1]
+    return hashlib.sha256(b"".join((common / f).read_bytes() for f in ("maths/lm_eval.py", "infra/activations.py"))
+                          ).hexdigest()
 
 
 def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str, eval_key: str | None, evaluator,
@@ -252,8 +253,8 @@ def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str
     projection for all of them). ``mean``, ``std``: the standardisation the SAEs were trained under."""
     from tqdm.auto import tqdm
 
-    from .config import write_json
-    from .experiment import RunSpec, run_file
+    from ..experiments.config import write_json
+    from ..experiments.experiment import RunSpec, run_file
 
     by_id = {r.spec.id: r for r in runs}
     folder = Path(out) / "lm_eval"
@@ -294,7 +295,7 @@ def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str
 def summary(rows: list[dict], baselines: dict) -> str:
     """Markdown: per ablation and value, each method's LM scores (mean ± std over seeds) for the rows that
     have them, after the baselines."""
-    from .experiment import METHODS, aggregate
+    from ..experiments.experiment import METHODS, aggregate
 
     scored = [r for r in rows if r.get("ce_sae") is not None]
     b = baselines

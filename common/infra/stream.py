@@ -3,7 +3,7 @@
 A **folder of shards** holds 2-D arrays (rows = samples, columns = features) as ``*.npy`` and/or
 ``*.safetensors`` files (one tensor each), read in name order; their rows, concatenated, are the data set.
 An optional ``index.json`` (written by :class:`ShardWriter`, hence by the sharded extraction of
-``common/activations.py``) lists every shard with its rows and sha256: a folder that does not match it (a
+``common/infra/activations.py``) lists every shard with its rows and sha256: a folder that does not match it (a
 shard missing, added, resized or changed) is refused with ``DataError`` naming the file.
 
 :class:`Stream` is a view of such a folder: an ordered list of its rows (``index``; all rows in storage order
@@ -22,14 +22,14 @@ Orders (what ``train`` sees; docs/DESIGN.md 9.1):
   sequentially; every row once, so the sums are the in-memory ones up to the order of the additions.
 - ``batches(b, gen)``, one epoch of mini-batches. With ``buffer_rows >= n`` the order is
   ``perm = torch.randperm(n, generator=gen)`` and batch ``j`` is ``perm[j b:(j + 1) b]``: exactly the
-  in-memory order of ``common.train``. Otherwise the view's positions are cut into ``W = ceil(n / R)``
+  in-memory order of ``common.maths.train``. Otherwise the view's positions are cut into ``W = ceil(n / R)``
   consecutive windows of ``R = buffer_rows`` positions (the last one shorter); ``torch.randperm(W, gen)`` orders
   the windows, and as each window is reached ``torch.randperm(len(window), gen)`` orders its positions; the
   epoch's order is the concatenation, cut into batches of ``b`` (a batch may span two windows). Every row is
   seen once per epoch. A view made by :func:`split_standardise` is already in a random order, so every window
   is a random sample of the data set; the windows' membership is the same every epoch.
 
-Several processes (``common/distributed.py``): every rank reads the same windows and takes its rows
+Several processes (``common/infra/distributed.py``): every rank reads the same windows and takes its rows
 ``r, r + w, ...`` of each global batch, as in memory.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import file_sha256
+from ..experiments.config import file_sha256
 from .data import DataError
 
 SUFFIXES = (".npy", ".safetensors")
@@ -350,7 +350,7 @@ class Stream:
 
     def batches(self, batch_size: int, gen: torch.Generator, shard=lambda t: t):
         """One epoch of mini-batches (module docstring): yields (global batch size, this rank's rows), the
-        rank's rows being ``shard(positions within the global batch)`` as in ``common.train``.
+        rank's rows being ``shard(positions within the global batch)`` as in ``common.maths.train``.
 
         Each window is read in storage order (its source rows sorted, no reordering copy) and the next one in
         the background; ``rank`` maps a position of the window to its row of that buffer, so the batches hold
@@ -473,7 +473,7 @@ def _check_index(path: Path, files, shards=(), hashes=None) -> None:
 
 def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8,
                       info: dict | None = None):
-    """``common.activations.split_standardise`` for a folder of shards, by streaming.
+    """``common.infra.activations.split_standardise`` for a folder of shards, by streaming.
 
     The same split (``torch.randperm(N, seed)``: the first ``n_test`` positions are the test rows, the rest the
     training rows, each view in that order) and the same standardisation (training mean and population std

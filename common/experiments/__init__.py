@@ -1,0 +1,1 @@
+"""common.experiments: running experiments: protocols, tuning, claims."""

@@ -1,0 +1,1 @@
+"""common.infra: data and plumbing: datasets, activations, streams, output folders, ranks, interop."""

@@ -1,0 +1,1 @@
+"""common.maths: the SAE and what it computes."""
