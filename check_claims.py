@@ -496,27 +496,30 @@ llm_note = "" if FULL else (f"fast profile: {LLM_N_LATENTS} latents, K = {LLM_K}
 sample_efficiency("E3-sample-efficiency", llm, "e3_fraction", "", "paper E3 (sample efficiency; paper: Gemma-2-2B)",
                   llm_note)
 
-# the loss recovered on the language model (SAELens' ce_loss_score against zero ablation): higher is better
-per, numbers, links, budgets, stable = {}, {}, [], None, None
-for protocol in PROTOCOLS:
-    d = OUT / protocol / "e3_fraction"
-    rows = [r for r in table(d / "table.json") if r.get("ce_loss_score") is not None]
-    if not rows:
-        continue
-    fracs = [f for f in values_of(rows, "fraction") if f <= SMALL_FRACTION]
-    flipped = [dict(r, neg_ce_loss_score=-r["ce_loss_score"]) for r in rows if r["method"] in ("pam", "sgd")]
-    per[protocol], numbers[protocol], b, st = judge(flipped, "fraction", fracs, "pam", "sgd", key="neg_ce_loss_score",
-                                                    tuned_dir=d)
-    if b:
-        budgets, stable = b, st
-    links += [d / "summary.md", d / "lm_eval.json"]
-add("E3-lm-loss-recovered", "paper-empirical", f"{llm}: at small training fractions (<= {100 * SMALL_FRACTION:g}%) "
-    "PAM-SGD's SAEs recover more of the language model's loss (SAELens' ce_loss_score) than SGD's", "paper E3 "
-    "(sample efficiency), judged as the field judges SAEs", {p: commands[f"{p}/e3_fraction"]["command"] for p in per},
-    numbers, "paired comparison of ce_loss_score (numbers: minus the score, lower is better) at every small fraction "
-    "on the same held-out tokens, Holm-corrected, combined; both sides informative (test FVU < 1)",
-    protocols=per or None, verdict=None if per else "inconclusive", links=links, budgets=budgets, stable=stable,
-    note="" if per else "not measured: no language model in this profile (the quick profile's synthetic stand-in)")
+# the loss recovered on the language model (SAELens' scores against zero ablation): higher is better
+for score, what in (("ce_loss_score", "recover more of the language model's loss (SAELens' ce_loss_score)"),
+                    ("kl_div_score", "keep the language model's next-token distribution closer to the clean model's "
+                                     "(SAELens' kl_div_score)")):
+    per, numbers, links, budgets, stable = {}, {}, [], None, None
+    for protocol in PROTOCOLS:
+        d = OUT / protocol / "e3_fraction"
+        rows = [r for r in table(d / "table.json") if r.get(score) is not None and r["method"] in ("pam", "sgd")]
+        if not rows:
+            continue
+        fracs = [f for f in values_of(rows, "fraction") if f <= SMALL_FRACTION]
+        flipped = [dict(r, negated=-r[score]) for r in rows]
+        per[protocol], numbers[protocol], b, st = judge(flipped, "fraction", fracs, "pam", "sgd", key="negated",
+                                                        tuned_dir=d)
+        if b:
+            budgets, stable = b, st
+        links += [d / "summary.md", d / "lm_eval.json"]
+    add(f"E3-lm-{score.replace('_', '-')}", "paper-empirical", f"{llm}: at small training fractions "
+        f"(<= {100 * SMALL_FRACTION:g}%) PAM-SGD's SAEs {what} than SGD's", "paper E3 (sample efficiency), judged "
+        "as the field judges SAEs", {p: commands[f"{p}/e3_fraction"]["command"] for p in per}, numbers,
+        f"paired comparison of {score} (numbers: minus the score, lower is better) at every small fraction on the same "
+        "held-out tokens, Holm-corrected, combined; both sides informative (test FVU < 1)",
+        protocols=per or None, verdict=None if per else "inconclusive", links=links, budgets=budgets, stable=stable,
+        note="" if per else "not measured: no language model in this profile (the quick profile's synthetic stand-in)")
 
 for ablation, statement, pick_values in (
         ("k", "at every K: PAM-SGD reaches a lower test MSE than SGD", lambda vs: vs),

@@ -26,7 +26,8 @@ EXPECTED = THEORY + ["E1-between", "E2-sample-efficiency-topk-vs-sgd", "E2-sampl
                      "E2-sample-efficiency-relu-vs-sgd", "E2-sample-efficiency-relu-vs-sgd_tied",
                      "E2-full-data-equal-epochs", "E2-full-data-equal-seconds", "E2-relu-sparsity-low-data",
                      "E2-weight-decay", "E2-updates-direction", "E2-mu-nu-direction", "PAM-decoder-step",
-                     "PAM-convergence", "E3-sample-efficiency-vs-sgd", "E3-sample-efficiency-vs-sgd_tied", "E3-lm-loss-recovered",
+                     "PAM-convergence", "E3-sample-efficiency-vs-sgd", "E3-sample-efficiency-vs-sgd_tied", "E3-lm-ce-loss-score",
+                     "E3-lm-kl-div-score",
                      "E3-k", "E3-weight-decay", "E3-relu-sparsity", "E3-updates-direction", "E3-mu-nu-direction",
                      "E4-recovery-few-samples", "E4-mse-and-recovery-agree"]
 
