@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import experiment  # noqa: E402
+from common.experiments import experiment  # noqa: E402
 from common.experiments.config import script_constants  # noqa: E402
 from common.infra import activations
 from common.maths.sae import SAE, activation_spec  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import lm_eval  # noqa: E402
+from common.maths import lm_eval  # noqa: E402
 from common.infra import activations as A  # noqa: E402
 from common.maths.sae import SAE  # noqa: E402
 

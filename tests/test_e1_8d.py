@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 
-from common import e1  # noqa: E402
+from common.experiments import e1  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "exp_e1_between_kmeans_and_pca_8d"

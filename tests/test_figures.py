@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from common import plotting  # noqa: E402
+from common.experiments import plotting  # noqa: E402
 from common.experiments import e1
 from common.infra.data import grid, toy_e1  # noqa: E402
 from common.maths import geometry as G  # noqa: E402

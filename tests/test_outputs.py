@@ -307,7 +307,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
 def _pids_script(out):
     return (
         "import multiprocessing as mp, os, sys, time\n"
-        "from common import experiment\n"
+        "from common.experiments import experiment\n"
         "from common.experiments.config import at_least, configure\n"
         "def pid(_):\n"
         "    time.sleep(0.2)\n"
