@@ -94,7 +94,7 @@ QUICK = dict(SEEDS=2, DIRECTION_SEEDS=2, TUNE_TRIALS=2, THEORY_INSTANCES=2, THEO
              LLM_WEIGHT_DECAYS=(0.0, 1e-3))
 
 ROOT = Path(__file__).resolve().parent
-run = configure(globals(), quick=QUICK, name="claims",
+run = configure(globals(), quick=QUICK, name="claims", hosts_runs=True,
                 default_out=ROOT / "results" / ("quick_claims" if "--quick" in sys.argv else ""))
 OUT = run.out
 PROFILE = "quick" if run.quick else ("full" if FULL else "fast")
