@@ -112,7 +112,7 @@ QUICK = dict(LLM_EVAL_TOKENS=0, E4_FEW_SAMPLES=256, E4_N_TRAINS=(32, 256), E4_ST
 
 ROOT = Path(__file__).resolve().parent
 started, load_before = time.time(), round(os.getloadavg()[0], 1)
-run = configure(globals(), quick=QUICK, name="claims",
+run = configure(globals(), quick=QUICK, name="claims", hosts_runs=True,
                 default_out=ROOT / "results" / ("quick_claims" if "--quick" in sys.argv else ""))
 OUT = run.out
 PROFILE = "quick" if run.quick else ("full" if FULL else "fast")

@@ -220,13 +220,17 @@ def test_a_run_inside_or_above_another_runs_folder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"holds the output folder of another run \\({x}\\)"):
         configure(namespace(), ["--out", str(tmp_path)])
     assert snapshot(x) == before and not (x / "new").exists()
-    # a run started by the run that holds the folder (check_claims.py's experiments) is nested in it
-    outer = configure(namespace(), ["--out", str(x)])
-    inner = configure(namespace(EPOCHS=3), ["--out", str(x / "sub")])
-    assert json.loads((x / "sub" / "config.json").read_text())["parent"] == ".."
-    inner.finish()
+    # a run that hosts runs (check_claims.py, whose experiments write into its folder): runs inside it, not over
+    # the files it wrote itself, and it goes on with them inside
+    host = tmp_path / "claims"
+    outer = configure(namespace(), ["--out", str(host)], hosts_runs=True)
+    write_text(host / "report" / "claims.md", "# claims")
+    configure(namespace(EPOCHS=3), ["--out", str(host / "e2")]).finish()
+    with pytest.raises(ConfigError, match=f"inside the output folder of another run \\({host}\\)"):
+        configure(namespace(EPOCHS=3), ["--out", str(host / "report")])
     outer.finish()
-    configure(namespace(), ["--out", str(x)]).finish()         # its nested run's folder is its own
+    configure(namespace(), ["--out", str(host)], hosts_runs=True).finish()
+    configure(namespace(EPOCHS=3), ["--out", str(host / "e2")]).finish()   # the nested run resumes standalone
 
 
 def test_a_lost_record_leaves_no_stale_figure(tmp_path):

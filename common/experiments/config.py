@@ -240,7 +240,7 @@ class Run:
     argv: list = field(default_factory=list)
     script: Path | None = None
     _lock: "OutputLock | None" = field(default=None, repr=False)
-    parent: str | None = None        # the folder of the run that started this one, when nested in it (relative)
+    hosts_runs: bool = False         # other runs may have their output folders inside this one (check_claims.py)
     _created: list = field(default_factory=list, repr=False)   # folders this run's claim created
     _foreign: set = field(default_factory=set, repr=False)     # files found in the folder that it did not write
 
@@ -449,13 +449,15 @@ def usage(namespace: dict, name: str | None = None) -> str:
 
 
 def configure(namespace: dict, argv=None, quick: dict | None = None, name: str | None = None,
-              default_out=None) -> Run:
+              default_out=None, hosts_runs: bool = False) -> Run:
     """Apply command-line overrides to the UPPERCASE constants of ``namespace`` (a module's globals), check
     everything, then claim the output folder (module docstring).
 
     Returns the ``Run``; also updates ``namespace`` in place so the script reads its constants as usual.
     The output folder is ``--out``, else ``default_out``, else ``results/<name>`` (``results/quick/<name>``
-    with ``--quick``; name: the script's stem). Raises ConfigError, or, when ``namespace`` is a script run
+    with ``--quick``; name: the script's stem). ``hosts_runs``: other runs write their output folders inside this
+    one (check_claims.py's experiments); otherwise a folder inside or above another run's is refused. Raises
+    ConfigError, or, when ``namespace`` is a script run
     as ``__main__``, prints it as one line on stderr and exits with status 2.
     """
     name = name or Path(namespace.get("__file__", "script")).stem
@@ -464,7 +466,7 @@ def configure(namespace: dict, argv=None, quick: dict | None = None, name: str |
         distributed.init()
         distributed.quiet_others()   # rank 0 alone reports, including the errors below
     try:
-        run = _configure(namespace, argv, quick, name, default_out)
+        run = _configure(namespace, argv, quick, name, default_out, hosts_runs)
     except ConfigError as err:
         if namespace.get("__name__") != "__main__":
             raise
@@ -495,7 +497,7 @@ def _one_line_errors(name: str) -> None:
     sys.excepthook = hook
 
 
-def _configure(namespace, argv, quick, name, default_out) -> Run:
+def _configure(namespace, argv, quick, name, default_out, hosts_runs=False) -> Run:
     argv = list(sys.argv[1:] if argv is None else argv)
     consts = _constants(namespace)
     defaults = dict(consts)
@@ -578,7 +580,8 @@ def _configure(namespace, argv, quick, name, default_out) -> Run:
                               "another --out")
     script = namespace.get("__file__")
     run = Run(name=name, out=out_dir, seed=int(seed), quick=is_quick, values=dict(consts), overwrite=overwrite,
-              argv=argv, script=Path(script).resolve() if script and Path(script).is_file() else None)
+              argv=argv, script=Path(script).resolve() if script and Path(script).is_file() else None,
+              hosts_runs=hosts_runs)
     # under torchrun rank 0 alone checks, locks and claims the folder; every rank shares its verdict
     _on_main(lambda: _claim_folder(run, check_only=True))   # refuse before anything is created, even the lock
     namespace.update(consts)
@@ -600,7 +603,7 @@ def _take_folder(run: Run) -> None:
         raise
     _ACTIVE.append(run)
     write_json(run.out / RECORD_NAME, {"format": 2, "script": run.name, "quick": run.quick, "seed": run.seed,
-                                      "argv": run.argv, "constants": run.values, "parent": run.parent})
+                                      "argv": run.argv, "constants": run.values, "hosts_runs": run.hosts_runs})
 
 
 # --- the output folder: record, lock, file list ----------------------------------------------------------
@@ -651,7 +654,7 @@ def _claim_folder(run: Run, check_only: bool) -> None:
     folder holding files this project did not write (no record), and one holding another configuration or a
     lost record (unless --OVERWRITE, which first removes the files its journal lists)."""
     out = run.out
-    run.parent = _nesting(out)
+    _nesting(out, run.hosts_runs)
     if not out.is_dir():
         return
     recorded, rec = _record(out, run.values)
@@ -734,26 +737,12 @@ def _is_run_folder(p: Path) -> bool:
         return False
 
 
-def _parent_of(p: Path) -> Path | None:
-    """The folder of the run that started the run in ``p`` (recorded in its config.json), else None."""
+def _hosts_runs(p: Path) -> bool:
+    """Whether the run of folder ``p`` hosts other runs' folders inside it (its config.json says so)."""
     try:
-        rel = json.loads((p / RECORD_NAME).read_text()).get("parent")
+        return json.loads((p / RECORD_NAME).read_text()).get("hosts_runs") is True
     except (OSError, ValueError, AttributeError):
-        return None
-    return (p / rel).resolve() if isinstance(rel, str) else None
-
-
-def _ancestry() -> set[int]:
-    """This process's ancestors' pids (Linux: through /proc; elsewhere the parent only)."""
-    pids, pid = set(), os.getppid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            pid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
+        return False
 
 
 def lock_holder(folder) -> int | None:
@@ -775,29 +764,24 @@ def lock_holder(folder) -> int | None:
         os.close(fd)
 
 
-def _nesting(out: Path) -> str | None:
-    """ConfigError when ``out`` is inside or above another run's output folder. A run started by the run whose
-    folder holds ``out`` (a parent process holding that folder's lock, as check_claims.py starts the experiments)
-    is nested in it: returns that folder relative to ``out`` (recorded as "parent"), else None."""
+def _nesting(out: Path, hosts_runs: bool) -> None:
+    """ConfigError when ``out`` is inside or above another run's output folder. A run that hosts runs
+    (``configure(hosts_runs=True)``: check_claims.py, whose experiments write into its folder) may hold run
+    folders, and a run may be placed inside it, unless that folder holds files the host wrote itself."""
     resolved = out.resolve()
-    parent = None
     for above in resolved.parents:
         if _is_run_folder(above):
-            if lock_holder(above) in _ancestry() | {os.getpid()}:
-                parent = os.path.relpath(above, resolved)
+            rel = resolved.relative_to(above).as_posix()
+            if _hosts_runs(above) and not any(f == rel or f.startswith(rel + "/") for f in _journal(above)):
                 break
             raise ConfigError(f"--out {out}: inside the output folder of another run ({above}); choose a folder "
                               "outside it")
-    if resolved.is_dir():
+    if resolved.is_dir() and not hosts_runs:
         for dirpath, dirnames, _ in os.walk(resolved):
-            for d in list(dirnames):
-                sub = Path(dirpath) / d
-                if _is_run_folder(sub):
-                    dirnames.remove(d)
-                    if _parent_of(sub) != resolved:
-                        raise ConfigError(f"--out {out}: the folder holds the output folder of another run ({sub}); "
-                                          "choose another --out")
-    return parent
+            for d in dirnames:
+                if _is_run_folder(Path(dirpath) / d):
+                    raise ConfigError(f"--out {out}: the folder holds the output folder of another run "
+                                      f"({Path(dirpath) / d}); choose another --out")
 
 
 def _present(out: Path) -> set[str]:
@@ -826,20 +810,18 @@ def _journal(out: Path) -> list[str]:
 
 
 def _note_written(path: Path) -> None:
-    """List ``path`` in the journal of the active run whose output folder holds it (this process only)."""
+    """List ``path`` in the journal of the active run whose output folder holds it, the innermost one when runs
+    are nested (this process only)."""
     if not _ACTIVE:
         return
     resolved = path.resolve()
-    for run in _ACTIVE:
-        if run._lock is None or run._lock.pid != os.getpid():
-            continue
-        root = run.out.resolve()
-        if resolved.is_relative_to(root):
-            rel = resolved.relative_to(root).as_posix()
-            if rel not in (MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME):
-                with open(root / JOURNAL_NAME, "a") as f:
-                    f.write(rel + "\n")
-            return
+    roots = [run.out.resolve() for run in _ACTIVE if run._lock is not None and run._lock.pid == os.getpid()]
+    roots = sorted((r for r in roots if resolved.is_relative_to(r)), key=lambda r: len(r.parts))
+    if roots:
+        rel = resolved.relative_to(roots[-1]).as_posix()
+        if rel not in (MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME):
+            with open(roots[-1] / JOURNAL_NAME, "a") as f:
+                f.write(rel + "\n")
 
 
 class OutputLock:

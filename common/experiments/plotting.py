@@ -39,7 +39,7 @@ def overlapping_text(fig) -> list[tuple[str, str]]:
 
 
 DRAW_SECONDS = 300   # the most one figure may take to draw (a few seconds normally)
-MAX_EXTENT_PX = 1e7  # an artist larger than this (in pixels) is a degenerate figure: refused before drawing
+MAX_EXTENT_PX = 1e7  # a curved patch larger than this (in pixels) is a degenerate figure: refused before drawing
 
 
 class FigureError(ConfigError):
@@ -47,10 +47,15 @@ class FigureError(ConfigError):
 
 
 def _check_extents(fig, path: Path) -> None:
-    """FigureError when a patch or line of ``fig`` spans a non-finite or huge extent (a setting that made the figure
-    degenerate: Agg would spin on it for minutes)."""
+    """FigureError when a circle, ellipse, arc or wedge of ``fig`` spans a non-finite or huge extent (a setting that
+    made the figure degenerate: Agg spins for minutes on such a curve; straight paths, e.g. log-scale bars from 0,
+    are clipped cheaply and pass)."""
+    from matplotlib.patches import Ellipse, Wedge
+
     for ax in fig.axes:
-        for artist in (*ax.patches, *ax.lines):
+        for artist in ax.patches:
+            if not isinstance(artist, (Ellipse, Wedge)):
+                continue
             box = artist.get_window_extent()
             size = max(abs(box.width), abs(box.height))
             if not np.isfinite(size) or size > MAX_EXTENT_PX:
