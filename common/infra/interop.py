@@ -473,7 +473,7 @@ def load_saelens(folder) -> SAE:
         raise ValueError(f"{folder}: normalize_activations={norm!r} rescales the input at run time; only 'none' "
                          "loads exactly (fold the normalisation into the weights in SAELens first)")
     d_in, d_sae, dtype = _cfg_int(cfg, "d_in", folder), _cfg_int(cfg, "d_sae", folder), _dtype(cfg.get("dtype", "float32"))
-    if arch != "standard":
+    if arch in _SAELENS_TOPK:  # the TopK architectures read k; standard and jumprelu have none
         k = _cfg_int({"k": k}, "k", folder, high=d_sae)
     path = folder / SAELENS_WEIGHTS
     tensors = {name: t.to(dtype) for name, t in _load_tensors(path).items()}  # SAELens casts to cfg dtype too
