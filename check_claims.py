@@ -515,7 +515,7 @@ for score, what in (("ce_loss_score", "recover more of the language model's loss
         links += [d / "summary.md", d / "lm_eval.json"]
     add(f"E3-lm-{score.replace('_', '-')}", "paper-empirical", f"{llm}: at small training fractions "
         f"(<= {100 * SMALL_FRACTION:g}%) PAM-SGD's SAEs {what} than SGD's", "paper E3 (sample efficiency), judged "
-        "as the field judges SAEs", {p: commands[f"{p}/e3_fraction"]["command"] for p in per}, numbers,
+        "as the field judges SAEs", {p: commands[f"{p}/e3_fraction"]["command"] for p in PROTOCOLS}, numbers,
         f"paired comparison of {score} (numbers: minus the score, lower is better) at every small fraction on the same "
         "held-out tokens, Holm-corrected, combined; both sides informative (test FVU < 1)",
         protocols=per or None, verdict=None if per else "inconclusive", links=links, budgets=budgets, stable=stable,
