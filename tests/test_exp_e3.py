@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "exp_e3_LLM_SGD_PAM_ablations.py"
 
@@ -103,11 +105,11 @@ def test_every_activation_of_the_table_runs_with_its_default_penalty(tmp_path):
     assert bad.returncode == 2 and "--ACTIVATION=gelu" in bad.stderr and "jumprelu" in bad.stderr
 
 
+@pytest.mark.slow  # about a minute: E3's LM-loss wiring end to end (common/maths/lm_eval.py's own tests stay fast)
 def test_loss_recovered_on_a_tiny_language_model(tmp_path):
     """--LM_EVAL_TOKENS: every base and fraction row holds the LM scores of its SAE on held-out tokens; a second
     invocation reuses them (and the models), scoring again a run scored under other eval settings; settings without
     held-out texts fail."""
-    pytest = __import__("pytest")
     pytest.importorskip("transformers")
     sys.path.insert(0, str(ROOT / "tests"))
     from test_activations import WORDS, tiny_model, tiny_tokenizer

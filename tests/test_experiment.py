@@ -186,13 +186,13 @@ def test_extra_metrics_of_each_trained_model_join_its_row_csv_and_run_file(tmp_p
 
     def extra(model):  # a number only the trained model knows: its first atom's norm
         seen.append(model)
-        return {"atom0_norm": float(model.atoms[0].norm()), "n_latents_seen": model.n_latents}
+        return {"atom0_norm": float(model.atoms[0].detach().norm()), "n_latents_seen": model.n_latents}
     rows, _, models = experiment.execute(protocol, x_train, x_test, tmp_path, progress=False,
                                          extra_metrics=extra)
     assert len(seen) == 3 and len(rows) == 6  # once per trained run; weight_decay=0 is the base run, shared
     for r in rows:
         rid = experiment.RunSpec(r["method"], "base", "-", 0).id
-        assert r["atom0_norm"] == pytest.approx(float(models[rid].atoms[0].norm()), rel=1e-6)
+        assert r["atom0_norm"] == pytest.approx(float(models[rid].atoms[0].detach().norm()), rel=1e-6)
         assert r["n_latents_seen"] == 12
     header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
     assert header == list(experiment.TABLE_COLUMNS) + ["atom0_norm", "n_latents_seen"]
