@@ -31,7 +31,7 @@ from common.experiments import claims as C
 from common.experiments.config import (at_least, boolean, configure, each, in_range, one_of, satisfies,
                                        script_constants, text)
 from common.experiments.e1 import between_8d_summary
-from common.experiments.experiment import RunSpec
+from common.experiments.experiment import RunSpec, by_budget
 from common.maths import theory
 
 # --- profiles ------------------------------------------------------------------------------------
@@ -223,13 +223,6 @@ def judge(rows, ablation, values, a, b, key="test_mse", tuned_dir=None):
     budgets = {str(b): v for b, v in sorted(per_budget.items())}
     verdict, stable = C.across_budgets(budgets)
     return verdict, numbers, budgets, stable
-
-
-def by_budget(rows):
-    out = {}
-    for r in rows:
-        out.setdefault(int(r.get("budget", 0)), []).append(r)
-    return out
 
 
 def values_of(rows, ablation):
