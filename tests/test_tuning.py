@@ -22,9 +22,14 @@ def data(n=96, d=12, seed=0):
     return torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) / 3, torch.randn(40, d, generator=g)
 
 
+# a base run whose stopping epoch is tuned, as every ablation value's is (the scripts' experiment.BASE keeps its
+# whole schedule: test_the_base_run_keeps_its_whole_schedule_and_its_epochs_are_no_edge)
+STOP_TUNED_BASE = Ablation((), ("-",))
+
+
 def protocol(ablations=None, methods=("sgd",), seeds=1, **base):
     return experiment.Protocol(base=dict(dict(n_latents=8, k=2, epochs=2, batch_size=16), **base),
-                               ablations=ablations or {"base": experiment.BASE}, methods=methods, seeds=seeds,
+                               ablations=ablations or {"base": STOP_TUNED_BASE}, methods=methods, seeds=seeds,
                                base_seed=3)
 
 
@@ -215,6 +220,32 @@ def test_the_stopping_epoch_is_the_best_epoch_of_its_trial_and_the_judged_run_st
     short = replace(full, base=dict(full.base, epochs=stop))
     _, hist_short, _ = experiment.execute(short, x, xt, tmp_path / "short", progress=False)
     assert metrics(judged)[-1] != metrics(hist_short["pam|base=-|rep0"])[-1]     # not a schedule of `stop` epochs
+
+
+def test_the_base_run_keeps_its_whole_schedule_and_its_epochs_are_no_edge(tmp_path, monkeypatch):
+    """The scripts' base run (equal-epochs and equal-time claims): a trial scores its last epoch, not its best, the
+    judged run trains every epoch, and a curve still falling at its end gets no longer schedule and no edge mark."""
+    def fake(study, values, epochs, x_fit, x_val, report=None):
+        curve = [1.0 + values["lr"], 0.1 + values["lr"], 2.0 - values["lr"]]  # best at epoch 2; the end ranks by lr
+        return curve[:epochs]
+
+    monkeypatch.setattr(tuning, "_train_trial", fake)
+    for base, stop, last_wins in ((experiment.BASE, 3, True), (STOP_TUNED_BASE, 2, False)):
+        out = tmp_path / str(stop)
+        tuned = tune(protocol(ablations={"base": base}, epochs=3), out, space={"lr": (0.1, 0.9)}, budgets=(4,),
+                     epochs=3)
+        (st,) = tuning.json_record(out)["studies"]
+        c = st["choices"]["4"]
+        lrs = [t["values"]["lr"] for t in st["trials"]]
+        assert all(t["stop_epoch"] == stop for t in st["trials"])
+        # the last epoch's order is the reverse of the best epoch's
+        assert st["trials"][c["trial"]]["values"]["lr"] == (max(lrs) if last_wins else min(lrs))
+        assert (c["stop_epoch"], c["epochs"]) == (stop, 3)
+        assert "epochs" not in [e["setting"] for e in c["extended"]] and "epochs" not in c["edge"]
+        assert tuned[TunedKey("base", "-", "sgd", 0, 4)]["stop_epoch"] == stop
+    # the flag is part of the study's name: a journal of the other kind is never continued
+    names = {tuning.json_record(tmp_path / str(s))["studies"][0]["name"] for s in (2, 3)}
+    assert len(names) == 2
 
 
 # --- budgets ---------------------------------------------------------------------------------------------------

@@ -45,19 +45,22 @@ class Ablation:
     """One ablation, owned by the script that runs it (data, not code here): the settings it gives each of
     its values (``sets``: e.g. ("mu", "nu") both take the value), the values, the methods it concerns
     (None: all) and ``then(settings, value)``, what else follows from a value (e.g. a fraction's epochs),
-    changing the settings in place. The base run is the ablation that sets nothing."""
+    changing the settings in place. The base run is the ablation that sets nothing. ``tunes_stop``: whether tuning
+    chooses its runs' stopping epoch (docs/DESIGN.md, section 5); the base run's claims compare the methods at the
+    end of one schedule (equal epochs, equal time), so it keeps the whole schedule."""
 
     sets: tuple
     values: tuple
     methods: tuple | None = None
     then: Callable | None = None
+    tunes_stop: bool = True
 
     @property
     def is_base(self) -> bool:
         return not self.sets
 
 
-BASE = Ablation((), ("-",))
+BASE = Ablation((), ("-",), tunes_stop=False)
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def ablations(table: dict, constants: dict, only) -> dict:
             out[name] = experiment.BASE
         else:
             a = table[name]
-            out[name] = experiment.Ablation(a.sets, tuple(constants[a.values]), a.methods, a.then)
+            out[name] = experiment.Ablation(a.sets, tuple(constants[a.values]), a.methods, a.then, a.tunes_stop)
     return out
 
 

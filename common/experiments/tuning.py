@@ -19,7 +19,9 @@ The rules (docs/DESIGN.md, section 5), the same for every method:
   of the learning-rate schedule; 0: each run's own) on the fit rows; validation MSE is recorded after every epoch. A trial's
   score is its lowest validation MSE and its *stopping epoch* the epoch that reached it: the stopping point
   is a tuned setting, and the judged run stops there (``TrainConfig.stop_epoch``, same schedule). A trial
-  that diverges scores +inf (it counts as a trial). Median pruning (Optuna's ``MedianPruner``, after
+  that diverges scores +inf (it counts as a trial). An ablation declared with ``tunes_stop=False`` (the base run,
+  whose claims compare the methods at the end of one schedule: equal epochs, equal time) scores a trial by its
+  last epoch and keeps the whole schedule; its epoch count is no edge. Median pruning (Optuna's ``MedianPruner``, after
   ``PRUNE_STARTUP`` trials and half the epochs) stops trials worse than the median of earlier ones at the
   same epoch, for every method alike.
 - **Budgets.** Each study runs ``max(budgets)`` trials; the choice at budget ``b`` is the best of its first
@@ -167,6 +169,7 @@ class Study:
     rseed: int            # the replicate's (initialisation and batch order, as the judged run)
     split_seed: int
     name: str             # a hash of everything above and the data
+    tunes_stop: bool = True  # False: a trial scores its last epoch and the run keeps the whole schedule
 
     @property
     def label(self) -> str:
@@ -183,8 +186,9 @@ def _train_trial(study: Study, values: dict, epochs: int, x_fit, x_val, report=N
     return [e["test_mse"] for e in hist[1:]]
 
 
-def _best_epoch(curve: list[float]) -> tuple[float, int]:
-    i = int(np.argmin(curve))
+def _best_epoch(curve: list[float], tunes_stop: bool = True) -> tuple[float, int]:
+    """(score, stopping epoch) of a validation curve: its lowest point, or its end when the stop is not tuned."""
+    i = int(np.argmin(curve)) if tunes_stop else len(curve) - 1
     return float(curve[i]), i + 1
 
 
@@ -234,12 +238,12 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
             opt.tell(trial, math.inf)
             continue
         trial.set_user_attr("curve", curve)
-        opt.tell(trial, _best_epoch(curve)[0])
+        opt.tell(trial, _best_epoch(curve, study.tunes_stop)[0])
 
     trials = []
     for t in finished()[:study.budgets[-1]]:
         curve = t.user_attrs.get("curve")
-        best = _best_epoch(curve) if curve else (None, None)
+        best = _best_epoch(curve, study.tunes_stop) if curve else (None, None)
         trials.append({"number": t.number, "values": dict(t.params), "state": t.state.name.lower(),
                        "val_mse": best[0] if t.state == TrialState.COMPLETE and curve else None,
                        "stop_epoch": best[1], "epochs": epochs,
@@ -251,7 +255,7 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
         key = "extension " + json.dumps([sorted(values.items()), n_epochs])
         if key not in opt.user_attrs:
             try:
-                mse, stop = _best_epoch(_train_trial(study, values, n_epochs, x_fit, x_val))
+                mse, stop = _best_epoch(_train_trial(study, values, n_epochs, x_fit, x_val), study.tunes_stop)
             except NonFiniteError:
                 mse, stop = math.inf, None
             opt.set_user_attr(key, [mse if math.isfinite(mse) else None, stop])
@@ -283,7 +287,7 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
             choice["extended"].append({"setting": name, "side": side, "trials": tried})
             if choice["values"][name] == tried[-1]["values"][name]:
                 choice["edge"].append(name)
-        if choice["stop_epoch"] == choice["epochs"]:
+        if study.tunes_stop and choice["stop_epoch"] == choice["epochs"]:
             mse, stop = extra(choice["values"], 2 * epochs)
             choice["extended"].append({"setting": "epochs", "side": "high", "trials": [
                 {"values": dict(choice["values"]), "epochs": 2 * epochs, "val_mse": mse if math.isfinite(mse) else None,
@@ -342,10 +346,10 @@ def plan_studies(protocol: Protocol, space: dict, budgets, epochs: int, n_train:
                     sp = method_space(space, method, fixed=abl.sets)
                     sseed = derive_seed(seed, "study", ablation, value, rep)
                     name = hashlib.sha256(json.dumps([sorted(s.items()), sp, sseed, rseed, split_seed,
-                                                      val_fraction, method, stamp], default=str).encode()
-                                          ).hexdigest()[:16]
-                    jobs.append((Study(ablation, value, method, rep, s, sp, budgets, sseed, rseed, split_seed, name),
-                                 rows, fit, val))
+                                                      val_fraction, method, stamp, abl.tunes_stop],
+                                                     default=str).encode()).hexdigest()[:16]
+                    jobs.append((Study(ablation, value, method, rep, s, sp, budgets, sseed, rseed, split_seed, name,
+                                       abl.tunes_stop), rows, fit, val))
     return jobs
 
 
