@@ -47,8 +47,9 @@ THEORY_POINTS = 2000         # points per instance
 SMALL_FRACTION = 0.1         # sample-efficiency claims: judged at every training fraction <= this
 MNIST_FRACTIONS = (0.01, 0.05, 0.1)
 MNIST_EPOCHS = 10            # fast profile (the original fraction rule gives 10 at these fractions)
+MNIST_BASE_EPOCHS = 5        # fast profile: the full-data runs (equal-epochs / equal-time claims; the script's 50)
 MNIST_TUNE_EPOCHS = 10       # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
-MNIST_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)  # fast profile (the script's: 0, 1e-5, 1e-4, 1e-3, 1e-2)
+MNIST_WEIGHT_DECAYS = (1e-3, 1e-2)  # fast profile: the judged ones (the script's: 0, 1e-5, 1e-4, 1e-3, 1e-2)
 MNIST_SUBSET = 6000          # fast profile: weight-decay / updates / mu-nu ablations on this many images
 CONVERGENCE_EPOCHS = 100     # PAM's objective over many epochs (on MNIST_SUBSET images)
 # E3's fast profile is the paper's E3 scaled down by 4 in the dictionary, keeping the ratios that decide PAM's
@@ -57,14 +58,14 @@ CONVERGENCE_EPOCHS = 100     # PAM's objective over many epochs (on MNIST_SUBSET
 LLM_N_LATENTS = 1024         # fast profile (the paper: 4096 with K 320; PAM's exact solve is cubic in it)
 LLM_K = 80                   # fast profile: the paper's K / N_LATENTS ratio (320 / 4096)
 LLM_KS = (20, 80, 320)       # fast profile (the paper's 15 ... 1280 of 4096 spans the same ratios)
-LLM_FRACTIONS = (0.0025, 0.0125, 0.025)  # fast profile: the samples per latent of the paper's 1%, 5%, 10% at 4096
-LLM_SUBSET = 2250            # fast profile: E3's K / weight-decay / updates / mu-nu / ReLU runs on this many training
-                             # activations: the paper's 9000 per 4096 latents at LLM_N_LATENTS
+LLM_SUBSET = 2250            # fast profile: every E3 run on the first this many training activations (only these and
+                             # the test texts are extracted): the paper's 9000 per 4096 latents at LLM_N_LATENTS
+LLM_FRACTIONS = (0.01, 0.05, 0.1)  # fast profile: of LLM_SUBSET, the paper's fractions and samples per latent
 LLM_EPOCHS = 10              # fast profile (paper: 100, ablations 50)
 LLM_TUNE_EPOCHS = 10         # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
 LLM_EVAL_TOKENS = 256        # fast profile: held-out tokens on which each E3 fraction SAE is spliced into the LM
 LLM_MIN_STEPS = 50           # fast profile: no E3 run's schedule under this many optimiser steps (smaller batches)
-LLM_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2)  # fast profile
+LLM_WEIGHT_DECAYS = (1e-3, 1e-2)  # fast profile: the judged ones
 E4_N_TRAINS = (256, 1024, 4096)  # fast profile of the ground-truth experiment: its training-set sizes
 E4_STEPS = 500               # fast profile: Adam steps per ground-truth run
 E4_FEW_SAMPLES = 4096        # ground truth: "few samples" = at most this many (16 per latent at 256 latents)
@@ -86,6 +87,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
         "at least the smallest of --MNIST_FRACTIONS and of --LLM_FRACTIONS (a claim needs a fraction to judge)"),
     "MNIST_FRACTIONS": each(in_range(0, 1, lo_open=True)),
     "MNIST_EPOCHS": at_least(1),
+    "MNIST_BASE_EPOCHS": at_least(1),
     "MNIST_TUNE_EPOCHS": at_least(1),
     "MNIST_WEIGHT_DECAYS": each(at_least(0)),
     "MNIST_SUBSET": in_range(0, 60_000),
@@ -105,7 +107,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "SEED": at_least(0),
 }
 QUICK = dict(LLM_EVAL_TOKENS=0, E4_FEW_SAMPLES=256, E4_N_TRAINS=(32, 256), E4_STEPS=24, SEEDS=2, DIRECTION_SEEDS=2, TUNE_BUDGETS=(2, 3), TUNE_BUDGET=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
-             MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, MNIST_TUNE_EPOCHS=1, MNIST_WEIGHT_DECAYS=(0.0, 1e-3),
+             MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, MNIST_BASE_EPOCHS=1, MNIST_TUNE_EPOCHS=1, MNIST_WEIGHT_DECAYS=(0.0, 1e-3),
              CONVERGENCE_EPOCHS=3, MNIST_SUBSET=400, LLM_FRACTIONS=(0.1,), LLM_EPOCHS=1, LLM_TUNE_EPOCHS=1,
              LLM_SUBSET=200, LLM_N_LATENTS=48, LLM_K=6, LLM_KS=(3, 6),
              LLM_WEIGHT_DECAYS=(0.0, 1e-3))
@@ -117,6 +119,7 @@ run = configure(globals(), quick=QUICK, name="claims", hosts_runs=True,
 OUT = run.out
 PROFILE = "quick" if run.quick else ("full" if FULL else "fast")
 E2, E3 = "exp_e2_MNIST_SGD_PAM_ablations.py", "exp_e3_LLM_SGD_PAM_ablations.py"
+E4 = "exp_e4_ground_truth_recovery.py"
 E2_PAPER, E3_PAPER = script_constants(ROOT / E2), script_constants(ROOT / E3)
 claims, commands = [], {}
 
@@ -230,77 +233,87 @@ def values_of(rows, ablation):
 
 
 # --- 1. theory (docs/DESIGN.md, section 2) on fresh random instances, one generator per statement ------------
-t0 = time.perf_counter()
-for r in theory.run_theory(run.seed_for("theory"), THEORY_INSTANCES, THEORY_POINTS):
-    add(r["id"], "identity", r["statement"], r["source"],
-        {"instances": r["instances"], "points_per_instance": r["points"], "shapes": r["shapes"], "seed": r["seed"]},
-        {"agree": r["agree"], "total": r["total"]}, "holds if every comparison agrees with the independent "
-        "computation (common/maths/theory.py; each check has a negative control in tests/test_theory.py)", r["verdict"])
-print(f"theory checks: {time.perf_counter() - t0:.1f} s")
+def theory_claims():
+    t0 = time.perf_counter()
+    for r in theory.run_theory(run.seed_for("theory"), THEORY_INSTANCES, THEORY_POINTS):
+        add(r["id"], "identity", r["statement"], r["source"],
+            {"instances": r["instances"], "points_per_instance": r["points"], "shapes": r["shapes"], "seed": r["seed"]},
+            {"agree": r["agree"], "total": r["total"]}, "holds if every comparison agrees with the independent "
+            "computation (common/maths/theory.py; each check has a negative control in tests/test_theory.py)",
+            r["verdict"])
+    print(f"theory checks: {time.perf_counter() - t0:.1f} s")
+
 
 # --- 2. figures and E1 ------------------------------------------------------------------------------
-for fig in ("fig_5_voronoi_knn_kmeans_power_evolution.py", "fig_6_voronoi_to_power.py",
-            "fig_7_voronoi_3d_to_power_2d.py"):
-    script(Path(fig).stem, fig, [], OUT / Path(fig).stem)
-e1 = {}
-for variant in ("k_1", "k_3", "k_3hard"):
-    name = f"exp_e1_between_kmeans_and_pca_{variant}"
-    script(name, name + ".py", [], OUT / name)
-    e1[variant] = json.loads((OUT / name / "partitions.json").read_text())
-paper_2d = {}
-for v, res in e1.items():  # the paper's 2-D panels, reported beside the judged 8-D cases (they cannot fail)
-    m = res["mse"]
-    paper_2d[v] = {"k": res["k"], "mode": res["mode"], "kmeans": m["kmeans"], "trained_sae": m["sae_relaxed"]
-                   if m["sae_relaxed"] is not None else m["sae_topk"], "exact_topk": m["sae_topk"],
-                   "kmeans_local_pca_same_rank": m["kmeans_local_pca_rank_k"]}
-E1_8D = "exp_e1_between_kmeans_and_pca_8d"
-script(E1_8D, E1_8D + ".py", [], OUT / E1_8D)
-verdict_8d, numbers_8d = between_8d_summary(json.loads((OUT / E1_8D / "between_8d.json").read_text()))
-add("E1-between", "paper-empirical", "The Top-K SAE's reconstruction error lies between k-means' (worse) and k-means + "
-    "local PCA of the same rank K (better), with as many k-means clusters as the SAE has regions",
-    "paper E1 figures", {"judged": commands[E1_8D]["command"],
-                         "paper_2d_scripts": [commands[f"exp_e1_between_kmeans_and_pca_{v}"]["command"] for v in e1]},
-    {"cases_8d": numbers_8d, "paper_2d_not_judged": paper_2d},
-    "E1 rule (common/experiments/claims.py) in every case: exact Top-K SAEs on 8-D Gaussian mixtures, K = 1, 2, 3 below the "
-    "dimension, several data seeds, every lower bound above 1e-6 (common/experiments/e1.py, between_8d_summary)", verdict_8d,
-    links=[OUT / E1_8D / "between_8d.png", OUT / E1_8D / "between_8d.json"]
-    + [OUT / f"exp_e1_between_kmeans_and_pca_{v}" / "partitions.png" for v in e1],
-    note="the paper's 2-D scripts are reported beside it but not judged: in 2-D a rank-2 local PCA is exact (lower "
-         "bound 0 for K >= 2) and K >= the dimension lets a Top-3 SAE act as the identity; their relaxed models are "
-         "not Top-K SAEs")
+def figures_and_e1():
+    for fig in ("fig_5_voronoi_knn_kmeans_power_evolution.py", "fig_6_voronoi_to_power.py",
+                "fig_7_voronoi_3d_to_power_2d.py"):
+        script(Path(fig).stem, fig, [], OUT / Path(fig).stem)
+    paper_2d = {}
+    for variant in ("k_1", "k_3", "k_3hard"):  # the paper's 2-D panels, reported beside the judged 8-D cases
+        name = f"exp_e1_between_kmeans_and_pca_{variant}"
+        script(name, name + ".py", [], OUT / name)
+        res = json.loads((OUT / name / "partitions.json").read_text())
+        m = res["mse"]
+        paper_2d[variant] = {"k": res["k"], "mode": res["mode"], "kmeans": m["kmeans"], "trained_sae":
+                             m["sae_relaxed"] if m["sae_relaxed"] is not None else m["sae_topk"],
+                             "exact_topk": m["sae_topk"], "kmeans_local_pca_same_rank": m["kmeans_local_pca_rank_k"]}
+    E1_8D = "exp_e1_between_kmeans_and_pca_8d"
+    script(E1_8D, E1_8D + ".py", [], OUT / E1_8D)
+    verdict, numbers = between_8d_summary(json.loads((OUT / E1_8D / "between_8d.json").read_text()))
+    add("E1-between", "paper-empirical", "The Top-K SAE's reconstruction error lies between k-means' (worse) and "
+        "k-means + local PCA of the same rank K (better), with as many k-means clusters as the SAE has regions",
+        "paper E1 figures", {"judged": commands[E1_8D]["command"], "paper_2d_scripts": [
+            commands[f"exp_e1_between_kmeans_and_pca_{v}"]["command"] for v in paper_2d]},
+        {"cases_8d": numbers, "paper_2d_not_judged": paper_2d},
+        "E1 rule (common/experiments/claims.py) in every case: exact Top-K SAEs on 8-D Gaussian mixtures, K = 1, 2, 3 "
+        "below the dimension, several data seeds, every lower bound above 1e-6 (common/experiments/e1.py, "
+        "between_8d_summary)", verdict,
+        links=[OUT / E1_8D / "between_8d.png", OUT / E1_8D / "between_8d.json"]
+        + [OUT / f"exp_e1_between_kmeans_and_pca_{v}" / "partitions.png" for v in paper_2d],
+        note="the paper's 2-D scripts are reported beside it but not judged: in 2-D a rank-2 local PCA is exact (lower "
+             "bound 0 for K >= 2) and K >= the dimension lets a Top-3 SAE act as the identity; their relaxed models "
+             "are not Top-K SAEs")
+
 
 # --- 3. MNIST (E2) --------------------------------------------------------------------------------------
-mnist_epochs = [] if FULL else [f"--EPOCHS={MNIST_EPOCHS}"]
-mnist_fracs = [] if FULL else [f"--FRACTIONS={','.join(map(str, MNIST_FRACTIONS))}"]
-mnist_subset = [] if FULL else [f"--N_TRAIN={MNIST_SUBSET}"]
-mnist_wds = [] if FULL else [f"--WEIGHT_DECAYS={','.join(map(str, MNIST_WEIGHT_DECAYS))}"]
-e2_tune_epochs = E2_PAPER["TUNE_EPOCHS"] if FULL else MNIST_TUNE_EPOCHS
-seeds, dseeds = [f"--SEEDS={SEEDS}", f"--SEED={run.seed}"], [f"--SEEDS={DIRECTION_SEEDS}", f"--SEED={run.seed}"]
+def fast(*args):
+    """Command-line overrides of the fast profile (none under --full: the scripts' own settings)."""
+    return [] if FULL else list(args)
+
+
+def seeds(n=None):
+    return [f"--SEEDS={n or SEEDS}", f"--SEED={run.seed}"]
+
+
 # the modern protocol compares PAM-SGD with untied SGD (the field's baseline); tied SGD, the original scripts'
 # baseline, is judged under the paper protocol
-fraction_methods = {"paper": [], "modern": ["--METHODS=pam,sgd"]}
-e2_runs = {}
-for protocol in PROTOCOLS:
-    d = OUT / protocol
-    e2_runs[protocol] = {
-        "topk": script(f"{protocol}/e2_topk", E2, ["--ACTIVATIONS=topk", "--ONLY=fraction"] + mnist_fracs
-                       + fraction_methods[protocol] + mnist_epochs + seeds
-                       + protocol_args(protocol, e2_tune_epochs, TUNE_BUDGETS), d / "e2_topk"),
-        "base": script(f"{protocol}/e2_topk_base", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METHODS=pam,sgd"]
-                       + mnist_epochs + seeds + protocol_args(protocol, e2_tune_epochs), d / "e2_topk_base"),
-        "relu": script(f"{protocol}/e2_relu", E2, ["--ACTIVATIONS=relu", "--ONLY=fraction"] + mnist_fracs
-                       + fraction_methods[protocol] + mnist_epochs + seeds
-                       + protocol_args(protocol, e2_tune_epochs, TUNE_BUDGETS), d / "e2_relu"),
-        "weight_decay": script(f"{protocol}/e2_weight_decay", E2, ["--ACTIVATIONS=topk", "--ONLY=weight_decay",
-                                                                   "--METHODS=pam,sgd"] + mnist_subset + mnist_wds
-                               + mnist_epochs + seeds + protocol_args(protocol, e2_tune_epochs),
-                               d / "e2_weight_decay"),
-    }
-script("paper/e2_pam_sensitivity", E2, ["--ACTIVATIONS=topk", "--ONLY=updates,mu_nu", "--METHODS=pam"] + mnist_subset
-       + ([] if FULL or run.quick else ["--UPDATES=1,10", "--MU_NUS=0.0,0.01"]) + mnist_epochs + dseeds + protocol_args("paper", e2_tune_epochs), OUT / "paper" / "e2_pam_sensitivity")
-script("paper/e2_convergence", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METHODS=pam",
-                                    f"--EPOCHS={E2_PAPER['EPOCHS'] if FULL else CONVERGENCE_EPOCHS}"] + mnist_subset
-       + [f"--SEEDS=2", f"--SEED={run.seed}"] + protocol_args("paper", e2_tune_epochs), OUT / "paper" / "e2_convergence")
+FRACTION_METHODS = {"paper": [], "modern": ["--METHODS=pam,sgd"]}
+
+
+def mnist_runs():
+    epochs = fast(f"--EPOCHS={MNIST_EPOCHS}")
+    fracs = fast(f"--FRACTIONS={','.join(map(str, MNIST_FRACTIONS))}")
+    subset = fast(f"--N_TRAIN={MNIST_SUBSET}")
+    tune_epochs = E2_PAPER["TUNE_EPOCHS"] if FULL else MNIST_TUNE_EPOCHS
+    base_epochs = E2_PAPER["EPOCHS"] if FULL else MNIST_BASE_EPOCHS
+    for protocol in PROTOCOLS:
+        d = OUT / protocol
+        for act in ("topk", "relu"):
+            script(f"{protocol}/e2_{act}", E2, [f"--ACTIVATIONS={act}", "--ONLY=fraction"] + fracs
+                   + FRACTION_METHODS[protocol] + epochs + seeds() + protocol_args(protocol, tune_epochs, TUNE_BUDGETS),
+                   d / f"e2_{act}")
+        script(f"{protocol}/e2_topk_base", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METHODS=pam,sgd"]
+               + fast(f"--EPOCHS={base_epochs}") + seeds() + protocol_args(protocol, base_epochs), d / "e2_topk_base")
+        script(f"{protocol}/e2_weight_decay", E2, ["--ACTIVATIONS=topk", "--ONLY=weight_decay", "--METHODS=pam,sgd"]
+               + subset + fast(f"--WEIGHT_DECAYS={','.join(map(str, MNIST_WEIGHT_DECAYS))}") + epochs + seeds()
+               + protocol_args(protocol, tune_epochs), d / "e2_weight_decay")
+    script("paper/e2_pam_sensitivity", E2, ["--ACTIVATIONS=topk", "--ONLY=updates,mu_nu", "--METHODS=pam"] + subset
+           + ([] if FULL or run.quick else ["--UPDATES=1,10", "--MU_NUS=0.0,0.01"]) + epochs + seeds(DIRECTION_SEEDS)
+           + protocol_args("paper", tune_epochs), OUT / "paper" / "e2_pam_sensitivity")
+    script("paper/e2_convergence", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METHODS=pam",
+                                        f"--EPOCHS={E2_PAPER['EPOCHS'] if FULL else CONVERGENCE_EPOCHS}"] + subset
+           + seeds(2) + protocol_args("paper", tune_epochs), OUT / "paper" / "e2_convergence")
 
 
 def sample_efficiency(cid, label, folder, act_dir, source, note=""):
@@ -319,45 +332,46 @@ def sample_efficiency(cid, label, folder, act_dir, source, note=""):
         add(f"{cid}-vs-{other}", "paper-empirical", f"{label}: PAM-SGD reaches a lower test MSE than {other} at "
             f"small training fractions (<= {100 * SMALL_FRACTION:g}%)", source,
             {p: commands[f"{p}/{folder}"]["command"] for p in per}, numbers,
-            "paired comparison at every small fraction, Holm-corrected, combined (common/experiments/claims.py); tuned: each "
-            "fraction and replicate tuned on its own validation rows, judged at each tuning budget", protocols=per,
-            links=links, note=note, budgets=budgets, stable=stable)
+            "paired comparison at every small fraction, Holm-corrected, combined (common/experiments/claims.py); "
+            "tuned: each fraction and replicate tuned on its own validation rows, judged at each tuning budget",
+            protocols=per, links=links, note=note, budgets=budgets, stable=stable)
 
 
-sample_efficiency("E2-sample-efficiency-topk", "MNIST topk", "e2_topk", "topk", "paper E2 (sample efficiency)")
-sample_efficiency("E2-sample-efficiency-relu", "MNIST relu", "e2_relu", "relu", "paper E2 (sample efficiency)")
+def full_data_claims():
+    """At equal epochs and at equal wall clock, on all of MNIST (the base runs: one whole schedule each)."""
+    for view in ("epochs", "seconds"):
+        per, numbers, links = {}, {}, []
+        for protocol in PROTOCOLS:
+            d = OUT / protocol / "e2_topk_base" / "topk"
+            hist, rows = json.loads((d / "histories.json").read_text()), table(d / "table.json")
+            reps = sorted({r["replicate"] for r in rows if r["ablation"] == "base"})
+            bud = max((int(r.get("budget", 0)) for r in rows), default=0)
+            runs = {m: [hist[RunSpec(m, "base", "-", r, bud).id] for r in reps] for m in ("pam", "sgd")}
+            final = {m: [h[-1]["test_mse"] for h in hs] for m, hs in runs.items()}
+            fvu = {m: float(np.mean([h[-1]["test_fvu"] for h in hs])) for m, hs in runs.items()}
+            if view == "seconds":  # each method's test MSE once the faster one has spent its whole budget
+                for r in range(len(reps)):
+                    hp, hs = runs["pam"][r], runs["sgd"][r]
+                    tp, ts = np.cumsum([e["epoch_time"] for e in hp]), np.cumsum([e["epoch_time"] for e in hs])
+                    budget = min(tp[-1], ts[-1])
+                    final["pam"][r] = hp[int(np.searchsorted(tp, budget, side="right")) - 1]["test_mse"]
+                    final["sgd"][r] = hs[int(np.searchsorted(ts, budget, side="right")) - 1]["test_mse"]
+            cmp = C.compare(final["pam"], final["sgd"], fvu["pam"], fvu["sgd"])
+            per[protocol] = C.cap_at_edge(cmp.verdict, edge_at(d, "base", "-", ("pam", "sgd"), bud))
+            numbers[protocol] = {m: summary(v) for m, v in final.items()} | {"comparison": asdict(cmp)}
+            links += [d / "curves_base.png", d / "curves_base.json"]
+        add(f"E2-full-data-equal-{view}", "paper-empirical", "MNIST topk, all training images: PAM-SGD reaches a lower "
+            f"test MSE than SGD at equal {'epochs' if view == 'epochs' else 'training time (seconds)'}",
+            "paper E2 (PAM-SGD trains better SAEs)", {p: commands[f"{p}/e2_topk_base"]["command"] for p in PROTOCOLS},
+            numbers, "paired comparison of the final test MSE (both sides informative)" + (
+                "" if view == "epochs" else " at the last epoch both reached within the shorter run's training time"),
+            protocols=per, links=links,
+            note="" if FULL else f"fast profile: {MNIST_BASE_EPOCHS} epochs (the script's {E2_PAPER['EPOCHS']})")
 
-# at equal epochs and at equal wall clock, on all of MNIST (the base runs)
-for view in ("epochs", "seconds"):
-    per, numbers, links = {}, {}, []
-    for protocol in PROTOCOLS:
-        d = OUT / protocol / "e2_topk_base" / "topk"
-        hist = json.loads((d / "histories.json").read_text())
-        reps = sorted({r["replicate"] for r in table(d / "table.json") if r["ablation"] == "base"})
-        bud = max((int(r.get("budget", 0)) for r in table(d / "table.json")), default=0)
-        final = {m: [hist[RunSpec(m, "base", "-", r, bud).id][-1]["test_mse"] for r in reps] for m in ("pam", "sgd")}
-        fvu = {m: float(np.mean([hist[RunSpec(m, "base", "-", r, bud).id][-1]["test_fvu"] for r in reps]))
-               for m in ("pam", "sgd")}
-        if view == "seconds":  # each method's test MSE once the faster one has spent its whole budget
-            for r in reps:
-                hp, hs = hist[RunSpec("pam", "base", "-", r, bud).id], hist[RunSpec("sgd", "base", "-", r, bud).id]
-                tp, ts = np.cumsum([e["epoch_time"] for e in hp]), np.cumsum([e["epoch_time"] for e in hs])
-                budget = min(tp[-1], ts[-1])
-                final["pam"][r] = hp[int(np.searchsorted(tp, budget, side="right")) - 1]["test_mse"]
-                final["sgd"][r] = hs[int(np.searchsorted(ts, budget, side="right")) - 1]["test_mse"]
-        cmp = C.compare(final["pam"], final["sgd"], fvu["pam"], fvu["sgd"])
-        per[protocol] = C.cap_at_edge(cmp.verdict, edge_at(d, "base", "-", ("pam", "sgd"), bud))
-        numbers[protocol] = {m: summary(v) for m, v in final.items()} | {"comparison": asdict(cmp)}
-        links += [d / "curves_base.png", d / "curves_base.json"]
-    add(f"E2-full-data-equal-{view}", "paper-empirical", f"MNIST topk, all training images: PAM-SGD reaches a lower "
-        f"test MSE than SGD at equal {'epochs' if view == 'epochs' else 'training time (seconds)'}",
-        "paper E2 (PAM-SGD trains better SAEs)", {p: commands[f"{p}/e2_topk_base"]["command"] for p in PROTOCOLS},
-        numbers, "paired comparison of the final test MSE (both sides informative)" + ("" if view == "epochs" else
-                                                            " at the last epoch both reached within the shorter run's "
-                                                            "training time"), protocols=per, links=links)
 
 def sparsity(rows, ablation, values, d):
-    """The sparsity rule at ``values`` (PAM vs SGD, paired, Holm), per tuning budget: (verdict, numbers)."""
+    """The sparsity rule at ``values`` (PAM vs SGD, paired, Holm), per tuning budget:
+    (verdict, numbers, {budget: verdict} or None, stable or None)."""
     verdicts, numbers = {}, {}
     for budget, brows in by_budget(rows).items():
         sets = [dict(l0_a=pick(brows, ablation, v, "pam", "l0"), l0_b=pick(brows, ablation, v, "sgd", "l0"),
@@ -377,37 +391,45 @@ def sparsity(rows, ablation, values, d):
     if list(verdicts) == [0]:
         return verdicts[0], numbers, None, None
     b = {str(k): v for k, v in sorted(verdicts.items())}
-    return (*C.across_budgets(b)[:1], numbers, b, C.across_budgets(b)[1])
+    verdict, stable = C.across_budgets(b)
+    return verdict, numbers, b, stable
 
 
-per, numbers, links, budgets, stable = {}, {}, [], None, None
-for protocol in PROTOCOLS:
-    d = OUT / protocol / "e2_relu" / "relu"
-    rows = table(d / "table.json")
-    low = min(values_of(rows, "fraction"))
-    per[protocol], numbers[protocol], b, st = sparsity(rows, "fraction", [low], d)
-    if b:
-        budgets, stable = b, st
-    links += [d / "table.csv", d / "summary.md"]
-add("E2-relu-sparsity-low-data", "paper-empirical", "MNIST ReLU at the smallest training fraction: PAM-SGD's codes "
-    "are sparser (lower test L0) than SGD's, at a test MSE at most 5% worse", "paper E2/E3 (code sparsity in "
-    "low-data settings)", {p: commands[f"{p}/e2_relu"]["command"] for p in PROTOCOLS}, numbers,
-    "sparsity rule (common/experiments/claims.py): paired L0 comparison and MSE non-inferiority within 5%, both sides "
-    "informative", protocols=per, links=links, budgets=budgets, stable=stable)
+SPARSITY_RULE = ("sparsity rule (common/experiments/claims.py): paired L0 comparison and MSE non-inferiority within 5%, "
+                 "both sides informative")
 
-per, numbers, links = {}, {}, []
-for protocol in PROTOCOLS:
-    d = OUT / protocol / "e2_weight_decay" / "topk"
-    rows = table(d / "table.json")
-    strong = [w for w in values_of(rows, "weight_decay") if w >= 1e-3]
-    per[protocol], numbers[protocol], _, _ = judge(rows, "weight_decay", strong, "pam", "sgd", tuned_dir=d)
-    links += [d / "ablation_weight_decay.png", d / "summary.md"]
-add("E2-weight-decay", "paper-empirical", "MNIST topk under strong encoder weight decay (>= 1e-3): PAM-SGD reaches a "
-    "lower test MSE than SGD", "paper E2 (weight-decay ablation; direction as reported)",
-    {p: commands[f"{p}/e2_weight_decay"]["command"] for p in PROTOCOLS}, numbers,
-    "paired comparison at every weight decay >= 1e-3 (each tuned at its own value), Holm-corrected, combined",
-    protocols=per, links=links,
-    note="the paper's exact wording is unknown to us; we test the direction its ablation shows")
+
+def mnist_claims():
+    sample_efficiency("E2-sample-efficiency-topk", "MNIST topk", "e2_topk", "topk", "paper E2 (sample efficiency)")
+    sample_efficiency("E2-sample-efficiency-relu", "MNIST relu", "e2_relu", "relu", "paper E2 (sample efficiency)")
+    full_data_claims()
+    per, numbers, links, budgets, stable = {}, {}, [], None, None
+    for protocol in PROTOCOLS:
+        d = OUT / protocol / "e2_relu" / "relu"
+        rows = table(d / "table.json")
+        per[protocol], numbers[protocol], b, st = sparsity(rows, "fraction", [min(values_of(rows, "fraction"))], d)
+        if b:
+            budgets, stable = b, st
+        links += [d / "table.csv", d / "summary.md"]
+    add("E2-relu-sparsity-low-data", "paper-empirical", "MNIST ReLU at the smallest training fraction: PAM-SGD's codes "
+        "are sparser (lower test L0) than SGD's, at a test MSE at most 5% worse", "paper E2/E3 (code sparsity in "
+        "low-data settings)", {p: commands[f"{p}/e2_relu"]["command"] for p in PROTOCOLS}, numbers, SPARSITY_RULE,
+        protocols=per, links=links, budgets=budgets, stable=stable)
+    per, numbers, links = {}, {}, []
+    for protocol in PROTOCOLS:
+        d = OUT / protocol / "e2_weight_decay" / "topk"
+        rows = table(d / "table.json")
+        strong = [w for w in values_of(rows, "weight_decay") if w >= 1e-3]
+        per[protocol], numbers[protocol], _, _ = judge(rows, "weight_decay", strong, "pam", "sgd", tuned_dir=d)
+        links += [d / "ablation_weight_decay.png", d / "summary.md"]
+    add("E2-weight-decay", "paper-empirical", "MNIST topk under strong encoder weight decay (>= 1e-3): PAM-SGD reaches "
+        "a lower test MSE than SGD", "paper E2 (weight-decay ablation; direction as reported)",
+        {p: commands[f"{p}/e2_weight_decay"]["command"] for p in PROTOCOLS}, numbers,
+        "paired comparison at every weight decay >= 1e-3 (each tuned at its own value), Holm-corrected, combined",
+        protocols=per, links=links, note="the paper's exact wording is unknown to us; we test the direction its "
+                                         "ablation shows")
+    direction_claims("E2", "e2_pam_sensitivity", "paper E2 ablations (updates, mu/nu)", "MNIST topk")
+    pam_objective_claims()
 
 
 def direction_claim(cid, statement, rows, ablation, lower, higher, rule, source, folder, d):
@@ -431,143 +453,144 @@ def direction_claims(prefix, folder, source, label):
     direction_claim(f"{prefix}-mu-nu-direction", f"{label}: strong proximal terms (mu = nu = {mu_nus[-1]:g}) raise "
                     f"PAM-SGD's test MSE relative to {mu_nus[0]:g} at a fixed budget", rows, "mu_nu", mu_nus[0],
                     mu_nus[-1], "smallest mu = nu lower than largest", source, folder, d)
-    return d
 
 
-direction_claims("E2", "e2_pam_sensitivity", "paper E2 ablations (updates, mu/nu)", "MNIST topk")
+def pam_objective_claims():
+    """The exact decoder step never raises the PAM objective (our code); over many epochs it settles (the paper)."""
+    solves = worse = 0
+    for folder in ("e2_pam_sensitivity", "e2_convergence", "e2_weight_decay"):
+        for h in json.loads((OUT / "paper" / folder / "topk" / "histories.json").read_text()).values():
+            for e in (e for e in h[1:] if "objective_before_solve" in e):  # PAM's epochs (only they solve)
+                solves += 1
+                worse += e["objective_after_solve"] > e["objective_before_solve"] * (1 + 1e-12)
+    add("PAM-decoder-step", "implementation", "The exact decoder step never increases the PAM objective",
+        "docs/DESIGN.md, section 3", {"runs": "every PAM run of the paper protocol's MNIST subset ablations"},
+        {"solves": solves, "increases": int(worse)}, "holds if no solve increases the objective (relative tolerance "
+        "1e-12); does not hold otherwise", "holds" if worse == 0 else "does not hold",
+        links=[OUT / "paper" / "e2_pam_sensitivity" / "topk" / "histories.json"])
+    conv = json.loads((OUT / "paper" / "e2_convergence" / "topk" / "histories.json").read_text())
+    objs = {rid: [e["objective_after_solve"] for e in h[1:]] for rid, h in conv.items()
+            if "objective_after_solve" in h[-1]}
+    add("PAM-convergence", "paper-empirical", "Over many epochs the PAM-SGD objective (after each decoder solve) "
+        "decreases and settles, up to SGD noise", "paper (convergence; its 'solid theoretical foundations')",
+        {"paper": commands["paper/e2_convergence"]["command"]},
+        {"runs": {rid: {"first": o[0], "last": o[-1], "min": min(o), "epochs": len(o),
+                        "rises_over_1pct": sum(b > a * 1.01 for a, b in zip(o, o[1:]))} for rid, o in objs.items()}},
+        "convergence rule (common/experiments/claims.py)", C.convergence_verdict(list(objs.values())),
+        links=[OUT / "paper" / "e2_convergence" / "topk" / "histories.json",
+               OUT / "paper" / "e2_convergence" / "topk" / "curves_base.png"])
 
-# the PAM objective: the exact decoder step never raises it (our code); over many epochs it settles (the paper)
-solves = worse = 0
-for folder in ("e2_pam_sensitivity", "e2_convergence", "e2_weight_decay"):
-    for rid, h in json.loads((OUT / "paper" / folder / "topk" / "histories.json").read_text()).items():
-        for e in (e for e in h[1:] if "objective_before_solve" in e):  # PAM's epochs (only they solve)
-            solves += 1
-            worse += e["objective_after_solve"] > e["objective_before_solve"] * (1 + 1e-12)
-add("PAM-decoder-step", "implementation", "The exact decoder step never increases the PAM objective",
-    "docs/DESIGN.md, section 3", {"runs": "every PAM run of the paper protocol's MNIST subset ablations"},
-    {"solves": solves, "increases": int(worse)}, "holds if no solve increases the objective (relative tolerance "
-    "1e-12); does not hold otherwise", "holds" if worse == 0 else "does not hold",
-    links=[OUT / "paper" / "e2_pam_sensitivity" / "topk" / "histories.json"])
-conv = json.loads((OUT / "paper" / "e2_convergence" / "topk" / "histories.json").read_text())
-objs = {rid: [e["objective_after_solve"] for e in h[1:]] for rid, h in conv.items() if "objective_after_solve" in h[-1]}
-add("PAM-convergence", "paper-empirical", "Over many epochs the PAM-SGD objective (after each decoder solve) decreases "
-    "and settles, up to SGD noise", "paper (convergence; its 'solid theoretical foundations')",
-    {"paper": commands["paper/e2_convergence"]["command"]},
-    {"runs": {rid: {"first": o[0], "last": o[-1], "min": min(o), "epochs": len(o),
-                    "rises_over_1pct": sum(b > a * 1.01 for a, b in zip(o, o[1:]))} for rid, o in objs.items()}},
-    "convergence rule (common/experiments/claims.py)", C.convergence_verdict(list(objs.values())),
-    links=[OUT / "paper" / "e2_convergence" / "topk" / "histories.json",
-           OUT / "paper" / "e2_convergence" / "topk" / "curves_base.png"])
 
 # --- 4. language-model activations (E3) -----------------------------------------------------------------
-extra = LLM_ARGS.split()
-llm_epochs = [] if FULL else [f"--EPOCHS={LLM_EPOCHS}", f"--ABLATION_EPOCHS={LLM_EPOCHS}"]
-llm_fracs = [] if FULL else [f"--FRACTIONS={','.join(map(str, LLM_FRACTIONS))}"]
-llm_subset = [] if FULL else [f"--N_TRAIN={LLM_SUBSET}"]
-llm_ks = [] if FULL else [f"--WEIGHT_DECAYS={','.join(map(str, LLM_WEIGHT_DECAYS))}"]
-extra = ([] if FULL else [f"--N_LATENTS={LLM_N_LATENTS}", f"--K={LLM_K}", f"--KS={','.join(map(str, LLM_KS))}"]
-         + extra)  # the dictionary (and the K values that fit it) of every E3 call
-e3_tune_epochs = E3_PAPER["TUNE_EPOCHS"] if FULL else LLM_TUNE_EPOCHS
-extra += [] if FULL else [f"--MIN_STEPS={LLM_MIN_STEPS}"]
-for protocol in PROTOCOLS:
-    p_args, d = protocol_args(protocol, e3_tune_epochs), OUT / protocol
+def llm_runs():
+    """Every E3 call of the fast profile reads the same first LLM_SUBSET training activations (so only those and the
+    test texts are extracted); its fractions are of them."""
+    epochs = fast(f"--EPOCHS={LLM_EPOCHS}", f"--ABLATION_EPOCHS={LLM_EPOCHS}")
+    subset = fast(f"--N_TRAIN={LLM_SUBSET}")
+    extra = fast(f"--N_LATENTS={LLM_N_LATENTS}", f"--K={LLM_K}", f"--KS={','.join(map(str, LLM_KS))}",
+                 f"--MIN_STEPS={LLM_MIN_STEPS}") + LLM_ARGS.split()  # every E3 call's dictionary and K values
+    tune_epochs = E3_PAPER["TUNE_EPOCHS"] if FULL else LLM_TUNE_EPOCHS
     lm_eval = [f"--LM_EVAL_TOKENS={LLM_EVAL_TOKENS}", "--LM_EVAL_ABLATIONS=fraction"] if LLM_EVAL_TOKENS else []
-    script(f"{protocol}/e3_fraction", E3, ["--ONLY=fraction"] + llm_fracs + fraction_methods[protocol] + lm_eval
-           + llm_epochs
-           + seeds + protocol_args(protocol, e3_tune_epochs, TUNE_BUDGETS) + extra, d / "e3_fraction")
-    script(f"{protocol}/e3_k_weight_decay", E3, ["--ONLY=k,weight_decay", "--METHODS=pam,sgd"] + llm_subset + llm_ks
-           + llm_epochs + seeds + p_args + extra, d / "e3_k_weight_decay")
-    script(f"{protocol}/e3_relu", E3, ["--ACTIVATION=relu", "--ONLY=base", "--METHODS=pam,sgd"]
-           + ([] if FULL else [f"--N_TRAIN={LLM_SUBSET}"]) + llm_epochs + seeds + p_args + extra, d / "e3_relu")
-script("paper/e3_pam_sensitivity", E3, ["--ONLY=updates,mu_nu", "--METHODS=pam"] + llm_subset
-       + ([] if FULL or run.quick else ["--UPDATES=1,10", "--MU_NUS=0.0001,0.1"]) + llm_epochs + dseeds
-       + protocol_args("paper", e3_tune_epochs) + extra, OUT / "paper" / "e3_pam_sensitivity")
-meta = json.loads((OUT / "paper" / "e3_fraction" / "activations.json").read_text())
-llm = f"LLM activations ({meta.get('model')}, layer {meta.get('layer')})"
-llm_note = "" if FULL else (f"fast profile: {LLM_N_LATENTS} latents, K = {LLM_K} (the paper: 4096, K = 320); data "
-                             "sizes scaled with it to keep the paper's samples per latent")
-sample_efficiency("E3-sample-efficiency", llm, "e3_fraction", "", "paper E3 (sample efficiency; paper: Gemma-2-2B)",
-                  llm_note)
-
-# the loss recovered on the language model (SAELens' scores against zero ablation): higher is better
-for score, what in (("ce_loss_score", "recover more of the language model's loss (SAELens' ce_loss_score)"),
-                    ("kl_div_score", "keep the language model's next-token distribution closer to the clean model's "
-                                     "(SAELens' kl_div_score)")):
-    per, numbers, links, budgets, stable = {}, {}, [], None, None
     for protocol in PROTOCOLS:
-        d = OUT / protocol / "e3_fraction"
-        rows = [r for r in table(d / "table.json") if r.get(score) is not None and r["method"] in ("pam", "sgd")]
-        if not rows:
-            continue
-        fracs = [f for f in values_of(rows, "fraction") if f <= SMALL_FRACTION]
-        flipped = [dict(r, negated=-r[score]) for r in rows]
-        per[protocol], numbers[protocol], b, st = judge(flipped, "fraction", fracs, "pam", "sgd", key="negated",
-                                                        tuned_dir=d)
-        if b:
-            budgets, stable = b, st
-        links += [d / "summary.md", d / "lm_eval.json"]
-    add(f"E3-lm-{score.replace('_', '-')}", "paper-empirical", f"{llm}: at small training fractions "
-        f"(<= {100 * SMALL_FRACTION:g}%) PAM-SGD's SAEs {what} than SGD's", "paper E3 (sample efficiency), judged "
-        "as the field judges SAEs", {p: commands[f"{p}/e3_fraction"]["command"] for p in PROTOCOLS}, numbers,
-        f"paired comparison of {score} (numbers: minus the score, lower is better) at every small fraction on the same "
-        "held-out tokens, Holm-corrected, combined; both sides informative (test FVU < 1)",
-        protocols=per or None, verdict=None if per else "inconclusive", links=links, budgets=budgets, stable=stable,
-        note="" if per else "not measured: no language model in this profile (the quick profile's synthetic stand-in)")
+        p_args, d = protocol_args(protocol, tune_epochs), OUT / protocol
+        script(f"{protocol}/e3_fraction", E3, ["--ONLY=fraction"] + subset
+               + fast(f"--FRACTIONS={','.join(map(str, LLM_FRACTIONS))}") + FRACTION_METHODS[protocol] + lm_eval
+               + epochs + seeds() + protocol_args(protocol, tune_epochs, TUNE_BUDGETS) + extra, d / "e3_fraction")
+        script(f"{protocol}/e3_k_weight_decay", E3, ["--ONLY=k,weight_decay", "--METHODS=pam,sgd"] + subset
+               + fast(f"--WEIGHT_DECAYS={','.join(map(str, LLM_WEIGHT_DECAYS))}") + epochs + seeds() + p_args + extra,
+               d / "e3_k_weight_decay")
+        script(f"{protocol}/e3_relu", E3, ["--ACTIVATION=relu", "--ONLY=base", "--METHODS=pam,sgd"] + subset + epochs
+               + seeds() + p_args + extra, d / "e3_relu")
+    script("paper/e3_pam_sensitivity", E3, ["--ONLY=updates,mu_nu", "--METHODS=pam"] + subset
+           + ([] if FULL or run.quick else ["--UPDATES=1,10", "--MU_NUS=0.0001,0.1"]) + epochs
+           + seeds(DIRECTION_SEEDS) + protocol_args("paper", tune_epochs) + extra, OUT / "paper" / "e3_pam_sensitivity")
 
-for ablation, statement, pick_values in (
-        ("k", "at every K: PAM-SGD reaches a lower test MSE than SGD", lambda vs: vs),
-        ("weight_decay", "under strong encoder weight decay (>= 1e-3): PAM-SGD reaches a lower test MSE than SGD",
-         lambda vs: [w for w in vs if w >= 1e-3])):
+
+def lm_loss_claims(llm):
+    """The loss recovered on the language model (SAELens' scores against zero ablation): higher is better."""
+    for score, what in (("ce_loss_score", "recover more of the language model's loss (SAELens' ce_loss_score)"),
+                        ("kl_div_score", "keep the language model's next-token distribution closer to the clean "
+                                         "model's (SAELens' kl_div_score)")):
+        per, numbers, links, budgets, stable = {}, {}, [], None, None
+        for protocol in PROTOCOLS:
+            d = OUT / protocol / "e3_fraction"
+            rows = [r for r in table(d / "table.json") if r.get(score) is not None and r["method"] in ("pam", "sgd")]
+            if not rows:
+                continue
+            fracs = [f for f in values_of(rows, "fraction") if f <= SMALL_FRACTION]
+            flipped = [dict(r, negated=-r[score]) for r in rows]
+            per[protocol], numbers[protocol], b, st = judge(flipped, "fraction", fracs, "pam", "sgd", key="negated",
+                                                            tuned_dir=d)
+            if b:
+                budgets, stable = b, st
+            links += [d / "summary.md", d / "lm_eval.json"]
+        add(f"E3-lm-{score.replace('_', '-')}", "paper-empirical", f"{llm}: at small training fractions "
+            f"(<= {100 * SMALL_FRACTION:g}%) PAM-SGD's SAEs {what} than SGD's", "paper E3 (sample efficiency), judged "
+            "as the field judges SAEs", {p: commands[f"{p}/e3_fraction"]["command"] for p in PROTOCOLS}, numbers,
+            f"paired comparison of {score} (numbers: minus the score, lower is better) at every small fraction on the "
+            "same held-out tokens, Holm-corrected, combined; both sides informative (test FVU < 1)",
+            protocols=per or None, verdict=None if per else "inconclusive", links=links, budgets=budgets,
+            stable=stable, note="" if per else "not measured: no language model in this profile (the quick profile's "
+                                               "synthetic stand-in)")
+
+
+def llm_claims():
+    meta = json.loads((OUT / "paper" / "e3_fraction" / "activations.json").read_text())
+    llm = f"LLM activations ({meta.get('model')}, layer {meta.get('layer')})"
+    note = "" if FULL else (f"fast profile: {LLM_N_LATENTS} latents, K = {LLM_K} (the paper: 4096, K = 320), on the "
+                            f"first {LLM_SUBSET} training activations (the paper's samples per latent)")
+    sample_efficiency("E3-sample-efficiency", llm, "e3_fraction", "", "paper E3 (sample efficiency; paper: "
+                      "Gemma-2-2B)", note)
+    lm_loss_claims(llm)
+    for ablation, statement, pick_values in (
+            ("k", "at every K: PAM-SGD reaches a lower test MSE than SGD", lambda vs: vs),
+            ("weight_decay", "under strong encoder weight decay (>= 1e-3): PAM-SGD reaches a lower test MSE than SGD",
+             lambda vs: [w for w in vs if w >= 1e-3])):
+        per, numbers, links = {}, {}, []
+        for protocol in PROTOCOLS:
+            d = OUT / protocol / "e3_k_weight_decay"
+            rows = table(d / "table.json")
+            per[protocol], numbers[protocol], _, _ = judge(rows, ablation, pick_values(values_of(rows, ablation)),
+                                                           "pam", "sgd", tuned_dir=d)
+            links += [d / f"ablation_{ablation}.png", d / "summary.md"]
+        add(f"E3-{ablation.replace('_', '-')}", "paper-empirical", f"{llm}, {statement}", f"paper E3 ({ablation} "
+            "ablation; direction as reported)", {p: commands[f"{p}/e3_k_weight_decay"]["command"] for p in PROTOCOLS},
+            numbers, "paired comparison at every setting (each tuned at its own value), Holm-corrected, combined",
+            protocols=per, links=links, note=note)
     per, numbers, links = {}, {}, []
     for protocol in PROTOCOLS:
-        d = OUT / protocol / "e3_k_weight_decay"
-        rows = table(d / "table.json")
-        per[protocol], numbers[protocol], _, _ = judge(rows, ablation, pick_values(values_of(rows, ablation)), "pam",
-                                                       "sgd", tuned_dir=d)
-        links += [d / f"ablation_{ablation}.png", d / "summary.md"]
-    add(f"E3-{ablation.replace('_', '-')}", "paper-empirical", f"{llm}, {statement}", f"paper E3 ({ablation} ablation; "
-        "direction as reported)", {p: commands[f"{p}/e3_k_weight_decay"]["command"] for p in PROTOCOLS}, numbers,
-        "paired comparison at every setting (each tuned at its own value), Holm-corrected, combined", protocols=per,
-        links=links,
-        note="" if FULL else f"{llm_note}, on the first {LLM_SUBSET} training activations")
+        d = OUT / protocol / "e3_relu"
+        per[protocol], numbers[protocol], _, _ = sparsity(table(d / "table.json"), "base", ["-"], d)
+        links += [d / "table.csv", d / "summary.md"]
+    add("E3-relu-sparsity", "paper-empirical", f"{llm}, ReLU: PAM-SGD's codes are sparser (lower test L0) than SGD's, "
+        "at a test MSE at most 5% worse", "paper E3 (code sparsity)",
+        {p: commands[f"{p}/e3_relu"]["command"] for p in PROTOCOLS}, numbers, SPARSITY_RULE, protocols=per,
+        links=links, note=note)
+    direction_claims("E3", "e3_pam_sensitivity", "paper E3 ablations (updates, mu/nu)", llm)
 
-per, numbers, links = {}, {}, []
-for protocol in PROTOCOLS:
-    d = OUT / protocol / "e3_relu"
-    rows = table(d / "table.json")
-    per[protocol], numbers[protocol], _, _ = sparsity(rows, "base", ["-"], d)
-    links += [d / "table.csv", d / "summary.md"]
-add("E3-relu-sparsity", "paper-empirical", f"{llm}, ReLU: PAM-SGD's codes are sparser (lower test L0) than SGD's, at "
-    "a test MSE at most 5% worse", "paper E3 (code sparsity)", {p: commands[f"{p}/e3_relu"]["command"]
-                                                                  for p in PROTOCOLS}, numbers,
-    "sparsity rule (common/experiments/claims.py): paired L0 comparison and MSE non-inferiority within 5%, both sides "
-    "informative", protocols=per, links=links,
-    note="" if FULL else f"{llm_note}, on the first {LLM_SUBSET} training activations")
-direction_claims("E3", "e3_pam_sensitivity", "paper E3 ablations (updates, mu/nu)", llm)
 
 # --- 5. ground truth (E4): recovery of known features, beyond the paper -----------------------------------
-E4 = "exp_e4_ground_truth_recovery.py"
-for protocol in ("modern",):
-    d = OUT / protocol / "e4_ground_truth"
-    script(f"{protocol}/e4", E4, [f"--SEEDS={SEEDS}", f"--SEED={run.seed}"] + ([] if FULL else [f"--N_TRAINS={','.join(map(str, E4_N_TRAINS))}", f"--STEPS={E4_STEPS}"])
-           + protocol_args(protocol, 0, TUNE_BUDGETS), d)
+def ground_truth():
+    d, tag = OUT / "modern" / "e4_ground_truth", "modern/e4"
+    script(tag, E4, seeds() + fast(f"--N_TRAINS={','.join(map(str, E4_N_TRAINS))}", f"--STEPS={E4_STEPS}")
+           + protocol_args("modern", 0, TUNE_BUDGETS), d)
     rows = table(d / "table.json")
     few = [n for n in values_of(rows, "n_train") if n <= E4_FEW_SAMPLES]
     flipped = [dict(r, neg_recovered=-r["recovered_fraction"]) for r in rows]  # higher recovery is better
     verdict, numbers, budgets, stable = judge(flipped, "n_train", few, "pam", "sgd", key="neg_recovered", tuned_dir=d)
-    add("E4-recovery-few-samples", "beyond-paper", f"Ground truth: PAM-SGD recovers more of the true features (|cos| >= "
-        f"0.9) than SGD from few samples (<= {E4_FEW_SAMPLES})", "our question (the paper's sample-efficiency claim "
-        "where the true features are known)", {protocol: commands[f"{protocol}/e4"]["command"]}, numbers,
+    add("E4-recovery-few-samples", "beyond-paper", f"Ground truth: PAM-SGD recovers more of the true features (|cos| "
+        f">= 0.9) than SGD from few samples (<= {E4_FEW_SAMPLES})", "our question (the paper's sample-efficiency "
+        "claim where the true features are known)", {"modern": commands[tag]["command"]}, numbers,
         "paired comparison of the recovered fraction (numbers: minus the fraction, lower is better) at every sample "
         "count, Holm-corrected, combined; both sides informative; each count and replicate tuned on its own "
         "validation rows, judged at each budget", verdict,
         links=[d / "recovery_vs_samples.png", d / "recovery_vs_samples.json", d / "summary.md"],
         budgets=budgets, stable=stable)
-    counts = values_of(rows, "n_train")
-    agree = {}
+    counts, agree = values_of(rows, "n_train"), {}
     for budget, brows in sorted(by_budget(flipped).items()):
         def family(key, brows=brows):
-            return C.compare_family([dict(a=pick(brows, "n_train", n, "pam", key), b=pick(brows, "n_train", n, "sgd", key),
+            return C.compare_family([dict(a=pick(brows, "n_train", n, "pam", key),
+                                          b=pick(brows, "n_train", n, "sgd", key),
                                           fvu_a=float(np.mean(pick(brows, "n_train", n, "pam", "test_fvu"))),
                                           fvu_b=float(np.mean(pick(brows, "n_train", n, "sgd", "test_fvu"))))
                                      for n in counts])
@@ -578,21 +601,34 @@ for protocol in ("modern",):
     verdict, stable = C.across_budgets(per)
     add("E4-mse-and-recovery-agree", "beyond-paper", "Ground truth: the test-MSE ranking of PAM-SGD and SGD agrees "
         "with their ranking by recovered true features", "our question (is reconstruction error a proxy for "
-        "feature quality?)", {protocol: commands[f"{protocol}/e4"]["command"]}, {b: n for b, (_, n) in agree.items()},
-        "agreement rule (common/experiments/claims.py) over every sample count, each metric by the family rule", verdict,
-        links=[d / "summary.md"], budgets=per, stable=stable)
+        "feature quality?)", {"modern": commands[tag]["command"]}, {b: n for b, (_, n) in agree.items()},
+        "agreement rule (common/experiments/claims.py) over every sample count, each metric by the family rule",
+        verdict, links=[d / "summary.md"], budgets=per, stable=stable)
+
 
 # --- report ------------------------------------------------------------------------------------------
-machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
-           f"{torch.__version__}")
-C.write_report(OUT, claims, list(commands.values()),
-               {"profile": PROFILE, "seeds": SEEDS, "direction_seeds": DIRECTION_SEEDS, "protocols": list(PROTOCOLS),
-                "command": "python check_claims.py" + (" --full" if FULL else "") + (" --quick" if run.quick else ""),
-                "run": {"wall_time_s": time.time() - started, "machine": machine, "load_before": load_before,
-                        "load_after": round(os.getloadavg()[0], 1),
-                        "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}})
-# the results section of docs/RESULTS.md is generated from this report (a quick run writes beside it instead)
-C.write_results(json.loads((OUT / "claims.json").read_text()),
-                OUT / "RESULTS.md" if run.quick else ROOT / "docs" / "RESULTS.md")
-print(f"\nwrote {OUT / 'CLAIMS.md'}: {C.tally(claims)}")
-run.finish()
+def main():
+    theory_claims()
+    figures_and_e1()
+    mnist_runs()
+    mnist_claims()
+    llm_runs()
+    llm_claims()
+    ground_truth()
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
+               f"{torch.__version__}")
+    C.write_report(OUT, claims, list(commands.values()),
+                   {"profile": PROFILE, "seeds": SEEDS, "direction_seeds": DIRECTION_SEEDS, "protocols": list(PROTOCOLS),
+                    "command": "python check_claims.py" + (" --full" if FULL else "") + (" --quick" if run.quick else ""),
+                    "run": {"wall_time_s": time.time() - started, "machine": machine, "load_before": load_before,
+                            "load_after": round(os.getloadavg()[0], 1),
+                            "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}})
+    # the results section of docs/RESULTS.md is generated from this report (a quick run writes beside it instead)
+    C.write_results(json.loads((OUT / "claims.json").read_text()),
+                    OUT / "RESULTS.md" if run.quick else ROOT / "docs" / "RESULTS.md")
+    print(f"\nwrote {OUT / 'CLAIMS.md'}: {C.tally(claims)}")
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
