@@ -31,7 +31,7 @@ from common.experiments import claims as C
 from common.experiments.config import (at_least, boolean, configure, each, in_range, one_of, satisfies,
                                        script_constants, text)
 from common.experiments.e1 import between_8d_summary
-from common.experiments.experiment import RunSpec, by_budget
+from common.experiments.experiment import RunSpec, by_budget, evaluated
 from common.maths import theory
 
 # --- profiles ------------------------------------------------------------------------------------
@@ -47,6 +47,8 @@ THEORY_POINTS = 2000         # points per instance
 SMALL_FRACTION = 0.1         # sample-efficiency claims: judged at every training fraction <= this
 MNIST_FRACTIONS = (0.01, 0.05, 0.1)
 MNIST_EPOCHS = 10            # fast profile (the original fraction rule gives 10 at these fractions)
+EVAL_EVERY = 5               # fast profile: the ablation runs' test metrics every this many epochs (and at their last);
+                             # the base runs every epoch (the equal-time view needs each)
 MNIST_BASE_EPOCHS = 5        # fast profile: the full-data runs (equal-epochs / equal-time claims; the script's 50)
 MNIST_TUNE_EPOCHS = 10       # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
 MNIST_WEIGHT_DECAYS = (1e-3, 1e-2)  # fast profile: the judged ones (the script's: 0, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -88,6 +90,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "MNIST_FRACTIONS": each(in_range(0, 1, lo_open=True)),
     "MNIST_EPOCHS": at_least(1),
     "MNIST_BASE_EPOCHS": at_least(1),
+    "EVAL_EVERY": at_least(1),
     "MNIST_TUNE_EPOCHS": at_least(1),
     "MNIST_WEIGHT_DECAYS": each(at_least(0)),
     "MNIST_SUBSET": in_range(0, 60_000),
@@ -292,7 +295,7 @@ FRACTION_METHODS = {"paper": [], "modern": ["--METHODS=pam,sgd"]}
 
 
 def mnist_runs():
-    epochs = fast(f"--EPOCHS={MNIST_EPOCHS}")
+    epochs = fast(f"--EPOCHS={MNIST_EPOCHS}", f"--EVAL_EVERY={EVAL_EVERY}")
     fracs = fast(f"--FRACTIONS={','.join(map(str, MNIST_FRACTIONS))}")
     subset = fast(f"--N_TRAIN={MNIST_SUBSET}")
     tune_epochs = E2_PAPER["TUNE_EPOCHS"] if FULL else MNIST_TUNE_EPOCHS
@@ -313,6 +316,7 @@ def mnist_runs():
            + protocol_args("paper", tune_epochs), OUT / "paper" / "e2_pam_sensitivity")
     script("paper/e2_convergence", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METHODS=pam",
                                         f"--EPOCHS={E2_PAPER['EPOCHS'] if FULL else CONVERGENCE_EPOCHS}"] + subset
+           + fast(f"--EVAL_EVERY={EVAL_EVERY}")
            + seeds(2) + protocol_args("paper", tune_epochs), OUT / "paper" / "e2_convergence")
 
 
@@ -351,11 +355,11 @@ def full_data_claims():
             fvu = {m: float(np.mean([h[-1]["test_fvu"] for h in hs])) for m, hs in runs.items()}
             if view == "seconds":  # each method's test MSE once the faster one has spent its whole budget
                 for r in range(len(reps)):
-                    hp, hs = runs["pam"][r], runs["sgd"][r]
-                    tp, ts = np.cumsum([e["epoch_time"] for e in hp]), np.cumsum([e["epoch_time"] for e in hs])
-                    budget = min(tp[-1], ts[-1])
-                    final["pam"][r] = hp[int(np.searchsorted(tp, budget, side="right")) - 1]["test_mse"]
-                    final["sgd"][r] = hs[int(np.searchsorted(ts, budget, side="right")) - 1]["test_mse"]
+                    seen = {m: evaluated(runs[m][r], "test_mse", np.cumsum([e["epoch_time"] for e in runs[m][r]]))
+                            for m in ("pam", "sgd")}
+                    budget = min(t[-1] for t, _ in seen.values())
+                    for m, (t, mse) in seen.items():  # the last evaluated epoch within the budget
+                        final[m][r] = mse[int(np.searchsorted(t, budget, side="right")) - 1]
             cmp = C.compare(final["pam"], final["sgd"], fvu["pam"], fvu["sgd"])
             per[protocol] = C.cap_at_edge(cmp.verdict, edge_at(d, "base", "-", ("pam", "sgd"), bud))
             numbers[protocol] = {m: summary(v) for m, v in final.items()} | {"comparison": asdict(cmp)}
@@ -485,7 +489,7 @@ def pam_objective_claims():
 def llm_runs():
     """Every E3 call of the fast profile reads the same first LLM_SUBSET training activations (so only those and the
     test texts are extracted); its fractions are of them."""
-    epochs = fast(f"--EPOCHS={LLM_EPOCHS}", f"--ABLATION_EPOCHS={LLM_EPOCHS}")
+    epochs = fast(f"--EPOCHS={LLM_EPOCHS}", f"--ABLATION_EPOCHS={LLM_EPOCHS}", f"--EVAL_EVERY={EVAL_EVERY}")
     subset = fast(f"--N_TRAIN={LLM_SUBSET}")
     extra = fast(f"--N_LATENTS={LLM_N_LATENTS}", f"--K={LLM_K}", f"--KS={','.join(map(str, LLM_KS))}",
                  f"--MIN_STEPS={LLM_MIN_STEPS}") + LLM_ARGS.split()  # every E3 call's dictionary and K values

@@ -41,6 +41,8 @@ LR = 0.0                         # 0: the recipe's (paper: PAPER_LR; modern 2e-4
 PAPER_LR = 3e-3                  # the original MNIST script's learning rate (the paper recipe's)
 EPOCHS = 50
 BATCH_SIZE = 128
+EVAL_EVERY = 1                   # train/test metrics every this many epochs (and at the last); the curves
+                                 # show those epochs, the tables the last
 SOLVE_BATCH = 1024               # batch for collecting the decoder statistics only
 ENC_INIT_SCALE = 0.1             # W_enc ~ 0.1 N(0, 1)
 DEC_INIT_SCALE = 0.01            # W_dec ~ 0.01 N(0, 1) (PAM and untied SGD)

@@ -75,6 +75,8 @@ PAPER_LR = 1e-3                   # the original LLM script's learning rate (the
 EPOCHS = 100
 ABLATION_EPOCHS = 50
 BATCH_SIZE = 256
+EVAL_EVERY = 1                    # train/test metrics every this many epochs (and at the last); the curves
+                                  # show those epochs, the tables the last
 SOLVE_BATCH = 1024
 SOLVE_EVERY = 1                   # PAM: solve the decoder every this many epochs (outer iterations)
 SOLVE_SAMPLES = 0                 # PAM: 0: all training samples; m > 0: statistics of m random ones, sums x N / m

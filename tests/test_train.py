@@ -281,3 +281,26 @@ def test_report_sees_every_epoch_and_can_end_the_run_and_score_train_false_skips
         # SGD's training metrics are skipped; PAM's come free with its statistics (after each solve)
         has_train = ["train_mse" in e for e in unscored]
         assert has_train == ([False, False, False] if method == "sgd" else [False, True, True])
+
+
+@pytest.mark.parametrize("method", ["sgd", "pam"])
+def test_eval_every_evaluates_some_epochs_and_always_the_last_without_changing_training(method):
+    """eval_every: the train/test metrics at epoch 0, every eval_every-th epoch and the last epoch run (its stop
+    epoch when it stops early), each equal to an every-epoch run's; the training (loss, PAM's objective) unchanged."""
+    def strip(e):
+        return {k: v for k, v in e.items() if not k.endswith("_time")}
+
+    _, every, _, _ = run(method, epochs=7)
+    for kw, evaluated in ((dict(epochs=7, eval_every=3), [0, 3, 6, 7]), (dict(epochs=7, eval_every=3, stop_epoch=5),
+                                                                         [0, 3, 5]), (dict(epochs=7, eval_every=9), [0, 7])):
+        _, some, _, _ = run(method, **kw)
+        assert [e["epoch"] for e in some if "test_mse" in e] == evaluated
+        assert [e["epoch"] for e in some if "train_mse" in e] == evaluated
+        for e in some:
+            full = strip(every[e["epoch"]])
+            if "test_mse" in e:
+                assert strip(e) == full
+            else:  # the loss, steps and PAM's objective as before; no metric
+                assert strip(e) == {k: v for k, v in full.items() if not k.startswith(("train_", "test_"))}
+    with pytest.raises(ValueError, match="eval_every must be an integer >= 1"):
+        TrainConfig(eval_every=0)

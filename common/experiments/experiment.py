@@ -632,7 +632,7 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
                 continue
             h = histories[RunSpec(r["method"], ablation, r["value"], 0, r.get("budget", 0)).id]
             tag = r["method"] if ablation == "base" else f"{r['method']} {r['value']}"
-            lines[tag] = ([e["epoch"] for e in h], [e["test_mse"] for e in h])
+            lines[tag] = evaluated(h, "test_mse")
             # the bars' colour family per method (blue, orange, green), darker for later values
             shade = 0.45 + 0.5 * values.index(r["value"]) / max(len(values) - 1, 1)
             colors[tag] = plt.get_cmap(METHOD_CMAPS[METHODS.index(r["method"])])(shade)
@@ -644,6 +644,13 @@ def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -
         fig.tight_layout()
         paths.append(save(fig, out / f"ablation_{ablation}.png", numbers))
     return paths
+
+
+def evaluated(history: list[dict], key: str, at=None) -> tuple[list, list]:
+    """(x, values) of ``key`` over the epochs of a history that were evaluated (``TrainConfig.eval_every``); x is the
+    epoch, or ``at[i]`` for epoch i."""
+    pts = [(e["epoch"] if at is None else at[i], e[key]) for i, e in enumerate(history) if key in e]
+    return [x for x, _ in pts], [v for _, v in pts]
 
 
 def base_curves(histories: dict, out: Path, label: str, rep: int = 0, budget: int = 0) -> Path:
@@ -659,7 +666,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0, budget: in
         for m in METHODS:
             h = histories.get(RunSpec(m, "base", "-", rep, budget).id)
             if h:
-                series[m] = ([e["epoch"] for e in h], [e[f"{split}_mse"] for e in h])
+                series[m] = evaluated(h, f"{split}_mse")
         curves(axes[i], series, "epoch", f"{split} MSE", f"{split} MSE (equal epochs)", logy=True)
         numbers[split] = {k: {"epoch": v[0], "mse": v[1]} for k, v in series.items()}
     # equal wall-clock view: test MSE against cumulative training seconds (evaluation excluded)
@@ -667,7 +674,7 @@ def base_curves(histories: dict, out: Path, label: str, rep: int = 0, budget: in
     for m in METHODS:
         h = histories.get(RunSpec(m, "base", "-", rep, budget).id)
         if h:
-            series[m] = (np.cumsum([e["epoch_time"] for e in h]).tolist(), [e["test_mse"] for e in h])
+            series[m] = evaluated(h, "test_mse", np.cumsum([e["epoch_time"] for e in h]).tolist())
     curves(axes[2], series, "training time (s)", "test MSE", "test MSE (equal wall clock)", logy=True)
     fig.suptitle(label)
     fig.tight_layout()

@@ -25,7 +25,8 @@ from .recipe import RECIPES, recipe_settings
 SETTING_OF = {"N_LATENTS": "n_latents", "K": "k", "EPOCHS": "epochs", "BATCH_SIZE": "batch_size",
               "SOLVE_BATCH": "solve_batch", "ENC_INIT_SCALE": "enc_init_scale", "DEC_INIT_SCALE": "dec_init_scale",
               "MU": "mu", "NU": "nu", "ALPHA": "alpha", "BETA": "beta", "PROX_FORM": "prox_form",
-              "SOLVE_EVERY": "solve_every", "SOLVE_SAMPLES": "solve_samples", "STATS_DTYPE": "stats_dtype"}
+              "SOLVE_EVERY": "solve_every", "SOLVE_SAMPLES": "solve_samples", "STATS_DTYPE": "stats_dtype",
+              "EVAL_EVERY": "eval_every"}
 ACCEPT = {
     "RECIPE": one_of(*RECIPES),
     "N_LATENTS": at_least(1),
@@ -34,6 +35,7 @@ ACCEPT = {
     "L0": at_least(0),
     "LR": at_least(0),
     "EPOCHS": at_least(1),
+    "EVAL_EVERY": at_least(1),
     "BATCH_SIZE": at_least(1),
     "SOLVE_BATCH": at_least(1),
     "ENC_INIT_SCALE": above(0),

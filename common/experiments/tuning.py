@@ -178,7 +178,7 @@ class Study:
 
 def _train_trial(study: Study, values: dict, epochs: int, x_fit, x_val, report=None) -> list[float]:
     """Validation MSE after each epoch of one trial (trained as the judged run would be)."""
-    s = dict(study.settings, **expand(values), epochs=epochs, stop_epoch=0)
+    s = dict(study.settings, **expand(values), epochs=epochs, stop_epoch=0, eval_every=1)  # every epoch scored
     model_cfg, cfg = configs(s, study.method, x_fit.shape[1])
     model = SAE(**asdict(model_cfg), seed=derive_seed(study.rseed, "init"))
     hist = train(model, x_fit, x_val, cfg, seed=derive_seed(study.rseed, "batches"), progress=False,

@@ -33,7 +33,8 @@ the run) then linear decay to 0).
 Every epoch the loss and the parameters are checked finite (and after every decoder solve): a run that
 diverges raises ``NonFiniteError`` naming the run, the method and the epoch.
 
-History: one dict per epoch (epoch 0 = at initialisation) with train_/test_ mse, fvu, l0, dead,
+History: one dict per epoch (epoch 0 = at initialisation) with train_/test_ mse, fvu, l0, dead (at epoch 0, every
+``eval_every``-th epoch and the last epoch run; the others have none),
 ``loss`` (mean training objective over the epoch's steps), ``epoch_time`` (training incl. the solve),
 ``eval_time``, ``samples_seen`` (samples through gradient steps) and ``grad_steps``; PAM adds
 ``objective_before_solve`` / ``objective_after_solve`` (decoder objective on the same statistics).
@@ -125,6 +126,8 @@ class TrainConfig:
     solve_samples: int = 0          # 0: statistics from all training data; m > 0: from m random samples, rescaled
     stats_dtype: str = "float64"    # "float32": statistics in float32, compensated (GPUs with slow float64; README)
     eval_batch: int = 1024
+    eval_every: int = 1             # the train/test metrics every this many epochs (and always at the start and the
+                                    # last epoch run); the epochs between record the loss and times only
     # the field's TopK recipe (common.experiments.recipe): every element off by default (the paper's protocol)
     b_dec_init: str = "zero"        # "zero", "mean" or "median" (geometric) of the training data
     centre_input: bool = False      # subtract that point from x before encoding (needs b_dec_init != "zero")
@@ -152,7 +155,8 @@ class TrainConfig:
              "centre_input needs a centre: set b_dec_init to 'mean' or 'median'")
         for name in ("centre_input", "unit_norm_atoms", "keep_dead_atoms"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "updates_per_batch", "solve_batch", "solve_every", "eval_batch"):
+        for name in ("epochs", "batch_size", "updates_per_batch", "solve_batch", "solve_every", "eval_batch",
+                     "eval_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= (0 if name == "epochs" else 1),
                  f"{name} must be an integer >= {0 if name == 'epochs' else 1}, got {v!r}")
@@ -310,15 +314,16 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         dist.sum_eval(sums)
         return summarise(sums)
 
+    last = cfg.stop_epoch or cfg.epochs
+
     def record(epoch, loss, epoch_time, samples, steps, train_metrics=None, extra=None):
         t0 = time.perf_counter()
-        if train_metrics is None:
-            train_metrics = metrics(eval_train, sums_train) if score_train else {}
-        tr = train_metrics
-        te = metrics(eval_test, sums_test)
         row = {"epoch": epoch, "loss": loss, "epoch_time": epoch_time, "samples_seen": samples, "grad_steps": steps}
-        row.update({f"train_{k}": v for k, v in tr.items()})
-        row.update({f"test_{k}": v for k, v in te.items()})
+        if epoch % cfg.eval_every == 0 or epoch == last:
+            if train_metrics is None:
+                train_metrics = metrics(eval_train, sums_train) if score_train else {}
+            row.update({f"train_{k}": v for k, v in train_metrics.items()})
+            row.update({f"test_{k}": v for k, v in metrics(eval_test, sums_test).items()})
         row["eval_time"] = time.perf_counter() - t0
         row.update(extra or {})
         return row
@@ -490,7 +495,8 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
         epoch_time = time.perf_counter() - t0
         row = record(epoch, loss_sum / n, epoch_time, samples, steps, train_metrics, extra)
         history.append(row)
-        bar.set_postfix(test_mse=f"{row['test_mse']:.4f}", l0=f"{row['test_l0']:.1f}")
+        if "test_mse" in row:
+            bar.set_postfix(test_mse=f"{row['test_mse']:.4f}", l0=f"{row['test_l0']:.1f}")
         if report is not None:
             report(epoch, row)  # may raise to end the run (a pruned tuning trial)
         if epoch == cfg.stop_epoch:
