@@ -21,7 +21,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +47,13 @@ THEORY_POINTS = 2000         # points per instance
 SMALL_FRACTION = 0.1         # sample-efficiency claims: judged at every training fraction <= this
 MNIST_FRACTIONS = (0.01, 0.05, 0.1)
 MNIST_EPOCHS = 10            # fast profile (the original fraction rule gives 10 at these fractions)
+SCRIPTS_AT_ONCE = 2          # project scripts run at once (the full-data runs, whose seconds are judged, alone)
 EVAL_EVERY = 5               # fast profile: the ablation runs' test metrics every this many epochs (and at their last);
                              # the base runs every epoch (the equal-time view needs each)
 MNIST_BASE_EPOCHS = 5        # fast profile: the full-data runs (equal-epochs / equal-time claims; the script's 50)
 MNIST_TUNE_EPOCHS = 10       # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
+MNIST_MIN_STEPS = 500        # modern protocol, fractions: no schedule under this many optimiser steps (smaller batches;
+                             # with a batch of 128, 1% of MNIST makes 5 steps an epoch)
 MNIST_WEIGHT_DECAYS = (1e-3, 1e-2)  # fast profile: the judged ones (the script's: 0, 1e-5, 1e-4, 1e-3, 1e-2)
 MNIST_SUBSET = 6000          # fast profile: weight-decay / updates / mu-nu ablations on this many images
 CONVERGENCE_EPOCHS = 100     # PAM's objective over many epochs (on MNIST_SUBSET images)
@@ -91,7 +94,9 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "MNIST_EPOCHS": at_least(1),
     "MNIST_BASE_EPOCHS": at_least(1),
     "EVAL_EVERY": at_least(1),
+    "SCRIPTS_AT_ONCE": at_least(1),
     "MNIST_TUNE_EPOCHS": at_least(1),
+    "MNIST_MIN_STEPS": at_least(0),
     "MNIST_WEIGHT_DECAYS": each(at_least(0)),
     "MNIST_SUBSET": in_range(0, 60_000),
     "CONVERGENCE_EPOCHS": at_least(2),
@@ -149,22 +154,70 @@ def add(cid, category, statement, source, ran, numbers, rule, verdict=None, prot
     print(f"[{verdict:>13}] {cid}{per}: {statement}", flush=True)
 
 
-def script(tag, name, args, out):
-    """Run a project script (recorded under ``tag``); raise if it fails."""
+@dataclass
+class Job:
+    """A project script to run: recorded under ``tag``; ``alone``: with no other script running (its timings are
+    judged); ``after``: tags that must have finished first."""
+
+    tag: str
+    cmd: list
+    alone: bool = False
+    after: tuple = ()
+    started: float = 0.0     # when it started (perf_counter)
+    log: Path | None = None  # where its output goes
+
+
+jobs: list[Job] = []
+
+
+def script(tag, name, args, out, alone=False, after=()):
+    """Queue a project script (run by ``run_scripts``)."""
     cmd = [sys.executable, name, *args, "--out", str(Path(out).resolve().relative_to(ROOT))
            if Path(out).resolve().is_relative_to(ROOT) else str(Path(out).resolve())]
     if run.quick:
         cmd.append("--quick")
     if run.overwrite:  # each script's folder holds the results of the earlier configuration too
         cmd.append("--OVERWRITE=True")
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    commands[tag] = {"command": " ".join(["python"] + cmd[1:]), "wall_time": wall, "returncode": res.returncode}
-    if res.returncode != 0:
-        raise RuntimeError(f"{name} failed with exit code {res.returncode}")
-    return commands[tag]["command"]
+    jobs.append(Job(tag, cmd, alone, tuple(after)))
+
+
+def run_scripts():
+    """Run the queued scripts in order, SCRIPTS_AT_ONCE at a time (each trains in single-thread worker processes;
+    two at once fill the cores while the other loads data or draws figures), a job marked ``alone`` with nothing
+    beside it; each script's output goes to <out>/logs/<tag>.log. Raises naming the script and its log if one
+    fails (the others are stopped)."""
+    logs = OUT / "logs"
+    pending, running = list(jobs), {}
+    while pending or running:
+        while pending and len(running) < SCRIPTS_AT_ONCE:
+            job = pending[0]
+            if any(j.alone for j in running.values()) or (job.alone and running) or any(
+                    t not in commands for t in job.after):
+                break
+            pending.pop(0)
+            log = logs / f"{job.tag.replace('/', '_')}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"$ {' '.join(job.cmd[1:])}   (output: {rel(log)})", flush=True)
+            with open(log, "w") as f:
+                proc = subprocess.Popen(job.cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            running[proc] = job
+            job.started, job.log = time.perf_counter(), log
+        time.sleep(0.5)
+        for proc, job in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[proc]
+            wall = time.perf_counter() - job.started
+            commands[job.tag] = {"command": " ".join(["python"] + job.cmd[1:]), "wall_time": wall,
+                                 "returncode": proc.returncode, "log": rel(job.log)}
+            print(f"  done in {wall:.0f} s: {job.tag}" if proc.returncode == 0 else f"  FAILED: {job.tag}", flush=True)
+            if proc.returncode != 0:
+                for other in running:
+                    other.terminate()
+                tail = job.log.read_text()[-3000:]
+                raise RuntimeError(f"{job.cmd[1]} ({job.tag}) failed with exit code {proc.returncode}; its output: "
+                                   f"{job.log}\n{tail}")
+    jobs.clear()
 
 
 def protocol_args(protocol, tune_epochs, budgets=None):
@@ -248,21 +301,27 @@ def theory_claims():
 
 
 # --- 2. figures and E1 ------------------------------------------------------------------------------
-def figures_and_e1():
+E1_8D, E1_2D = "exp_e1_between_kmeans_and_pca_8d", ("k_1", "k_3", "k_3hard")
+
+
+def figures_and_e1_runs():
     for fig in ("fig_5_voronoi_knn_kmeans_power_evolution.py", "fig_6_voronoi_to_power.py",
                 "fig_7_voronoi_3d_to_power_2d.py"):
         script(Path(fig).stem, fig, [], OUT / Path(fig).stem)
-    paper_2d = {}
-    for variant in ("k_1", "k_3", "k_3hard"):  # the paper's 2-D panels, reported beside the judged 8-D cases
+    for variant in E1_2D:
         name = f"exp_e1_between_kmeans_and_pca_{variant}"
         script(name, name + ".py", [], OUT / name)
-        res = json.loads((OUT / name / "partitions.json").read_text())
+    script(E1_8D, E1_8D + ".py", [], OUT / E1_8D)
+
+
+def e1_claim():
+    paper_2d = {}
+    for variant in E1_2D:  # the paper's 2-D panels, reported beside the judged 8-D cases (they cannot fail)
+        res = json.loads((OUT / f"exp_e1_between_kmeans_and_pca_{variant}" / "partitions.json").read_text())
         m = res["mse"]
         paper_2d[variant] = {"k": res["k"], "mode": res["mode"], "kmeans": m["kmeans"], "trained_sae":
                              m["sae_relaxed"] if m["sae_relaxed"] is not None else m["sae_topk"],
                              "exact_topk": m["sae_topk"], "kmeans_local_pca_same_rank": m["kmeans_local_pca_rank_k"]}
-    E1_8D = "exp_e1_between_kmeans_and_pca_8d"
-    script(E1_8D, E1_8D + ".py", [], OUT / E1_8D)
     verdict, numbers = between_8d_summary(json.loads((OUT / E1_8D / "between_8d.json").read_text()))
     add("E1-between", "paper-empirical", "The Top-K SAE's reconstruction error lies between k-means' (worse) and "
         "k-means + local PCA of the same rank K (better), with as many k-means clusters as the SAE has regions",
@@ -300,14 +359,17 @@ def mnist_runs():
     subset = fast(f"--N_TRAIN={MNIST_SUBSET}")
     tune_epochs = E2_PAPER["TUNE_EPOCHS"] if FULL else MNIST_TUNE_EPOCHS
     base_epochs = E2_PAPER["EPOCHS"] if FULL else MNIST_BASE_EPOCHS
+    for protocol in PROTOCOLS:  # the full-data runs first, each alone: their training seconds are judged
+        script(f"{protocol}/e2_topk_base", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METHODS=pam,sgd"]
+               + fast(f"--EPOCHS={base_epochs}") + seeds() + protocol_args(protocol, base_epochs),
+               OUT / protocol / "e2_topk_base", alone=True)
     for protocol in PROTOCOLS:
         d = OUT / protocol
         for act in ("topk", "relu"):
-            script(f"{protocol}/e2_{act}", E2, [f"--ACTIVATIONS={act}", "--ONLY=fraction"] + fracs
+            min_steps = fast(f"--MIN_STEPS={MNIST_MIN_STEPS}") if protocol == "modern" else []
+            script(f"{protocol}/e2_{act}", E2, [f"--ACTIVATIONS={act}", "--ONLY=fraction"] + fracs + min_steps
                    + FRACTION_METHODS[protocol] + epochs + seeds() + protocol_args(protocol, tune_epochs, TUNE_BUDGETS),
                    d / f"e2_{act}")
-        script(f"{protocol}/e2_topk_base", E2, ["--ACTIVATIONS=topk", "--ONLY=base", "--METHODS=pam,sgd"]
-               + fast(f"--EPOCHS={base_epochs}") + seeds() + protocol_args(protocol, base_epochs), d / "e2_topk_base")
         script(f"{protocol}/e2_weight_decay", E2, ["--ACTIVATIONS=topk", "--ONLY=weight_decay", "--METHODS=pam,sgd"]
                + subset + fast(f"--WEIGHT_DECAYS={','.join(map(str, MNIST_WEIGHT_DECAYS))}") + epochs + seeds()
                + protocol_args(protocol, tune_epochs), d / "e2_weight_decay")
@@ -495,6 +557,7 @@ def llm_runs():
                  f"--MIN_STEPS={LLM_MIN_STEPS}") + LLM_ARGS.split()  # every E3 call's dictionary and K values
     tune_epochs = E3_PAPER["TUNE_EPOCHS"] if FULL else LLM_TUNE_EPOCHS
     lm_eval = [f"--LM_EVAL_TOKENS={LLM_EVAL_TOKENS}", "--LM_EVAL_ABLATIONS=fraction"] if LLM_EVAL_TOKENS else []
+    first = len(jobs)
     for protocol in PROTOCOLS:
         p_args, d = protocol_args(protocol, tune_epochs), OUT / protocol
         script(f"{protocol}/e3_fraction", E3, ["--ONLY=fraction"] + subset
@@ -508,6 +571,8 @@ def llm_runs():
     script("paper/e3_pam_sensitivity", E3, ["--ONLY=updates,mu_nu", "--METHODS=pam"] + subset
            + ([] if FULL or run.quick else ["--UPDATES=1,10", "--MU_NUS=0.0001,0.1"]) + epochs
            + seeds(DIRECTION_SEEDS) + protocol_args("paper", tune_epochs) + extra, OUT / "paper" / "e3_pam_sensitivity")
+    for job in jobs[first + 1:]:  # the first extracts the activations (and caches them) for all the others
+        job.after += (jobs[first].tag,)
 
 
 def lm_loss_claims(llm):
@@ -574,10 +639,16 @@ def llm_claims():
 
 
 # --- 5. ground truth (E4): recovery of known features, beyond the paper -----------------------------------
-def ground_truth():
-    d, tag = OUT / "modern" / "e4_ground_truth", "modern/e4"
-    script(tag, E4, seeds() + fast(f"--N_TRAINS={','.join(map(str, E4_N_TRAINS))}", f"--STEPS={E4_STEPS}")
-           + protocol_args("modern", 0, TUNE_BUDGETS), d)
+E4_TAG = "modern/e4"
+
+
+def ground_truth_run():
+    script(E4_TAG, E4, seeds() + fast(f"--N_TRAINS={','.join(map(str, E4_N_TRAINS))}", f"--STEPS={E4_STEPS}")
+           + protocol_args("modern", 0, TUNE_BUDGETS), OUT / "modern" / "e4_ground_truth")
+
+
+def ground_truth_claims():
+    d, tag = OUT / "modern" / "e4_ground_truth", E4_TAG
     rows = table(d / "table.json")
     few = [n for n in values_of(rows, "n_train") if n <= E4_FEW_SAMPLES]
     flipped = [dict(r, neg_recovered=-r["recovered_fraction"]) for r in rows]  # higher recovery is better
@@ -613,12 +684,15 @@ def ground_truth():
 # --- report ------------------------------------------------------------------------------------------
 def main():
     theory_claims()
-    figures_and_e1()
+    figures_and_e1_runs()
     mnist_runs()
-    mnist_claims()
     llm_runs()
+    ground_truth_run()
+    run_scripts()
+    e1_claim()
+    mnist_claims()
     llm_claims()
-    ground_truth()
+    ground_truth_claims()
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
                f"{torch.__version__}")
     C.write_report(OUT, claims, list(commands.values()),

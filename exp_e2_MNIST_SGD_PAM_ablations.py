@@ -64,6 +64,8 @@ SEED = 42
 WORKERS = 0                      # runs trained at once in single-thread processes; 0: one per core this process
                                  # may use (small matmuls scale poorly across threads: README, bench/bench_train.py)
 DEVICE = "cpu"                   # auto (cuda if present), cpu, cuda or cuda:N; on a GPU one run at a time
+MIN_STEPS = 0                    # >0: a training fraction whose rows make fewer optimiser steps than this over its
+                                 # schedule takes a smaller batch (at most BATCH_SIZE) that gives it this many (0: the paper)
 RESUME = True                    # reuse the runs an interrupted invocation finished (same settings, data, code)
 N_TRAIN = 0                      # 0: all 60,000 training images
 N_TEST = 0                       # 0: all 10,000 test images
@@ -81,15 +83,19 @@ TUNE_SPACE = {                   # log-uniform ranges (lo, hi) shared by every m
 }
 
 
-def fraction_epochs(settings, f):
-    """The original's epoch rule for a training-fraction run (capped by EPOCHS for --quick)."""
+def fraction_settings(settings, f):
+    """The original's epoch rule for a training-fraction run (capped by EPOCHS for --quick), then MIN_STEPS."""
     settings["epochs"] = min(EPOCHS, min(20, max(10, math.floor(20 * f))))
+    runner.min_steps_batch(settings, f, n_rows, MIN_STEPS)
+
+
+n_rows = []  # the training rows, set once the data are loaded (MIN_STEPS)
 
 
 # the paper's ablations, each declared once: the settings it sets, the constant holding its values, the methods it
 # concerns, what else follows from a value. ONLY (default: all) and TUNE_PER_REPLICATE accept these names.
 ABLATIONS = {"updates": experiment.Ablation(("updates_per_batch",), "UPDATES", methods=("pam",)),
-             "fraction": experiment.Ablation(("fraction",), "FRACTIONS", then=fraction_epochs),
+             "fraction": experiment.Ablation(("fraction",), "FRACTIONS", then=fraction_settings),
              "weight_decay": experiment.Ablation(("weight_decay",), "WEIGHT_DECAYS"),
              "mu_nu": experiment.Ablation(("mu", "nu"), "MU_NUS")}
 ONLY = ("base", *ABLATIONS)
@@ -129,6 +135,7 @@ def main():
         x_train = x_train[:N_TRAIN]
     if N_TEST:
         x_test = x_test[:N_TEST]
+    n_rows.append(x_train.shape[0])
     digits = x_test[:10]                       # 10 fixed test digits for the reconstruction figure
 
     # --- runs, figures, summary -----------------------------------------------------------------------

@@ -25,7 +25,6 @@ baselines), lm_eval/ (each run's scores, reused on resume) and the scores in eve
 (common/maths/lm_eval.py).
 """
 import json
-import math
 import os
 from pathlib import Path
 
@@ -127,7 +126,8 @@ def _readable_activations(path) -> bool:
 # the paper's ablations, each declared once: the settings it sets, the constant holding its values, the methods it
 # concerns, what else follows from a value. ONLY (default: all) and TUNE_PER_REPLICATE accept these names.
 ABLATIONS = {"updates": experiment.Ablation(("updates_per_batch",), "UPDATES", methods=("pam",)),
-             "fraction": experiment.Ablation(("fraction",), "FRACTIONS", then=lambda s, f: min_steps_batch(s, f)),
+             "fraction": experiment.Ablation(("fraction",), "FRACTIONS",
+                                             then=lambda s, f: runner.min_steps_batch(s, f, n_rows, MIN_STEPS)),
              "activation": experiment.Ablation(("activation",), "ACTIVATION_VALUES", then=lambda s, a: with_penalty(s, a)),
              "weight_decay": experiment.Ablation(("weight_decay",), "WEIGHT_DECAYS"),
              "mu_nu": experiment.Ablation(("mu", "nu"), "MU_NUS"),
@@ -167,7 +167,6 @@ ACCEPT = {  # this script's own rules, then those shared by the SAE protocols (c
     "ABLATION_EPOCHS": at_least(1),
     "ACTIVATION_VALUES": each(one_of(*SAE_ACTIVATIONS)),
     "KS": each(in_range(1, "N_LATENTS")),
-    "MIN_STEPS": at_least(0),
     "PAPER_LR": above(0),
     "ONLY": runner.only_rule(ABLATIONS),
     "TUNE_PER_REPLICATE": runner.only_rule(ABLATIONS),
@@ -190,15 +189,6 @@ def penalty_of(activation) -> dict:
 def with_penalty(settings, activation):
     """An activation ablation's run takes that activation's penalty."""
     settings.update(penalty_of(activation))
-
-
-def min_steps_batch(settings, fraction):
-    """MIN_STEPS > 0: a training fraction whose rows make fewer than MIN_STEPS optimiser steps over its schedule
-    takes the largest batch (at most BATCH_SIZE) that gives it MIN_STEPS (the rows are known once the data are)."""
-    if MIN_STEPS and n_rows:
-        rows = max(1, math.floor(fraction * n_rows[0])) if fraction < 1.0 else n_rows[0]
-        per_epoch = math.ceil(MIN_STEPS / settings["epochs"])
-        settings["batch_size"] = max(1, min(settings["batch_size"], rows // per_epoch))
 
 
 n_rows = []  # the training rows, set once the data are loaded (MIN_STEPS)

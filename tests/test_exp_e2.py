@@ -97,3 +97,18 @@ def test_a_reused_tuning_gives_the_tuning_runs_table_and_other_data_are_refused(
     assert other.returncode == 2 and "tuned on other data" in other.stderr and "Traceback" not in other.stderr
     both = e2("--TUNE=True", "--TUNED=" + str(tmp_path / "tuned"), "--out", str(tmp_path / "both"))
     assert both.returncode == 2 and "--TUNED" in both.stderr and not (tmp_path / "both").exists()
+
+
+@pytest.mark.skipif(not (ROOT / "data" / "mnist" / "train-images-idx3-ubyte").exists(), reason="MNIST not fetched")
+def test_min_steps_gives_small_fractions_a_smaller_batch_and_leaves_the_others(tmp_path):
+    """MIN_STEPS: 10% of 400 images (40 rows) over 2 epochs with a batch of 128 makes 2 steps; MIN_STEPS=8 gives it
+    the largest batch with >= 8 steps (4 per epoch: 40 // 4 = 10); the full-data runs keep 128 (4 per epoch x 2)."""
+    res = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--ACTIVATIONS=topk", "--ONLY=base,fraction",
+                          "--METHODS=pam,sgd", "--MIN_STEPS=8", "--FRACTIONS=0.1", "--out", str(tmp_path)],
+                         cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "topk" / "table.json").read_text())
+    frac = [r for r in rows if r["ablation"] == "fraction"]
+    base = [r for r in rows if r["ablation"] == "base"]
+    assert {(r["batch_size"], r["steps"]) for r in frac} == {(10, 8)}
+    assert {(r["batch_size"], r["steps"]) for r in base} == {(128, 2 * math.ceil(400 / 128))}

@@ -9,6 +9,7 @@ with every budget. docs/DESIGN.md, section 5.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,6 +59,7 @@ ACCEPT = {
     "WORKERS": at_least(0),
     "DEVICE": satisfies(lambda d, c: device_available(d), "auto, cpu, cuda or cuda:N (a CUDA device present)"),
     "RESUME": boolean(),
+    "MIN_STEPS": at_least(0),
     **tuning.ACCEPT,
 }
 
@@ -93,6 +95,17 @@ def ablations(table: dict, constants: dict, only) -> dict:
             a = table[name]
             out[name] = experiment.Ablation(a.sets, tuple(constants[a.values]), a.methods, a.then, a.tunes_stop)
     return out
+
+
+def min_steps_batch(settings: dict, fraction: float, n_rows: list, min_steps: int) -> None:
+    """A script's MIN_STEPS rule for a training fraction (an ablation's ``then``): with ``min_steps`` > 0, a
+    fraction whose rows make fewer than ``min_steps`` optimiser steps over its schedule (``settings["epochs"]``)
+    takes the largest batch (at most its own) that gives it ``min_steps``. ``n_rows``: [the training rows], empty
+    until the data are loaded (the rule then waits for them)."""
+    if min_steps and n_rows:
+        rows = max(1, math.floor(fraction * n_rows[0])) if fraction < 1.0 else n_rows[0]
+        per_epoch = math.ceil(min_steps / settings["epochs"])
+        settings["batch_size"] = max(1, min(settings["batch_size"], rows // per_epoch))
 
 
 def only_rule(table: dict):
