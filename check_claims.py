@@ -261,7 +261,7 @@ def judge(rows, ablation, values, a, b, key="test_mse", tuned_dir=None):
     """Paired comparisons of a and b at each value, Holm-corrected as one family (common/experiments/claims.py), the edge rule
     applied per tuning budget. Returns (verdict, numbers, {budget: verdict} or {}, stable or None)."""
     per_budget, numbers = {}, {}
-    for budget, brows in by_budget(rows).items():
+    for budget, brows in sorted(by_budget(rows).items()):
         fam = C.compare_family([dict(a=pick(brows, ablation, v, a, key), b=pick(brows, ablation, v, b, key),
                                      fvu_a=float(np.mean(pick(brows, ablation, v, a, "test_fvu"))),
                                      fvu_b=float(np.mean(pick(brows, ablation, v, b, "test_fvu")))) for v in values])
@@ -439,7 +439,7 @@ def sparsity(rows, ablation, values, d):
     """The sparsity rule at ``values`` (PAM vs SGD, paired, Holm), per tuning budget:
     (verdict, numbers, {budget: verdict} or None, stable or None)."""
     verdicts, numbers = {}, {}
-    for budget, brows in by_budget(rows).items():
+    for budget, brows in sorted(by_budget(rows).items()):
         sets = [dict(l0_a=pick(brows, ablation, v, "pam", "l0"), l0_b=pick(brows, ablation, v, "sgd", "l0"),
                      mse_a=pick(brows, ablation, v, "pam"), mse_b=pick(brows, ablation, v, "sgd"),
                      fvu_a=float(np.mean(pick(brows, ablation, v, "pam", "test_fvu"))),
