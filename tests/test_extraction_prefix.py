@@ -244,3 +244,16 @@ def test_e3_extracts_the_split_prefix_and_extends_it(tmp_path):
     full = e3(tmp_path / "full")
     assert full["count"] == 200 and full["extracted"] == 128 and (full["n_test"], full["n_train"]) == (20, 180)
     assert math.isfinite(json.loads((tmp_path / "full" / "table.json").read_text())[0]["test_mse"])
+
+
+def test_command_line_order_and_count(kw, capsys):
+    args = ["extract", "--model", kw["model"], "--layer", "2", "--text", str(kw["text"]), "--n-texts", str(N_TEXTS),
+            "--max-tokens", "8", "--batch-size", str(BATCH), "--cache-dir", str(kw["cache_dir"])]
+    A.main(args + ["--order-seed", str(SEED), "--count", "6"])
+    meta = json.loads(capsys.readouterr().out)
+    assert (meta["order_seed"], meta["count"], meta["extracted"]) == (SEED, 6, 8)
+    X, again = A.load_activations(**kw, order_seed=SEED, count=6)
+    assert again["cached"] and again["activations_sha256"] == meta["activations_sha256"]
+    with pytest.raises(SystemExit) as exit_:
+        A.main(args + ["--count", "6", "--shard-rows", "16"])
+    assert exit_.value.code == 2 and "--shard-rows extracts every text in text order" in capsys.readouterr().err
