@@ -80,9 +80,9 @@ def test_a_larger_request_extracts_only_the_missing_texts(kw, seen, model_dir):
 
 
 def test_a_smaller_request_extracts_nothing(kw, seen):
-    X, _ = A.load_activations(**kw, order_seed=SEED, count=30)
+    X, _ = A.load_activations(**kw, order_seed=SEED, count=32)  # whole batches: the entry holds 32
     n = len(seen)
-    for count in (32, 30, 29, 5, 1):  # the entry holds 32: whole batches
+    for count in (32, 30, 29, 5, 1):
         Y, meta = A.load_activations(**kw, order_seed=SEED, count=count)
         assert meta["cached"] and meta["extracted"] == 0 and meta["count"] == count and torch.equal(Y, X[:count])
         assert meta["activations_sha256"] == A.tensor_sha256(Y)
