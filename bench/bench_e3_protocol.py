@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common.experiments import experiment  # noqa: E402
 from common.experiments.config import script_constants  # noqa: E402
-from common.infra import activations
+from common.infra import activations, split
 from common.maths.sae import SAE, activation_spec  # noqa: E402
 from common.maths.train import TrainConfig, train  # noqa: E402
 
@@ -62,7 +62,7 @@ def main():
     c = script_constants(SCRIPT)
     c["LR"] = c["LR"] or 1e-3  # LR = 0 is the recipe's: the paper's 1e-3 (the bench times the paper recipe)
     X, meta = activations.load_activations()
-    x_train, x_test, _, _ = activations.split_standardise(X, c["TEST_FRACTION"], seed=0)
+    x_train, x_test, _, _ = split.split_standardise(X, c["TEST_FRACTION"], seed=0)
     global _DATA
     _DATA = (x_train, x_test)
     N, k0, kmax = x_train.shape[0], c["K"], max(c["KS"])

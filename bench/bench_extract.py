@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.infra import activations as A  # noqa: E402
+from common.infra import activations, extraction, llm_assets  # noqa: E402
 
 N_TEXTS = 200
 MAX_TOKENS = 128
@@ -33,26 +33,26 @@ def seconds(fn):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=A.DEFAULT_MODEL, choices=sorted(A.GGUF_MODELS))
+    parser.add_argument("--model", default=llm_assets.DEFAULT_MODEL, choices=sorted(llm_assets.GGUF_MODELS))
     parser.add_argument("--full", action="store_true", help="also run the full default extraction and time it")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
 
-    A.fetch_model(args.model)
+    llm_assets.fetch_model(args.model)
     with tempfile.TemporaryDirectory() as work:
-        gguf = A.gguf_path(args.model, work)
-        _, t_gguf = seconds(lambda: A.load_gguf(gguf))
-    (model, tokenizer), t_cached = seconds(lambda: A.load_model(args.model))
+        gguf = llm_assets.gguf_path(args.model, work)
+        _, t_gguf = seconds(lambda: llm_assets.load_gguf(gguf))
+    (model, tokenizer), t_cached = seconds(lambda: llm_assets.load_model(args.model))
     print(f"load from GGUF: {t_gguf:.1f} s;  from the safetensors folder: {t_cached:.1f} s")
 
-    n_layers = len(A.blocks_of(model))
-    layer = A.default_layer(n_layers)
-    texts = A.split_texts(A.read_text()[0], N_TEXTS, MAX_TOKENS)
+    n_layers = len(extraction.blocks_of(model))
+    layer = llm_assets.default_layer(n_layers)
+    texts = llm_assets.split_texts(llm_assets.read_text()[0], N_TEXTS, MAX_TOKENS)
     n_tokens = sum(map(len, tokenizer(texts, truncation=True, max_length=MAX_TOKENS)["input_ids"]))
     speed = {}
     for dtype, early_exit in (("float32", True), ("float32", False), ("bfloat16", True)):
-        _, dt = seconds(lambda: A.extract(model, tokenizer, texts, layer, batch_size=BATCH_SIZE, dtype=dtype,
-                                          early_exit=early_exit, progress=False))
+        _, dt = seconds(lambda: extraction.extract(model, tokenizer, texts, layer, batch_size=BATCH_SIZE,
+                                                   dtype=dtype, early_exit=early_exit, progress=False))
         speed[dtype, early_exit] = n_tokens / dt
         print(f"extract layer {layer}/{n_layers}, {N_TEXTS} texts, {n_tokens} tokens, batch {BATCH_SIZE}, {dtype}, "
               f"early exit {early_exit}: {dt:.1f} s = {n_tokens / dt:,.0f} tokens/s "
@@ -60,7 +60,7 @@ def main():
     print(f"early exit speed-up (float32): x{speed['float32', True] / speed['float32', False]:.2f}")
 
     if args.full:
-        (X, meta), dt = seconds(lambda: A.load_activations(args.model))
+        (X, meta), dt = seconds(lambda: activations.load_activations(args.model))
         print(f"full default extraction: {dt / 60:.1f} min (cached={meta['cached']}), X {tuple(X.shape)}, "
               f"layer {meta['layer']}/{meta['n_layers']}, max |x| {meta['max_abs']:,.0f}, "
               f"load average {os.getloadavg()[0]:.1f}")

@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.maths import lm_eval  # noqa: E402
-from common.infra import activations as A  # noqa: E402
+from common.infra import extraction, llm_assets  # noqa: E402
 from common.maths.sae import SAE  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=A.DEFAULT_MODEL)
+    parser.add_argument("--model", default=llm_assets.DEFAULT_MODEL)
     parser.add_argument("--tokens", type=int, default=2048, help="scored positions (held-out tokens)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--group", type=int, default=8, help="SAEs scored together (E3 scores this many at once)")
@@ -45,10 +45,10 @@ def main():
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, load average {load:.1f}")
 
     start = time.perf_counter()
-    model, tokenizer = A.load_model(args.model, args.device)
+    model, tokenizer = llm_assets.load_model(args.model, args.device)
     t_load = time.perf_counter() - start
-    layer = A.default_layer(len(A.blocks_of(model)))
-    texts = A.split_texts(A.read_text()[0], 10_000, 128)[-200:]  # E3's texts (the corpus's last ones)
+    layer = llm_assets.default_layer(len(extraction.blocks_of(model)))
+    texts = llm_assets.split_texts(llm_assets.read_text()[0], 10_000, 128)[-200:]  # E3's texts (the corpus's last ones)
     ids, _ = lm_eval.heldout_ids(tokenizer, texts, 128, args.tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -70,8 +70,8 @@ def main():
     sync()
     t_group, c_group = time.perf_counter() - start, time.process_time() - cpu
     per_sae, cpu_per_sae = t_group / args.group, c_group / args.group
-    result = {"model": args.model, "layer": layer, "n_layers": len(A.blocks_of(model)), "tokens": ev.n_tokens,
-              "texts": ev.n_texts, "threads": args.threads, "device": args.device, "group": args.group,
+    result = {"model": args.model, "layer": layer, "n_layers": len(extraction.blocks_of(model)),
+              "tokens": ev.n_tokens, "texts": ev.n_texts, "threads": args.threads, "device": args.device, "group": args.group,
               "batch_size": args.batch_size, "chunk": args.chunk, "n_latents": args.n_latents, "k": args.k,
               "load_seconds": round(t_load, 2), "once_per_text_seconds": round(t_once, 2),
               "once_per_text_tokens_per_second": round(ev.n_tokens / t_once, 1),

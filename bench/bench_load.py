@@ -2,7 +2,7 @@
 
 Two workloads, each timed quiet and then with a competitor (a busy Python loop in another process):
 - extraction (tokens/s, the default model, 96 texts): 2 fixed threads vs threads following the free cores
-  (common/infra/cpu.py, what ``common.infra.activations.extract`` does);
+  (common/infra/cpu.py, what ``common.infra.extraction.extract`` does);
 - MNIST SGD training (epochs/s, d 256, K 15): one run on 2 threads vs the scripts' mode, two single-thread
   runs at once (WORKERS = 2).
 Prints each throughput and its ratio to the quiet one; target: >= 40% of quiet with one competitor.
@@ -44,15 +44,15 @@ def with_competitor(fn):
 
 
 def extraction(adapt):
-    from common.infra import activations as A
+    from common.infra import extraction, llm_assets
     torch.set_num_threads(2)
-    model, tokenizer = A.load_model(A.DEFAULT_MODEL)
-    layer = A.default_layer(A.n_layers_of(A.DEFAULT_MODEL))
-    corpus, _ = A.read_text()
-    texts = A.split_texts(corpus, 96, 128)
-    A.extract(model, tokenizer, texts[:8], layer, progress=False, adapt_threads=False)  # warm-up
+    model, tokenizer = llm_assets.load_model(llm_assets.DEFAULT_MODEL)
+    layer = llm_assets.default_layer(llm_assets.n_layers_of(llm_assets.DEFAULT_MODEL))
+    corpus, _ = llm_assets.read_text()
+    texts = llm_assets.split_texts(corpus, 96, 128)
+    extraction.extract(model, tokenizer, texts[:8], layer, progress=False, adapt_threads=False)  # warm-up
     t0 = time.perf_counter()
-    A.extract(model, tokenizer, texts, layer, progress=False, adapt_threads=adapt)
+    extraction.extract(model, tokenizer, texts, layer, progress=False, adapt_threads=adapt)
     n_tokens = sum(len(r) for r in tokenizer(texts, truncation=True, max_length=128)["input_ids"])
     return n_tokens / (time.perf_counter() - t0)
 

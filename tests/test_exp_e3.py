@@ -138,7 +138,7 @@ def test_loss_recovered_on_a_tiny_language_model(tmp_path):
     assert all(k_rows[m, 6]["ce_sae"] == r["ce_sae"] for r in scored if r["ablation"] == "base"  # k 6 is the base run
                for m in [r["method"]])
     base = json.loads((out / "lm_eval.json").read_text())
-    assert base["n_tokens"] == 150 and base["n_texts"] == len(base["test_rows"]) and base["layer"] == 2
+    assert base["n_tokens"] == 150 and base["n_texts"] == len(base["test_texts"]) and base["layer"] == 2
     for r in scored:  # the scores are the formulas of the row's CE and KL against the baselines
         assert math.isclose(r["ce_loss_score"], (base["ce_zero"] - r["ce_sae"]) / (base["ce_zero"] - base["ce_clean"]))
         assert math.isclose(r["kl_div_score_mean"], (base["kl_mean"] - r["kl_sae"]) / base["kl_mean"])

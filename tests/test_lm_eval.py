@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from test_activations import tiny_model, tiny_tokenizer  # noqa: E402
 
-from common.infra import activations as A  # noqa: E402
+from common.infra import extraction as E  # noqa: E402
 from common.infra.data import DataError  # noqa: E402
 from common.maths import lm_eval as L  # noqa: E402
 from common.maths.sae import SAE  # noqa: E402
@@ -36,7 +36,7 @@ def warp(h):
 def reference(model, ids, layer, fn):
     """CE and KL(clean || spliced) from the model's own full forward, one text at a time (no padding): a hook
     replaces block ``layer - 1``'s output at every position but the first by ``fn``; log-softmax of all logits."""
-    block = A.blocks_of(model)[layer - 1]
+    block = E.blocks_of(model)[layer - 1]
 
     def hook(module, args, output):
         h = output[0] if isinstance(output, tuple) else output
@@ -113,7 +113,7 @@ def test_chunked_equals_unchunked_and_batching_changes_nothing(tok):
 def test_last_rows_are_the_extracted_activations(tok):
     model = tiny_model("gemma3")
     ev = L.LMEval(model, ids_of(tok), LAYER, mean=torch.zeros(32), batch_size=3)
-    want = A.extract(model, tok, TEXTS, LAYER, "last", progress=False)
+    want = E.extract(model, tok, TEXTS, LAYER, "last", progress=False)
     torch.testing.assert_close(ev.last_rows, want, rtol=1e-5, atol=1e-5)
     L.check_heldout(ev.last_rows, want)
     with pytest.raises(ValueError, match="the texts are not those rows"):

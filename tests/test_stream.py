@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from common.experiments.config import file_sha256
 from common.infra import activations as A
+from common.infra import split
 from common.infra import stream as S
 from common.infra.data import DataError
 from common.maths.pam import collect_stats
@@ -50,13 +52,13 @@ def test_streamed_split_and_standardisation_equal_the_in_memory_ones(tmp_path, d
     assert stream.shape == (403, 12) and stream.dtype == dtype
     assert torch.equal(stream.materialise(), X)
     got = S.split_standardise(stream, 0.1, seed=7)
-    want = A.split_standardise(X, 0.1, seed=7)
+    want = split.split_standardise(X, 0.1, seed=7)
     assert len(got[0]) == 363 and len(got[1]) == 40
     for g, w in zip((got[0].materialise(), got[1].materialise(), got[2], got[3]), want):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert torch.allclose(g, w, rtol=0, atol=tol * max(1.0, float(w.abs().max())))
-    # the dispatcher of common.infra.activations takes a stream too
-    assert torch.equal(A.split_standardise(stream, 0.1, seed=7)[0].materialise(), got[0].materialise())
+    # the dispatcher of common.infra.split takes a stream too
+    assert torch.equal(split.split_standardise(stream, 0.1, seed=7)[0].materialise(), got[0].materialise())
 
 
 def test_other_dtypes_are_read_as_float32(tmp_path):
@@ -199,7 +201,7 @@ def test_index_json_catches_stale_and_corrupt_shards(tmp_path):
     folder = tmp_path / "shards"
     index = S.write_shards(X, folder, shard_rows=30)
     assert [e["rows"] for e in index["shards"]] == [30, 30, 30, 10] and index["count"] == 100
-    assert index["activations_sha256"] == A._tensor_sha256(X)  # the hash the single-file cache records
+    assert index["activations_sha256"] == A.tensor_sha256(X)  # the hash the single-file cache records
     assert torch.equal(S.Stream.open(folder).materialise(), X)
     np.save(folder / "00001.npy", X[30:60].numpy() + 1)  # same shape, other values
     with pytest.raises(DataError, match="00001.npy: sha256 differs"):
@@ -267,7 +269,7 @@ def test_delivered_dtype_digest_and_streamed_user_activations(tmp_path):
     assert d != s32[view[1:]].digest() and d != S.Stream.open(folder)[view].digest()
     mean, std = torch.zeros(12), torch.ones(12)
     assert d != s32[view].standardised(mean, std).digest()
-    assert s32.shard_sha256() == [A.sha256(f) for f in S.shard_files(folder)]
+    assert s32.shard_sha256() == [file_sha256(f) for f in S.shard_files(folder)]
     got, meta = A.load_user_activations(folder, stream=True)
     loaded, meta_loaded = A.load_user_activations(folder)
     assert isinstance(got, S.Stream) and got.dtype == torch.float32 and torch.equal(got.materialise(), loaded)

@@ -14,7 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_activations import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
 
 from common.infra import activations as A  # noqa: E402
+from common.infra import extraction as E  # noqa: E402
+from common.infra import llm_assets as M  # noqa: E402
 from common.infra import stream as S  # noqa: E402
+from common.infra.data import DataError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def test_shards_hold_the_in_memory_extraction(kw, monkeypatch):
     assert torch.equal(A.load_user_activations(folder)[0], X)  # what --ACTIVATIONS=folder reads
     assert json.loads((folder / S.INDEX).read_text())["shards"][0]["name"] == "00000.npy"
     np.save(folder / "00002.npy", np.load(folder / "00002.npy") + 1)  # a changed shard is refused there too
-    with pytest.raises(A.DataError, match="00002.npy: sha256 differs"):
+    with pytest.raises(DataError, match="00002.npy: sha256 differs"):
         A.load_user_activations(folder)
 
 
@@ -58,7 +61,7 @@ def test_stale_or_corrupt_shards_are_extracted_again(kw, monkeypatch, capsys, da
     X = S.Stream.open(folder).materialise()
     assert A.activation_shards(**kw, shard_rows=16)[1]["cached"]
     calls = []
-    real = A.extract_batches
+    real = E.extract_batches
     monkeypatch.setattr(A, "extract_batches", lambda *a, **k: calls.append(1) or real(*a, **k))
     if damage == "changed shard":
         np.save(folder / "00001.npy", np.load(folder / "00001.npy") * 2)
@@ -85,6 +88,6 @@ def test_an_interrupted_sharded_extraction_leaves_no_entry(kw, monkeypatch):
     monkeypatch.setattr(S.ShardWriter, "write", crash)
     with pytest.raises(KeyboardInterrupt):
         A.activation_shards(**kw, shard_rows=10)
-    assert [p.name for p in kw["cache_dir"].iterdir()] == [A.FILE_HASHES]
+    assert [p.name for p in kw["cache_dir"].iterdir()] == [M.FILE_HASHES]
     with pytest.raises(ValueError, match="shard_rows=0"):
         A.activation_shards(**kw, shard_rows=0)

@@ -472,26 +472,20 @@ def _check_index(path: Path, files, shards=(), hashes=None) -> None:
 
 
 def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8,
-                      info: dict | None = None):
-    """``common.infra.activations.split_standardise`` for a folder of shards, by streaming.
+                      info: dict | None = None, n_train: int = 0):
+    """``common.infra.split.split_standardise`` for a folder of shards, by streaming.
 
-    The same split (``torch.randperm(N, seed)``: the first ``n_test`` positions are the test rows, the rest the
-    training rows, each view in that order) and the same standardisation (training mean and population std
-    accumulated in float64 in one pass, which also checks every row finite; constant features centred, not
-    scaled: ``activations.standardisation``); the views standardise in float64 as they read and deliver the
-    data's dtype. Returns (train view, test view, mean, std), mean and std in the data's dtype; nothing else is
-    read.
+    The same split (``split.split_rows``: the first ``n_test`` positions of ``split.split_order(N, seed)`` are the
+    test rows, the next ``n_train`` (0: all the rest) the training rows, each view in that order) and the same
+    standardisation (the kept training rows' mean and population std accumulated in float64 in one pass, which also
+    checks every row finite; constant features centred, not scaled: ``split.standardisation``); the views
+    standardise in float64 as they read and deliver the data's dtype. Returns (train view, test view, mean, std),
+    mean and std in the data's dtype; nothing else is read.
     """
-    from .activations import report_constant, standardisation
+    from .split import report_constant, split_rows, standardisation
 
-    if not (0.0 < test_fraction < 1.0):
-        raise ValueError(f"test_fraction={test_fraction!r}: expected a float in (0, 1)")
-    n = len(X)
-    n_test = int(round(test_fraction * n))
-    if not 1 <= n_test < n:
-        raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test set")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
-    train, test = X[order[n_test:]], X[order[:n_test]]
+    train_rows, test_rows = split_rows(len(X), test_fraction, seed, n_train)
+    train, test = X[train_rows.numpy()], X[test_rows.numpy()]
     if X.root.get("checked"):  # the folder was checked before: read the training rows only
         mean, std = _moments(x for _, x in train.scan())
     else:  # one pass over the folder: every row checked finite, the training rows' moments (with multiplicity)

@@ -1,7 +1,7 @@
 """Loss recovered on the language model: an SAE's reconstruction spliced into the residual stream (DESIGN 9.2).
 
 The SAE replaces ``hidden_states[layer]`` (the output of block ``layer - 1``, the tensor the activations were
-extracted from: ``common/infra/activations.py``) at every real position of held-out texts but the first (the BOS where
+extracted from: ``common/infra/extraction.py``) at every real position of held-out texts but the first (the BOS where
 the tokenizer adds one, as token rule ``all`` leaves it out), in the model's own units; the rest of the model
 runs on it. Scored: the next-token cross-entropy and ``KL(clean || spliced)`` at every position but the first
 whose next token is in the text, averaged over those positions. Scores as SAELens defines them
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..infra.activations import blocks_of, pad
+from ..infra.extraction import blocks_of, pad
 from ..infra.data import DataError
 
 ROW_KEYS = ("ce_loss_score", "kl_div_score", "ce_sae", "kl_sae", "ce_loss_score_mean", "kl_div_score_mean")
@@ -57,9 +57,20 @@ def heldout_ids(tokenizer, texts: list[str], max_tokens: int, n_tokens: int) -> 
                     "to score (every token but the first and the last of each text)")
 
 
+def heldout_texts(tokenizer, texts: list[str], test_texts: list[int], max_tokens: int, n_tokens: int) -> dict:
+    """E3's held-out tokens (DESIGN 9.2): the split's test texts ``test_texts`` (numbers of ``texts``, in the split's
+    order; with the extraction in that order they are the first rows of ``X``) through :func:`heldout_ids`.
+
+    Returns {"ids": token ids, "rows": the rows of ``X`` they are (positions in ``test_texts``), "texts": their
+    numbers in ``texts``, "pad_id"}."""
+    ids, used = heldout_ids(tokenizer, [texts[i] for i in test_texts], max_tokens, n_tokens)
+    return dict(ids=ids, rows=used, texts=[test_texts[i] for i in used],
+                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
 def sae_reconstruction(sae, mean: torch.Tensor, std: torch.Tensor, device=None):
     """The function ``h -> std * sae(standardised h) + mean``: an SAE trained on standardised activations
-    (``activations.split_standardise``) reconstructing in the model's own units."""
+    (``split.split_standardise``) reconstructing in the model's own units."""
     model = copy.deepcopy(sae).to(device or "cpu").eval()
     mean, std = mean.to(device or "cpu"), std.to(device or "cpu")
 
@@ -237,7 +248,7 @@ def ids_sha256(ids: list[list[int]]) -> str:
 def source_sha256() -> str:
     """The scores' code: this module and the extraction's (the splice point)."""
     common = Path(__file__).resolve().parents[1]
-    return hashlib.sha256(b"".join((common / f).read_bytes() for f in ("maths/lm_eval.py", "infra/activations.py"))
+    return hashlib.sha256(b"".join((common / f).read_bytes() for f in ("maths/lm_eval.py", "infra/extraction.py"))
                           ).hexdigest()
 
 
