@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from common.experiments import experiment, runner
-from common.experiments.config import (above, at_least, configure, each, in_range, one_of, satisfies, write_json,
-                                       write_text)
+from common.experiments.config import above, at_least, configure, each, in_range, one_of, satisfies
 from common.infra import activations, distributed, stream
+from common.infra.outputs import write_json, write_text
 from common.maths import lm_eval
 from common.maths.sae import ACTIVATIONS as SAE_ACTIVATIONS
 from common.maths.sae import activation_spec

@@ -164,6 +164,6 @@ def test_quick_run(quick):
 
 
 def test_script_refuses_a_k_at_the_data_dimension(tmp_path):
-    from common.experiments.config import ConfigError
+    from common.infra.outputs import ConfigError
     with pytest.raises(ConfigError, match="--KS=.*below --DIM"):
         load_script().main(["--quick", "--out", str(tmp_path), "--KS=1,8"])

@@ -100,7 +100,7 @@ def test_e1_kmeans_numbers_match_sklearn(quick_runs):
 
 
 def test_e1_settings_from_a_scripts_constants():
-    from common.experiments.config import ConfigError
+    from common.infra.outputs import ConfigError
     k1, hard = load_script(E1_SCRIPTS[0]), load_script(E1_SCRIPTS[2])
     consts = {n: getattr(k1, n) for n in k1.ACCEPT}
     s = e1.E1Settings.from_constants(consts)

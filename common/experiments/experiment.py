@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 from ..infra import distributed as dist
 from ..infra.data import subset_indices
+from ..infra.outputs import atomic_write, derive_seed, write_json
 from ..infra.stream import Stream
 from ..maths.sae import SAE, SAEConfig
 from ..maths.train import METHODS, TrainConfig, train
-from .config import atomic_write, derive_seed, write_json
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
 
 
 # the modules a run's numbers depend on (the data enter by content, so extraction code is not among them)
-TRAINING_SOURCES = ("experiments/config.py", "experiments/experiment.py", "experiments/recipe.py", "infra/data.py",
+TRAINING_SOURCES = ("experiments/experiment.py", "experiments/recipe.py", "infra/data.py", "infra/outputs.py",
                     "infra/stream.py", "maths/metrics.py", "maths/pam.py", "maths/sae.py", "maths/train.py")
 
 

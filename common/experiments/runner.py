@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..infra.outputs import write_text
 from ..maths.pam import STATS_DTYPES
 from ..maths.sae import activation_spec
 from ..maths.train import METHODS, device_available
 from . import experiment, tuning
-from .config import above, at_least, boolean, each, in_range, one_of, satisfies, write_text
+from .config import above, at_least, boolean, each, in_range, one_of, satisfies
 from .recipe import RECIPES, recipe_settings
 
 # The constants every SAE-protocol script (E2, E3, E4) may declare, each mapped once to the setting it sets

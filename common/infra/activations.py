@@ -65,10 +65,10 @@ from pathlib import Path
 
 import torch
 
-from ..experiments.config import ROOT, atomic_write
-from ..experiments.config import file_sha256 as sha256
 from .cpu import FreeCores
 from .data import DataError, check_finite, sdist_files, unpacked_sdist
+from .outputs import ROOT, atomic_write
+from .outputs import file_sha256 as sha256
 
 LLM_DIR = ROOT / "data" / "llm"
 CACHE_DIR = LLM_DIR / "cache"

@@ -253,7 +253,7 @@ def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str
     projection for all of them). ``mean``, ``std``: the standardisation the SAEs were trained under."""
     from tqdm.auto import tqdm
 
-    from ..experiments.config import write_json
+    from ..infra.outputs import write_json
     from ..experiments.experiment import RunSpec, run_file
 
     by_id = {r.spec.id: r for r in runs}
