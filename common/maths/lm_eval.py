@@ -295,7 +295,8 @@ def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str
 def summary(rows: list[dict], baselines: dict) -> str:
     """Markdown: per ablation and value, each method's LM scores (mean ± std over seeds) for the rows that
     have them, after the baselines."""
-    from ..experiments.experiment import METHODS, aggregate
+    from ..experiments.report import aggregate
+    from .train import METHODS
 
     scored = [r for r in rows if r.get("ce_sae") is not None]
     b = baselines
