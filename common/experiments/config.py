@@ -351,8 +351,34 @@ def _configure(namespace, argv, quick, name, default_out, hosts_runs=False) -> R
         extra = [k for k in accept if k not in namespace]
         if missing or extra:  # the script's own mistake, not the user's
             raise TypeError(f"{name}: ACCEPT must declare every constant: undeclared {missing}, unknown {extra}")
-    valid = sorted(consts)
+    pairs, is_quick, out, seed, overwrite = _parse_argv(argv, namespace, name, consts)
+    _override(consts, defaults, pairs, quick if is_quick else None)
+    if "SEED" in consts:
+        seed = consts["SEED"]
+    seed = 0 if seed is None else seed
+    if accept is not None:
+        check_constants(dict(consts, **{k: v for k, v in namespace.items() if k in accept and k not in consts}),
+                        accept, defaults)
+    else:
+        for k, v in consts.items():
+            if not _type_ok(v, defaults[k]):
+                raise ConfigError(f"--{k}={show_value(v)}: expected {_noun(defaults[k])} (default {show_value(defaults[k])})")
+    out_dir = _output_folder(out, default_out, name, is_quick, overwrite, consts)
+    script = namespace.get("__file__")
+    run = Run(name=name, out=out_dir, seed=int(seed), quick=is_quick, values=dict(consts), overwrite=overwrite,
+              argv=argv, script=Path(script).resolve() if script and Path(script).is_file() else None,
+              hosts_runs=hosts_runs)
+    # under torchrun rank 0 alone checks, locks and claims the folder; every rank shares its verdict
+    check_folder(run)   # refuse before anything is created, even the lock
+    namespace.update(consts)
+    take_folder(run)
+    return run
 
+
+def _parse_argv(argv: list, namespace: dict, name: str, consts: dict):
+    """The command line read: (the (name, text) pairs of constants, --quick, --out, --seed, --OVERWRITE); --help
+    prints ``usage`` and exits."""
+    valid = sorted(consts)
     pairs, is_quick, out, seed, overwrite = [], False, None, None, False
     i = 0
     while i < len(argv):
@@ -389,8 +415,13 @@ def _configure(namespace, argv, quick, name, default_out, hosts_runs=False) -> R
             overwrite = parse_value("OVERWRITE", val, False)
         else:
             pairs.append((key, val))
+    return pairs, is_quick, out, seed, overwrite
 
-    if quick and is_quick:
+
+def _override(consts: dict, defaults: dict, pairs: list, quick: dict | None) -> None:
+    """``consts`` updated in place: the script's QUICK overrides (``quick``: given with --quick), then the command
+    line's values, each parsed to its default's type."""
+    if quick:
         unknown = sorted(set(quick) - set(consts))
         if unknown:
             raise ConfigError(f"QUICK names unknown constants {unknown}")
@@ -399,19 +430,13 @@ def _configure(namespace, argv, quick, name, default_out, hosts_runs=False) -> R
         const = key.upper().replace("-", "_")
         if const not in consts:
             raise ConfigError(f"unknown option --{key}. Valid names: --quick, --out, --seed, --OVERWRITE, "
-                              + ", ".join(f"--{v}" for v in valid))
+                              + ", ".join(f"--{v}" for v in sorted(defaults)))
         consts[const] = parse_value(const, val, defaults[const])
-    if "SEED" in consts:
-        seed = consts["SEED"]
-    seed = 0 if seed is None else seed
-    if accept is not None:
-        check_constants(dict(consts, **{k: v for k, v in namespace.items() if k in accept and k not in consts}),
-                        accept, defaults)
-    else:
-        for k, v in consts.items():
-            if not _type_ok(v, defaults[k]):
-                raise ConfigError(f"--{k}={show_value(v)}: expected {_noun(defaults[k])} (default {show_value(defaults[k])})")
 
+
+def _output_folder(out, default_out, name: str, is_quick: bool, overwrite: bool, consts: dict) -> Path:
+    """--out, else ``default_out``, else results/<name> (results/quick/<name> with --quick), checked writable and,
+    with --OVERWRITE, apart from every folder the run reads (``INPUT_FOLDERS``)."""
     # a --quick run never overwrites the figures (or the resumable runs) of a real one
     default = ROOT / "results" / ("quick" if is_quick else "") / name
     out_dir = Path(out) if out else Path(default_out) if default_out else default
@@ -422,15 +447,7 @@ def _configure(namespace, argv, quick, name, default_out, hosts_runs=False) -> R
             raise ConfigError(f"--OVERWRITE=True with --{flag}={source}: the output folder {out_dir} and the folder "
                               f"--{flag} reads overlap, so --OVERWRITE would delete what --{flag} reuses; choose "
                               "another --out")
-    script = namespace.get("__file__")
-    run = Run(name=name, out=out_dir, seed=int(seed), quick=is_quick, values=dict(consts), overwrite=overwrite,
-              argv=argv, script=Path(script).resolve() if script and Path(script).is_file() else None,
-              hosts_runs=hosts_runs)
-    # under torchrun rank 0 alone checks, locks and claims the folder; every rank shares its verdict
-    check_folder(run)   # refuse before anything is created, even the lock
-    namespace.update(consts)
-    take_folder(run)
-    return run
+    return out_dir
 
 
 INPUT_FOLDERS = ("TUNED",)   # constants naming a folder a run reads: never inside or around its output with --OVERWRITE

@@ -230,6 +230,18 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     device = model.W_enc.device
     check_device(device)
     x_train, x_test = x_train.to(device), x_test.to(device)
+    _check_inputs(model, cfg, x_train, x_test)
+    _initialise(model, cfg, x_train)
+    trained, opt, params, named = _optimiser(model, cfg)
+    gen = torch.Generator().manual_seed(int(seed))
+    record = _recorder(model, cfg, x_train, x_test, score_train)
+    with _frozen([p for p in model.parameters() if not any(p is q for q in params)]):
+        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position,
+                       report)
+
+
+def _check_inputs(model: SAE, cfg: TrainConfig, x_train, x_test) -> None:
+    """ValueError when the method, the penalties or the data do not fit the model (the data also checked finite)."""
     if cfg.method == "sgd_tied" and not model.tied:
         raise ValueError("method 'sgd_tied' needs a tied model (SAE(..., tied=True))")
     if cfg.method != "sgd_tied" and model.tied:
@@ -253,6 +265,9 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         else:
             check_finite(x, name)
 
+
+def _initialise(model: SAE, cfg: TrainConfig, x_train) -> None:
+    """The recipe's starting point: b_dec from the training data (and the input centre), unit-norm atoms (sgd)."""
     with torch.no_grad():
         if cfg.b_dec_init != "zero":
             if isinstance(x_train, Stream):  # streamed: float64 accumulation (common/infra/stream.py)
@@ -268,6 +283,11 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
                 model.set_centre(point)
         if cfg.unit_norm_atoms and cfg.method == "sgd":
             model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True))
+
+
+def _optimiser(model: SAE, cfg: TrainConfig):
+    """(the blocks trained by gradient, Adam over their parameters, those parameters, their names): PAM steps the
+    encoder only (its decoder is solved), SGD every parameter; weight decay on the encoder only."""
     trained = {"encoder"} if cfg.method == "pam" else {"encoder", "decoder"}
     enc, dec = model.encoder_parameters(), ([] if cfg.method == "pam" else model.decoder_parameters())
     groups = [{"params": enc, "weight_decay": cfg.weight_decay}]
@@ -277,7 +297,12 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     params = enc + dec
     name_of = {id(p): n for n, p in model.named_parameters()}
     named = [name_of[id(p)] for p in params]  # in the order of params (the anchors pair them)
-    gen = torch.Generator().manual_seed(int(seed))
+    return trained, opt, params, named
+
+
+def _recorder(model: SAE, cfg: TrainConfig, x_train, x_test, score_train: bool):
+    """``record(epoch, loss, epoch_time, samples, steps, train_metrics=None, extra=None)``: one history row, with the
+    train (unless given or not scored) and test metrics of an evaluation pass."""
     # several processes (common/infra/distributed.py): each evaluates its rows and the sums are added
     eval_train, eval_test = dist.shard(x_train), dist.shard(x_test)
     sums_train, sums_test = data_sums(eval_train, cfg.eval_batch), data_sums(eval_test, cfg.eval_batch)
@@ -299,10 +324,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         row["eval_time"] = time.perf_counter() - t0
         row.update(extra or {})
         return row
-
-    with _frozen([p for p in model.parameters() if not any(p is q for q in params)]):
-        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position,
-                       report)
+    return record
 
 
 @contextmanager
