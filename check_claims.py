@@ -30,8 +30,9 @@ import torch
 from common.experiments import claims as C
 from common.experiments.config import (at_least, boolean, configure, each, in_range, one_of, satisfies,
                                        script_constants, text)
-from common.experiments.e1 import between_8d_summary
-from common.experiments.experiment import RunSpec, by_budget, evaluated
+from common.experiments.e1_8d import between_8d_summary
+from common.experiments.experiment import RunSpec
+from common.experiments.report import by_budget, evaluated
 from common.maths import theory
 
 # --- profiles ------------------------------------------------------------------------------------

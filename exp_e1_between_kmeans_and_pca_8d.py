@@ -11,13 +11,13 @@ for its codes), and k-means with as many clusters as the SAE has non-empty Top-K
     lower  k-means + rank-K local PCA MSE          (piecewise affine of rank K on the k-means regions)
 
 A case holds if lower <= value <= upper (common.experiments.claims.between_verdict); the claim holds if every case does and
-every lower bound is above 1e-6 (common.experiments.e1.between_8d_summary; docs/DESIGN.md, section 2.5).
+every lower bound is above 1e-6 (common.experiments.e1_8d.between_8d_summary; docs/DESIGN.md, section 2.5).
 
     python exp_e1_between_kmeans_and_pca_8d.py [--quick] [--out DIR] [--seed N] [--NAME=value ...]
 """
 import sys
 
-from common.experiments import e1
+from common.experiments import e1_8d
 from common.experiments.config import above, at_least, configure, each, in_range, satisfies
 
 N_POINTS = 500            # points per data set
@@ -54,9 +54,9 @@ def main(argv=None):
     cases = []
     for k in KS:
         for data_seed in DATA_SEEDS:
-            x, _ = e1.gaussian_mixture(N_POINTS, DIM, N_COMPONENTS, SEPARATION, DECAY, seed=data_seed)
-            model, training = e1.train_exact_topk(x, N_LATENTS, k, STEPS, LR, seed=run.seed_for("sae", k, data_seed))
-            case = {"data_seed": data_seed, **e1.between_case(x, model, seed=run.seed_for("kmeans", k, data_seed)),
+            x, _ = e1_8d.gaussian_mixture(N_POINTS, DIM, N_COMPONENTS, SEPARATION, DECAY, seed=data_seed)
+            model, training = e1_8d.train_exact_topk(x, N_LATENTS, k, STEPS, LR, seed=run.seed_for("sae", k, data_seed))
+            case = {"data_seed": data_seed, **e1_8d.between_case(x, model, seed=run.seed_for("kmeans", k, data_seed)),
                     "sae_topk_before_decoder_solve": training["mse_adam"], "train_seconds": training["seconds"]}
             cases.append(case)
             print(f"[{run.name}] K={k} data seed {data_seed}: k-means ({case['n_kmeans_clusters']} clusters) MSE "
@@ -64,12 +64,12 @@ def main(argv=None):
                   f"{case['sae_topk']:.5g} | k-means + rank-{k} local PCA MSE {case['kmeans_local_pca']:.5g}"
                   f" -> {case['verdict']}", flush=True)
     result = {"cases": cases}
-    verdict, numbers = e1.between_8d_summary(result)
+    verdict, numbers = e1_8d.between_8d_summary(result)
     result["summary"] = {"verdict": verdict, **numbers}
     title = (f"E1 in {DIM}-D ({N_COMPONENTS}-component anisotropic Gaussian mixture, {N_POINTS} points, "
              f"{N_LATENTS} latents): exact Top-K SAE between k-means and k-means + rank-K local PCA, "
              f"same number of regions: {verdict} ({numbers['held']} cases)")
-    e1.plot_between_8d(run.path("between_8d.png"), cases, title, result)
+    e1_8d.plot_between_8d(run.path("between_8d.png"), cases, title, result)
     print(f"[{run.name}] between in {numbers['held']} cases (per K: {numbers['per_k']}); smallest lower bound "
           f"{numbers['min_lower']:.3g} (floor {numbers['lower_floor']:g}) -> {verdict}   -> {run.out}")
     run.finish()

@@ -10,7 +10,7 @@ atoms, Adam 3e-3, 5000 full-batch steps; we also report the exact Top-1 model wi
 """
 import sys
 
-from common.experiments import e1
+from common.experiments import e1_2d
 from common.experiments.config import configure
 
 N_POINTS = 100            # E1 toy data (common.infra.data.toy_e1)
@@ -32,14 +32,14 @@ BOX = (-2.0, 2.0, -2.0, 2.0)
 GRID_RES = 400
 SEED = 0
 
-ACCEPT = e1.ACCEPT  # what each constant accepts (common/experiments/e1.py): checked by configure() before any work
+ACCEPT = e1_2d.ACCEPT  # what each constant accepts (common/experiments/e1_2d.py): checked by configure() first
 
 QUICK = dict(STEPS=60, GRID_RES=60)
 
 
 def main(argv=None):
     run = configure(globals(), argv=argv, quick=QUICK)
-    numbers = e1.run_e1(run, e1.E1Settings.from_constants(run.values))
+    numbers = e1_2d.run_e1(run, e1_2d.E1Settings.from_constants(run.values))
     run.finish()
     return numbers
 

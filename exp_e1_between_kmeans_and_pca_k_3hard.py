@@ -9,7 +9,7 @@ Local PCA on the SAE's regions has rank min(3, 2) = 2, i.e. it is exact on 2-D d
 """
 import sys
 
-from common.experiments import e1
+from common.experiments import e1_2d
 from common.experiments.config import configure
 
 N_POINTS = 100            # E1 toy data (common.infra.data.toy_e1)
@@ -30,7 +30,7 @@ BOX = (-2.0, 2.0, -2.0, 2.0)
 GRID_RES = 400
 SEED = 0
 
-ACCEPT = e1.ACCEPT_EXACT  # what each constant accepts (common/experiments/e1.py; MODE: topk only, there is no
+ACCEPT = e1_2d.ACCEPT_EXACT  # what each constant accepts (common/experiments/e1_2d.py; MODE: topk only, there is no
                           # TEMPERATURE): checked by configure() before any work
 
 QUICK = dict(STEPS=60, GRID_RES=60)
@@ -38,7 +38,7 @@ QUICK = dict(STEPS=60, GRID_RES=60)
 
 def main(argv=None):
     run = configure(globals(), argv=argv, quick=QUICK)
-    numbers = e1.run_e1(run, e1.E1Settings.from_constants(run.values))
+    numbers = e1_2d.run_e1(run, e1_2d.E1Settings.from_constants(run.values))
     run.finish()
     return numbers
 

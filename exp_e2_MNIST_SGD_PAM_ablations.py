@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common.experiments import experiment, runner
+from common.experiments import experiment, figures, runner
 from common.experiments.config import above, configure, each, in_range, one_of
 from common.experiments.plotting import image_grid, save
 from common.infra import distributed
@@ -171,7 +171,7 @@ def main():
                     fig = image_grid(dec, 16, cmap="RdBu_r", cell=0.7,
                                      suptitle=f"{label} {m}: decoder atoms (first {n_show})")
                     save(fig, out / f"filters_{m}_decoder.png", {"latents": list(range(n_show))})
-            experiment.stem_plots(base, digits, out, label)
+            figures.stem_plots(base, digits, out, label)
     run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed),
                      "n_train": len(x_train), "n_test": len(x_test)})
 

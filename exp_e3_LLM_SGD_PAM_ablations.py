@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from common.experiments import experiment, runner
-from common.experiments.config import (above, at_least, configure, each, in_range, one_of, satisfies, write_json,
-                                       write_text)
+from common.experiments import experiment, figures, report, runner
+from common.experiments.config import above, at_least, configure, each, in_range, one_of, satisfies
 from common.infra import activations, distributed, extraction, llm_assets, split, stream
 from common.infra.data import DataError
+from common.infra.outputs import write_json, write_text
 from common.maths import lm_eval
 from common.maths.sae import ACTIVATIONS as SAE_ACTIVATIONS
 from common.maths.sae import activation_spec
@@ -293,7 +293,7 @@ def main():
     rows, models = result.rows, result.models
     if "base" in ablations:
         ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
-        experiment.stem_plots({m: models[i] for m, i in ids.items() if i in models}, x_test, run.out, label)
+        figures.stem_plots({m: models[i] for m, i in ids.items() if i in models}, x_test, run.out, label)
     text = (run.out / "summary.md").read_text()
     if LM_EVAL_TOKENS:
         def evaluator():
@@ -311,7 +311,7 @@ def main():
         scored = {r.spec.id: models[r.spec.id] for r in plan if r.spec.id in models and r.spec.ablation in LM_EVAL_ABLATIONS}
         baselines = lm_eval.score_runs(rows, scored, plan, run.out, experiment.fingerprint(x_train, x_test, run.seed),
                                        eval_key, evaluator, mean, std, group=LM_EVAL_GROUP, device=device)
-        experiment.write_table(rows, run.out)
+        report.write_table(rows, run.out)
         if baselines is not None:
             write_json(run.out / "lm_eval.json", dict(baselines, model=meta["model"], layer=meta["layer"],
                                                       ablations=list(LM_EVAL_ABLATIONS), test_texts=heldout["texts"]))

@@ -28,9 +28,10 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from common.experiments import experiment, runner
-from common.experiments.config import at_least, configure, each, in_range, one_of, satisfies, write_json, write_text
+from common.experiments.config import at_least, configure, each, in_range, one_of, satisfies
 from common.experiments.plotting import save
 from common.experiments.recipe import recipe_settings
+from common.infra.outputs import write_json, write_text
 from common.infra.synthetic import MAGNITUDES, SyntheticConfig, generate
 from common.maths.metrics import RECOVERY_THRESHOLD, recovery
 from common.maths.sae import TOPK_ACTIVATIONS

@@ -24,8 +24,9 @@ from matplotlib.patches import Circle, Polygon
 from scipy.spatial import ConvexHull
 
 from common.experiments import e1, plotting
-from common.experiments.config import above, at_least, atomic_write, box, configure, finite, satisfies, write_json
+from common.experiments.config import above, at_least, box, configure, finite, satisfies
 from common.infra.data import grid, toy_e1
+from common.infra.outputs import atomic_write, write_json
 from common.maths import geometry as G
 
 SEED = 42

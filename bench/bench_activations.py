@@ -19,8 +19,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common.experiments.config import script_constants, write_json  # noqa: E402
+from common.experiments.config import script_constants  # noqa: E402
 from common.infra.data import load_mnist  # noqa: E402
+from common.infra.outputs import write_json  # noqa: E402
 from common.maths.sae import ACTIVATIONS, SAE, activation_spec  # noqa: E402
 from common.maths.train import METHODS, TrainConfig, train  # noqa: E402
 

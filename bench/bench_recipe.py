@@ -17,12 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.experiments.config import derive_seed  # noqa: E402
-from common.experiments.config import write_text  # noqa: E402
 from common.experiments.experiment import DEFAULTS, Run, RunSpec, train_runs  # noqa: E402
 from common.experiments.recipe import recipe_settings  # noqa: E402
 from common.experiments.tuning import validation_split  # noqa: E402
 from common.infra.data import load_mnist  # noqa: E402
+from common.infra.outputs import derive_seed, write_text  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--epochs", type=int, default=20)

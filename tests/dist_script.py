@@ -5,7 +5,7 @@
 
 On every rank but 0 an audit hook (sys.addaudithook) reports on stderr, as "rank R wrote ...", every write
 under DIR: a file opened for writing, renamed, removed, truncated or touched, a folder made or removed.
-Every file the code base writes goes through common.experiments.config.atomic_write (os.open + os.replace, both
+Every file the code base writes goes through common.infra.outputs.atomic_write (os.open + os.replace, both
 audited), so a write by another rank cannot pass unseen."""
 import os
 import runpy

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from common.experiments.config import (ConfigError, above, at_least, atomic_write, box, configure, derive_seed, each,
-                                       in_range, one_of, parse_value, satisfies, write_json)
+from common.experiments.config import above, at_least, box, configure, each, in_range, one_of, parse_value, satisfies
+from common.infra.outputs import ConfigError, atomic_write, derive_seed, write_json
 
 
 def namespace():
@@ -60,7 +60,7 @@ def test_default_output_folders_keep_quick_runs_apart(tmp_path, monkeypatch):
 
 
 def test_write_json_is_strict_and_names_the_file(tmp_path):
-    from common.experiments.config import write_json
+    from common.infra.outputs import write_json
     with pytest.raises(ValueError, match=r"bad\.json: refusing to write a non-finite number"):
         write_json(tmp_path / "bad.json", {"x": [1.0, float("nan")]})
     assert not (tmp_path / "bad.json").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.experiments.config import lock_output
+from common.infra.outputs import lock_output
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "exp_e2_MNIST_SGD_PAM_ablations.py"

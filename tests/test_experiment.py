@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from common.experiments import experiment
+from common.experiments import experiment, report
 from common.maths.sae import SAEConfig
 from common.maths.train import TrainConfig
 
@@ -105,7 +105,7 @@ def test_a_tuned_protocol_plans_one_run_per_budget_and_shares_identical_choices(
     for r in rows:
         assert (r["epochs"], r["stop_epoch"], r["steps"]) == (3, 2, 2 * 7)   # 200 rows in batches of 32
     assert len(hist["sgd|base=-|rep0|budget5"]) == 3
-    summary = experiment.summary(rows, "tuned")
+    summary = report.summary(rows, "tuned")
     assert "## Tuning budget: 5 trials" in summary and summary.index("budget: 5") < summary.index("budget: 2")
     # every run needs its own choice
     missing = dict(tuned)
@@ -195,7 +195,7 @@ def test_extra_metrics_of_each_trained_model_join_its_row_csv_and_run_file(tmp_p
         assert r["atom0_norm"] == pytest.approx(float(models[rid].atoms[0].detach().norm()), rel=1e-6)
         assert r["n_latents_seen"] == 12
     header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
-    assert header == list(experiment.TABLE_COLUMNS) + ["atom0_norm", "n_latents_seen"]
+    assert header == list(report.TABLE_COLUMNS) + ["atom0_norm", "n_latents_seen"]
     # a resumed run keeps the values it was saved with; nothing is recomputed
     again, _, _ = experiment.execute(protocol, x_train, x_test, tmp_path, progress=False, extra_metrics=extra)
     assert len(seen) == 3 and [r["atom0_norm"] for r in again] == [r["atom0_norm"] for r in rows]

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from common.experiments import plotting  # noqa: E402
-from common.experiments import e1
+from common.experiments import e1, e1_2d
 from common.infra.data import grid, toy_e1  # noqa: E402
 from common.maths import geometry as G  # noqa: E402
 
@@ -100,24 +100,24 @@ def test_e1_kmeans_numbers_match_sklearn(quick_runs):
 
 
 def test_e1_settings_from_a_scripts_constants():
-    from common.experiments.config import ConfigError
+    from common.infra.outputs import ConfigError
     k1, hard = load_script(E1_SCRIPTS[0]), load_script(E1_SCRIPTS[2])
     consts = {n: getattr(k1, n) for n in k1.ACCEPT}
-    s = e1.E1Settings.from_constants(consts)
+    s = e1_2d.E1Settings.from_constants(consts)
     assert (s.mode, s.temperature, s.k, s.box) == ("softmax", 0.3, 1, (-2.0, 2.0, -2.0, 2.0))
-    exact = e1.E1Settings.from_constants({n: getattr(hard, n) for n in hard.ACCEPT})
+    exact = e1_2d.E1Settings.from_constants({n: getattr(hard, n) for n in hard.ACCEPT})
     assert exact.mode == "topk" and exact.temperature is None
     with pytest.raises(ValueError, match=r"unknown \['TEMPERATRE'\]"):          # a typo is refused by name
-        e1.E1Settings.from_constants({**consts, "TEMPERATRE": 0.3})
+        e1_2d.E1Settings.from_constants({**consts, "TEMPERATRE": 0.3})
     with pytest.raises(ValueError, match=r"missing \['STEPS'\]"):
-        e1.E1Settings.from_constants({n: v for n, v in consts.items() if n != "STEPS"})
+        e1_2d.E1Settings.from_constants({n: v for n, v in consts.items() if n != "STEPS"})
     no_t = {n: v for n, v in consts.items() if n != "TEMPERATURE"}
     with pytest.raises(ConfigError, match="--MODE=softmax: expected topk .*need a TEMPERATURE"):
-        e1.E1Settings.from_constants(no_t)                                     # a softmax mode needs one
+        e1_2d.E1Settings.from_constants(no_t)                                     # a softmax mode needs one
     with pytest.raises(ConfigError, match="--TEMPERATURE=0"):
-        e1.E1Settings.from_constants({**consts, "TEMPERATURE": 0.0})
+        e1_2d.E1Settings.from_constants({**consts, "TEMPERATURE": 0.0})
     with pytest.raises(ConfigError, match="--K=41"):
-        e1.E1Settings.from_constants({**consts, "K": 41})
+        e1_2d.E1Settings.from_constants({**consts, "K": 41})
     with pytest.raises(Exception):                                             # frozen
         s.k = 2
     with pytest.raises(ValueError, match="needs a temperature"):
@@ -132,17 +132,17 @@ def test_e1_report_names_each_number():
     numbers = {"mse": {"kmeans": 0.094, "sae_relaxed": 0.83, "sae_topk": 4.28, "sae_hard_limit": 1.25,
                        "kmeans_local_pca": 0.014, "kmeans_local_pca_rank_k": 2e-33, "local_pca_on_sae_regions": 0.011},
                "local_pca_rank": 2, "n_sae_regions_on_data": 10}
-    line = e1.report("k_3", e1.E1Settings.from_constants({n: getattr(k3, n) for n in k3.ACCEPT}), numbers, "out")
+    line = e1_2d.report("k_3", e1_2d.E1Settings.from_constants({n: getattr(k3, n) for n in k3.ACCEPT}), numbers, "out")
     for part in ("softmax-over-top-3-relaxed SAE (trained, T=0.3) MSE 0.83",
                  "its exact Top-3 counterpart (same parameters, not trained as such) MSE 4.28",
                  "k-means (3 clusters) MSE 0.094", "k-means + rank-2 local PCA MSE 2e-33",
                  "k-means + rank-1 local PCA MSE 0.014", "the relaxation at T->0 MSE 1.25"):
         assert part in line, (part, line)
-    line = e1.report("k_1", e1.E1Settings.from_constants({n: getattr(k1, n) for n in k1.ACCEPT}),
+    line = e1_2d.report("k_1", e1_2d.E1Settings.from_constants({n: getattr(k1, n) for n in k1.ACCEPT}),
                      {**numbers, "local_pca_rank": 1}, "out")
     assert "softmax-relaxed SAE (trained, T=0.3) MSE 0.83" in line and "its exact Top-1 counterpart" in line
     exact = {**numbers, "mse": {**numbers["mse"], "sae_relaxed": None, "sae_hard_limit": None}}
-    line = e1.report("k_3hard", e1.E1Settings.from_constants({n: getattr(hard, n) for n in hard.ACCEPT}), exact, "out")
+    line = e1_2d.report("k_3hard", e1_2d.E1Settings.from_constants({n: getattr(hard, n) for n in hard.ACCEPT}), exact, "out")
     assert "exact Top-3 SAE (trained) MSE 4.28 |" in line and "counterpart" not in line and "T->0" not in line
 
 
@@ -296,7 +296,7 @@ def test_protocol_figures_have_no_overlapping_text(tmp_path):
 
     import matplotlib.pyplot as plt
 
-    from common.experiments import experiment
+    from common.experiments import experiment, figures
     from common.experiments.plotting import OverlapWarning, overlapping_text
 
     fig, axes = plt.subplots(1, 2, figsize=(4, 2))
@@ -316,8 +316,8 @@ def test_protocol_figures_have_no_overlapping_text(tmp_path):
     label = "MNIST topk, modern recipe, tuned, budget 8: a long label as the scripts make them"
     with warnings.catch_warnings():
         warnings.simplefilter("error", OverlapWarning)
-        experiment.ablation_figures(rows, histories, tmp_path, label)
-        experiment.base_curves(histories, tmp_path, label, budget=8)
+        figures.ablation_figures(rows, histories, tmp_path, label)
+        figures.base_curves(histories, tmp_path, label, budget=8)
     assert (tmp_path / "ablation_fraction.png").exists() and (tmp_path / "curves_base.png").exists()
 
 def _script(name, *args, timeout=200):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.experiments.config import ConfigError, at_least, configure, lock_output, one_of, text, write_text
+from common.experiments.config import at_least, configure, one_of, text
+from common.infra.outputs import ConfigError, lock_output, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 E1 = ROOT / "exp_e1_between_kmeans_and_pca_k_1.py"
@@ -198,7 +199,7 @@ def test_a_folder_of_the_users_own_files_is_refused(tmp_path):
 
 
 def test_a_file_dropped_into_a_run_folder_is_never_replaced(tmp_path):
-    from common.experiments.config import OutputError
+    from common.infra.outputs import OutputError
     run, out = started(tmp_path, {"table.csv": "a\n"})
     run.finish()
     (out / "summary.md").write_text("the user's own notes")
@@ -273,7 +274,7 @@ def test_out_under_a_file_or_unwritable_is_refused_in_one_line(tmp_path, monkeyp
     res = script(FIG6, "--quick", "--out", tmp_path / "file" / "sub")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert f"{tmp_path / 'file'} is a file, not a folder" in res.stderr
-    monkeypatch.setattr("common.experiments.config.os.access", lambda p, mode: False)
+    monkeypatch.setattr("common.infra.ownership.os.access", lambda p, mode: False)
     with pytest.raises(ConfigError, match="cannot be written"):
         configure(namespace(), ["--out", str(tmp_path / "ro" / "out")])
 
@@ -281,7 +282,7 @@ def test_out_under_a_file_or_unwritable_is_refused_in_one_line(tmp_path, monkeyp
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
     import errno
 
-    from common.experiments.config import OutputError
+    from common.infra.outputs import OutputError
 
     run, out = started(tmp_path, {})
 
@@ -336,7 +337,7 @@ def test_killed_run_leaves_no_worker_and_no_lock(tmp_path, sig):
     import signal
     import time
 
-    from common.experiments.config import lock_holder
+    from common.infra.outputs import lock_holder
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _pids_script(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     workers = [int(p) for p in proc.stdout.readline().split()]

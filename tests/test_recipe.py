@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from common.experiments import recipe
 from common.maths.pam import collect_stats, decoder_objective, solve_decoder
 from common.maths.sae import SAE
-from common.maths.train import NonFiniteError, TrainConfig, _aux_loss, lr_factor, train
+from common.maths.steps import _aux_loss, lr_factor
+from common.maths.train import NonFiniteError, TrainConfig, train
 
 
 def toy(n=600, n_features=10, seed=0, offset=3.0):
@@ -89,7 +90,7 @@ def test_unit_norm_gradient_projection_and_renormalisation():
     assert torch.allclose(model.W_dec.norm(dim=1), torch.ones(16), atol=1e-5)
     assert hist[-1]["test_mse"] < 0.5 * hist[0]["test_mse"]
     # the projection leaves each atom's gradient orthogonal to the atom
-    from common.maths.train import _project_atom_gradient
+    from common.maths.steps import _project_atom_gradient
     model.zero_grad()
     F.mse_loss(model(xtr[:50]).recon, xtr[:50]).backward()
     raw = model.W_dec.grad.clone()

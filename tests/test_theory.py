@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import check_grad
 
-from common.experiments.config import derive_seed
+from common.infra.outputs import derive_seed
 from common.maths import geometry as G
 from common.maths import theory as T
 

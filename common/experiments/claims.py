@@ -85,7 +85,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import t as student_t
 
-from common.experiments.config import write_text
+from common.infra.outputs import write_text
 
 VERDICTS = ("holds", "does not hold", "mixed", "inconclusive", "uninformative")
 CATEGORIES = ("identity", "paper-empirical", "implementation", "beyond-paper")

@@ -17,7 +17,6 @@ the same.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing as mp
@@ -34,10 +33,11 @@ from tqdm.auto import tqdm
 
 from ..infra import distributed as dist
 from ..infra.data import subset_indices
+from ..infra.outputs import atomic_write, derive_seed, write_json
 from ..infra.stream import Stream
 from ..maths.sae import SAE, SAEConfig
 from ..maths.train import METHODS, TrainConfig, train
-from .config import atomic_write, derive_seed, write_json
+from .report import uninformative, write_table
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,6 @@ SETTINGS = (*MODEL_KEYS, *TRAIN_KEYS, "fraction")
 # run and weight_decay=0 are recognised as the same run
 DEFAULTS = {f.name: f.default for f in (*fields(TrainConfig), *fields(SAEConfig))
             if f.name in SETTINGS and f.default is not MISSING} | {"fraction": 1.0}
-TABLE_COLUMNS = ("method", "activation", "ablation", "value", "replicate", "budget", "train_mse", "test_mse",
-                 "train_fvu", "test_fvu", "l0", "dead", "uninformative", "epochs", "stop_epoch", "steps", "batch_size",
-                 "samples_seen", "n_train", "wall_time", "train_time", "tuned", "shared_with",
-                 # the loss recovered on the language model (E3 with LM_EVAL_TOKENS; common/maths/lm_eval.py): blank elsewhere
-                 "ce_loss_score", "kl_div_score", "ce_sae", "kl_sae", "ce_loss_score_mean", "kl_div_score_mean")
 
 
 def check_settings(names, where: str) -> None:
@@ -123,11 +118,6 @@ def configs(settings: dict, method: str, n_features: int) -> tuple[SAEConfig, Tr
     check_settings(settings, "the run's settings have")
     model = SAEConfig(n_features, tied=method == "sgd_tied", **{k: settings[k] for k in MODEL_KEYS if k in settings})
     return model, TrainConfig(method=method, **{k: settings[k] for k in TRAIN_KEYS if k in settings})
-
-
-def uninformative(test_fvu: float) -> bool:
-    """A model with test FVU >= 1 reconstructs no better than the test set's mean: it never counts as a win."""
-    return not test_fvu < 1.0
 
 
 @dataclass
@@ -340,8 +330,9 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
 
 
 # the modules a run's numbers depend on (the data enter by content, so extraction code is not among them)
-TRAINING_SOURCES = ("experiments/config.py", "experiments/experiment.py", "experiments/recipe.py", "infra/data.py",
-                    "infra/stream.py", "maths/metrics.py", "maths/pam.py", "maths/sae.py", "maths/train.py")
+TRAINING_SOURCES = ("experiments/experiment.py", "experiments/recipe.py", "experiments/report.py", "infra/data.py",
+                    "infra/outputs.py", "infra/stream.py", "maths/metrics.py", "maths/pam.py", "maths/sae.py",
+                    "maths/train.py")
 
 
 def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> str:
@@ -498,217 +489,6 @@ def _extra_columns(extra, row: dict, rid: str) -> dict:
     if bad:
         raise ValueError(f"{rid}: extra_metrics must map names to finite numbers; got {bad}")
     return extra
-
-
-def write_table(rows: list[dict], out: Path) -> None:
-    """table.json (every key of every row) and table.csv (TABLE_COLUMNS, then any other keys, e.g. a run's
-    extra metrics, in order of first appearance)."""
-    out = Path(out)
-    write_json(out / "table.json", rows)
-    columns = list(TABLE_COLUMNS) + list(dict.fromkeys(k for r in rows for k in r if k not in TABLE_COLUMNS))
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in columns})
-    atomic_write(out / "table.csv", write_csv)
-
-
-def aggregate(rows: list[dict], metric: str = "test_mse") -> dict:
-    """{(ablation, value, method): (mean, std, n)} over replicate seeds (std with ddof=0 when n = 1); rows of one
-    tuning budget at a time (``by_budget``)."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["ablation"], r["value"], r["method"]), []).append(float(r[metric]))
-    return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
-
-
-def by_budget(rows: list[dict]) -> dict:
-    """{tuning budget: its rows}, largest budget first (0: runs not tuned where they are judged)."""
-    out = {}
-    for r in rows:
-        out.setdefault(int(r.get("budget", 0)), []).append(r)
-    return dict(sorted(out.items(), reverse=True))
-
-
-def summary(rows: list[dict], title: str, tuning_note: str = "") -> str:
-    """Markdown: per tuning budget, ablation and value, each method's test MSE, FVU, dead fraction, L0, stopping
-    epoch and optimiser steps, and which method has the lowest test MSE and by how much. A method whose mean test
-    FVU is >= 1 is marked "uninformative" and never wins. ``tuning_note``: how the settings were chosen."""
-    lines = [f"# {title}", "", "Final test MSE (mean ± std over seeds; lower is better), test FVU, dead fraction "
-             "(latents that never fire on the test set), test L0, the epoch the run stopped at / its schedule's "
-             "epochs, and optimiser steps (means over seeds). 'margin' = how much higher the runner-up's mean test "
-             "MSE is, relative to the winner's. A method with test FVU >= 1 (no better than predicting the mean) is "
-             "marked *uninformative* and never wins.", ""]
-    if tuning_note:
-        lines += [tuning_note, ""]
-    groups = by_budget(rows)
-    for budget, brows in groups.items():
-        if budget:
-            lines += [f"## Tuning budget: {budget} trials per method and study", ""]
-        lines += _summary_tables(brows, "###" if budget else "##")
-    return "\n".join(lines)
-
-
-def _summary_tables(rows: list[dict], level: str) -> list[str]:
-    agg = {m: aggregate(rows, m) for m in ("test_mse", "test_fvu", "dead", "l0")}
-    steps = {k: aggregate(rows, k) for k in ("stop_epoch", "epochs", "steps") if all(k in r for r in rows)}
-    order = []
-    for r in rows:
-        if (r["ablation"], r["value"]) not in order:
-            order.append((r["ablation"], r["value"]))
-    present = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    lines = []
-    for ablation in dict.fromkeys(a for a, _ in order):
-        lines += [f"{level} {ablation}", "", "| value | " + " | ".join(
-            f"{m} test MSE | FVU | dead | L0 | epoch | steps" for m in present) + " | winner | margin |",
-                  "|---" * (2 + 6 * len(present) + 1) + "|"]
-        for a, v in order:
-            if a != ablation:
-                continue
-            cells, means = [], {}
-            for m in present:
-                if (a, v, m) not in agg["test_mse"]:
-                    cells.append("– | – | – | – | – | –")
-                    continue
-                mean, std, n = agg["test_mse"][(a, v, m)]
-                fvu = agg["test_fvu"][(a, v, m)][0]
-                if uninformative(fvu):
-                    mark = " *uninformative*"
-                else:
-                    mark = ""
-                    means[m] = mean
-                ep = (f"{steps['stop_epoch'][(a, v, m)][0]:.1f} / {steps['epochs'][(a, v, m)][0]:.0f}"
-                      if "stop_epoch" in steps and "epochs" in steps else "–")
-                st = f"{steps['steps'][(a, v, m)][0]:.0f}" if "steps" in steps else "–"
-                cells.append(f"{mean:.5f}" + (f" ± {std:.5f}" if n > 1 else "") + mark
-                             + f" | {fvu:.4f} | {100 * agg['dead'][(a, v, m)][0]:.1f}% | {agg['l0'][(a, v, m)][0]:.1f}"
-                             + f" | {ep} | {st}")
-            ranked = sorted(means, key=means.get)
-            winner = ranked[0] if ranked else "–"
-            margin = "–"
-            if len(ranked) > 1:
-                margin = f"{(means[ranked[1]] - means[ranked[0]]) / means[ranked[0]] * 100:.1f}%"
-            lines.append(f"| {v} | " + " | ".join(cells) + f" | {winner} | {margin} |")
-        lines.append("")
-    return lines
-
-
-METHOD_CMAPS = ("Blues", "Oranges", "Greens")  # matches matplotlib's first three cycle colours (the bars)
-
-
-def ablation_figures(rows: list[dict], histories: dict, out: Path, label: str) -> list[Path]:
-    """Per ablation: bars of final test MSE, test FVU (1 = the mean's error: above it a model is
-    uninformative) and dead fraction by value and method, and the test-MSE curves of seed 0."""
-    import matplotlib.pyplot as plt
-
-    from .plotting import curves, grouped_bars, save
-
-    out = Path(out)
-    agg = {m: aggregate(rows, m) for m in ("test_mse", "test_fvu", "dead")}
-    paths = []
-    for ablation in dict.fromkeys(r["ablation"] for r in rows):
-        values = list(dict.fromkeys(r["value"] for r in rows if r["ablation"] == ablation))
-        methods = [m for m in METHODS if any((ablation, v, m) in agg["test_mse"] for v in values)]
-        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-        numbers = {"ablation": ablation, "values": values}
-        for ax, metric, ylabel, logy in ((axes[0, 0], "test_mse", "final test MSE", True),
-                                         (axes[0, 1], "test_fvu", "final test FVU", True),
-                                         (axes[1, 0], "dead", "dead fraction (test)", False)):
-            series = {m: [agg[metric].get((ablation, v, m), (np.nan,))[0] for v in values] for m in methods}
-            errs = {m: [agg[metric].get((ablation, v, m), (0, 0))[1] for v in values] for m in methods}
-            grouped_bars(ax, values, series, ylabel, ylabel, errors=errs, logy=logy)
-            ax.set_xlabel(ablation)
-            if metric == "test_fvu":
-                ax.axhline(1.0, color="k", lw=0.8, ls="--", label="FVU 1: uninformative")
-                ax.legend(fontsize=8)
-            numbers[f"mean_{metric}"] = {m: [v if np.isfinite(v) else None for v in vals] for m, vals in series.items()}
-            numbers[f"std_{metric}"] = errs
-        lines, colors = {}, {}
-        for r in rows:
-            if r["ablation"] != ablation or r["replicate"] != 0:
-                continue
-            h = histories[RunSpec(r["method"], ablation, r["value"], 0, r.get("budget", 0)).id]
-            tag = r["method"] if ablation == "base" else f"{r['method']} {r['value']}"
-            lines[tag] = evaluated(h, "test_mse")
-            # the bars' colour family per method (blue, orange, green), darker for later values
-            shade = 0.45 + 0.5 * values.index(r["value"]) / max(len(values) - 1, 1)
-            colors[tag] = plt.get_cmap(METHOD_CMAPS[METHODS.index(r["method"])])(shade)
-        curves(axes[1, 1], lines, "epoch", "test MSE", "test MSE curves (seed 0)", logy=True, colors=colors)
-        if len(lines) > 8:
-            axes[1, 1].legend(fontsize=6, ncol=2)
-        numbers["curves"] = {k: {"epoch": v[0], "test_mse": v[1]} for k, v in lines.items()}
-        fig.suptitle(f"{label}: {ablation}")
-        fig.tight_layout()
-        paths.append(save(fig, out / f"ablation_{ablation}.png", numbers))
-    return paths
-
-
-def evaluated(history: list[dict], key: str, at=None) -> tuple[list, list]:
-    """(x, values) of ``key`` over the epochs of a history that were evaluated (``TrainConfig.eval_every``); x is the
-    epoch, or ``at[i]`` for epoch i."""
-    pts = [(e["epoch"] if at is None else at[i], e[key]) for i, e in enumerate(history) if key in e]
-    return [x for x, _ in pts], [v for _, v in pts]
-
-
-def base_curves(histories: dict, out: Path, label: str, rep: int = 0, budget: int = 0) -> Path:
-    """Train and test MSE per epoch of the base runs."""
-    import matplotlib.pyplot as plt
-
-    from .plotting import curves, save
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    numbers = {}
-    for i, split in enumerate(("train", "test")):
-        series = {}
-        for m in METHODS:
-            h = histories.get(RunSpec(m, "base", "-", rep, budget).id)
-            if h:
-                series[m] = evaluated(h, f"{split}_mse")
-        curves(axes[i], series, "epoch", f"{split} MSE", f"{split} MSE (equal epochs)", logy=True)
-        numbers[split] = {k: {"epoch": v[0], "mse": v[1]} for k, v in series.items()}
-    # equal wall-clock view: test MSE against cumulative training seconds (evaluation excluded)
-    series = {}
-    for m in METHODS:
-        h = histories.get(RunSpec(m, "base", "-", rep, budget).id)
-        if h:
-            series[m] = evaluated(h, "test_mse", np.cumsum([e["epoch_time"] for e in h]).tolist())
-    curves(axes[2], series, "training time (s)", "test MSE", "test MSE (equal wall clock)", logy=True)
-    fig.suptitle(label)
-    fig.tight_layout()
-    numbers["test_vs_seconds"] = {k: {"seconds": v[0], "mse": v[1]} for k, v in series.items()}
-    return save(fig, Path(out) / "curves_base.png", numbers)
-
-
-def stem_plots(models: dict, x: torch.Tensor, out: Path, label: str, n_samples: int = 3) -> Path:
-    """Latent activations of a few fixed samples per method, with the count of active latents."""
-    import matplotlib.pyplot as plt
-
-    from .plotting import save
-
-    methods = list(models)
-    fig, axes = plt.subplots(len(methods), n_samples, figsize=(4 * n_samples, 2.2 * len(methods)), squeeze=False)
-    numbers = {}
-    with torch.no_grad():
-        for i, name in enumerate(methods):
-            rows = x[:n_samples]
-            codes = models[name](rows.materialise() if isinstance(rows, Stream) else rows)[1].numpy()
-            numbers[name] = {"active": [int((c != 0).sum()) for c in codes], "codes": codes.tolist()}
-            for j in range(n_samples):
-                ax = axes[i, j]
-                nz = np.flatnonzero(codes[j])
-                if len(nz):
-                    ax.stem(nz, codes[j][nz], markerfmt=".", basefmt=" ")
-                ax.axhline(0, color="0.6", lw=0.5)
-                ax.set_xlim(-1, codes.shape[1])
-                ax.set_title(f"{name}, sample {j}: {len(nz)} active", fontsize=8)
-                ax.set_xlabel("latent", fontsize=7)
-                ax.tick_params(labelsize=6)
-    fig.suptitle(f"{label}: latent activations")
-    fig.tight_layout()
-    return save(fig, Path(out) / "latent_stems.png", numbers)
 
 
 def parse_only(only, available) -> list[str]:

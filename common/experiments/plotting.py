@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from .config import ConfigError, atomic_write, write_json  # noqa: E402
+from ..infra.outputs import ConfigError, atomic_write, write_json  # noqa: E402
 
 
 class OverlapWarning(UserWarning):

@@ -13,11 +13,12 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..infra.outputs import write_text
 from ..maths.pam import STATS_DTYPES
 from ..maths.sae import activation_spec
 from ..maths.train import METHODS, device_available
-from . import experiment, tuning
-from .config import above, at_least, boolean, each, in_range, one_of, satisfies, write_text
+from . import experiment, figures, report, tuning
+from .config import above, at_least, boolean, each, in_range, one_of, satisfies
 from .recipe import RECIPES, recipe_settings
 
 # The constants every SAE-protocol script (E2, E3, E4) may declare, each mapped once to the setting it sets
@@ -179,10 +180,10 @@ def run(protocol: experiment.Protocol, x_train, x_test, out: Path, title: str, l
                                                  device=device, keep_models=keep_models, extra_metrics=extra_metrics)
     budget = max(protocol.budgets, default=0)
     main = [r for r in rows if r.get("budget", 0) == budget]
-    experiment.ablation_figures(main, histories, out, label + (f", budget {budget}" if budget else ""))
+    figures.ablation_figures(main, histories, out, label + (f", budget {budget}" if budget else ""))
     if any(r["ablation"] == "base" for r in main):
-        experiment.base_curves(histories, out, label, budget=budget)
-    text = experiment.summary(rows, title, tuning_note(record, where))
+        figures.base_curves(histories, out, label, budget=budget)
+    text = report.summary(rows, title, tuning_note(record, where))
     write_text(out / "summary.md", text)
     print(text)
     return Result(rows, histories, models, record, budget, protocol)

@@ -56,9 +56,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..infra.outputs import derive_seed, write_json, write_text
 from ..maths.sae import SAE
 from ..maths.train import NonFiniteError, train
-from .config import at_least, boolean, derive_seed, in_range, satisfies, write_json, write_text
+from .config import at_least, boolean, in_range, satisfies
 from .experiment import Protocol, TunedKey, configs, fingerprint, replicate_seed, training_rows
 
 ALIASES = {"mu_nu": ("mu", "nu")}

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from ..experiments.config import atomic_write
+from .outputs import atomic_write
 from .data import DataError
 from .extraction import DTYPES, TOKEN_RULES, check_args, check_layer, extract, extract_batches
 from .llm_assets import (CACHE_DIR, DEFAULT_MODEL, GGUF_MODELS, TEXT_RULE_VERSION, default_layer, ensure_dir,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..experiments.config import ROOT, atomic_write
+from .outputs import ROOT, atomic_write
 
 MNIST_DIR = ROOT / "data" / "mnist"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

@@ -20,7 +20,7 @@ with CUDA, nccl for CUDA tensors and gloo for CPU ones, each rank on the GPU ``L
 has a timeout, so a rank that dies makes the others fail with an error instead of hanging forever.
 
 A script under torchrun (docs/DESIGN.md, section 3.9): every rank runs it whole, on the same settings and
-data, and trains the same runs one at a time; only rank 0 writes files (``common.experiments.config.is_writer``), prints
+data, and trains the same runs one at a time; only rank 0 writes files (``common.infra.outputs.is_writer``), prints
 and shows progress (``quiet_others``); what depends on the file system (the output folder's lock and
 records, the runs finished earlier) is decided by rank 0 and sent to the others (``on_main``); data that
 may have to be fetched or extracted is prepared by rank 0 first (``main_first``).

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from ..experiments.config import ROOT, atomic_write
-from ..experiments.config import file_sha256 as sha256
+from .outputs import ROOT, atomic_write
+from .outputs import file_sha256 as sha256
 from .data import DataError, sdist_files, unpacked_sdist
 
 LLM_DIR = ROOT / "data" / "llm"

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..experiments.config import file_sha256
 from .data import DataError
+from .outputs import file_sha256
 
 SUFFIXES = (".npy", ".safetensors")
 INDEX = "index.json"

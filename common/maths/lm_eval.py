@@ -264,7 +264,7 @@ def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str
     projection for all of them). ``mean``, ``std``: the standardisation the SAEs were trained under."""
     from tqdm.auto import tqdm
 
-    from ..experiments.config import write_json
+    from ..infra.outputs import write_json
     from ..experiments.experiment import RunSpec, run_file
 
     by_id = {r.spec.id: r for r in runs}
@@ -306,7 +306,8 @@ def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str
 def summary(rows: list[dict], baselines: dict) -> str:
     """Markdown: per ablation and value, each method's LM scores (mean ± std over seeds) for the rows that
     have them, after the baselines."""
-    from ..experiments.experiment import METHODS, aggregate
+    from ..experiments.report import aggregate
+    from .train import METHODS
 
     scored = [r for r in rows if r.get("ce_sae") is not None]
     b = baselines

@@ -343,6 +343,21 @@ def decoder_objective(stats: DecoderStats, atoms, b, atoms_prev, b_prev, alpha=0
     return sse / (stats.n * stats.n_features) + reg
 
 
+def _check_solve(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.Tensor, **coefs) -> None:
+    """ValueError for a negative coefficient, empty statistics or anchors of another shape than the statistics'."""
+    for name, v in coefs.items():
+        if not v >= 0:
+            raise ValueError(f"{name} must be >= 0, got {v!r}")
+    if stats.n <= 0:
+        raise ValueError("cannot solve the decoder from empty statistics")
+    if tuple(atoms_prev.shape) != (stats.n_latents, stats.n_features):
+        raise ValueError(f"atoms_prev must have shape (n_latents, n_features) = ({stats.n_latents}, "
+                         f"{stats.n_features}) of the statistics, got {tuple(atoms_prev.shape)}")
+    if tuple(b_prev.shape) != (stats.n_features,):
+        raise ValueError(f"b_prev must have shape (n_features,) = ({stats.n_features},) of the statistics, got "
+                         f"{tuple(b_prev.shape)}")
+
+
 def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.Tensor,
                   alpha: float = 0.0, beta: float = 0.0, mu: float = 0.0, nu: float = 0.0,
                   gram: torch.Tensor | None = None, keep_unfired: bool = False):
@@ -359,18 +374,8 @@ def solve_decoder(stats: DecoderStats, atoms_prev: torch.Tensor, b_prev: torch.T
     alpha = mu = 0), "scale": N * n_features, "gram_atoms": G @ atoms, read off the normal equations
     A D = rhs (no extra matmul; for ``sse_from_stats``)}.
     """
-    for name, v in (("alpha", alpha), ("beta", beta), ("mu", mu), ("nu", nu)):
-        if not v >= 0:
-            raise ValueError(f"{name} must be >= 0, got {v!r}")
-    if stats.n <= 0:
-        raise ValueError("cannot solve the decoder from empty statistics")
-    if tuple(atoms_prev.shape) != (stats.n_latents, stats.n_features):
-        raise ValueError(f"atoms_prev must have shape (n_latents, n_features) = ({stats.n_latents}, "
-                         f"{stats.n_features}) of the statistics, got {tuple(atoms_prev.shape)}")
-    if tuple(b_prev.shape) != (stats.n_features,):
-        raise ValueError(f"b_prev must have shape (n_features,) = ({stats.n_features},) of the statistics, got "
-                         f"{tuple(b_prev.shape)}")
-    N, d = stats.n, stats.n_latents
+    _check_solve(stats, atoms_prev, b_prev, alpha=alpha, beta=beta, mu=mu, nu=nu)
+    N = stats.n
     scale = N * stats.n_features
     a_, b_, m_, n_ = alpha * scale, beta * scale, mu * scale, nu * scale
     D0, bias0 = atoms_prev.detach().double(), b_prev.detach().double()

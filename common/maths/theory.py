@@ -34,8 +34,8 @@ import torch
 from scipy.optimize import minimize
 from sklearn.cluster import KMeans
 
-from common.experiments.config import derive_seed
 from common.infra.data import check_int
+from common.infra.outputs import derive_seed
 from common.maths import geometry as G
 from common.maths.sae import SAE, densify
 

@@ -33,6 +33,9 @@ the run) then linear decay to 0).
 Every epoch the loss and the parameters are checked finite (and after every decoder solve): a run that
 diverges raises ``NonFiniteError`` naming the run, the method and the epoch.
 
+The loop (``_epochs``) follows the paper's Algorithm 3.1 (docs/DESIGN.md, section 3.2); its gradient steps are
+``common.maths.steps.Stepper``'s.
+
 History: one dict per epoch (epoch 0 = at initialisation) with train_/test_ mse, fvu, l0, dead (at epoch 0, every
 ``eval_every``-th epoch and the last epoch run; the others have none),
 ``loss`` (mean training objective over the epoch's steps), ``epoch_time`` (training incl. the solve),
@@ -47,7 +50,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..experiments.recipe import centre_of
@@ -57,6 +59,7 @@ from ..infra.stream import Stream
 from .metrics import EvalSums, data_sums, evaluate_sums, summarise
 from .pam import STATS_DTYPES, collect_stats, decoder_objective, solve_decoder, sse_from_stats
 from .sae import ACTIVATION_TABLE, SAE
+from .steps import Stepper
 
 METHODS = ("pam", "sgd", "sgd_tied")
 B_DEC_INITS = ("zero", "mean", "median")
@@ -175,32 +178,6 @@ class TrainConfig:
         need(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth!r}")
 
 
-def _objective_terms(model: SAE, cfg: TrainConfig, anchors: dict, out, trained: set):
-    """Everything in the training objective except the reconstruction MSE; None when nothing applies.
-    ``out``: the forward pass (dense codes, an SAEOutput, are needed only with an L1 or L0 penalty)."""
-    terms = []
-    if cfg.l1:
-        terms.append(cfg.l1 * out.codes.abs().sum(-1).mean())
-    if cfg.l0:
-        terms.append(cfg.l0 * model.act.l0(out.preacts, model.threshold, cfg.bandwidth))
-    if "decoder" in trained:
-        if cfg.alpha:
-            terms.append(cfg.alpha * model.atoms.pow(2).sum())
-        if cfg.beta:
-            terms.append(cfg.beta * model.b_dec.pow(2).sum())
-    if cfg.prox_form == "l2":
-        if cfg.mu:
-            terms.append(cfg.mu * model.W_enc.pow(2).sum())
-        if cfg.nu:
-            terms.append(cfg.nu * model.b_enc.pow(2).sum())
-    else:
-        for name, anchor in anchors.items():
-            coef = cfg.mu if anchor.ndim == 2 else cfg.nu  # weight matrices; biases (and thresholds)
-            if coef:
-                terms.append(coef * (getattr(model, name) - anchor).pow(2).sum())
-    return sum(terms[1:], terms[0]) if terms else None
-
-
 def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     """Decoder phase: statistics, exact solve, parameters replaced.
 
@@ -257,6 +234,18 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     device = model.W_enc.device
     check_device(device)
     x_train, x_test = x_train.to(device), x_test.to(device)
+    _check_inputs(model, cfg, x_train, x_test)
+    _initialise(model, cfg, x_train)
+    trained, opt, params, named = _optimiser(model, cfg)
+    gen = torch.Generator().manual_seed(int(seed))
+    record = _recorder(model, cfg, x_train, x_test, score_train)
+    with _frozen([p for p in model.parameters() if not any(p is q for q in params)]):
+        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position,
+                       report)
+
+
+def _check_inputs(model: SAE, cfg: TrainConfig, x_train, x_test) -> None:
+    """ValueError when the method, the penalties or the data do not fit the model (the data also checked finite)."""
     if cfg.method == "sgd_tied" and not model.tied:
         raise ValueError("method 'sgd_tied' needs a tied model (SAE(..., tied=True))")
     if cfg.method != "sgd_tied" and model.tied:
@@ -280,6 +269,9 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         else:
             check_finite(x, name)
 
+
+def _initialise(model: SAE, cfg: TrainConfig, x_train) -> None:
+    """The recipe's starting point: b_dec from the training data (and the input centre), unit-norm atoms (sgd)."""
     with torch.no_grad():
         if cfg.b_dec_init != "zero":
             if isinstance(x_train, Stream):  # streamed: float64 accumulation (common/infra/stream.py)
@@ -295,6 +287,11 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
                 model.set_centre(point)
         if cfg.unit_norm_atoms and cfg.method == "sgd":
             model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True))
+
+
+def _optimiser(model: SAE, cfg: TrainConfig):
+    """(the blocks trained by gradient, Adam over their parameters, those parameters, their names): PAM steps the
+    encoder only (its decoder is solved), SGD every parameter; weight decay on the encoder only."""
     trained = {"encoder"} if cfg.method == "pam" else {"encoder", "decoder"}
     enc, dec = model.encoder_parameters(), ([] if cfg.method == "pam" else model.decoder_parameters())
     groups = [{"params": enc, "weight_decay": cfg.weight_decay}]
@@ -304,7 +301,12 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     params = enc + dec
     name_of = {id(p): n for n, p in model.named_parameters()}
     named = [name_of[id(p)] for p in params]  # in the order of params (the anchors pair them)
-    gen = torch.Generator().manual_seed(int(seed))
+    return trained, opt, params, named
+
+
+def _recorder(model: SAE, cfg: TrainConfig, x_train, x_test, score_train: bool):
+    """``record(epoch, loss, epoch_time, samples, steps, train_metrics=None, extra=None)``: one history row, with the
+    train (unless given or not scored) and test metrics of an evaluation pass."""
     # several processes (common/infra/distributed.py): each evaluates its rows and the sums are added
     eval_train, eval_test = dist.shard(x_train), dist.shard(x_test)
     sums_train, sums_test = data_sums(eval_train, cfg.eval_batch), data_sums(eval_test, cfg.eval_batch)
@@ -319,7 +321,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     def record(epoch, loss, epoch_time, samples, steps, train_metrics=None, extra=None):
         t0 = time.perf_counter()
         row = {"epoch": epoch, "loss": loss, "epoch_time": epoch_time, "samples_seen": samples, "grad_steps": steps}
-        if epoch % cfg.eval_every == 0 or epoch == last:
+        if epoch % cfg.eval_every == 0 or epoch == last:  # the others: no evaluation pass (TrainConfig.eval_every)
             if train_metrics is None:
                 train_metrics = metrics(eval_train, sums_train) if score_train else {}
             row.update({f"train_{k}": v for k, v in train_metrics.items()})
@@ -327,10 +329,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
         row["eval_time"] = time.perf_counter() - t0
         row.update(extra or {})
         return row
-
-    with _frozen([p for p in model.parameters() if not any(p is q for q in params)]):
-        return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position,
-                       report)
+    return record
 
 
 @contextmanager
@@ -344,42 +343,6 @@ def _frozen(tensors):
     finally:
         for t, w in zip(tensors, was):
             t.requires_grad_(w)
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """warmup_decay: the learning rate's multiplier at optimiser step ``step`` (0-based) of ``total``:
-    linear warm-up to 1 over ``warmup`` steps, then linear decay to 0 at the end of the run."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(total - warmup, 1))
-
-
-def _aux_loss(model: SAE, xb, out, dead: torch.Tensor, cfg: TrainConfig):
-    """AuxK (Gao et al. 2024; sparsify's scaling): reconstruct the residual x - recon (no gradient into the
-    main reconstruction) from the min(aux_k, #dead) highest pre-activations among dead latents, ReLU'd as
-    in both (topk_abs: |a| selects, the sign is kept), decoded without b_dec; MSE weighted by
-    aux_coef * min(#dead / aux_k, 1). None when no latent is dead."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return None
-    vals, idx = model.act.aux_select(out.preacts, dead, min(cfg.aux_k, n_dead))
-    e_hat = F.embedding_bag(idx, model.atoms, per_sample_weights=vals, mode="sum")
-    scale = min(n_dead / cfg.aux_k, 1.0)
-    return cfg.aux_coef * scale * F.mse_loss(e_hat, (xb - out.recon).detach())
-
-
-@torch.no_grad()
-def _project_atom_gradient(W_dec: torch.nn.Parameter) -> None:
-    """Remove from each atom's gradient its component along the (unit-norm) atom."""
-    if W_dec.grad is not None:
-        W_dec.grad.sub_((W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec)
-
-
-@torch.no_grad()
-def _project_threshold(model: SAE) -> None:
-    """A learned threshold (jumprelu) is kept >= 0 after every step (docs/DESIGN.md 3.10)."""
-    if model.act.threshold == "learned":
-        model.threshold.clamp_(min=0.0)
 
 
 def _check_finite(model: SAE, loss: float, where: str) -> None:
@@ -404,96 +367,62 @@ def _batches(x_train, batch_size: int, gen: torch.Generator, device):
         yield len(batch), x_train.index_select(0, mine)  # 3x faster than x[idx]
 
 
+def _gradient_phase(stepper: Stepper, x_train, cfg: TrainConfig, gen: torch.Generator, anchors: dict):
+    """One epoch of gradient steps, ``updates_per_batch`` per mini-batch (PAM: the encoder phase, the decoder
+    fixed; SGD: the whole model). Returns (this rank's sum of each batch's last loss times its rows, samples seen)."""
+    loss_sum, samples = 0.0, 0
+    for n_batch, xb in _batches(x_train, cfg.batch_size, gen, stepper.device):
+        if xb.shape[0] == 0:
+            for _ in range(cfg.updates_per_batch):
+                stepper.idle_step(n_batch)
+        else:
+            for _ in range(cfg.updates_per_batch):
+                loss = stepper.step(xb, n_batch, anchors)
+            loss_sum += loss.item() * xb.shape[0]
+        samples += n_batch
+    return loss_sum, samples
+
+
+def _solve_due(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether PAM solves the decoder in this outer iteration: the solve closes (enc_first) or opens (dec_first)
+    every solve_every-th one."""
+    offset = 0 if cfg.solve_order == "enc_first" else 1
+    return cfg.method == "pam" and (epoch - offset) % cfg.solve_every == 0
+
+
+def _decoder_phase(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator, where: str):
+    """PAM's exact decoder solve (``_solve``), the parameters then checked finite: (training metrics or None,
+    record of the decoder objective)."""
+    train_metrics, extra = _solve(model, x_train, cfg, gen)
+    _check_finite(model, 0.0, f"{where}, after the decoder solve")
+    return train_metrics, extra
+
+
 def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position, report):
-    pam, n = cfg.method == "pam", x_train.shape[0]
+    """Algorithm 3.1 (docs/DESIGN.md, section 3.2), one outer iteration per epoch: the gradient phase from anchors
+    at the epoch's start and, for PAM when due, the exact decoder solve (after it: enc_first; before: dec_first);
+    then the epoch's record, the tuner's report, the early stop."""
+    n = x_train.shape[0]
     history = [record(0, None, 0.0, 0, 0)]  # no training loss before the first epoch
-    samples = steps = 0
+    samples = 0
     where = f"{desc or 'training'} ({cfg.method})"
-    unit_norm = cfg.unit_norm_atoms and cfg.method == "sgd"
-    aux = cfg.aux_k > 0 and model.is_topk
-    device = model.W_enc.device
-    since_fired = torch.zeros(model.n_latents, dtype=torch.long, device=device)  # samples since each latent fired
-    dead_after = cfg.dead_after or n
-    total_steps = cfg.epochs * math.ceil(n / cfg.batch_size) * cfg.updates_per_batch
-    sched = None
-    if cfg.lr_schedule == "warmup_decay":
-        warmup = max(1, min(cfg.warmup_steps, total_steps // 10))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+    stepper = Stepper(model, cfg, opt, params, trained, n)
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc or cfg.method, leave=False, disable=not progress,
                position=position)
     for epoch in bar:
         t0 = time.perf_counter()
-        # the solve closes (enc_first) or opens (dec_first) every solve_every-th outer iteration
-        offset = 0 if cfg.solve_order == "enc_first" else 1
-        due = pam and (epoch - offset) % cfg.solve_every == 0
+        due = _solve_due(cfg, epoch)
         extra, train_metrics = {}, None
         if due and cfg.solve_order == "dec_first":
-            _, extra = _solve(model, x_train, cfg, gen)
-            _check_finite(model, 0.0, f"{where}, epoch {epoch}, after the decoder solve")
+            _, extra = _decoder_phase(model, x_train, cfg, gen, f"{where}, epoch {epoch}")
         anchors = {nm: p.detach().clone() for nm, p in zip(named, params)}
-        loss_sum = 0.0
-        for n_batch, xb in _batches(x_train, cfg.batch_size, gen, device):
-            share = xb.shape[0] / n_batch       # this rank's weight in the global batch's mean loss
-            for _ in range(cfg.updates_per_batch):
-                if xb.shape[0] == 0:  # a last global batch smaller than the number of ranks: nothing here
-                    opt.zero_grad(set_to_none=False)
-                    for p in params:
-                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-                    dist.sum_gradients(params, 0.0)
-                    if aux:
-                        since_fired += n_batch
-                        since_fired[dist.any_rank(torch.zeros_like(since_fired, dtype=torch.bool))] = 0
-                    opt.step()
-                    _project_threshold(model)
-                    if sched is not None:
-                        sched.step()
-                    steps += 1
-                    continue
-                codes = aux_term = None
-                if cfg.l1 or cfg.l0 or not model.is_topk:
-                    out = model.forward_train(xb, cfg.bandwidth)
-                    recon, codes = out.recon, out.codes
-                    if aux:
-                        fired = (codes != 0).any(0)
-                else:  # no dense codes needed: a TopK model decodes from its k non-zeros
-                    out = model.forward_topk(xb)
-                    recon = out.recon
-                    if aux:
-                        fired = torch.zeros(model.n_latents, dtype=torch.bool, device=device)
-                        fired[out.idx[out.vals != 0]] = True
-                if aux:
-                    aux_term = _aux_loss(model, xb, out, since_fired >= dead_after, cfg)
-                loss = F.mse_loss(recon, xb)
-                penalty = _objective_terms(model, cfg, anchors, out, trained)
-                if penalty is not None:
-                    loss = loss + penalty
-                total = loss if aux_term is None else loss + aux_term
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if dist.active():
-                    dist.sum_gradients(params, share)
-                if unit_norm:
-                    _project_atom_gradient(model.W_dec)
-                opt.step()
-                _project_threshold(model)
-                if unit_norm:
-                    with torch.no_grad():
-                        model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True))
-                if sched is not None:
-                    sched.step()
-                if aux:
-                    since_fired += n_batch
-                    since_fired[dist.any_rank(fired)] = 0
-                steps += 1
-            loss_sum += loss.item() * xb.shape[0] if xb.shape[0] else 0.0
-            samples += n_batch
-        loss_sum = dist.total(loss_sum, device)
+        loss_sum, seen = _gradient_phase(stepper, x_train, cfg, gen, anchors)
+        samples += seen
+        loss_sum = dist.total(loss_sum, stepper.device)
         _check_finite(model, loss_sum, f"{where}, epoch {epoch}")
         if due and cfg.solve_order == "enc_first":
-            train_metrics, extra = _solve(model, x_train, cfg, gen)
-            _check_finite(model, 0.0, f"{where}, epoch {epoch}, after the decoder solve")
-        epoch_time = time.perf_counter() - t0
-        row = record(epoch, loss_sum / n, epoch_time, samples, steps, train_metrics, extra)
+            train_metrics, extra = _decoder_phase(model, x_train, cfg, gen, f"{where}, epoch {epoch}")
+        row = record(epoch, loss_sum / n, time.perf_counter() - t0, samples, stepper.steps, train_metrics, extra)
         history.append(row)
         if "test_mse" in row:
             bar.set_postfix(test_mse=f"{row['test_mse']:.4f}", l0=f"{row['test_l0']:.1f}")
