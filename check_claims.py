@@ -330,7 +330,7 @@ def e1_claim():
             commands[f"exp_e1_between_kmeans_and_pca_{v}"]["command"] for v in paper_2d]},
         {"cases_8d": numbers, "paper_2d_not_judged": paper_2d},
         "E1 rule (common/experiments/claims.py) in every case: exact Top-K SAEs on 8-D Gaussian mixtures, K = 1, 2, 3 "
-        "below the dimension, several data seeds, every lower bound above 1e-6 (common/experiments/e1.py, "
+        "below the dimension, several data seeds, every lower bound above 1e-6 (common/experiments/e1_8d.py, "
         "between_8d_summary)", verdict,
         links=[OUT / E1_8D / "between_8d.png", OUT / E1_8D / "between_8d.json"]
         + [OUT / f"exp_e1_between_kmeans_and_pca_{v}" / "partitions.png" for v in paper_2d],
