@@ -47,6 +47,13 @@ def tiny_model(arch="llama", seed=0):
     return model.eval()
 
 
+def save_tiny_model(path) -> str:
+    """A tiny llama and its tokenizer saved as a local model folder (what --MODEL / model= accept)."""
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

@@ -112,11 +112,9 @@ def test_loss_recovered_on_a_tiny_language_model(tmp_path):
     held-out texts fail."""
     pytest.importorskip("transformers")
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_activations import WORDS, tiny_model, tiny_tokenizer
+    from test_activations import WORDS, save_tiny_model
 
-    model = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model)
-    tiny_tokenizer().save_pretrained(model)
+    model = save_tiny_model(tmp_path / "tiny")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(WORDS * 60))
     common = ["--quick", "--SOURCE=llm", f"--MODEL={model}", f"--TEXT={corpus}", f"--CACHE_DIR={tmp_path / 'cache'}",

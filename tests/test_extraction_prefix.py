@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_activations import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
+from test_activations import WORDS, save_tiny_model, tiny_tokenizer  # noqa: E402
 
 from common.infra import activations as A  # noqa: E402
 from common.infra import extraction as E  # noqa: E402
@@ -28,10 +28,7 @@ N_TEXTS, BATCH, SEED = 40, 4, 11
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture
@@ -219,9 +216,7 @@ def test_heldout_texts_are_the_test_texts_of_the_prefix(kw, model_dir):
 def test_e3_extracts_the_split_prefix_and_extends_it(tmp_path):
     from common.experiments.config import derive_seed
 
-    model = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model)
-    tiny_tokenizer().save_pretrained(model)
+    model = save_tiny_model(tmp_path / "tiny")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(WORDS * 60))
     common = ["--quick", "--SOURCE=llm", f"--MODEL={model}", f"--TEXT={corpus}", f"--CACHE_DIR={tmp_path / 'cache'}",

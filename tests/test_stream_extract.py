@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_activations import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
+from test_activations import WORDS, save_tiny_model  # noqa: E402
 
 from common.infra import activations as A  # noqa: E402
 from common.infra import extraction as E  # noqa: E402
@@ -22,10 +22,7 @@ from common.infra.data import DataError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama_shards")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama_shards"))
 
 
 @pytest.fixture
