@@ -110,6 +110,30 @@ QUICK = dict(N_TRAIN=400, N_TEST=200, EPOCHS=2, UPDATES=(1, 3), FRACTIONS=(0.1, 
 run = configure(globals(), quick=QUICK)
 
 
+def base_figures(base, digits, out, label):
+    """The base runs' figures: the 10 test digits and each method's reconstructions on one intensity scale, each
+    model's first encoder filters and decoder atoms, and the stem plots of their codes."""
+    with torch.no_grad():
+        recons = {m: model(digits)[0] for m, model in base.items()}
+    stack = torch.cat([digits] + list(recons.values())).numpy()
+    lo, hi = float(stack.min()), float(stack.max())   # one intensity scale for originals and every method
+    fig = image_grid(stack, 10, row_labels=["original"] + list(recons), vmin=lo, vmax=hi,
+                     suptitle=f"{label}: 10 test digits and their reconstructions")
+    save(fig, out / "reconstructions.png",
+         {"rows": ["original"] + list(recons), "vmin": lo, "vmax": hi,
+          "mse_per_digit": {m: ((r - digits) ** 2).mean(1).tolist() for m, r in recons.items()}})
+    for m, model in base.items():
+        n_show = min(64, model.n_latents)
+        enc = model.W_enc.detach()[:n_show].numpy()
+        fig = image_grid(enc, 16, cmap="RdBu_r", cell=0.7, suptitle=f"{label} {m}: encoder filters (first {n_show})")
+        save(fig, out / f"filters_{m}_encoder.png", {"latents": list(range(n_show))})
+        if not model.tied:
+            dec = model.W_dec.detach()[:n_show].numpy()
+            fig = image_grid(dec, 16, cmap="RdBu_r", cell=0.7, suptitle=f"{label} {m}: decoder atoms (first {n_show})")
+            save(fig, out / f"filters_{m}_decoder.png", {"latents": list(range(n_show))})
+    figures.stem_plots(base, digits, out, label)
+
+
 def main():
     device = resolve_device(DEVICE)
     workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
@@ -148,30 +172,9 @@ def main():
                                 workers=workers, resume=RESUME, device=device)
         except ValueError as err:
             run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
-        models = result.models
         if "base" in ablations:
             ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
-            base = {m: models[i] for m, i in ids.items() if i in models}
-            with torch.no_grad():
-                recons = {m: model(digits)[0] for m, model in base.items()}
-            stack = torch.cat([digits] + list(recons.values())).numpy()
-            lo, hi = float(stack.min()), float(stack.max())   # one intensity scale for originals and every method
-            fig = image_grid(stack, 10, row_labels=["original"] + list(recons), vmin=lo, vmax=hi,
-                             suptitle=f"{label}: 10 test digits and their reconstructions")
-            save(fig, out / "reconstructions.png",
-                 {"rows": ["original"] + list(recons), "vmin": lo, "vmax": hi,
-                  "mse_per_digit": {m: ((r - digits) ** 2).mean(1).tolist() for m, r in recons.items()}})
-            for m, model in base.items():
-                n_show = min(64, model.n_latents)
-                enc = model.W_enc.detach()[:n_show].numpy()
-                fig = image_grid(enc, 16, cmap="RdBu_r", cell=0.7, suptitle=f"{label} {m}: encoder filters (first {n_show})")
-                save(fig, out / f"filters_{m}_encoder.png", {"latents": list(range(n_show))})
-                if not model.tied:
-                    dec = model.W_dec.detach()[:n_show].numpy()
-                    fig = image_grid(dec, 16, cmap="RdBu_r", cell=0.7,
-                                     suptitle=f"{label} {m}: decoder atoms (first {n_show})")
-                    save(fig, out / f"filters_{m}_decoder.png", {"latents": list(range(n_show))})
-            figures.stem_plots(base, digits, out, label)
+            base_figures({m: result.models[i] for m, i in ids.items() if i in result.models}, digits, out, label)
     run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed),
                      "n_train": len(x_train), "n_test": len(x_test)})
 

@@ -208,6 +208,104 @@ def synthetic(n_samples, n_features=64, n_atoms=256, k=8, seed=0):
     return codes @ atoms + 0.1 * torch.randn(n_samples, n_features, generator=g)
 
 
+def extracts_the_split() -> bool:
+    """Token rule "last" on a language model: a row is a text, and only the texts the split uses are extracted, in
+    its order (split.split_order): its n_test test texts, then its first n_train training texts."""
+    return SOURCE == "llm" and not ACTIVATIONS and TOKEN_RULE == "last"
+
+
+def load_data():
+    """(X, metadata): your --ACTIVATIONS (every problem of the data found before anything but config.json is
+    written), the synthetic stand-in, or the language model's activations (extracted once, then cached)."""
+    if ACTIVATIONS:
+        try:  # every problem of the data (shape, type, truncation, index, NaN/Inf) before anything but config.json is written
+            X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
+        except DataError as err:
+            run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
+        n = X.shape[0]
+        problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
+                   if not 1 <= round(TEST_FRACTION * n) < n else
+                   f"--N_TRAIN={N_TRAIN} exceeds the training split of its {n} samples"
+                   if N_TRAIN > n - round(TEST_FRACTION * n) else "")
+        if problem:  # what only the data can tell: checked before any training
+            run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {problem}")
+        return X, meta
+    if SOURCE == "synthetic":
+        X = synthetic(N_TEXTS, seed=run.seed_for("synthetic"))
+        return X, {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
+                   "n_features": X.shape[1]}
+    prefix = extracts_the_split()
+    n_test, n_train = split.split_sizes(N_TEXTS, TEST_FRACTION, N_TRAIN) if prefix else (None, None)
+    order = dict(order_seed=run.seed_for("split"), count=n_test + n_train) if prefix else {}
+    with distributed.main_first():  # under torchrun rank 0 extracts and caches, then the others read the cache
+        X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
+                                               n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
+                                               dtype=EXTRACT_DTYPE, cache_dir=CACHE_DIR or llm_assets.CACHE_DIR,
+                                               **order)
+    n = X.shape[0]
+    if not prefix and N_TRAIN > n - round(TEST_FRACTION * n):  # token-level extraction: the count is known only now
+        run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {n - round(TEST_FRACTION * n)} training samples")
+    return X, meta
+
+
+def split_data(X):
+    """(x_train, x_test, mean, std, constant features): the split, standardised with the statistics of the training
+    rows used; a streamed folder's values are checked finite by the split's pass."""
+    standardised = {}
+    try:
+        if extracts_the_split():  # X's rows are the split's order: the test rows, then the training rows used
+            n_test = split.split_sizes(N_TEXTS, TEST_FRACTION, N_TRAIN)[0]
+            x_train, x_test, mean, std = split.standardise(X[n_test:], X[:n_test], info=standardised)
+        else:
+            x_train, x_test, mean, std = split.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"),
+                                                                 info=standardised, n_train=N_TRAIN)
+    except DataError as err:
+        run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
+    return x_train, x_test, mean, std, standardised["constant_features"]
+
+
+def heldout_texts() -> dict:
+    """The held-out texts of the LM evaluation: the split's test texts, in its order (X's first rows; ACCEPT:
+    extracts_the_split), tokenised until LM_EVAL_TOKENS positions are scored (common/maths/lm_eval.py)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_assets.model_source(MODEL))
+    texts = llm_assets.split_texts(llm_assets.read_text(TEXT or None)[0], N_TEXTS, MAX_TOKENS)
+    test_texts = split.split_rows(N_TEXTS, TEST_FRACTION, seed=run.seed_for("split"))[1].tolist()
+    try:
+        return lm_eval.heldout_texts(tokenizer, texts, test_texts, MAX_TOKENS, LM_EVAL_TOKENS)
+    except DataError as err:
+        run.fail(f"--LM_EVAL_TOKENS={LM_EVAL_TOKENS}: {err}")
+
+
+def score_on_the_model(result, X, meta, heldout, x_train, x_test, mean, std) -> str:
+    """The loss recovered with each kept SAE spliced into the language model on the held-out texts: the rows and
+    table get their scores, lm_eval.json the baselines; returns the summary's paragraph ("" when nothing scored)."""
+    import transformers
+
+    def evaluator():
+        lm, _ = llm_assets.load_model(MODEL, device)
+        ev = lm_eval.LMEval(lm, heldout["ids"], meta["layer"], mean, batch_size=EXTRACT_BATCH,
+                            pad_id=heldout["pad_id"])
+        lm_eval.check_heldout(ev.last_rows[:-1], X[heldout["rows"][:-1]])  # the last text may be cut
+        return ev
+
+    rows, models = result.rows, result.models
+    eval_key = None if meta.get("model_sha256") is None else json.dumps(
+        {"model_sha256": meta["model_sha256"], "layer": meta["layer"], "ids": lm_eval.ids_sha256(heldout["ids"]),
+         "code": lm_eval.source_sha256(), "transformers": transformers.__version__})
+    plan = result.protocol.plan()
+    scored = {r.spec.id: models[r.spec.id] for r in plan if r.spec.id in models and r.spec.ablation in LM_EVAL_ABLATIONS}
+    baselines = lm_eval.score_runs(rows, scored, plan, run.out, experiment.fingerprint(x_train, x_test, run.seed),
+                                   eval_key, evaluator, mean, std, group=LM_EVAL_GROUP, device=device)
+    report.write_table(rows, run.out)
+    if baselines is None:
+        return ""
+    write_json(run.out / "lm_eval.json", dict(baselines, model=meta["model"], layer=meta["layer"],
+                                              ablations=list(LM_EVAL_ABLATIONS), test_texts=heldout["texts"]))
+    return "\n" + lm_eval.summary([r for r in rows if r.get("budget", 0) == result.budget], baselines)
+
+
 def main():
     # --- the protocol (validated before any extraction) --------------------------------------------------
     protocol = experiment.Protocol(base=runner.base_settings(globals(), ACTIVATION, PAPER_LR), ablations=ablations,
@@ -222,60 +320,13 @@ def main():
         run.fail(f"--TUNED={TUNED}: no tuning/tuning.json there (the output folder of a --TUNE=True run)")
 
     # --- activations -------------------------------------------------------------------------------------
-    # token rule "last" on a language model: a row is a text, and only the texts the split uses are extracted, in
-    # its order (split.split_order): its n_test test texts, then its first n_train training texts
-    prefix = SOURCE == "llm" and not ACTIVATIONS and TOKEN_RULE == "last"
-    if ACTIVATIONS:
-        try:  # every problem of the data (shape, type, truncation, index, NaN/Inf) before anything but config.json is written
-            X, meta = activations.load_user_activations(ACTIVATIONS, stream=STREAM)
-        except DataError as err:
-            run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
-        n = X.shape[0]
-        problem = (f"{n} samples leave a split empty at --TEST_FRACTION={TEST_FRACTION}"
-                   if not 1 <= round(TEST_FRACTION * n) < n else
-                   f"--N_TRAIN={N_TRAIN} exceeds the training split of its {n} samples"
-                   if N_TRAIN > n - round(TEST_FRACTION * n) else "")
-        if problem:  # what only the data can tell: checked before any training
-            run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {problem}")
-    elif SOURCE == "synthetic":
-        X = synthetic(N_TEXTS, seed=run.seed_for("synthetic"))
-        meta = {"model": "synthetic sparse dictionary (not a language model)", "layer": None, "count": X.shape[0],
-                "n_features": X.shape[1]}
-    else:
-        n_test, n_train = split.split_sizes(N_TEXTS, TEST_FRACTION, N_TRAIN) if prefix else (None, None)
-        order = dict(order_seed=run.seed_for("split"), count=n_test + n_train) if prefix else {}
-        with distributed.main_first():  # under torchrun rank 0 extracts and caches, then the others read the cache
-            X, meta = activations.load_activations(MODEL, layer=LAYER or None, token_rule=TOKEN_RULE, text=TEXT or None,
-                                                   n_texts=N_TEXTS, max_tokens=MAX_TOKENS, batch_size=EXTRACT_BATCH,
-                                                   dtype=EXTRACT_DTYPE, cache_dir=CACHE_DIR or llm_assets.CACHE_DIR,
-                                                   **order)
-        n = X.shape[0]
-        if not prefix and N_TRAIN > n - round(TEST_FRACTION * n):  # token-level extraction: the count is known only now
-            run.fail(f"--N_TRAIN={N_TRAIN} exceeds the {n - round(TEST_FRACTION * n)} training samples")
-    standardised = {}
-    try:  # the statistics of the training rows used; a streamed folder's values are checked finite by the split's pass
-        if prefix:  # X's rows are the split's order: the test rows, then the training rows used
-            x_train, x_test, mean, std = split.standardise(X[n_test:], X[:n_test], info=standardised)
-        else:
-            x_train, x_test, mean, std = split.split_standardise(X, TEST_FRACTION, seed=run.seed_for("split"),
-                                                                 info=standardised, n_train=N_TRAIN)
-    except DataError as err:
-        run.fail(f"--ACTIVATIONS={ACTIVATIONS}: {err}")
-    heldout = None
-    if LM_EVAL_TOKENS:  # the held-out texts: the split's test texts, in its order (X's first rows; ACCEPT: prefix)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(llm_assets.model_source(MODEL))
-        texts = llm_assets.split_texts(llm_assets.read_text(TEXT or None)[0], N_TEXTS, MAX_TOKENS)
-        test_texts = split.split_rows(N_TEXTS, TEST_FRACTION, seed=run.seed_for("split"))[1].tolist()
-        try:
-            heldout = lm_eval.heldout_texts(tokenizer, texts, test_texts, MAX_TOKENS, LM_EVAL_TOKENS)
-        except DataError as err:
-            run.fail(f"--LM_EVAL_TOKENS={LM_EVAL_TOKENS}: {err}")
+    X, meta = load_data()
+    x_train, x_test, mean, std, constant = split_data(X)
+    heldout = heldout_texts() if LM_EVAL_TOKENS else None
     read = "streamed through memory maps" if isinstance(x_train, stream.Stream) else "into memory"
     write_json(run.out / "activations.json", dict(meta, n_train=x_train.shape[0], n_test=x_test.shape[0],
                                                    standardised="per feature, training mean and std, in float64",
-                                                   constant_features=standardised["constant_features"], read=read))
+                                                   constant_features=constant, read=read))
     print(f"activations: {meta['model']} layer {meta['layer']}: {x_train.shape[0]} train / {x_test.shape[0]} test "
           f"x {x_train.shape[1]} features")
 
@@ -290,32 +341,12 @@ def main():
                             resume=RESUME, device=device, keep_models=keep)
     except ValueError as err:
         run.fail(f"--TUNED={TUNED}: {err}" if TUNED else str(err))
-    rows, models = result.rows, result.models
     if "base" in ablations:
         ids = {m: experiment.RunSpec(m, "base", "-", 0, result.budget).id for m in METHODS}
-        figures.stem_plots({m: models[i] for m, i in ids.items() if i in models}, x_test, run.out, label)
+        figures.stem_plots({m: result.models[i] for m, i in ids.items() if i in result.models}, x_test, run.out, label)
     text = (run.out / "summary.md").read_text()
     if LM_EVAL_TOKENS:
-        def evaluator():
-            lm, _ = llm_assets.load_model(MODEL, device)
-            ev = lm_eval.LMEval(lm, heldout["ids"], meta["layer"], mean, batch_size=EXTRACT_BATCH,
-                                pad_id=heldout["pad_id"])
-            lm_eval.check_heldout(ev.last_rows[:-1], X[heldout["rows"][:-1]])  # the last text may be cut
-            return ev
-
-        import transformers
-        eval_key = None if meta.get("model_sha256") is None else json.dumps(
-            {"model_sha256": meta["model_sha256"], "layer": meta["layer"], "ids": lm_eval.ids_sha256(heldout["ids"]),
-             "code": lm_eval.source_sha256(), "transformers": transformers.__version__})
-        plan = result.protocol.plan()
-        scored = {r.spec.id: models[r.spec.id] for r in plan if r.spec.id in models and r.spec.ablation in LM_EVAL_ABLATIONS}
-        baselines = lm_eval.score_runs(rows, scored, plan, run.out, experiment.fingerprint(x_train, x_test, run.seed),
-                                       eval_key, evaluator, mean, std, group=LM_EVAL_GROUP, device=device)
-        report.write_table(rows, run.out)
-        if baselines is not None:
-            write_json(run.out / "lm_eval.json", dict(baselines, model=meta["model"], layer=meta["layer"],
-                                                      ablations=list(LM_EVAL_ABLATIONS), test_texts=heldout["texts"]))
-            text += "\n" + lm_eval.summary([r for r in rows if r.get("budget", 0) == result.budget], baselines)
+        text += score_on_the_model(result, X, meta, heldout, x_train, x_test, mean, std)
     write_text(run.out / "summary.md", text)
     print(text)
     run.finish(data={"fingerprint": experiment.fingerprint(x_train, x_test, run.seed), "activations": meta})

@@ -33,9 +33,9 @@ from common.experiments.plotting import save
 from common.experiments.recipe import recipe_settings
 from common.infra.outputs import write_json, write_text
 from common.infra.synthetic import MAGNITUDES, SyntheticConfig, generate
+from common.maths import train
 from common.maths.metrics import RECOVERY_THRESHOLD, recovery
 from common.maths.sae import TOPK_ACTIVATIONS
-from common.maths.train import resolve_device
 
 # --- the synthetic data (common/infra/synthetic.py) ------------------------------------------------------
 N_FEATURES = 64                  # dimensions of x
@@ -105,7 +105,7 @@ QUICK = dict(N_FEATURES=16, N_TRUE=24, MEAN_ACTIVE=3.0, N_TRAINS=(32, 256), N_TE
              BATCH_SIZE=32, SEEDS=2, WORKERS=1, TUNE_BUDGETS=(2, 3))
 
 run = configure(globals(), quick=QUICK)
-device = resolve_device(DEVICE)
+device = train.resolve_device(DEVICE)
 workers = 1 if device.type != "cpu" else WORKERS or len(os.sched_getaffinity(0))
 POOL = max(N_TRAINS)
 
@@ -178,7 +178,7 @@ def spread(values) -> dict:
     return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "n": len(v), "values": v.tolist()}
 
 
-methods = [m for m in experiment.METHODS if m in METHODS]
+methods = [m for m in train.METHODS if m in METHODS]  # in training's order
 stats = {m: {key: [spread([r[key] for r in rows if r["method"] == m and r["value"] == n]) for n in N_TRAINS]
              for key in (*RECOVERY_KEYS, "test_mse", "test_fvu")} for m in methods}
 

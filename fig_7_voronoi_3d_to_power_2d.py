@@ -212,7 +212,7 @@ def main(argv=None):
               "higher site -> smaller weight -> smaller cell (some cells miss the plane)", window, zoom=1.15)
     fig, ax = plt.subplots(figsize=(7.5, 7.8))
     top_view(ax, check, sites, sections, radii, colors,
-             f"Power diagram, weights $C - h_i^2$ (raster) and the section of the 3-D cells (dashed)")
+             "Power diagram, weights $C - h_i^2$ (raster) and the section of the 3-D cells (dashed)")
     fig.tight_layout()
     numbers = {"sites": sites, "heights": heights, "t0": T0, "C": C, "weights": weights, "box": BOX,
                **{k: v for k, v in check.items() if k not in ("labels2d", "extent")},

@@ -29,7 +29,7 @@ from common.experiments import experiment  # noqa: E402
 from common.experiments.config import script_constants  # noqa: E402
 from common.infra import activations, split
 from common.maths.sae import SAE, activation_spec  # noqa: E402
-from common.maths.train import TrainConfig, train  # noqa: E402
+from common.maths.train import METHODS, TrainConfig, train  # noqa: E402
 
 SCRIPT = ROOT / "exp_e3_LLM_SGD_PAM_ablations.py"
 _DATA = ()
@@ -70,7 +70,7 @@ def main():
           f"{x_train.shape[1]}; d {c['N_LATENTS']}, K {k0}; {args.epochs} epochs per measurement, "
           f"2 single-thread runs at once")
     jobs = []
-    for method in experiment.METHODS:
+    for method in METHODS:
         jobs += [(method, "topk", k0, 1.0, 1), (method, "topk", k0, 0.05, 1), (method, "relu", k0, 1.0, 1),
                  (method, "topk", kmax, 1.0, 1)]
     jobs.append(("pam", "topk", k0, 1.0, 3))

@@ -36,6 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common.infra import distributed as dist  # noqa: E402
+from common.infra import shards as SH  # noqa: E402
+from common.infra import split  # noqa: E402
 from common.infra import stream as S  # noqa: E402
 from common.maths import train as T  # noqa: E402
 from common.maths.sae import SAE  # noqa: E402
@@ -163,7 +165,7 @@ def epoch_worker(mode: str, folder: str, latents: int, k: int, device: str) -> N
         stream = S.Stream.open(folder)
         open_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        x_train, x_test, _, _ = S.split_standardise(stream, 0.1, seed=0)
+        x_train, x_test, _, _ = split.split_standardise(stream, 0.1, seed=0)
         split_s = time.perf_counter() - t0
     if mode == "memory":
         x_train, x_test = x_train.materialise(), x_test.materialise()
@@ -191,7 +193,7 @@ def write_set(folder: Path, gib: float, shard_rows: int = 32768) -> tuple[int, f
     rows = int(gib * 2 ** 30 / (4 * N_FEATURES))
     g = torch.Generator().manual_seed(0)
     scale, shift = torch.rand(N_FEATURES, generator=g) * 3 + 0.1, torch.randn(N_FEATURES, generator=g)
-    writer = S.ShardWriter(folder, shard_rows)
+    writer = SH.ShardWriter(folder, shard_rows)
     t = time.perf_counter()
     for start in range(0, rows, shard_rows):
         writer.write(torch.randn(min(shard_rows, rows - start), N_FEATURES, generator=g) * scale + shift)

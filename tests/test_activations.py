@@ -448,7 +448,8 @@ def awkward_columns(n=200, seed=0):
 def test_standardisation_in_float64_with_constant_columns_in_memory_and_streamed(tmp_path, capsys):
     """The z-scores are computed in float64 on both paths (so the same bits), a constant column (at any magnitude)
     is centred and not scaled, and the features left unscaled are reported."""
-    from common.infra.stream import Stream, write_shards
+    from common.infra.shards import write_shards
+    from common.infra.stream import Stream
 
     x = awkward_columns()
     write_shards(x, tmp_path / "shards", shard_rows=64)
@@ -478,7 +479,7 @@ def test_e3_in_memory_and_streamed_give_the_same_table_on_awkward_columns(tmp_pa
     import subprocess
     import sys
 
-    from common.infra.stream import write_shards
+    from common.infra.shards import write_shards
 
     write_shards(awkward_columns(), tmp_path / "shards", shard_rows=64)
     root = Path(__file__).resolve().parent.parent
@@ -500,7 +501,7 @@ def test_e3_in_memory_and_streamed_give_the_same_table_on_awkward_columns(tmp_pa
 
 
 def _shards(p, x=None):
-    from common.infra.stream import write_shards
+    from common.infra.shards import write_shards
     write_shards(torch.randn(40, 4) if x is None else x, p, shard_rows=16)
 
 

@@ -49,7 +49,7 @@ def test_streamed_activations_folder_gives_the_loaded_result(tmp_path):
     float32, hence agreement to float32 rounding, not bits); a second invocation resumes every run."""
     import torch
 
-    from common.infra.stream import write_shards
+    from common.infra.shards import write_shards
 
     g = torch.Generator().manual_seed(0)
     atoms = torch.randn(64, 16, generator=g)

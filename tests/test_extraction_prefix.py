@@ -169,7 +169,8 @@ def old_split_standardise(X, test_fraction, seed, eps=1e-8):
 
 
 def test_statistics_come_from_the_training_rows_used(tmp_path):
-    from common.infra.stream import Stream, write_shards
+    from common.infra.shards import write_shards
+    from common.infra.stream import Stream
 
     X = torch.randn(200, 6, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7) + 5
     for got, want in zip(split.split_standardise(X, 0.1, seed=3), old_split_standardise(X, 0.1, 3)):
@@ -214,7 +215,7 @@ def test_heldout_texts_are_the_test_texts_of_the_prefix(kw, model_dir):
 
 @pytest.mark.slow  # about 20 s: two E3 runs on a tiny model
 def test_e3_extracts_the_split_prefix_and_extends_it(tmp_path):
-    from common.experiments.config import derive_seed
+    from common.infra.outputs import derive_seed
 
     model = save_tiny_model(tmp_path / "tiny")
     corpus = tmp_path / "corpus.txt"

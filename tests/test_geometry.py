@@ -211,7 +211,7 @@ def test_lifted_section_labels_are_power_labels(n_features, n_sites):
 
 def test_power_weights_lift_to_voronoi():
     rng = np.random.default_rng(2)
-    sites = rng.uniform(-2, 2, (10, 2))
+    rng.uniform(-2, 2, (10, 2))  # sites are not needed here; drawn so that the weights stay those of this seed
     weights = rng.uniform(0, 3, 10)
     for t0, A in [(0.0, None), (-1.0, 5.0)]:
         h, A_used = G.lift_heights(weights, t0, A)

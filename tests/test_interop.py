@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common.infra.interop import (EXACT_ACTIVATIONS, detect_format, load_any, load_saelens, load_safetensors,
-                                  load_sparsify, save_saelens, save_safetensors, save_sparsify)
+from common.infra.interop import EXACT_ACTIVATIONS, load_any, load_saelens, load_sparsify, save_saelens, save_sparsify
+from common.infra.sae_files import detect_format, load_safetensors, save_safetensors
 from common.maths.sae import SAE
 
 N_FEATURES, N_LATENTS, K = 12, 20, 5
@@ -401,8 +401,9 @@ def test_sparsify_native_file(tmp_path):
 
 
 # --- module hygiene --------------------------------------------------------------------------------------
-def test_interop_imports_no_peer_package_and_never_unpickles():
-    src = (Path(__file__).resolve().parent.parent / "common" / "infra" / "interop.py").read_text()
+@pytest.mark.parametrize("module", ["interop.py", "sae_files.py"])
+def test_interop_imports_no_peer_package_and_never_unpickles(module):
+    src = (Path(__file__).resolve().parent.parent / "common" / "infra" / module).read_text()
     mods = set()
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, ast.Import):

@@ -44,8 +44,8 @@ def started(tmp_path, files: dict, *args):
     written ``files`` ({path under out: text})."""
     out = tmp_path / "out"
     run = configure(namespace(), ["--out", str(out), *args])
-    for name, text in files.items():
-        write_text(out / name, text)
+    for name, content in files.items():
+        write_text(out / name, content)
     return run, out
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.experiments.config import file_sha256
 from common.infra import activations as A
+from common.infra import shards as SH
 from common.infra import split
 from common.infra import stream as S
 from common.infra.data import DataError
+from common.infra.outputs import file_sha256
 from common.maths.pam import collect_stats
 from common.maths.sae import SAE
 from common.maths.train import TrainConfig, train
@@ -51,13 +52,13 @@ def test_streamed_split_and_standardisation_equal_the_in_memory_ones(tmp_path, d
     stream = S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=64)
     assert stream.shape == (403, 12) and stream.dtype == dtype
     assert torch.equal(stream.materialise(), X)
-    got = S.split_standardise(stream, 0.1, seed=7)
+    got = split.split_standardise(stream, 0.1, seed=7)
     want = split.split_standardise(X, 0.1, seed=7)
     assert len(got[0]) == 363 and len(got[1]) == 40
     for g, w in zip((got[0].materialise(), got[1].materialise(), got[2], got[3]), want):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert torch.allclose(g, w, rtol=0, atol=tol * max(1.0, float(w.abs().max())))
-    # the dispatcher of common.infra.split takes a stream too
+    # the same views again (a split reads nothing but the statistics)
     assert torch.equal(split.split_standardise(stream, 0.1, seed=7)[0].materialise(), got[0].materialise())
 
 
@@ -128,7 +129,7 @@ def test_collect_stats_streamed_equals_in_memory(tmp_path):
 def test_streamed_training_gives_the_in_memory_result(tmp_path, method):
     """A shuffle buffer that covers the training view: the same batches and the same numbers, exactly."""
     X = data(n=403, dtype=torch.float32)
-    x_train, x_test, _, _ = S.split_standardise(S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=100), 0.1, 3)
+    x_train, x_test, _, _ = split.split_standardise(S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=100), 0.1, 3)
     cfg = TrainConfig(method=method, epochs=2, batch_size=32, lr=1e-2, solve_batch=50, eval_batch=70)
     streamed, in_memory = SAE(12, 24, "topk", 3, seed=1), SAE(12, 24, "topk", 3, seed=1)
     h1 = train(streamed, x_train.with_buffer(len(x_train)), x_test, cfg, seed=2, progress=False)
@@ -142,7 +143,7 @@ def test_streamed_training_with_the_recipe_and_a_small_buffer(tmp_path):
     """The recipe's mean centre (float64 sums in another order: to rounding) and the mini-batch solve (random
     rows of the stream); a small buffer trains on every row once per epoch, in its own order."""
     X = data(n=403, dtype=torch.float64)
-    x_train, x_test, _, _ = S.split_standardise(S.Stream.open(mixed_folder(tmp_path, X)), 0.1, 3)
+    x_train, x_test, _, _ = split.split_standardise(S.Stream.open(mixed_folder(tmp_path, X)), 0.1, 3)
     cfg = TrainConfig(method="pam", epochs=2, batch_size=32, lr=1e-2, b_dec_init="mean", centre_input=True,
                       aux_k=4, keep_dead_atoms=True, solve_samples=200)
     streamed, in_memory = SAE(12, 24, "topk", 3, seed=1).double(), SAE(12, 24, "topk", 3, seed=1).double()
@@ -189,7 +190,7 @@ def test_bad_folders_are_refused_before_training(tmp_path, make, match):
         make(folder)
     with pytest.raises(DataError, match=match):
         stream = S.Stream.open(folder)
-        S.split_standardise(stream, 0.5)
+        split.split_standardise(stream, 0.5)
     if make is non_finite:  # train checks it too, before any step
         with pytest.raises(DataError, match="NaN/Inf"):
             stream = S.Stream.open(folder)
@@ -199,7 +200,7 @@ def test_bad_folders_are_refused_before_training(tmp_path, make, match):
 def test_index_json_catches_stale_and_corrupt_shards(tmp_path):
     X = data(n=100, dtype=torch.float32)
     folder = tmp_path / "shards"
-    index = S.write_shards(X, folder, shard_rows=30)
+    index = SH.write_shards(X, folder, shard_rows=30)
     assert [e["rows"] for e in index["shards"]] == [30, 30, 30, 10] and index["count"] == 100
     assert index["activations_sha256"] == A.tensor_sha256(X)  # the hash the single-file cache records
     assert torch.equal(S.Stream.open(folder).materialise(), X)
@@ -216,9 +217,9 @@ def test_index_json_catches_stale_and_corrupt_shards(tmp_path):
 
 def test_writer_holds_at_most_one_shard(tmp_path, monkeypatch):
     held = []
-    real = S.ShardWriter._flush
-    monkeypatch.setattr(S.ShardWriter, "_flush", lambda self: held.append(self.n_pending) or real(self))
-    writer = S.ShardWriter(tmp_path / "w", shard_rows=25)
+    real = SH.ShardWriter._flush
+    monkeypatch.setattr(SH.ShardWriter, "_flush", lambda self: held.append(self.n_pending) or real(self))
+    writer = SH.ShardWriter(tmp_path / "w", shard_rows=25)
     X = data(n=90, dtype=torch.float32)
     for part in X.split(7):
         writer.write(part)
@@ -239,8 +240,8 @@ def test_two_ranks_streaming_train_what_one_process_streams(tmp_path, monkeypatc
     from test_distributed import torchrun
 
     x_train, x_test, model, cfg = problem(method)
-    S.write_shards(x_train, tmp_path / "train", shard_rows=60)
-    S.write_shards(x_test, tmp_path / "test", shard_rows=60)
+    SH.write_shards(x_train, tmp_path / "train", shard_rows=60)
+    SH.write_shards(x_test, tmp_path / "test", shard_rows=60)
     monkeypatch.setenv("SPLINTERP_STREAM_DIR", str(tmp_path))
     res = torchrun(f"{method}_stream", tmp_path / "rank0.pt")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -269,13 +270,13 @@ def test_delivered_dtype_digest_and_streamed_user_activations(tmp_path):
     assert d != s32[view[1:]].digest() and d != S.Stream.open(folder)[view].digest()
     mean, std = torch.zeros(12), torch.ones(12)
     assert d != s32[view].standardised(mean, std).digest()
-    assert s32.shard_sha256() == [file_sha256(f) for f in S.shard_files(folder)]
+    assert s32.shard_sha256() == [file_sha256(f) for f in SH.shard_files(folder)]
     got, meta = A.load_user_activations(folder, stream=True)
     loaded, meta_loaded = A.load_user_activations(folder)
     assert isinstance(got, S.Stream) and got.dtype == torch.float32 and torch.equal(got.materialise(), loaded)
     assert meta == meta_loaded
     with pytest.raises(DataError, match="streaming reads a folder of shards"):
-        A.load_user_activations(S.shard_files(folder)[0], stream=True)
+        A.load_user_activations(SH.shard_files(folder)[0], stream=True)
     np.save(folder / "00.npy", X[:50].numpy() + 1)  # a changed shard: another digest
     assert S.Stream.open(folder, dtype=torch.float32)[view].digest() != d
 
@@ -288,7 +289,7 @@ def test_streamed_training_on_a_gpu_gives_the_in_memory_result(tmp_path, method)
     (a buffer that holds the training split: the in-memory batches; GPU reductions may add in another order, hence
     a tolerance)."""
     X = data(n=403, dtype=torch.float32)
-    x_train, x_test, _, _ = S.split_standardise(S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=400), 0.1, 3)
+    x_train, x_test, _, _ = split.split_standardise(S.Stream.open(mixed_folder(tmp_path, X), buffer_rows=400), 0.1, 3)
     cfg = TrainConfig(method=method, epochs=2, batch_size=32, lr=1e-2, solve_batch=50, eval_batch=70)
     streamed, in_memory = SAE(12, 24, "topk", 3, seed=1).to("cuda"), SAE(12, 24, "topk", 3, seed=1).to("cuda")
     h1 = train(streamed, x_train, x_test, cfg, seed=2, progress=False)
@@ -337,8 +338,8 @@ def test_the_split_reads_the_folder_once(tmp_path, monkeypatch):
     stream = S.Stream.open(mixed_folder(tmp_path, X))
     read, real = [], S.Stream._gather
     monkeypatch.setattr(S.Stream, "_gather", lambda self, src: read.append(len(src)) or real(self, src))
-    x_train, _, mean, _ = S.split_standardise(stream, 0.1, 3)
+    x_train, _, mean, _ = split.split_standardise(stream, 0.1, 3)
     assert sum(read) == 403
     read.clear()
-    _, _, again, _ = S.split_standardise(stream, 0.1, 3)
+    _, _, again, _ = split.split_standardise(stream, 0.1, 3)
     assert sum(read) == len(x_train) == 363 and torch.allclose(again, mean, rtol=0, atol=1e-12)

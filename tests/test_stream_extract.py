@@ -16,6 +16,7 @@ from test_activations import WORDS, save_tiny_model  # noqa: E402
 from common.infra import activations as A  # noqa: E402
 from common.infra import extraction as E  # noqa: E402
 from common.infra import llm_assets as M  # noqa: E402
+from common.infra import shards as SH  # noqa: E402
 from common.infra import stream as S  # noqa: E402
 from common.infra.data import DataError  # noqa: E402
 
@@ -36,8 +37,8 @@ def kw(model_dir, tmp_path):
 def test_shards_hold_the_in_memory_extraction(kw, monkeypatch):
     X, meta = A.load_activations(**kw)
     written = []
-    real = S.ShardWriter.write
-    monkeypatch.setattr(S.ShardWriter, "write", lambda self, rows: written.append(len(rows)) or real(self, rows))
+    real = SH.ShardWriter.write
+    monkeypatch.setattr(SH.ShardWriter, "write", lambda self, rows: written.append(len(rows)) or real(self, rows))
     folder, index = A.activation_shards(**kw, shard_rows=10)
     assert not index["cached"] and folder.name.endswith(".shards") and folder.parent == kw["cache_dir"]
     assert len(written) == 3 and sum(written) == X.shape[0] == 42  # one write per batch of 2 texts
@@ -46,7 +47,7 @@ def test_shards_hold_the_in_memory_extraction(kw, monkeypatch):
         assert index[key] == meta[key], key
     assert torch.equal(S.Stream.open(folder).materialise(), X)
     assert torch.equal(A.load_user_activations(folder)[0], X)  # what --ACTIVATIONS=folder reads
-    assert json.loads((folder / S.INDEX).read_text())["shards"][0]["name"] == "00000.npy"
+    assert json.loads((folder / SH.INDEX).read_text())["shards"][0]["name"] == "00000.npy"
     np.save(folder / "00002.npy", np.load(folder / "00002.npy") + 1)  # a changed shard is refused there too
     with pytest.raises(DataError, match="00002.npy: sha256 differs"):
         A.load_user_activations(folder)
@@ -67,7 +68,7 @@ def test_stale_or_corrupt_shards_are_extracted_again(kw, monkeypatch, capsys, da
         (folder / "00002.npy").unlink()
         target = folder
     else:
-        target = folder / S.INDEX
+        target = folder / SH.INDEX
         index = json.loads(target.read_text())
         target.write_text("{" if damage == "unreadable index" else json.dumps(dict(index, layer=1)))
     capsys.readouterr()
@@ -82,7 +83,7 @@ def test_an_interrupted_sharded_extraction_leaves_no_entry(kw, monkeypatch):
     def crash(self, rows):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(S.ShardWriter, "write", crash)
+    monkeypatch.setattr(SH.ShardWriter, "write", crash)
     with pytest.raises(KeyboardInterrupt):
         A.activation_shards(**kw, shard_rows=10)
     assert [p.name for p in kw["cache_dir"].iterdir()] == [M.FILE_HASHES]

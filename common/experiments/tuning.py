@@ -193,7 +193,9 @@ def _best_epoch(curve: list[float], tunes_stop: bool = True) -> tuple[float, int
     return float(curve[i]), i + 1
 
 
-def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
+def _open_study(study: Study, path: Path):
+    """The Optuna study of ``study`` in its journal at ``path``: created, or resumed (a trial an interrupted run left
+    running or waiting is marked failed, so it is never counted)."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -210,14 +212,27 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
                                                                  n_warmup_steps=max(1, epochs // 2)))
     for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         opt.tell(t.number, state=TrialState.FAIL)  # left by an interrupted run: never counted
+    return opt
 
-    def finished():
-        return [t for t in opt.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
-    while len(finished()) < study.budgets[-1]:
+def _finished(opt) -> list:
+    """The study's counted trials (completed or pruned), in the order they were asked."""
+    from optuna.trial import TrialState
+
+    return [t for t in opt.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def _run_trials(study: Study, opt, x_fit, x_val) -> None:
+    """Ask, train and tell trials until the largest budget of them is counted (pruned by the median rule; a
+    diverged trial scores +inf)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    epochs = study.settings["epochs"]
+    while len(_finished(opt)) < study.budgets[-1]:
         # seeded by the trial's place among the counted ones: a sampler's generator lives in this process, so a
         # resumed study seeded once would repeat its first draws; this way it draws what an uninterrupted one does
-        opt.sampler = optuna.samplers.TPESampler(seed=derive_seed(study.seed, "trial", len(finished())))
+        opt.sampler = optuna.samplers.TPESampler(seed=derive_seed(study.seed, "trial", len(_finished(opt))))
         trial = opt.ask()
         values = {}
         for name, spec in study.space.items():
@@ -241,8 +256,15 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
         trial.set_user_attr("curve", curve)
         opt.tell(trial, _best_epoch(curve, study.tunes_stop)[0])
 
+
+def _trial_records(study: Study, opt) -> list[dict]:
+    """The record of the first (largest budget) counted trials: values, state, validation MSE and stopping epoch
+    (completed ones), the epoch a pruned one stopped at, why one diverged."""
+    from optuna.trial import TrialState
+
+    epochs = study.settings["epochs"]
     trials = []
-    for t in finished()[:study.budgets[-1]]:
+    for t in _finished(opt)[:study.budgets[-1]]:
         curve = t.user_attrs.get("curve")
         best = _best_epoch(curve, study.tunes_stop) if curve else (None, None)
         trials.append({"number": t.number, "values": dict(t.params), "state": t.state.name.lower(),
@@ -250,56 +272,86 @@ def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
                        "stop_epoch": best[1], "epochs": epochs,
                        "pruned_at": max(t.intermediate_values) if t.state == TrialState.PRUNED else None,
                        "diverged": t.user_attrs.get("diverged", "")})
-    def extra(values, n_epochs):
-        """(val_mse, stop_epoch) of a trial past an edge: trained once, kept in the study's journal (shared by the
-        budgets, and not trained again when the tuning is resumed)."""
-        key = "extension " + json.dumps([sorted(values.items()), n_epochs])
-        if key not in opt.user_attrs:
-            try:
-                mse, stop = _best_epoch(_train_trial(study, values, n_epochs, x_fit, x_val), study.tunes_stop)
-            except NonFiniteError:
-                mse, stop = math.inf, None
-            opt.set_user_attr(key, [mse if math.isfinite(mse) else None, stop])
-        mse, stop = opt.user_attrs[key]
-        return (math.inf if mse is None else mse), stop
+    return trials
 
-    choices = {}
-    for b in study.budgets:
-        scored = [t for t in trials[:b] if t["val_mse"] is not None]
-        if not scored:
-            raise RuntimeError(f"tuning {study.label}: none of the first {b} trials finished with a finite "
-                               f"validation MSE (all pruned or diverged); see {path}")
-        best = min(scored, key=lambda t: t["val_mse"])
-        choice = {"values": dict(best["values"]), "epochs": epochs, "stop_epoch": best["stop_epoch"],
-                  "val_mse": best["val_mse"], "trial": best["number"], "edge": [], "extended": []}
-        for name, spec in study.space.items():
-            side = edge_of(name, choice["values"][name], spec)
-            if side is None:
-                continue
-            start = choice["values"][name]
-            tried = []
-            for f in EXTEND:
-                v = start * f if side == "high" else start / f
-                vals = dict(choice["values"], **{name: v})
-                mse, stop = extra(vals, choice["epochs"])
-                tried.append({"values": vals, "val_mse": mse if math.isfinite(mse) else None, "stop_epoch": stop})
-                if mse < choice["val_mse"]:
-                    choice.update(values=vals, val_mse=mse, stop_epoch=stop)
-            choice["extended"].append({"setting": name, "side": side, "trials": tried})
-            if choice["values"][name] == tried[-1]["values"][name]:
-                choice["edge"].append(name)
-        if study.tunes_stop and choice["stop_epoch"] == choice["epochs"]:
-            mse, stop = extra(choice["values"], 2 * epochs)
-            choice["extended"].append({"setting": "epochs", "side": "high", "trials": [
-                {"values": dict(choice["values"]), "epochs": 2 * epochs, "val_mse": mse if math.isfinite(mse) else None,
-                 "stop_epoch": stop}]})
+
+def _extension_score(study: Study, opt, values: dict, n_epochs: int, x_fit, x_val) -> tuple[float, int | None]:
+    """(val_mse, stop_epoch) of a trial past an edge: trained once, kept in the study's journal (shared by the
+    budgets, and not trained again when the tuning is resumed)."""
+    key = "extension " + json.dumps([sorted(values.items()), n_epochs])
+    if key not in opt.user_attrs:
+        try:
+            mse, stop = _best_epoch(_train_trial(study, values, n_epochs, x_fit, x_val), study.tunes_stop)
+        except NonFiniteError:
+            mse, stop = math.inf, None
+        opt.set_user_attr(key, [mse if math.isfinite(mse) else None, stop])
+    mse, stop = opt.user_attrs[key]
+    return (math.inf if mse is None else mse), stop
+
+
+def _extend_edges(study: Study, choice: dict, score) -> None:
+    """Past each chosen number in the outer EDGE of its range, try EXTEND steps further out (``score(values,
+    epochs)``), keeping any that scores better; a setting whose last step is kept is on the edge."""
+    for name, spec in study.space.items():
+        side = edge_of(name, choice["values"][name], spec)
+        if side is None:
+            continue
+        start = choice["values"][name]
+        tried = []
+        for f in EXTEND:
+            v = start * f if side == "high" else start / f
+            vals = dict(choice["values"], **{name: v})
+            mse, stop = score(vals, choice["epochs"])
+            tried.append({"values": vals, "val_mse": mse if math.isfinite(mse) else None, "stop_epoch": stop})
             if mse < choice["val_mse"]:
-                choice.update(epochs=2 * epochs, stop_epoch=stop, val_mse=mse)
-            # on the edge when the longer schedule wins and again stops at its last epoch (when it loses, the
-            # validation MSE rose after the last epoch of the shorter one: that stopping epoch is no edge)
-            if choice["epochs"] == 2 * epochs and choice["stop_epoch"] == choice["epochs"]:
-                choice["edge"].append("epochs")
-        choices[str(b)] = choice
+                choice.update(values=vals, val_mse=mse, stop_epoch=stop)
+        choice["extended"].append({"setting": name, "side": side, "trials": tried})
+        if choice["values"][name] == tried[-1]["values"][name]:
+            choice["edge"].append(name)
+
+
+def _extend_schedule(choice: dict, epochs: int, score) -> None:
+    """A choice that stops at its schedule's last epoch: try twice the schedule (``score(values, epochs)``), kept
+    when it scores better."""
+    mse, stop = score(choice["values"], 2 * epochs)
+    choice["extended"].append({"setting": "epochs", "side": "high", "trials": [
+        {"values": dict(choice["values"]), "epochs": 2 * epochs, "val_mse": mse if math.isfinite(mse) else None,
+         "stop_epoch": stop}]})
+    if mse < choice["val_mse"]:
+        choice.update(epochs=2 * epochs, stop_epoch=stop, val_mse=mse)
+    # on the edge when the longer schedule wins and again stops at its last epoch (when it loses, the
+    # validation MSE rose after the last epoch of the shorter one: that stopping epoch is no edge)
+    if choice["epochs"] == 2 * epochs and choice["stop_epoch"] == choice["epochs"]:
+        choice["edge"].append("epochs")
+
+
+def _choose(study: Study, trials: list[dict], budget: int, score, path: Path) -> dict:
+    """The choice at one budget: the best of its first ``budget`` trials, then its edge extensions."""
+    epochs = study.settings["epochs"]
+    scored = [t for t in trials[:budget] if t["val_mse"] is not None]
+    if not scored:
+        raise RuntimeError(f"tuning {study.label}: none of the first {budget} trials finished with a finite "
+                           f"validation MSE (all pruned or diverged); see {path}")
+    best = min(scored, key=lambda t: t["val_mse"])
+    choice = {"values": dict(best["values"]), "epochs": epochs, "stop_epoch": best["stop_epoch"],
+              "val_mse": best["val_mse"], "trial": best["number"], "edge": [], "extended": []}
+    _extend_edges(study, choice, score)
+    if study.tunes_stop and choice["stop_epoch"] == choice["epochs"]:
+        _extend_schedule(choice, epochs, score)
+    return choice
+
+
+def _run_study(study: Study, x_fit, x_val, path: Path) -> dict:
+    """One study, kept in the Optuna journal at ``path`` (resumed where it stopped): its trials, their record, and
+    the choice at each budget."""
+    opt = _open_study(study, path)
+    _run_trials(study, opt, x_fit, x_val)
+    trials = _trial_records(study, opt)
+
+    def score(values, n_epochs):
+        return _extension_score(study, opt, values, n_epochs, x_fit, x_val)
+
+    choices = {str(b): _choose(study, trials, b, score, path) for b in study.budgets}
     return {"ablation": study.ablation, "value": study.value, "method": study.method, "replicate": study.replicate,
             "name": study.name, "n_fit": int(x_fit.shape[0]), "n_val": int(x_val.shape[0]), "space": study.space,
             "seed": study.seed, "trials": trials, "choices": choices}

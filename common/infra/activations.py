@@ -52,7 +52,9 @@ from .extraction import DTYPES, TOKEN_RULES, check_args, check_layer, extract, e
 from .llm_assets import (CACHE_DIR, DEFAULT_MODEL, GGUF_MODELS, TEXT_RULE_VERSION, default_layer, ensure_dir,
                          fetch_model, fetch_text, file_sha256, load_model, model_fingerprint, n_layers_of, read_text,
                          split_texts)
+from .shards import INDEX, SUFFIXES, Shard, ShardWriter, shard_files
 from .split import split_order
+from .stream import Stream
 
 
 # ---------------------------------------------------------------------------------------------- caching
@@ -211,8 +213,6 @@ def _extend(cached, request, texts, want, model, device, batch_size, max_tokens,
 
 def _read_shard_cache(folder: Path, request: dict):
     """The index of a valid sharded cache entry, else None after printing why it is stale or corrupt."""
-    from .stream import INDEX, Stream
-
     if not folder.exists():
         return None
     index = _cached_metadata(folder / INDEX, request)
@@ -247,8 +247,6 @@ def activation_shards(model: str = DEFAULT_MODEL, layer: int | None = None, toke
     staged beside it and renamed into place once complete. Read it with ``common.infra.stream.Stream.open``, or
     pass it as ``--ACTIVATIONS=folder`` to E3. Returns (folder, index); the folder is ``<stem>.shards``.
     """
-    from .stream import ShardWriter
-
     if not (isinstance(shard_rows, int) and shard_rows >= 1):
         raise ValueError(f"shard_rows={shard_rows!r}: expected an int >= 1")
     request, stem, texts, text_source, n_layers, model_files = _request(
@@ -279,18 +277,13 @@ def activation_shards(model: str = DEFAULT_MODEL, layer: int | None = None, toke
     return folder, dict(index, cached=False)
 
 
-USER_SUFFIXES = (".npy", ".safetensors")
-
-
 def user_activation_files(path) -> list[Path]:
     """The files of your own activations: a .npy or .safetensors file, or a folder of them (shards, in name
-    order; ``common.infra.stream.shard_files``). Raises DataError naming the path when there is nothing to read."""
-    from .stream import shard_files
-
+    order; ``common.infra.shards.shard_files``). Raises DataError naming the path when there is nothing to read."""
     path = Path(path)
     if path.is_dir():
         return shard_files(path)
-    if path.suffix not in USER_SUFFIXES or not path.is_file():
+    if path.suffix not in SUFFIXES or not path.is_file():
         raise DataError(f"{path}: expected an existing .npy or .safetensors file, or a folder of them")
     return [path]
 
@@ -300,14 +293,12 @@ def load_user_activations(path, stream: bool = False) -> tuple:
     .npy (read without pickle), a .safetensors holding one tensor, or a folder of such shards (their rows
     concatenated in name order). Every shard must be 2-D, non-empty, of real numbers (not bool, complex, text or
     objects), as long as its header says, finite, and of the same width; a folder with an ``index.json``
-    (``activation_shards``, ``common.infra.stream``) must match it (files first, then rows and sha256). Every problem is
+    (``activation_shards``, ``common.infra.shards``) must match it (files first, then rows and sha256). Every problem is
     a DataError naming the file (and the row and feature of a NaN/Inf), found before anything is computed.
 
     ``stream=True`` (a folder only): a float32 ``common.infra.stream.Stream`` of the folder instead of a tensor, for
     activations larger than memory: only the headers and the sha256 of the shards are read here; the values
     are checked finite by the split's pass (``split_standardise``)."""
-    from .stream import Stream, _Shard
-
     path = Path(path)
     if stream and not path.is_dir():
         raise DataError(f"{path}: streaming reads a folder of shards (*.npy / *.safetensors), not a single file")
@@ -315,7 +306,7 @@ def load_user_activations(path, stream: bool = False) -> tuple:
     if path.is_dir():
         X = Stream.open(path, verify=True, dtype=torch.float32)   # headers, widths, index.json (files, rows, sha256)
     else:
-        X = Stream([_Shard(path)], root={"checked": False, "path": str(path)}, dtype=torch.float32)
+        X = Stream([Shard(path)], root={"checked": False, "path": str(path)}, dtype=torch.float32)
     rows = [int(b - a) for a, b in zip(X.offsets[:-1], X.offsets[1:])]
     hashes = X.shard_sha256()
     if not stream:

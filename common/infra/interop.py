@@ -1,22 +1,20 @@
-"""Save and load our SAE in three on-disk formats: our own, SAELens 6.x and EleutherAI sparsify 1.3.
+"""Save and load our SAE in the formats of SAELens 6.x and EleutherAI sparsify 1.3, and load any of three formats.
 
 Every format is a folder holding a ``cfg.json`` and a safetensors file; nothing is pickled, and the peer
 packages are never imported here (they stay optional: tests/test_interop.py opens our exports with their own
 loaders when they are installed).
 
-    save_safetensors(model, folder) / load_safetensors(folder)   ours:     cfg.json + sae.safetensors
+    save_safetensors(model, folder) / load_safetensors(folder)   ours:     cfg.json + sae.safetensors (sae_files.py)
     save_saelens(model, folder)     / load_saelens(folder)       SAELens:  cfg.json + sae_weights.safetensors
     save_sparsify(model, folder)    / load_sparsify(folder)      sparsify: cfg.json + sae.safetensors
-    detect_format(folder), load_any(folder)                      which of the three a folder holds; load it
+    detect_format(folder) (sae_files.py), load_any(folder)       which of the three a folder holds; load it
 
-Ours: ``cfg.json`` is ``SAE.config`` (its fields) plus ``centred`` (whether the model subtracts its centre), ``dtype`` and
-``format``/``format_version``; ``sae.safetensors`` holds the ``state_dict`` under our parameter names
-(``W_enc``, ``b_enc``, ``W_dec`` unless tied, ``b_dec``, ``centre``). A load gives back the same parameters,
-bit for bit. The peer exports also write ``splinterp.json`` (our config, which activation was exported,
-whether exactly) and ``splinterp.safetensors`` (our b_enc and centre); both libraries ignore extra files.
-They restore what the peer file cannot say (the centre and b_enc as they were, tied, the init fields), so
-that ours -> peer -> ours gives the same parameters bit for bit; they are used only while the peer file's
-encoder bias is still exactly what we wrote, and are never needed to load.
+Ours (``common/infra/sae_files.py``): ``cfg.json`` and ``sae.safetensors``, the same parameters bit for bit on load.
+The peer exports also write ``splinterp.json`` (our config, which activation was exported, whether exactly) and
+``splinterp.safetensors`` (our b_enc and centre); both libraries ignore extra files. They restore what the peer
+file cannot say (the centre and b_enc as they were, tied, the init fields), so that ours -> peer -> ours gives
+the same parameters bit for bit; they are used only while the peer file's encoder bias is still exactly what
+we wrote, and are never needed to load.
 
 The maps (one sample, docs/DESIGN.md section 1; D = the atoms, rows; c = centre, 0 when not centred):
 
@@ -102,23 +100,17 @@ this rarer. sparsify's ``forward`` runs under bfloat16 autocast on CUDA devices 
 """
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..maths.sae import ACTIVATION_TABLE, ACTIVATIONS, SAE, SAEConfig, activation_spec
+from ..maths.sae import ACTIVATION_TABLE, ACTIVATIONS, SAE, activation_spec
+from .sae_files import (CFG_FILE, FORMAT_NAME, FORMAT_VERSION, SAELENS_WEIGHTS, SIDECAR_FILE, SIDECAR_TENSORS,
+                        SPARSIFY_WEIGHTS, cfg_dtype, cfg_int, detect_format, dtype_name, effective_centre, expect_keys,
+                        expect_shape, is_centred, load_safetensors, load_tensors, read_json, write_folder, wrong_format)
 
-CFG_FILE = "cfg.json"
-OURS_WEIGHTS = "sae.safetensors"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-SIDECAR_FILE = "splinterp.json"
-SIDECAR_TENSORS = "splinterp.safetensors"
-FORMAT_NAME, FORMAT_VERSION = "splinterp-sae", 1
 # Written as metadata.sae_lens_version: SAELens reads files without one as pre-6.0 configs and converts them.
 SAELENS_FORMAT_VERSION = "6.54.12"
 # Our activations each format reproduces exactly (the activation table's export names, common/maths/sae.py).
@@ -132,39 +124,10 @@ for _name, _act in ACTIVATION_TABLE.items():
     if _act.saelens:
         _SAELENS_ACTIVATION.setdefault(_act.saelens, _name)
 _SAELENS_TOPK = ("topk", "abstopk")  # the SAELens architectures with k and rescale_acts_by_decoder_norm
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _INIT_FIELDS = ("enc_init_scale", "dec_init_scale", "init")
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy with storage of its own (safetensors refuses shared or strided tensors)."""
-    return t.detach().to("cpu").contiguous().clone()
-
-
-def _is_centred(model: SAE) -> bool:
-    return model.centred
-
-
-def _effective_centre(model: SAE) -> torch.Tensor:
-    """The centre the model subtracts (zeros when it is not centred)."""
-    return model.centre if _is_centred(model) else torch.zeros_like(model.centre)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"cannot export parameters of dtype {dtype}; accepted: {', '.join(_DTYPES)}")
-    return _DTYPE_NAMES[dtype]
-
-
-def _dtype(name) -> torch.dtype:
-    name = str(name).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r} in cfg.json; accepted: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
 def _shifted_bias(w_enc: torch.Tensor, b_enc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """b_enc + W_enc v, computed in float64 and rounded once to b_enc's dtype (b_enc itself when v == 0)."""
     if not v.any():
@@ -183,69 +146,6 @@ def _saelens_encoder_bias(w_enc, b_enc, centre, centred: bool, b_dec):
 def _sparsify_encoder_bias(w_enc, b_enc, centre, b_dec):
     """sparsify's encoder.bias: b_enc + W_enc (b_dec - c), since sparsify always subtracts b_dec first."""
     return _shifted_bias(w_enc, b_enc, b_dec - centre)
-
-
-def _write(folder, cfg: dict, tensors: dict, weights_name: str, sidecar: dict | None = None,
-           sidecar_tensors: dict | None = None) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: _cpu(v) for k, v in tensors.items()}, str(folder / weights_name))
-    (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-    for name in (SIDECAR_FILE, SIDECAR_TENSORS):  # stale ones from an earlier export to this folder
-        if (folder / name).exists():
-            (folder / name).unlink()
-    if sidecar is not None:
-        (folder / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
-    if sidecar_tensors is not None:
-        save_file({k: _cpu(v) for k, v in sidecar_tensors.items()}, str(folder / SIDECAR_TENSORS))
-    return folder
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        with open(path) as f:
-            out = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return out
-
-
-_REQUIRED = object()
-
-
-def _cfg_int(cfg: dict, key: str, folder: Path, default=_REQUIRED, low: int = 1, high: int | None = None) -> int:
-    """cfg[key] as an integer in [low, high]: ValueError naming the folder and the key when it is missing (without
-    a default), not an integer (2.5, "3", true) or out of range."""
-    if key not in cfg or cfg[key] is None:
-        if default is _REQUIRED:
-            raise ValueError(f"{folder}: {CFG_FILE} has no {key!r} (an integer), which this format requires")
-        return default
-    v = cfg[key]
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{folder}: {CFG_FILE} has {key}={cfg[key]!r}; expected an integer {bound}")
-    return v
-
-
-def _load_tensors(path: Path) -> dict:
-    """The tensors of a safetensors file, every one finite: ValueError naming the file when it is unreadable
-    (truncated, not safetensors) or a tensor holds NaN/Inf."""
-    try:
-        tensors = load_file(str(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{path}: tensor {name!r} holds {int((~torch.isfinite(t)).sum())} NaN/Inf values")
-    return tensors
 
 
 def _check_export(model: SAE, fmt: str, allow_inexact: bool) -> str:
@@ -267,7 +167,7 @@ def _check_export(model: SAE, fmt: str, allow_inexact: bool) -> str:
 
 def _sidecar(model: SAE, fmt: str, exported_as: str) -> dict:
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "exported_to": fmt,
-            "source_config": asdict(model.config), "source_centred": _is_centred(model),
+            "source_config": asdict(model.config), "source_centred": is_centred(model),
             "exported_activation": exported_as, "exact": exported_as == model.activation,
             "note": "written by common.infra.interop (SplInterp); the library ignores this file"}
 
@@ -276,9 +176,9 @@ def _save_peer(model: SAE, folder, fmt: str, allow_inexact: bool, layout, weight
     """A peer export: ``layout(model, activation, centre)`` gives the library's cfg.json and tensors for the
     activation it will run (``_check_export``); our sidecar files go beside them (module docstring)."""
     activation = _check_export(model, fmt, allow_inexact)
-    centre = _effective_centre(model)
+    centre = effective_centre(model)
     cfg, tensors = layout(model, activation, centre)
-    return _write(folder, cfg, tensors, weights_name, _sidecar(model, fmt, activation),
+    return write_folder(folder, cfg, tensors, weights_name, _sidecar(model, fmt, activation),
                   {"b_enc": model.b_enc, "centre": centre})
 
 
@@ -286,7 +186,7 @@ def _read_sidecar(folder: Path, n_features: int, n_latents: int) -> dict | None:
     path = folder / SIDECAR_FILE
     if not path.is_file():
         return None
-    side = _read_json(path)
+    side = read_json(path)
     src = side.get("source_config") or {}
     if side.get("format") != FORMAT_NAME or src.get("n_features") != n_features or src.get("n_latents") != n_latents:
         return None  # not ours, or for another model: ignore it
@@ -304,7 +204,7 @@ def _restore(folder: Path, side: dict | None, expected_b_enc, lib_bias) -> tuple
     path = folder / SIDECAR_TENSORS
     if side is None or not path.is_file():
         return None
-    t = _load_tensors(path)
+    t = load_tensors(path)
     if set(t) != {"b_enc", "centre"} or t["b_enc"].shape != expected_b_enc.shape:
         return None
     b_enc, centre = t["b_enc"].to(expected_b_enc.dtype), t["centre"].to(expected_b_enc.dtype)
@@ -341,88 +241,10 @@ def _build(*, activation: str, k, w_enc, b_enc, w_dec, b_dec, centre=None, thres
     return model
 
 
-def _expect_keys(tensors: dict, expected: set, path: Path, hint: str = "") -> None:
-    got = set(tensors)
-    if got != expected:
-        missing, extra = sorted(expected - got), sorted(got - expected)
-        raise ValueError(f"{path}: unexpected tensors (missing {missing}, unexpected {extra}){hint}")
-
-
-def _expect_shape(t: torch.Tensor, shape: tuple, name: str, path: Path) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape}")
-
-
-def _wrong_format(folder: Path, wanted: str) -> None:
-    fmt = detect_format(folder)
-    if fmt != wanted:
-        raise ValueError(f"{folder} holds a {fmt!r} export, not {wanted!r}: use load_{fmt}() or load_any()")
-
-
-# --- format detection ---------------------------------------------------------------------------------
-def detect_format(folder) -> str:
-    """'safetensors' (ours), 'saelens' or 'sparsify': which format ``folder`` holds; ValueError if none."""
-    folder = Path(folder)
-    cfg_path = folder / CFG_FILE
-    if not cfg_path.is_file():
-        raise ValueError(f"{folder}: no {CFG_FILE}, not an SAE folder of any known format")
-    cfg = _read_json(cfg_path)  # decided by cfg.json, so a stale weights file of another format does not mislead
-    if cfg.get("format") == FORMAT_NAME and (folder / OURS_WEIGHTS).is_file():
-        return "safetensors"
-    if "d_sae" in cfg and (folder / SAELENS_WEIGHTS).is_file():
-        return "saelens"
-    if "d_in" in cfg and (folder / SPARSIFY_WEIGHTS).is_file():
-        return "sparsify"
-    raise ValueError(f"{folder}: {CFG_FILE} and its weights match none of ours, SAELens's "
-                     f"({SAELENS_WEIGHTS}) or sparsify's ({SPARSIFY_WEIGHTS} with d_in in {CFG_FILE})")
-
-
 def load_any(folder) -> SAE:
     """Load whichever of the three formats ``folder`` holds."""
     return {"safetensors": load_safetensors, "saelens": load_saelens,
             "sparsify": load_sparsify}[detect_format(folder)](folder)
-
-
-# --- ours ---------------------------------------------------------------------------------------------
-def save_safetensors(model: SAE, folder) -> Path:
-    """Our format: ``cfg.json`` (``SAE.config``, ``centred``, ``dtype``, format tag) and ``sae.safetensors``
-    (the state_dict under our names; the centre is written as the model uses it: zeros when not centred)."""
-    if not isinstance(model, SAE):
-        raise TypeError(f"expected a common.maths.sae.SAE, got {type(model).__name__}")
-    state = {name: t for name, t in model.state_dict().items()}
-    state["centre"] = _effective_centre(model)
-    cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(model.config),
-           "centred": _is_centred(model), "dtype": _dtype_name(model.W_enc.dtype)}
-    return _write(folder, cfg, state, OURS_WEIGHTS)
-
-
-def load_safetensors(folder) -> SAE:
-    """The SAE ``save_safetensors`` wrote: same config, same parameters bit for bit, on the CPU."""
-    folder = Path(folder)
-    _wrong_format(folder, "safetensors")
-    cfg = _read_json(folder / CFG_FILE)
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: format_version {cfg.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    config = {f.name: cfg[f.name] for f in fields(SAEConfig) if f.name in cfg}
-    for key in ("n_features", "n_latents"):
-        config[key] = _cfg_int(cfg, key, folder)
-    if config.get("k") is not None:
-        config["k"] = _cfg_int(cfg, "k", folder, high=config["n_latents"])
-    dtype = _dtype(cfg.get("dtype", "float32"))
-    try:
-        model = SAE(**config).to(dtype)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{folder}: {CFG_FILE} describes no valid SAE ({err})") from None
-    path = folder / OURS_WEIGHTS
-    tensors = _load_tensors(path)
-    _expect_keys(tensors, set(model.state_dict()), path)
-    for name, t in model.state_dict().items():
-        _expect_shape(tensors[name], tuple(t.shape), name, path)
-    model.load_state_dict(tensors)
-    model.set_centre(model.centre.clone())
-    if _is_centred(model) != bool(cfg.get("centred", _is_centred(model))):
-        raise ValueError(f"{folder}: cfg.json says centred={cfg.get('centred')} but the centre tensor disagrees")
-    return model
 
 
 # --- SAELens ------------------------------------------------------------------------------------------
@@ -435,10 +257,10 @@ def save_saelens(model: SAE, folder, *, allow_inexact: bool = False) -> Path:
 
 def _saelens_file(model: SAE, activation: str, centre: torch.Tensor) -> tuple[dict, dict]:
     """SAELens's cfg.json and tensors for ``model`` run as ``activation``."""
-    apply_b_dec, b_enc = _saelens_encoder_bias(model.W_enc, model.b_enc, centre, _is_centred(model), model.b_dec)
+    apply_b_dec, b_enc = _saelens_encoder_bias(model.W_enc, model.b_enc, centre, is_centred(model), model.b_dec)
     act = activation_spec(activation)
     arch = act.saelens
-    cfg = {"d_in": model.n_features, "d_sae": model.n_latents, "dtype": _dtype_name(model.W_enc.dtype),
+    cfg = {"d_in": model.n_features, "d_sae": model.n_latents, "dtype": dtype_name(model.W_enc.dtype),
            "device": "cpu", "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION}}
     if arch in _SAELENS_TOPK:
@@ -456,8 +278,8 @@ def _saelens_file(model: SAE, activation: str, centre: torch.Tensor) -> tuple[di
 def load_saelens(folder) -> SAE:
     """An SAE computing what SAELens computes for the folder (architectures standard, topk, abstopk, jumprelu)."""
     folder = Path(folder)
-    _wrong_format(folder, "saelens")
-    cfg = _read_json(folder / CFG_FILE)
+    wrong_format(folder, "saelens")
+    cfg = read_json(folder / CFG_FILE)
     arch = cfg.get("architecture")
     k = cfg.get("k", 100)  # TopKSAEConfig's default
     if arch is None:  # a pre-6.0 config, as SAELens's handle_pre_6_0_config reads it
@@ -472,22 +294,22 @@ def load_saelens(folder) -> SAE:
     if norm not in ("none", None, False):
         raise ValueError(f"{folder}: normalize_activations={norm!r} rescales the input at run time; only 'none' "
                          "loads exactly (fold the normalisation into the weights in SAELens first)")
-    d_in, d_sae, dtype = _cfg_int(cfg, "d_in", folder), _cfg_int(cfg, "d_sae", folder), _dtype(cfg.get("dtype", "float32"))
+    d_in, d_sae, dtype = cfg_int(cfg, "d_in", folder), cfg_int(cfg, "d_sae", folder), cfg_dtype(cfg.get("dtype", "float32"))
     if arch in _SAELENS_TOPK:  # the TopK architectures read k; standard and jumprelu have none
-        k = _cfg_int({"k": k}, "k", folder, high=d_sae)
+        k = cfg_int({"k": k}, "k", folder, high=d_sae)
     path = folder / SAELENS_WEIGHTS
-    tensors = {name: t.to(dtype) for name, t in _load_tensors(path).items()}  # SAELens casts to cfg dtype too
+    tensors = {name: t.to(dtype) for name, t in load_tensors(path).items()}  # SAELens casts to cfg dtype too
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in tensors:
             if not torch.all(tensors[name] == 1):
                 raise ValueError(f"{folder}: a fine-tuning scaling factor other than 1 is not supported")
             del tensors[name]
     thresholded = arch == "jumprelu"
-    _expect_keys(tensors, {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if thresholded else set()), path)
+    expect_keys(tensors, {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if thresholded else set()), path)
     for name, shape in (("W_enc", (d_in, d_sae)), ("b_enc", (d_sae,)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,)),
                         ("threshold", (d_sae,))):
         if name in tensors:
-            _expect_shape(tensors[name], shape, name, path)
+            expect_shape(tensors[name], shape, name, path)
     # SAELens's JumpReLU: relu(a) * (a > threshold), the same map as ours with the threshold max(threshold, 0)
     threshold = tensors["threshold"].clamp(min=0) if thresholded else None
     w_enc, b_enc, w_dec, b_dec = tensors["W_enc"].T.contiguous(), tensors["b_enc"], tensors["W_dec"], tensors["b_dec"]
@@ -538,27 +360,27 @@ def _sparsify_file(model: SAE, activation: str, centre: torch.Tensor) -> tuple[d
 def load_sparsify(folder) -> SAE:
     """An SAE computing what sparsify computes for the folder (a TopK sparse autoencoder)."""
     folder = Path(folder)
-    _wrong_format(folder, "sparsify")
-    cfg = _read_json(folder / CFG_FILE)
+    wrong_format(folder, "sparsify")
+    cfg = read_json(folder / CFG_FILE)
     if cfg.get("activation", "topk") != "topk":
         raise ValueError(f"{folder}: sparsify activation {cfg.get('activation')!r} has no equivalent here; "
                          "only 'topk' loads")
     for flag in ("transcode", "skip_connection"):
         if cfg.get(flag, False):
             raise ValueError(f"{folder}: {flag}=true is not a sparse autoencoder of our form")
-    d_in = _cfg_int(cfg, "d_in", folder)
-    n_latents = _cfg_int(cfg, "num_latents", folder, default=0, low=0) or d_in * _cfg_int(cfg, "expansion_factor",
+    d_in = cfg_int(cfg, "d_in", folder)
+    n_latents = cfg_int(cfg, "num_latents", folder, default=0, low=0) or d_in * cfg_int(cfg, "expansion_factor",
                                                                                          folder, default=32)
-    k = _cfg_int(cfg, "k", folder, default=32, high=n_latents)
+    k = cfg_int(cfg, "k", folder, default=32, high=n_latents)
     if not 1 <= k <= n_latents:
         raise ValueError(f"{folder}: k={k} outside 1..num_latents={n_latents}")
     path = folder / SPARSIFY_WEIGHTS
-    tensors = _load_tensors(path)
-    _expect_keys(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, path,
+    tensors = load_tensors(path)
+    expect_keys(tensors, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, path,
                  " (a file saved without its decoder cannot be loaded)" if "W_dec" not in tensors else "")
     for name, shape in (("encoder.weight", (n_latents, d_in)), ("encoder.bias", (n_latents,)),
                         ("W_dec", (n_latents, d_in)), ("b_dec", (d_in,))):
-        _expect_shape(tensors[name], shape, name, path)
+        expect_shape(tensors[name], shape, name, path)
     # sparsify builds the model in the dtype of the file's first tensor and copies every tensor into it
     dtype = tensors[sorted(tensors)[0]].dtype
     tensors = {name: t.to(dtype) for name, t in tensors.items()}

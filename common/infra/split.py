@@ -4,13 +4,17 @@
 One seeded permutation, :func:`split_order`, orders the rows: its first ``n_test = round(test_fraction * n)``
 positions are the test rows, the rest the training rows in that order, of which ``n_train`` (0: all) are kept.
 The same permutation orders E3's extraction (``activations.load_activations(order_seed=...)``), so the rows a
-split needs are a prefix of it: the test rows, then the first ``n_train`` training rows.
+split needs are a prefix of it: the test rows, then the first ``n_train`` training rows. A folder of shards
+(``common.infra.stream.Stream``) is split and standardised the same way, by streaming.
 """
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
+
+from .stream import Stream
 
 
 def split_order(n: int, seed: int) -> torch.Tensor:
@@ -89,12 +93,52 @@ def split_standardise(X: torch.Tensor, test_fraction: float = 0.1, seed: int = 0
     X (N, n_features) -> (train (n_train or N - n_test, n_features), test (n_test, n_features), mean (n_features,),
     std (n_features,)), n_test = round(test_fraction * N), in X's dtype.
     ``X`` may be a ``common.infra.stream.Stream`` (a folder of shards): the same split and statistics, by streaming
-    (``common.infra.stream.split_standardise``; the splits are then views, standardised as they are read).
+    (:func:`_split_standardise_stream`; the splits are then views, standardised as they are read).
     """
-    from .stream import Stream
-    from .stream import split_standardise as split_stream
-
     if isinstance(X, Stream):
-        return split_stream(X, test_fraction, seed, eps, info, n_train)
+        return _split_standardise_stream(X, test_fraction, seed, eps, info, n_train)
     train_rows, test_rows = split_rows(X.shape[0], test_fraction, seed, n_train)
     return standardise(X[train_rows], X[test_rows], eps, info)
+
+
+def _moments(blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and population std of the rows of float64 arrays ``blocks``, accumulated in float64 by
+    merging block moments (Chan et al.), float64 (n_features,)."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for x in blocks:
+        nb = x.shape[0]
+        if nb == 0:
+            continue
+        mb = x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        delta = mb - mean
+        total = n + nb
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta ** 2 * (n * nb / total)
+        n = total
+    return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / n))
+
+
+def _split_standardise_stream(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8,
+                              info: dict | None = None, n_train: int = 0):
+    """:func:`split_standardise` for a folder of shards, by streaming.
+
+    The same split (:func:`split_rows`: the first ``n_test`` positions of ``split_order(N, seed)`` are the
+    test rows, the next ``n_train`` (0: all the rest) the training rows, each view in that order) and the same
+    standardisation (the kept training rows' mean and population std accumulated in float64 in one pass, which also
+    checks every row finite; constant features centred, not scaled: :func:`standardisation`); the views
+    standardise in float64 as they read and deliver the data's dtype. Returns (train view, test view, mean, std),
+    mean and std in the data's dtype; nothing else is read.
+    """
+    train_rows, test_rows = split_rows(len(X), test_fraction, seed, n_train)
+    train, test = X[train_rows.numpy()], X[test_rows.numpy()]
+    if X.root.get("checked"):  # the folder was checked before: read the training rows only
+        mean, std = _moments(x for _, x in train.scan())
+    else:  # one pass over the folder: every row checked finite, the training rows' moments (with multiplicity)
+        weight = np.bincount(train.source_rows(), minlength=int(X.offsets[-1]))
+        mean, std = _moments(x[np.repeat(np.arange(len(src)), weight[src])] for src, x in X.checked_scan())
+    std, constant = standardisation(mean, std, eps)
+    report_constant(constant, X.n_features)
+    if info is not None:
+        info["constant_features"] = constant
+    return train.standardised(mean, std), test.standardised(mean, std), mean.to(X.dtype), std.to(X.dtype)

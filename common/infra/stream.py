@@ -1,14 +1,11 @@
 """Activations larger than memory: a folder of shards read through memory maps (docs/DESIGN.md, section 9.1).
 
-A **folder of shards** holds 2-D arrays (rows = samples, columns = features) as ``*.npy`` and/or
-``*.safetensors`` files (one tensor each), read in name order; their rows, concatenated, are the data set.
-An optional ``index.json`` (written by :class:`ShardWriter`, hence by the sharded extraction of
-``common/infra/activations.py``) lists every shard with its rows and sha256: a folder that does not match it (a
-shard missing, added, resized or changed) is refused with ``DataError`` naming the file.
+A folder of shards (``common/infra/shards.py``: 2-D ``*.npy`` / ``*.safetensors`` arrays, their rows
+concatenated in name order, optionally listed with their rows and sha256 in ``index.json``) is read here.
 
 :class:`Stream` is a view of such a folder: an ordered list of its rows (``index``; all rows in storage order
 by default), optionally standardised on the fly with a per-feature ``mean`` and ``std``. Nothing is read
-when a view is made (``stream[a:b]``, ``stream[idx]``, :func:`split_standardise`); rows are read by
+when a view is made (``stream[a:b]``, ``stream[idx]``, ``split.split_standardise``); rows are read by
 ``read``, ``take``, ``chunks`` and ``batches``, through memory maps that are opened for one read and closed
 after it, so the pages of a shard never stay mapped in the process (they stay in the OS page cache, which
 is not the process's memory). ``chunks`` and ``batches`` read the next buffer of ``buffer_rows`` rows in a
@@ -26,7 +23,7 @@ Orders (what ``train`` sees; docs/DESIGN.md 9.1):
   consecutive windows of ``R = buffer_rows`` positions (the last one shorter); ``torch.randperm(W, gen)`` orders
   the windows, and as each window is reached ``torch.randperm(len(window), gen)`` orders its positions; the
   epoch's order is the concatenation, cut into batches of ``b`` (a batch may span two windows). Every row is
-  seen once per epoch. A view made by :func:`split_standardise` is already in a random order, so every window
+  seen once per epoch. A view made by ``split.split_standardise`` is already in a random order, so every window
   is a random sample of the data set; the windows' membership is the same every epoch.
 
 Several processes (``common/infra/distributed.py``): every rank reads the same windows and takes its rows
@@ -35,9 +32,7 @@ Several processes (``common/infra/distributed.py``): every rank reads the same w
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,130 +41,10 @@ import torch
 
 from .data import DataError
 from .outputs import file_sha256
+from .shards import INDEX, Shard, check_index, shard_files
 
-SUFFIXES = (".npy", ".safetensors")
-INDEX = "index.json"
-INDEX_FORMAT = "splinterp-shards/1"
 BUFFER_BYTES = 128 << 20  # default shuffle buffer: 128 MiB of rows (two held: the current and the next)
 SCAN_BYTES = 32 << 20     # float64 rows per step of a pass over the data in storage order
-SPAN_BYTES = 64 << 20     # the most of a file mapped at once
-_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
-
-
-def shard_files(path) -> list[Path]:
-    """The ``*.npy`` and ``*.safetensors`` files of a folder, in name order (a missing or empty folder:
-    DataError naming it)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(f"{path}: no such folder of shards (expected a folder of *.npy / *.safetensors files)")
-    files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{path}: no *.npy or *.safetensors shards in this folder")
-    return files
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
-class _Shard:
-    """One shard's layout: rows, width, dtype, and how to map it (read from its header only)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.stamp = _stamp(path)
-        if path.suffix == ".npy":
-            self._npy_header()
-        else:
-            self._safetensors_header()
-        if len(self.shape) != 2 or self.shape[0] == 0 or self.shape[1] == 0 or self.dtype.kind not in "fiu":
-            raise DataError(f"{path}: expected a non-empty 2-D array (n_samples, n_features) of real numbers, "
-                            f"got shape {tuple(self.shape)} and dtype {self.dtype}")
-        self.rows, self.width = int(self.shape[0]), int(self.shape[1])
-        if self.offset is not None:  # the data the header describes must be in the file (nothing is mapped yet)
-            need = self.offset + self.rows * self.width * self.dtype.itemsize
-            if self.stamp[0] < need:
-                raise DataError(f"{path}: truncated: {self.stamp[0]} bytes, but its header describes {self.rows} x "
-                                f"{self.width} {self.dtype} ({need} bytes)")
-
-    def _npy_header(self) -> None:
-        """Shape, dtype, order and data offset from the .npy header alone (the file is neither loaded nor mapped)."""
-        fmt = np.lib.format
-        try:
-            with open(self.path, "rb") as f:
-                version = fmt.read_magic(f)
-                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-                shape, fortran, dtype = read(f)
-                self.offset = f.tell()
-        except Exception as err:  # noqa: BLE001 - numpy raises several types on a damaged header
-            raise DataError(f"{self.path}: not a readable .npy file ({type(err).__name__}: {err})") from None
-        self.shape, self.dtype, self.name = tuple(shape), np.dtype(dtype), None
-        self.fortran = bool(fortran) and len(self.shape) == 2 and self.shape[0] > 1
-
-    def _safetensors_header(self) -> None:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.path), framework="np") as f:
-                keys = list(f.keys())
-            with open(self.path, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on damaged files
-            raise DataError(f"{self.path}: not a readable .safetensors file ({type(err).__name__}: {err})") from None
-        if len(keys) != 1:
-            raise DataError(f"{self.path}: expected one tensor (n_samples, n_features), found {sorted(keys)}")
-        self.name = keys[0]
-        info = header[self.name]
-        self.shape = tuple(info["shape"])
-        self.fortran = False
-        if info["dtype"] in _ST_DTYPES:
-            self.dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            self.offset = 8 + size + info["data_offsets"][0]
-        else:  # e.g. BF16, which numpy cannot map: read through safe_open, as float32
-            self.dtype, self.offset = np.dtype(np.float32), None
-            if info["dtype"] not in ("BF16",):
-                raise DataError(f"{self.path}: dtype {info['dtype']}: expected a float tensor (F16, BF16, F32, F64)")
-
-    def rows_of(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """``_rows_of``; float64 values beyond float32's range become Inf quietly (the finite check names them)."""
-        with np.errstate(over="ignore"):
-            self._rows_of(rows, out)
-
-    def _rows_of(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """Write the rows ``rows`` (sorted, int64) of this shard into ``out`` (len(rows), width).
-
-        Read through memory maps of at most ``SPAN_BYTES`` of the file each, unmapped after the copy, so the
-        mapped pages never add more than that to the process's resident memory. A file whose size or modification
-        time changed since it was opened is refused (DataError): rows must not change under a training run."""
-        if _stamp(self.path) != self.stamp:
-            raise DataError(f"{self.path} changed on disk since the folder was opened (size or modification time): "
-                            "the rows under training must not change; open the folder again")
-        if self.offset is None:  # safetensors without a numpy dtype: the covering slice through safe_open
-            from safetensors import safe_open
-            with safe_open(str(self.path), framework="pt") as f:
-                block = f.get_slice(self.name)[int(rows[0]):int(rows[-1]) + 1].float().numpy()
-            out[:] = block[rows - rows[0]]
-            return
-        if self.fortran:  # column-major .npy (rare): one map of the whole array
-            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape, order="F")
-            out[:] = mm[rows]
-            del mm
-            return
-        row_bytes = self.width * self.dtype.itemsize
-        span = max(1, SPAN_BYTES // row_bytes)
-        blocks = rows // span
-        cuts = np.flatnonzero(np.diff(blocks)) + 1
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
-            first, last = int(rows[a]), int(rows[b - 1])
-            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + first * row_bytes,
-                           shape=(last - first + 1, self.width))
-            if last - first + 1 == b - a:
-                out[a:b] = mm
-            else:
-                out[a:b] = mm[rows[a:b] - first]
-            del mm  # unmapped now: its pages leave this process (they stay in the OS page cache)
 
 
 class Stream:
@@ -205,8 +80,8 @@ class Stream:
         path = Path(path)
         files = shard_files(path)
         if (path / INDEX).exists():  # the files the index lists, before any shard is read
-            _check_index(path, files)
-        shards = [_Shard(f) for f in files]
+            check_index(path, files)
+        shards = [Shard(f) for f in files]
         for s in shards[1:]:
             if s.width != shards[0].width:
                 raise DataError(f"{s.path}: {s.width} features, but {shards[0].path.name} has {shards[0].width}: "
@@ -215,7 +90,7 @@ class Stream:
             raise ValueError(f"buffer_rows={buffer_rows!r}: expected an int >= 1 (rows held at once)")
         stream = cls(shards, buffer_rows=buffer_rows, root={"checked": False, "path": str(path)}, dtype=dtype)
         if (path / INDEX).exists():
-            _check_index(path, files, shards, stream.shard_sha256 if verify else None)
+            check_index(path, files, shards, stream.shard_sha256 if verify else None)
         return stream
 
     def _view(self, index=None, mean=None, std=None, device=None, buffer_rows=None) -> "Stream":
@@ -405,7 +280,7 @@ class Stream:
             src = rows[a:a + step]
             yield src, raw._gather(src).numpy().astype(np.float64, copy=False)
 
-    def _checked_scan(self):
+    def checked_scan(self):
         """``scan`` of the whole folder, each chunk checked finite first (DataError naming the shard, row and feature
         of the first NaN/Inf); the folder is marked checked once the pass completes."""
         for src, x in self._view(None, device="cpu").scan():
@@ -424,78 +299,9 @@ class Stream:
     def check_finite(self) -> "Stream":
         """DataError naming the shard and row of the first NaN/Inf (one pass over the whole folder, done once)."""
         if not self.root.get("checked"):
-            for _ in self._checked_scan():
+            for _ in self.checked_scan():
                 pass
         return self
-
-
-def _moments(blocks) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and population std of the rows of float64 arrays ``blocks``, accumulated in float64 by
-    merging block moments (Chan et al.), float64 (n_features,)."""
-    n, mean, m2 = 0, 0.0, 0.0
-    for x in blocks:
-        nb = x.shape[0]
-        if nb == 0:
-            continue
-        mb = x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
-        delta = mb - mean
-        total = n + nb
-        mean = mean + delta * (nb / total)
-        m2 = m2 + m2b + delta ** 2 * (n * nb / total)
-        n = total
-    return torch.from_numpy(mean), torch.from_numpy(np.sqrt(m2 / n))
-
-
-def _check_index(path: Path, files, shards=(), hashes=None) -> None:
-    """The folder's shards against its index.json: the same files, then (``shards``: their headers) rows and width,
-    then (``hashes``: a function giving the shards' sha256) sha256."""
-    where = path / INDEX
-    try:
-        index = json.loads(where.read_text())
-        listed = {e["name"]: e for e in index["shards"]}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{where}: unreadable shard index ({type(err).__name__}: {err})") from None
-    names = [f.name for f in files]
-    if sorted(listed) != names:
-        extra, missing = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
-        raise DataError(f"{path}: the shards differ from {INDEX} (not listed: {extra}, missing: {missing}): "
-                        "stale or incomplete folder")
-    for f, s in zip(files, shards):
-        entry = listed[f.name]
-        if entry.get("rows") != s.rows or index.get("n_features") not in (None, s.width):
-            raise DataError(f"{f}: {s.rows} x {s.width}, but {INDEX} records {entry.get('rows')} x "
-                            f"{index.get('n_features')}: stale or corrupt shard")
-    for f, digest in zip(files, hashes() if hashes else ()):
-        if listed[f.name].get("sha256") not in (None, digest):
-            raise DataError(f"{f}: sha256 differs from the one in {INDEX}: stale or corrupt shard")
-
-
-def split_standardise(X: Stream, test_fraction: float = 0.1, seed: int = 0, eps: float = 1e-8,
-                      info: dict | None = None, n_train: int = 0):
-    """``common.infra.split.split_standardise`` for a folder of shards, by streaming.
-
-    The same split (``split.split_rows``: the first ``n_test`` positions of ``split.split_order(N, seed)`` are the
-    test rows, the next ``n_train`` (0: all the rest) the training rows, each view in that order) and the same
-    standardisation (the kept training rows' mean and population std accumulated in float64 in one pass, which also
-    checks every row finite; constant features centred, not scaled: ``split.standardisation``); the views
-    standardise in float64 as they read and deliver the data's dtype. Returns (train view, test view, mean, std),
-    mean and std in the data's dtype; nothing else is read.
-    """
-    from .split import report_constant, split_rows, standardisation
-
-    train_rows, test_rows = split_rows(len(X), test_fraction, seed, n_train)
-    train, test = X[train_rows.numpy()], X[test_rows.numpy()]
-    if X.root.get("checked"):  # the folder was checked before: read the training rows only
-        mean, std = _moments(x for _, x in train.scan())
-    else:  # one pass over the folder: every row checked finite, the training rows' moments (with multiplicity)
-        weight = np.bincount(train.source_rows(), minlength=int(X.offsets[-1]))
-        mean, std = _moments(x[np.repeat(np.arange(len(src)), weight[src])] for src, x in X._checked_scan())
-    std, constant = standardisation(mean, std, eps)
-    report_constant(constant, X.n_features)
-    if info is not None:
-        info["constant_features"] = constant
-    return train.standardised(mean, std), test.standardised(mean, std), mean.to(X.dtype), std.to(X.dtype)
 
 
 def chunks(x, batch_size: int):
@@ -505,66 +311,3 @@ def chunks(x, batch_size: int):
         return
     for start in range(0, x.shape[0], batch_size):
         yield x[start:start + batch_size]
-
-
-class ShardWriter:
-    """Write rows as ``.npy`` shards of ``shard_rows`` rows (``dtype``, float32 by default) into a folder as
-    they come, then ``index.json`` (every shard's name, rows and sha256; the sha256 of all rows' bytes in
-    order, ``activations_sha256``, equal to that of the same rows held as one tensor of that dtype; count,
-    width, max |x|). At most ``shard_rows`` rows are held; ``close(extra)`` writes the index and returns it."""
-
-    def __init__(self, folder, shard_rows: int = 65536, dtype: torch.dtype = torch.float32):
-        if not (isinstance(shard_rows, int) and shard_rows >= 1):
-            raise ValueError(f"shard_rows={shard_rows!r}: expected an int >= 1")
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype={dtype}: expected torch.float32 or torch.float64")
-        self.dtype = dtype
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.shard_rows, self.pending, self.n_pending = shard_rows, [], 0
-        self.entries, self.hash, self.width, self.max_abs = [], hashlib.sha256(), None, 0.0
-
-    def write(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to("cpu", self.dtype).contiguous()
-        if rows.ndim != 2 or (self.width is not None and rows.shape[1] != self.width):
-            raise ValueError(f"rows must have shape (n, {self.width or 'n_features'}), got {tuple(rows.shape)}")
-        self.width = rows.shape[1]
-        while rows.shape[0]:
-            take = min(self.shard_rows - self.n_pending, rows.shape[0])
-            self.pending.append(rows[:take])
-            self.n_pending += take
-            rows = rows[take:]
-            if self.n_pending == self.shard_rows:
-                self._flush()
-
-    def _flush(self) -> None:
-        if not self.n_pending:
-            return
-        block = torch.cat(self.pending).numpy()
-        self.hash.update(block.tobytes())
-        self.max_abs = max(self.max_abs, float(np.abs(block).max()))
-        name = f"{len(self.entries):05d}.npy"
-        np.save(self.folder / name, block, allow_pickle=False)
-        self.entries.append({"name": name, "rows": int(block.shape[0]), "sha256": file_sha256(self.folder / name)})
-        self.pending, self.n_pending = [], 0
-
-    def close(self, extra: dict | None = None) -> dict:
-        """Flush the last shard and write index.json (with ``extra`` keys). Returns the index."""
-        self._flush()
-        if not self.entries:
-            raise DataError(f"{self.folder}: no rows were written")
-        index = dict(extra or {}, format=INDEX_FORMAT, count=sum(e["rows"] for e in self.entries),
-                     n_features=self.width, activations_sha256=self.hash.hexdigest(), max_abs=self.max_abs,
-                     shards=self.entries)
-        (self.folder / INDEX).write_text(json.dumps(index, indent=1))
-        return index
-
-
-def write_shards(X: torch.Tensor, folder, shard_rows: int = 65536, extra: dict | None = None) -> dict:
-    """Write an in-memory (N, n_features) tensor as a folder of shards (float64 kept, anything else as
-    float32). Returns the index."""
-    writer = ShardWriter(folder, shard_rows, X.dtype if X.dtype == torch.float64 else torch.float32)
-    for s in range(0, X.shape[0], shard_rows):
-        writer.write(X[s:s + shard_rows])
-    return writer.close(extra)
-
