@@ -320,3 +320,20 @@ def test_a_run_that_diverges_fails_loudly_and_is_never_saved(tmp_path):
         experiment.execute(protocol, x_train * 1e30, x_test, tmp_path, progress=False)
     assert not list(tmp_path.glob("runs/*.json"))
     assert not (tmp_path / "table.json").exists()
+
+
+def test_every_module_training_runs_on_is_a_training_source():
+    """A resumed run or tuning study is reused only while the code it ran is unchanged (TRAINING_SOURCES): every
+    module of common/ that a run or a trial imports must be listed, or a change there would leave stale results."""
+    code = ("import sys, common.experiments.experiment, common.experiments.study\n"
+            "print(sorted(m.__file__.split('common/', 1)[1] for n, m in list(sys.modules.items())\n"
+            "             if n.startswith('common.') and getattr(m, '__file__', '') and not m.__file__.endswith('__init__.py')))")
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, check=True).stdout
+    imported = set(ast.literal_eval(out.strip()))
+    assert imported - set(experiment.TRAINING_SOURCES) == set()
+    assert set(experiment.TRAINING_SOURCES) <= imported   # no stale entry either

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from common.experiments import experiment, runner, tuning
+from common.experiments import study as S
 from common.experiments.experiment import Ablation, TunedKey, replicate_seed, training_rows
 
 SPACE = {"lr": (1e-3, 1e-1)}
@@ -40,11 +41,11 @@ def tune(p, out, space=SPACE, budgets=(2,), epochs=2, x=None, x_test=None, seed=
 
 
 def record_calls(monkeypatch, interrupt_at=None):
-    """Wrap ``tuning._train_trial``: one dict per call (study, values, epochs, rows, curve; ``main``: a counted
+    """Wrap ``S._train_trial``: one dict per call (study, values, epochs, rows, curve; ``main``: a counted
     trial, given the pruning hook, rather than a trial past an edge). ``interrupt_at``: the counted trial (1-based,
     among this wrapper's calls) at whose start a KeyboardInterrupt stops the tuning, as a kill would."""
     calls = []
-    real = tuning._train_trial
+    real = S._train_trial
 
     def wrapped(study, values, epochs, x_fit, x_val, report=None):
         call = dict(study=study, values=dict(values), epochs=epochs, x_fit=x_fit, x_val=x_val, main=report is not None)
@@ -54,7 +55,7 @@ def record_calls(monkeypatch, interrupt_at=None):
         call["curve"] = real(study, values, epochs, x_fit, x_val, report)
         return call["curve"]
 
-    monkeypatch.setattr(tuning, "_train_trial", wrapped)
+    monkeypatch.setattr(S, "_train_trial", wrapped)
     return calls
 
 
@@ -84,30 +85,30 @@ def test_every_method_draws_the_shared_ranges_and_its_own_and_never_what_the_abl
     space = {"lr": (1e-4, 1e-1), "weight_decay": (1e-6, 1e-2),
              "pam": {"mu_nu": (1e-6, 1e-2), "solve_order": ("enc_first", "dec_first")}}
     shared = {"lr": (1e-4, 1e-1), "weight_decay": (1e-6, 1e-2)}
-    assert tuning.method_space(space, "sgd") == shared == tuning.method_space(space, "sgd_tied")
-    assert tuning.method_space(space, "pam") == dict(shared, mu_nu=(1e-6, 1e-2), solve_order=("enc_first", "dec_first"))
-    assert "weight_decay" not in tuning.method_space(space, "sgd", fixed=("weight_decay",))
-    assert "mu_nu" not in tuning.method_space(space, "pam", fixed=("mu", "nu"))    # the mu_nu ablation sets both
-    assert tuning.expand({"mu_nu": 1e-3, "lr": 0.1}) == {"mu": 1e-3, "nu": 1e-3, "lr": 0.1}
+    assert S.method_space(space, "sgd") == shared == S.method_space(space, "sgd_tied")
+    assert S.method_space(space, "pam") == dict(shared, mu_nu=(1e-6, 1e-2), solve_order=("enc_first", "dec_first"))
+    assert "weight_decay" not in S.method_space(space, "sgd", fixed=("weight_decay",))
+    assert "mu_nu" not in S.method_space(space, "pam", fixed=("mu", "nu"))    # the mu_nu ablation sets both
+    assert S.expand({"mu_nu": 1e-3, "lr": 0.1}) == {"mu": 1e-3, "nu": 1e-3, "lr": 0.1}
     for bad, match in (({}, "non-empty"), ({"lr": (0.0, 1.0)}, "0 < lo < hi"), ({"lr": (1e-2, 1e-3)}, "0 < lo < hi"),
                        ({"lr": (1e-3, math.inf)}, "0 < lo < hi"), ({"lr": "fast"}, "expected a range"),
                        ({"adam": {"lr": (1e-3, 1e-2)}}, "a method's own ranges"),
                        ({"pam": {"alpha": (1.0, 0.5)}}, r"pam: alpha: a range needs")):
         with pytest.raises(ValueError, match=match):
-            tuning.method_space(bad, "pam")
+            S.method_space(bad, "pam")
 
 
 def test_a_setting_is_on_the_edge_in_the_outer_five_percent_of_its_log_range():
     spec = (1e-4, 1e-2)                      # two decades: the outer 5% is a tenth of a decade at each end
-    assert tuning.EDGE == 0.05
-    assert tuning.edge_of("lr", 1e-2, spec) == tuning.edge_of("lr", 10 ** -2.09, spec) == "high"
-    assert tuning.edge_of("lr", 10 ** -2.11, spec) is None and tuning.edge_of("lr", 1e-3, spec) is None
-    assert tuning.edge_of("lr", 1e-4, spec) == tuning.edge_of("lr", 10 ** -3.91, spec) == "low"
-    assert tuning.edge_of("lr", 10 ** -3.89, spec) is None
+    assert S.EDGE == 0.05
+    assert S.edge_of("lr", 1e-2, spec) == S.edge_of("lr", 10 ** -2.09, spec) == "high"
+    assert S.edge_of("lr", 10 ** -2.11, spec) is None and S.edge_of("lr", 1e-3, spec) is None
+    assert S.edge_of("lr", 1e-4, spec) == S.edge_of("lr", 10 ** -3.91, spec) == "low"
+    assert S.edge_of("lr", 10 ** -3.89, spec) is None
     # a low end that means "none" (no decay, no proximal term) is no edge; its high end is
-    assert tuning.edge_of("weight_decay", 1e-4, spec) is None and tuning.edge_of("mu_nu", 1e-4, spec) is None
-    assert tuning.edge_of("weight_decay", 1e-2, spec) == "high"
-    assert tuning.edge_of("solve_order", "enc_first", ("enc_first", "dec_first")) is None
+    assert S.edge_of("weight_decay", 1e-4, spec) is None and S.edge_of("mu_nu", 1e-4, spec) is None
+    assert S.edge_of("weight_decay", 1e-2, spec) == "high"
+    assert S.edge_of("solve_order", "enc_first", ("enc_first", "dec_first")) is None
 
 
 def test_the_split_partitions_each_values_own_training_rows_alike_for_every_method():
@@ -229,7 +230,7 @@ def test_the_base_run_keeps_its_whole_schedule_and_its_epochs_are_no_edge(tmp_pa
         curve = [1.0 + values["lr"], 0.1 + values["lr"], 2.0 - values["lr"]]  # best at epoch 2; the end ranks by lr
         return curve[:epochs]
 
-    monkeypatch.setattr(tuning, "_train_trial", fake)
+    monkeypatch.setattr(S, "_train_trial", fake)
     for base, stop, last_wins in ((experiment.BASE, 3, True), (STOP_TUNED_BASE, 2, False)):
         out = tmp_path / str(stop)
         tuned = tune(protocol(ablations={"base": base}, epochs=3), out, space={"lr": (0.1, 0.9)}, budgets=(4,),
@@ -332,13 +333,13 @@ def test_an_extension_that_wins_inside_is_no_edge_nor_a_longer_schedule_that_los
                 report(e, {"test_mse": v})
         return curve
 
-    monkeypatch.setattr(tuning, "_train_trial", fake)
+    monkeypatch.setattr(S, "_train_trial", fake)
     out = tmp_path / "tuning"
     tuned = tune(protocol(), out, space={"lr": (lo, hi)}, budgets=(1,), seed=4)
     record = tuning.json_record(out)
     c = record["studies"][0]["choices"]["1"]
     lr = target["first"]
-    assert tuning.edge_of("lr", lr, (lo, hi)) == "low", "seed 4's first trial is in the bottom 5% of the range"
+    assert S.edge_of("lr", lr, (lo, hi)) == "low", "seed 4's first trial is in the bottom 5% of the range"
     ext_lr, ext_epochs = c["extended"]
     assert (ext_lr["setting"], ext_lr["side"]) == ("lr", "low")
     assert [t["values"]["lr"] for t in ext_lr["trials"]] == pytest.approx([lr / 2, lr / 4, lr / 8], rel=1e-12)
@@ -409,7 +410,7 @@ def test_pruning_is_the_same_for_every_method_and_a_pruned_trial_counts(tmp_path
     assert len(pruners) == 3
     settings = [(type(pr), vars(pr)) for pr in pruners.values()]
     assert settings[0][0] is optuna.pruners.MedianPruner and all(s == settings[0] for s in settings)
-    assert settings[0][1]["_n_startup_trials"] == tuning.PRUNE_STARTUP and settings[0][1]["_n_warmup_steps"] == 2
+    assert settings[0][1]["_n_startup_trials"] == S.PRUNE_STARTUP and settings[0][1]["_n_warmup_steps"] == 2
     for st in record["studies"]:
         pruned = [t for t in st["trials"] if t["state"] == "pruned"]
         assert pruned, f"{st['method']}: a trial worse than the median must be pruned for the test to bite"

@@ -330,9 +330,10 @@ def _results(todo, x_train, x_test, base_seed, progress, workers, device="cpu"):
 
 
 # the modules a run's numbers depend on (the data enter by content, so extraction code is not among them)
-TRAINING_SOURCES = ("experiments/experiment.py", "experiments/recipe.py", "experiments/report.py", "infra/data.py",
-                    "infra/outputs.py", "infra/shards.py", "infra/stream.py", "maths/metrics.py", "maths/pam.py",
-                    "maths/sae.py", "maths/train.py")
+TRAINING_SOURCES = ("experiments/experiment.py", "experiments/recipe.py", "experiments/report.py",
+                    "experiments/study.py", "infra/data.py", "infra/distributed.py", "infra/outputs.py",
+                    "infra/shards.py", "infra/stream.py", "maths/metrics.py", "maths/pam.py", "maths/sae.py",
+                    "maths/steps.py", "maths/train.py")
 
 
 def fingerprint(x_train: torch.Tensor, x_test: torch.Tensor, base_seed: int) -> str:
