@@ -40,7 +40,7 @@ FULL = False                 # --full: the scripts' own settings
 SEEDS = 5                    # replicate seeds for every PAM-vs-SGD claim
 DIRECTION_SEEDS = 5          # seeds for PAM-only direction claims (updates, mu = nu)
 PROTOCOLS = ("paper", "modern")
-TUNE_BUDGETS = (4, 8)        # modern protocol, sample-efficiency claims: trials per method and study, judged at each
+TUNE_BUDGETS = (3, 6)        # modern protocol, sample-efficiency claims: trials per method and study, judged at each
                              # (every fraction and replicate tuned on its own validation rows; common/experiments/tuning.py)
 TUNE_BUDGET = 4              # modern protocol, the other tuned claims: trials per method and ablation value
 THEORY_INSTANCES = 20        # random instances per theory statement
@@ -51,8 +51,8 @@ MNIST_EPOCHS = 10            # fast profile (the original fraction rule gives 10
 SCRIPTS_AT_ONCE = 2          # project scripts run at once (the full-data runs, whose seconds are judged, alone)
 EVAL_EVERY = 5               # fast profile: the ablation runs' test metrics every this many epochs (and at their last);
                              # the base runs every epoch (the equal-time view needs each)
-MNIST_BASE_EPOCHS = 5        # fast profile: the full-data runs (equal-epochs / equal-time claims; the script's 50)
-MNIST_TUNE_EPOCHS = 10       # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
+MNIST_BASE_EPOCHS = 3        # fast profile: the full-data runs (equal-epochs / equal-time claims; the script's 50)
+MNIST_TUNE_EPOCHS = 5        # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
 MNIST_MIN_STEPS = 500        # modern protocol, fractions: no schedule under this many optimiser steps (smaller batches;
                              # with a batch of 128, 1% of MNIST makes 5 steps an epoch)
 MNIST_WEIGHT_DECAYS = (1e-3, 1e-2)  # fast profile: the judged ones (the script's: 0, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -69,7 +69,7 @@ LLM_SUBSET = 2250            # fast profile: every E3 run on the first this many
 LLM_FRACTIONS = (0.01, 0.05, 0.1)  # fast profile: of LLM_SUBSET, the paper's fractions and samples per latent
 LLM_EPOCHS = 10              # fast profile (paper: 100, ablations 50)
 LLM_TUNE_EPOCHS = 10         # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
-LLM_EVAL_TOKENS = 256        # fast profile: held-out tokens on which each E3 fraction SAE is spliced into the LM
+LLM_EVAL_TOKENS = 128        # fast profile: held-out tokens on which each E3 fraction SAE is spliced into the LM
 LLM_MIN_STEPS = 50           # fast profile: no E3 run's schedule under this many optimiser steps (smaller batches)
 LLM_WEIGHT_DECAYS = (1e-3, 1e-2)  # fast profile: the judged ones
 E4_N_TRAINS = (256, 1024, 4096)  # fast profile of the ground-truth experiment: its training-set sizes
@@ -373,9 +373,11 @@ def mnist_runs():
     for protocol in PROTOCOLS:
         d = OUT / protocol
         for act in ("topk", "relu"):
-            min_steps = fast(f"--MIN_STEPS={MNIST_MIN_STEPS}") if protocol == "modern" else []
-            script(f"{protocol}/e2_{act}", E2, [f"--ACTIVATIONS={act}", "--ONLY=fraction"] + fracs + min_steps
-                   + FRACTION_METHODS[protocol] + epochs + seeds() + protocol_args(protocol, tune_epochs, TUNE_BUDGETS),
+            # the modern protocol's fractions: its schedule (MIN_STEPS sizes the batch for the script's epochs)
+            own = (fast(f"--MIN_STEPS={MNIST_MIN_STEPS}", f"--EPOCHS={MNIST_TUNE_EPOCHS}", f"--EVAL_EVERY={EVAL_EVERY}")
+                   if protocol == "modern" else epochs)
+            script(f"{protocol}/e2_{act}", E2, [f"--ACTIVATIONS={act}", "--ONLY=fraction"] + fracs + own
+                   + FRACTION_METHODS[protocol] + seeds() + protocol_args(protocol, tune_epochs, TUNE_BUDGETS),
                    d / f"e2_{act}")
         script(f"{protocol}/e2_weight_decay", E2, ["--ACTIVATIONS=topk", "--ONLY=weight_decay", "--METHODS=pam,sgd"]
                + subset + fast(f"--WEIGHT_DECAYS={','.join(map(str, MNIST_WEIGHT_DECAYS))}") + epochs + seeds()
