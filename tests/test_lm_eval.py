@@ -145,3 +145,37 @@ def test_an_architecture_whose_logits_differ_is_refused(tok):
     model.config.final_logit_softcapping = 1.0  # read here, ignored by Llama's own forward
     with pytest.raises(ValueError, match="cannot be spliced here"):
         L.LMEval(model, ids_of(tok), LAYER, mean=torch.zeros(32))
+
+
+def test_score_runs_gives_every_tuned_row_its_own_runs_scores(tmp_path):
+    """Rows of a tuned protocol (two budgets; the second budget's identical runs shared with the first) each get the
+    scores of their own run, or of the run they share: the run id includes the budget."""
+    import zlib
+    from dataclasses import replace
+
+    from common.experiments import experiment
+    from common.experiments.experiment import RunSpec, TunedKey
+
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(64, 6, generator=g), torch.randn(16, 6, generator=g)
+    p = experiment.Protocol(base=dict(n_latents=8, k=2, epochs=1, batch_size=16), ablations={"base": experiment.BASE},
+                            methods=("pam", "sgd"), seeds=2, base_seed=1)
+    lrs = {("pam", 1): 1e-2, ("pam", 2): 1e-2, ("sgd", 1): 1e-2, ("sgd", 2): 3e-2}   # sgd's budget 2 differs
+    tuned = {TunedKey("base", "-", m, r, b): {"lr": lr, "epochs": 1, "stop_epoch": 1}
+             for (m, b), lr in lrs.items() for r in range(2)}
+    p = replace(p, tuned=tuned)
+    rows, _, models = experiment.execute(p, x, xt, tmp_path, progress=False, keep_models="base")
+    assert {r["budget"] for r in rows} == {1, 2} and any(r["shared_with"] for r in rows)
+
+    class Fake:
+        baselines, n_tokens = {"ce_clean": 1.0}, 4
+
+        def score(self, recons):
+            return {rid: {k: float(zlib.crc32(rid.encode()) + i) for i, k in enumerate(L.ROW_KEYS)} for rid in recons}
+
+    L.score_runs(rows, models, p.plan(), tmp_path, "stamp", None, Fake, torch.zeros(6), torch.ones(6),
+                 progress=False)
+    for r in rows:
+        own = r["shared_with"] or RunSpec(r["method"], "base", "-", r["replicate"], r["budget"]).id
+        assert own in models
+        assert [r[k] for k in L.ROW_KEYS] == [float(zlib.crc32(own.encode()) + i) for i in range(len(L.ROW_KEYS))], r

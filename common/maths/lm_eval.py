@@ -297,7 +297,8 @@ def score_runs(rows: list[dict], models: dict, runs: list, out: Path, stamp: str
             bar.update(len(part))
         bar.close()
     for row in rows:
-        rid = row["shared_with"] or RunSpec(row["method"], row["ablation"], row["value"], row["replicate"]).id
+        rid = row["shared_with"] or RunSpec(row["method"], row["ablation"], row["value"], row["replicate"],
+                                            row.get("budget", 0)).id
         if rid in found:
             row.update(found[rid])
     return baselines
