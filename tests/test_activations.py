@@ -272,8 +272,8 @@ def test_file_hashes_are_memoised_by_size_and_times(tmp_path, monkeypatch):
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 100)
     hashed = []
-    real = M.sha256
-    monkeypatch.setattr(M, "sha256", lambda p: hashed.append(p) or real(p))
+    real = M.file_sha256
+    monkeypatch.setattr(M, "file_sha256", lambda p: hashed.append(p) or real(p))
     first = M.remembered_sha256([f], tmp_path)[str(f.resolve())]
     assert M.remembered_sha256([f], tmp_path)[str(f.resolve())] == first and len(hashed) == 1  # memo hit
     (tmp_path / "new.bin").write_bytes(b"b" * 100)
