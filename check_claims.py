@@ -42,12 +42,11 @@ DIRECTION_SEEDS = 5          # seeds for PAM-only direction claims (updates, mu 
 PROTOCOLS = ("paper", "modern")
 TUNE_BUDGETS = (3, 6)        # modern protocol, sample-efficiency claims: trials per method and study, judged at each
                              # (every fraction and replicate tuned on its own validation rows; common/experiments/tuning.py)
-TUNE_BUDGET = 3              # modern protocol, the other tuned claims: trials per method and ablation value
+TUNE_BUDGET = 4              # modern protocol, the other tuned claims: trials per method and ablation value
 THEORY_INSTANCES = 20        # random instances per theory statement
 THEORY_POINTS = 2000         # points per instance
 SMALL_FRACTION = 0.1         # sample-efficiency claims: judged at every training fraction <= this
 MNIST_FRACTIONS = (0.01, 0.05, 0.1)
-MNIST_RELU_FRACTIONS = (0.01, 0.1)  # fast profile: the ReLU sample-efficiency and sparsity claims
 MNIST_EPOCHS = 10            # fast profile (the original fraction rule gives 10 at these fractions)
 SCRIPTS_AT_ONCE = 2          # project scripts run at once (the full-data runs, whose seconds are judged, alone)
 EVAL_EVERY = 5               # fast profile: the ablation runs' test metrics every this many epochs (and at their last);
@@ -64,7 +63,7 @@ CONVERGENCE_EPOCHS = 100     # PAM's objective over many epochs (on MNIST_SUBSET
 # set; test error peaks where they are equal) and K per latent. See README, "What the claims check found here".
 LLM_N_LATENTS = 1024         # fast profile (the paper: 4096 with K 320; PAM's exact solve is cubic in it)
 LLM_K = 80                   # fast profile: the paper's K / N_LATENTS ratio (320 / 4096)
-LLM_KS = (20, 320)           # fast profile: the ends of the paper's 15 ... 1280 of 4096 (the same ratios)
+LLM_KS = (20, 80, 320)       # fast profile (the paper's 15 ... 1280 of 4096 spans the same ratios)
 LLM_SUBSET = 2250            # fast profile: every E3 run on the first this many training activations (only these and
                              # the test texts are extracted): the paper's 9000 per 4096 latents at LLM_N_LATENTS
 LLM_FRACTIONS = (0.01, 0.05, 0.1)  # fast profile: of LLM_SUBSET, the paper's fractions and samples per latent
@@ -90,11 +89,9 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "THEORY_INSTANCES": at_least(1),
     "THEORY_POINTS": at_least(10),
     "SMALL_FRACTION": in_range(0, 1, lo_open=True) & satisfies(
-        lambda f, c: f >= max(min(c["MNIST_FRACTIONS"]), min(c["MNIST_RELU_FRACTIONS"]), min(c["LLM_FRACTIONS"])),
-        "at least the smallest of --MNIST_FRACTIONS, --MNIST_RELU_FRACTIONS and --LLM_FRACTIONS (a claim needs a "
-        "fraction to judge)"),
+        lambda f, c: f >= max(min(c["MNIST_FRACTIONS"]), min(c["LLM_FRACTIONS"])),
+        "at least the smallest of --MNIST_FRACTIONS and of --LLM_FRACTIONS (a claim needs a fraction to judge)"),
     "MNIST_FRACTIONS": each(in_range(0, 1, lo_open=True)),
-    "MNIST_RELU_FRACTIONS": each(in_range(0, 1, lo_open=True)),
     "MNIST_EPOCHS": at_least(1),
     "MNIST_BASE_EPOCHS": at_least(1),
     "EVAL_EVERY": at_least(1),
@@ -119,7 +116,7 @@ ACCEPT = {  # what each constant accepts: checked by configure() before any work
     "SEED": at_least(0),
 }
 QUICK = dict(LLM_EVAL_TOKENS=0, E4_FEW_SAMPLES=256, E4_N_TRAINS=(32, 256), E4_STEPS=24, SEEDS=2, DIRECTION_SEEDS=2, TUNE_BUDGETS=(2, 3), TUNE_BUDGET=2, THEORY_INSTANCES=2, THEORY_POINTS=200,
-             MNIST_FRACTIONS=(0.1,), MNIST_RELU_FRACTIONS=(0.1,), MNIST_EPOCHS=1, MNIST_BASE_EPOCHS=1, MNIST_TUNE_EPOCHS=1, MNIST_WEIGHT_DECAYS=(0.0, 1e-3),
+             MNIST_FRACTIONS=(0.1,), MNIST_EPOCHS=1, MNIST_BASE_EPOCHS=1, MNIST_TUNE_EPOCHS=1, MNIST_WEIGHT_DECAYS=(0.0, 1e-3),
              CONVERGENCE_EPOCHS=3, MNIST_SUBSET=400, LLM_FRACTIONS=(0.1,), LLM_EPOCHS=1, LLM_TUNE_EPOCHS=1,
              LLM_SUBSET=200, LLM_N_LATENTS=48, LLM_K=6, LLM_KS=(3, 6),
              LLM_WEIGHT_DECAYS=(0.0, 1e-3))
@@ -370,8 +367,7 @@ def mnist_full_data_runs():
 
 def mnist_runs():
     epochs = fast(f"--EPOCHS={MNIST_EPOCHS}", f"--EVAL_EVERY={EVAL_EVERY}")
-    fracs = {act: fast(f"--FRACTIONS={','.join(map(str, f))}")
-             for act, f in (("topk", MNIST_FRACTIONS), ("relu", MNIST_RELU_FRACTIONS))}
+    fracs = fast(f"--FRACTIONS={','.join(map(str, MNIST_FRACTIONS))}")
     subset = fast(f"--N_TRAIN={MNIST_SUBSET}")
     tune_epochs = E2_PAPER["TUNE_EPOCHS"] if FULL else MNIST_TUNE_EPOCHS
     for protocol in PROTOCOLS:
@@ -380,7 +376,7 @@ def mnist_runs():
             # the modern protocol's fractions: its schedule (MIN_STEPS sizes the batch for the script's epochs)
             own = (fast(f"--MIN_STEPS={MNIST_MIN_STEPS}", f"--EPOCHS={MNIST_TUNE_EPOCHS}", f"--EVAL_EVERY={EVAL_EVERY}")
                    if protocol == "modern" else epochs)
-            script(f"{protocol}/e2_{act}", E2, [f"--ACTIVATIONS={act}", "--ONLY=fraction"] + fracs[act] + own
+            script(f"{protocol}/e2_{act}", E2, [f"--ACTIVATIONS={act}", "--ONLY=fraction"] + fracs + own
                    + FRACTION_METHODS[protocol] + seeds() + protocol_args(protocol, tune_epochs, TUNE_BUDGETS),
                    d / f"e2_{act}")
         script(f"{protocol}/e2_weight_decay", E2, ["--ACTIVATIONS=topk", "--ONLY=weight_decay", "--METHODS=pam,sgd"]
