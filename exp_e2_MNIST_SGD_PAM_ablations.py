@@ -84,8 +84,10 @@ TUNE_SPACE = {                   # log-uniform ranges (lo, hi) shared by every m
 
 
 def fraction_settings(settings, f):
-    """The original's epoch rule for a training-fraction run (capped by EPOCHS for --quick), then MIN_STEPS."""
-    settings["epochs"] = min(EPOCHS, min(20, max(10, math.floor(20 * f))))
+    """The original's epoch rule for a training-fraction run (capped by EPOCHS for --quick; a tuned protocol's
+    schedule is TUNE_EPOCHS when that is set), then MIN_STEPS over the schedule."""
+    if not (TUNE and TUNE_EPOCHS):
+        settings["epochs"] = min(EPOCHS, min(20, max(10, math.floor(20 * f))))
     runner.min_steps_batch(settings, f, n_rows, MIN_STEPS)
 
 

@@ -203,7 +203,7 @@ def test_the_stopping_epoch_is_the_best_epoch_of_its_trial_and_the_judged_run_st
     assert 1 < stop < 4, "this setting was chosen for a best epoch before the last (overfitting at a high lr)"
     assert choice["epochs"] == 4 and not choice["extended"] and not choice["edge"]
     settings = tuned[TunedKey("base", "-", "pam", 0, 4)]
-    assert settings == {"lr": choice["values"]["lr"], "epochs": 4, "stop_epoch": stop}
+    assert settings == {"lr": choice["values"]["lr"], "epochs": 4, "stop_epoch": stop, "batch_size": 16}
 
     # the judged run: trained on every training row, stopped at that epoch with the schedule of 4 epochs
     rows, hist, _ = experiment.execute(replace(p, tuned=tuned), x, xt, tmp_path / "judged", progress=False)
@@ -221,6 +221,25 @@ def test_the_stopping_epoch_is_the_best_epoch_of_its_trial_and_the_judged_run_st
     short = replace(full, base=dict(full.base, epochs=stop))
     _, hist_short, _ = experiment.execute(short, x, xt, tmp_path / "short", progress=False)
     assert metrics(judged)[-1] != metrics(hist_short["pam|base=-|rep0"])[-1]     # not a schedule of `stop` epochs
+
+
+def test_the_tuning_schedule_sizes_the_min_steps_batch_and_the_judged_run_trains_with_the_trials_batch(tmp_path):
+    """MIN_STEPS (an ablation's ``then``) sizes the batch over the tuned schedule, not the run's own epochs: half of
+    96 rows with a batch of 16 over a schedule of 2 epochs makes 6 steps; MIN_STEPS = 24 gives a batch of 4 (12
+    per epoch); sized over the run's own 8 epochs it would keep 16 and make 6. The judged run trains with the
+    trials' batch (recorded with the choice), whatever its own epochs."""
+    x, xt = data()
+    fraction = Ablation(("fraction",), (0.5,), then=lambda s, f: runner.min_steps_batch(s, f, [96], 24))
+    p = protocol({"fraction": fraction}, epochs=8)
+    assert p.settings("fraction", 0.5, "sgd")["batch_size"] == 16          # 3 steps per epoch over 8 epochs
+    (study, *_), = tuning.plan_studies(p, SPACE, (2,), 2, n_train=96, val_fraction=0.25, seed=0)
+    assert (study.settings["epochs"], study.settings["batch_size"]) == (2, 4)
+    tuned = tune(p, tmp_path / "tuning", budgets=(2,), epochs=2, x=x, x_test=xt)
+    settings = tuned[TunedKey("fraction", 0.5, "sgd", 0, 2)]
+    assert settings["batch_size"] == 4 and settings["epochs"] in (2, 4)
+    rows, _, _ = experiment.execute(replace(p, tuned=tuned), x, xt, tmp_path / "judged", progress=False)
+    (row,) = rows
+    assert row["batch_size"] == 4 and row["steps"] == row["stop_epoch"] * 12
 
 
 def test_the_base_run_keeps_its_whole_schedule_and_its_epochs_are_no_edge(tmp_path, monkeypatch):
@@ -312,14 +331,16 @@ def test_a_choice_at_the_top_of_its_range_is_extended_and_an_outermost_best_is_m
         pytest.approx(8 * lr), 4, 4, longer["val_mse"])
     assert sorted(c["edge"]) == ["epochs", "lr"]
     assert tuning.edges(record) == {("base", "-", "sgd", 3): ["epochs", "lr"]}
-    assert tuned[TunedKey("base", "-", "sgd", 0, 3)] == {"lr": c["values"]["lr"], "epochs": 4, "stop_epoch": 4}
+    assert tuned[TunedKey("base", "-", "sgd", 0, 3)] == {"lr": c["values"]["lr"], "epochs": 4, "stop_epoch": 4,
+                                                      "batch_size": 16}
     assert "*edge*: lr, epochs" in (out / "tuning.md").read_text()
     assert "On the edge of its range" in runner.tuning_note(record, out)
 
 
 def test_an_extension_that_wins_inside_is_no_edge_nor_a_longer_schedule_that_loses(tmp_path, monkeypatch):
     """Validation curves given (no training): the best lr is 2.5 times below the lowest trial, at the low end of
-    the range; the extension's first step wins (not its outermost: no edge). The 2-epoch curves still fall at
+    the range; the extension's first step wins, its second loses and the walk stops there (the optimum is
+    bracketed: no edge, and x8 is never trained). The 2-epoch curves still fall at
     their last epoch, but the 4-epoch schedule does worse: the stopping epoch is no edge either."""
     lo, hi = 1e-3, 1e-1
     target = {}
@@ -342,12 +363,14 @@ def test_an_extension_that_wins_inside_is_no_edge_nor_a_longer_schedule_that_los
     assert S.edge_of("lr", lr, (lo, hi)) == "low", "seed 4's first trial is in the bottom 5% of the range"
     ext_lr, ext_epochs = c["extended"]
     assert (ext_lr["setting"], ext_lr["side"]) == ("lr", "low")
-    assert [t["values"]["lr"] for t in ext_lr["trials"]] == pytest.approx([lr / 2, lr / 4, lr / 8], rel=1e-12)
+    assert [t["values"]["lr"] for t in ext_lr["trials"]] == pytest.approx([lr / 2, lr / 4], rel=1e-12)
+    assert ext_lr["trials"][1]["val_mse"] > ext_lr["trials"][0]["val_mse"]
     assert c["values"]["lr"] == pytest.approx(lr / 2) and (c["epochs"], c["stop_epoch"]) == (2, 2)
     (longer,) = ext_epochs["trials"]
     assert longer["epochs"] == 4 and longer["val_mse"] > c["val_mse"]
     assert c["edge"] == [] and tuning.edges(record) == {}
-    assert tuned[TunedKey("base", "-", "sgd", 0, 1)] == {"lr": c["values"]["lr"], "epochs": 2, "stop_epoch": 2}
+    assert tuned[TunedKey("base", "-", "sgd", 0, 1)] == {"lr": c["values"]["lr"], "epochs": 2, "stop_epoch": 2,
+                                                      "batch_size": 16}
 
 
 # --- resuming ------------------------------------------------------------------------------------------------
@@ -457,8 +480,9 @@ def test_a_value_tuned_once_serves_every_replicate_and_a_per_replicate_one_its_o
         for b in (2, 3):
             assert chosen[TunedKey("base", "-", m, 0, b)] == chosen[TunedKey("base", "-", m, 1, b)]
             assert chosen[TunedKey("fraction", 0.5, m, 0, b)] != chosen[TunedKey("fraction", 0.5, m, 1, b)]
-    assert set(chosen[TunedKey("base", "-", "pam", 0, 3)]) == {"lr", "mu", "nu", "epochs", "stop_epoch"}
-    assert set(chosen[TunedKey("base", "-", "sgd", 0, 3)]) == {"lr", "epochs", "stop_epoch"}
+    assert set(chosen[TunedKey("base", "-", "pam", 0, 3)]) == {"lr", "mu", "nu", "epochs", "stop_epoch",
+                                                                     "batch_size"}
+    assert set(chosen[TunedKey("base", "-", "sgd", 0, 3)]) == {"lr", "epochs", "stop_epoch", "batch_size"}
 
 
 def forged(out, tmp_path, change, digest=True):

@@ -161,11 +161,13 @@ class Protocol:
                 for m in self.methods:
                     self.settings(name, v, m)  # raises on a bad value before anything runs
 
-    def settings(self, ablation: str, value, method: str | None = None, tuned: dict | None = None) -> dict:
+    def settings(self, ablation: str, value, method: str | None = None, tuned: dict | None = None,
+                 schedule: int = 0) -> dict:
         """The full settings of one ablation value (for ``method``: with its own settings), validated.
         Order: defaults, base, the method's settings, ablation overrides (not for the base), the ablation's
-        value, what follows from it, then ``tuned`` (settings chosen on a validation split for this value).
-        A ReLU model has no k (SAEConfig drops it)."""
+        value, ``schedule`` (> 0: the epochs of a tuned protocol's schedule), what follows from them (the
+        ablation's ``then``, e.g. a batch sized to the schedule), then ``tuned`` (settings chosen on a validation
+        split for this value). A ReLU model has no k (SAEConfig drops it)."""
         abl = self.ablations.get(ablation, BASE if ablation == "base" else None)
         if abl is None:
             raise ValueError(f"unknown ablation {ablation!r}; this protocol runs {', '.join(self.ablations)}")
@@ -175,6 +177,8 @@ class Protocol:
             s.update(self.ablation_overrides)
         for key in abl.sets:
             s[key] = value
+        if schedule:
+            s["epochs"] = schedule
         if abl.then is not None:
             abl.then(s, value)
         if tuned:

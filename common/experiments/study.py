@@ -19,7 +19,7 @@ from .experiment import configs
 ALIASES = {"mu_nu": ("mu", "nu")}
 NONE_AT_LOW = ("weight_decay", "mu_nu", "mu", "nu", "alpha", "beta", "l1")  # a range's low end means "none"
 EDGE = 0.05            # the outer share of a log-range (each end) that counts as its edge
-EXTEND = (2.0, 4.0, 8.0)  # the values tried past an edge, as multiples of the chosen one
+EXTEND = (2.0, 4.0, 8.0)  # the values tried past an edge, as multiples of the chosen one (in turn, while each wins)
 PRUNE_STARTUP = 4      # trials per study before median pruning starts
 
 # --- the search space ------------------------------------------------------------------------------------
@@ -217,8 +217,9 @@ def _extension_score(study: Study, opt, values: dict, n_epochs: int, x_fit, x_va
 
 
 def _extend_edges(study: Study, choice: dict, score) -> None:
-    """Past each chosen number in the outer EDGE of its range, try EXTEND steps further out (``score(values,
-    epochs)``), keeping any that scores better; a setting whose last step is kept is on the edge."""
+    """Past each chosen number in the outer EDGE of its range, walk the EXTEND steps further out (``score(values,
+    epochs)``), keeping each that scores better and stopping at the first that does not (the optimum is then
+    bracketed); a setting whose last step is kept is on the edge."""
     for name, spec in study.space.items():
         side = edge_of(name, choice["values"][name], spec)
         if side is None:
@@ -230,8 +231,9 @@ def _extend_edges(study: Study, choice: dict, score) -> None:
             vals = dict(choice["values"], **{name: v})
             mse, stop = score(vals, choice["epochs"])
             tried.append({"values": vals, "val_mse": mse if math.isfinite(mse) else None, "stop_epoch": stop})
-            if mse < choice["val_mse"]:
-                choice.update(values=vals, val_mse=mse, stop_epoch=stop)
+            if not mse < choice["val_mse"]:
+                break
+            choice.update(values=vals, val_mse=mse, stop_epoch=stop)
         choice["extended"].append({"setting": name, "side": side, "trials": tried})
         if choice["values"][name] == tried[-1]["values"][name]:
             choice["edge"].append(name)
@@ -261,7 +263,8 @@ def _choose(study: Study, trials: list[dict], budget: int, score, path: Path) ->
                            f"validation MSE (all pruned or diverged); see {path}")
     best = min(scored, key=lambda t: t["val_mse"])
     choice = {"values": dict(best["values"]), "epochs": epochs, "stop_epoch": best["stop_epoch"],
-              "val_mse": best["val_mse"], "trial": best["number"], "edge": [], "extended": []}
+              "val_mse": best["val_mse"], "trial": best["number"], "batch_size": study.settings["batch_size"],
+              "edge": [], "extended": []}
     _extend_edges(study, choice, score)
     if study.tunes_stop and choice["stop_epoch"] == choice["epochs"]:
         _extend_schedule(choice, epochs, score)

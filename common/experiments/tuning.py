@@ -29,8 +29,8 @@ The rules (docs/DESIGN.md, section 5), the same for every method:
   can be shown at each budget.
 - **Edges.** A chosen number in the outer ``study.EDGE`` of its log-range (an end that means "none" excepted:
   ``study.NONE_AT_LOW``), or a stopping epoch equal to ``epochs``, is *on the edge*: the range is extended past it
-  once (the value times 2, 4 and 8 beyond the end, the other settings kept; for the epoch, a trial with a
-  schedule twice as long). If the best is then the outermost extension (for the epoch: the longer schedule,
+  once (the value times 2, then 4, then 8 beyond the end while each step wins, the other settings kept; for the
+  epoch, a trial with a schedule twice as long). If the best is then the outermost extension (for the epoch: the longer schedule,
   stopping at its last epoch), the setting is marked *edge* in the record and a claim that rests on it is at most
   inconclusive.
 - **Resuming.** Every study is kept in an Optuna journal file (``<out>/studies/``); an interrupted tuning goes
@@ -120,8 +120,8 @@ def plan_studies(protocol: Protocol, space: dict, budgets, epochs: int, n_train:
             for rep in reps:
                 rseed = replicate_seed(protocol.base_seed, rep)
                 for method in methods:
-                    s = protocol.settings(ablation, value, method)
-                    s = dict(s, epochs=epochs or s["epochs"], stop_epoch=0)
+                    # the schedule before what follows from the value (a batch sized to give MIN_STEPS over it)
+                    s = dict(protocol.settings(ablation, value, method, schedule=epochs), stop_epoch=0)
                     rows = training_rows(n, s["fraction"], rseed)
                     n_rows = n if isinstance(rows, slice) else len(rows)
                     split_seed = derive_seed(rseed, "validation", ablation, value)
@@ -199,6 +199,8 @@ def chosen_settings(record: dict, protocol: Protocol) -> dict:
         reps = [st["replicate"]] if st["ablation"] in record["per_replicate"] else range(protocol.seeds)
         for b, choice in st["choices"].items():
             settings = dict(expand(choice["values"]), epochs=choice["epochs"], stop_epoch=choice["stop_epoch"])
+            if "batch_size" in choice:  # the trials' batch (sized to the tuning schedule): the run trains as they did
+                settings["batch_size"] = choice["batch_size"]
             for rep in reps:
                 tuned[TunedKey(st["ablation"], _value(st["value"]), st["method"], rep, int(b))] = settings
     return tuned
