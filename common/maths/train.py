@@ -178,11 +178,12 @@ class TrainConfig:
         need(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth!r}")
 
 
-def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
+def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator, scored: bool = True):
     """Decoder phase: statistics, exact solve, parameters replaced.
 
-    Returns (training-set metrics of the new model from the same statistics, or None for a mini-batch
-    solve; record with the decoder objective before and after the solve).
+    Returns (training-set metrics of the new model from the same statistics, or None for a mini-batch solve
+    or when not ``scored``; record with the decoder objective before and after the solve, or only the ridge when
+    not ``scored``: a tuning trial needs neither, and on an LLM dictionary they are a fifth of its epoch).
     """
     if cfg.solve_samples and cfg.solve_samples < x_train.shape[0]:
         pick = dist.shard(torch.randperm(x_train.shape[0], generator=gen)[:cfg.solve_samples]).to(x_train.device)
@@ -198,13 +199,15 @@ def _solve(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator):
     coefs = dict(alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu if prox else 0.0, nu=cfg.nu if prox else 0.0)
     D0, b0 = model.W_dec.detach().clone(), model.b_dec.detach().clone()
     gram = stats.gram()  # one d x d matrix: G D0 for the objective before, then A's storage in the solve
-    before = decoder_objective(stats, D0, b0, D0, b0, gram=gram, **coefs)
+    before = decoder_objective(stats, D0, b0, D0, b0, gram=gram, **coefs) if scored else None
     D, b, info = solve_decoder(stats, D0, b0, gram=gram, keep_unfired=cfg.keep_dead_atoms, **coefs)
-    sse = sse_from_stats(stats, D, b, gram_atoms=info["gram_atoms"])
-    after = decoder_objective(stats, D, b, D0, b0, sse=sse, **coefs)
     with torch.no_grad():
         model.W_dec.copy_(D.to(model.W_dec.dtype))
         model.b_dec.copy_(b.to(model.b_dec.dtype))
+    if not scored:
+        return None, {"ridge": info["ridge"]}
+    sse = sse_from_stats(stats, D, b, gram_atoms=info["gram_atoms"])
+    after = decoder_objective(stats, D, b, D0, b0, sse=sse, **coefs)
     rec = {"objective_before_solve": before, "objective_after_solve": after, "ridge": info["ridge"]}
     if not exact:
         return None, rec
@@ -227,8 +230,8 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     (the in-memory order when the buffer holds the whole view: the same batches, the same numbers).
 
     ``report(epoch, row)``, when given, is called after each epoch's record (a tuner's pruning hook: an
-    exception it raises ends the run); ``score_train=False`` skips the training-set metrics of SGD epochs
-    (tuning trials need the validation numbers only; PAM's come free with its statistics).
+    exception it raises ends the run); ``score_train=False`` skips the training-set metrics and PAM's decoder
+    objective before and after each solve (tuning trials need the validation numbers only).
     ``cfg.stop_epoch`` ends the run early with the schedule of ``cfg.epochs`` (docs/DESIGN.md, section 5).
     """
     device = model.W_enc.device
@@ -241,7 +244,7 @@ def train(model: SAE, x_train: torch.Tensor, x_test: torch.Tensor, cfg: TrainCon
     record = _recorder(model, cfg, x_train, x_test, score_train)
     with _frozen([p for p in model.parameters() if not any(p is q for q in params)]):
         return _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position,
-                       report)
+                       report, score_train)
 
 
 def _check_inputs(model: SAE, cfg: TrainConfig, x_train, x_test) -> None:
@@ -390,15 +393,16 @@ def _solve_due(cfg: TrainConfig, epoch: int) -> bool:
     return cfg.method == "pam" and (epoch - offset) % cfg.solve_every == 0
 
 
-def _decoder_phase(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator, where: str):
+def _decoder_phase(model: SAE, x_train, cfg: TrainConfig, gen: torch.Generator, where: str, scored: bool):
     """PAM's exact decoder solve (``_solve``), the parameters then checked finite: (training metrics or None,
     record of the decoder objective)."""
-    train_metrics, extra = _solve(model, x_train, cfg, gen)
+    train_metrics, extra = _solve(model, x_train, cfg, gen, scored)
     _check_finite(model, 0.0, f"{where}, after the decoder solve")
     return train_metrics, extra
 
 
-def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position, report):
+def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progress, desc, position, report,
+            scored=True):
     """Algorithm 3.1 (docs/DESIGN.md, section 3.2), one outer iteration per epoch: the gradient phase from anchors
     at the epoch's start and, for PAM when due, the exact decoder solve (after it: enc_first; before: dec_first);
     then the epoch's record, the tuner's report, the early stop."""
@@ -414,14 +418,14 @@ def _epochs(model, x_train, cfg, opt, params, named, trained, gen, record, progr
         due = _solve_due(cfg, epoch)
         extra, train_metrics = {}, None
         if due and cfg.solve_order == "dec_first":
-            _, extra = _decoder_phase(model, x_train, cfg, gen, f"{where}, epoch {epoch}")
+            _, extra = _decoder_phase(model, x_train, cfg, gen, f"{where}, epoch {epoch}", scored)
         anchors = {nm: p.detach().clone() for nm, p in zip(named, params)}
         loss_sum, seen = _gradient_phase(stepper, x_train, cfg, gen, anchors)
         samples += seen
         loss_sum = dist.total(loss_sum, stepper.device)
         _check_finite(model, loss_sum, f"{where}, epoch {epoch}")
         if due and cfg.solve_order == "enc_first":
-            train_metrics, extra = _decoder_phase(model, x_train, cfg, gen, f"{where}, epoch {epoch}")
+            train_metrics, extra = _decoder_phase(model, x_train, cfg, gen, f"{where}, epoch {epoch}", scored)
         row = record(epoch, loss_sum / n, time.perf_counter() - t0, samples, stepper.steps, train_metrics, extra)
         history.append(row)
         if "test_mse" in row:
