@@ -42,7 +42,7 @@ DIRECTION_SEEDS = 5          # seeds for PAM-only direction claims (updates, mu 
 PROTOCOLS = ("paper", "modern")
 TUNE_BUDGETS = (3, 6)        # modern protocol, sample-efficiency claims: trials per method and study, judged at each
                              # (every fraction and replicate tuned on its own validation rows; common/experiments/tuning.py)
-TUNE_BUDGET = 4              # modern protocol, the other tuned claims: trials per method and ablation value
+TUNE_BUDGET = 3              # modern protocol, the other tuned claims: trials per method and ablation value
 THEORY_INSTANCES = 20        # random instances per theory statement
 THEORY_POINTS = 2000         # points per instance
 SMALL_FRACTION = 0.1         # sample-efficiency claims: judged at every training fraction <= this

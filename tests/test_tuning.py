@@ -236,7 +236,7 @@ def test_the_tuning_schedule_sizes_the_min_steps_batch_and_the_judged_run_trains
     assert (study.settings["epochs"], study.settings["batch_size"]) == (2, 4)
     tuned = tune(p, tmp_path / "tuning", budgets=(2,), epochs=2, x=x, x_test=xt)
     settings = tuned[TunedKey("fraction", 0.5, "sgd", 0, 2)]
-    assert settings["batch_size"] == 4 and settings["epochs"] in (2, 4)
+    assert settings["batch_size"] == 4 and settings["epochs"] in (2, 3)
     rows, _, _ = experiment.execute(replace(p, tuned=tuned), x, xt, tmp_path / "judged", progress=False)
     (row,) = rows
     assert row["batch_size"] == 4 and row["steps"] == row["stop_epoch"] * 12
@@ -325,13 +325,13 @@ def test_a_choice_at_the_top_of_its_range_is_extended_and_an_outermost_best_is_m
     assert mses == sorted(mses, reverse=True) and len(set(mses)) == 4       # every step past the end did better
     assert (ext_epochs["setting"], ext_epochs["side"]) == ("epochs", "high")
     (longer,) = ext_epochs["trials"]
-    assert longer["epochs"] == 4 and longer["values"]["lr"] == pytest.approx(8 * lr)
-    assert longer["val_mse"] < mses[-1] and longer["stop_epoch"] == 4
+    assert longer["epochs"] == 3 and longer["values"]["lr"] == pytest.approx(8 * lr)   # 2 epochs x 1.5
+    assert longer["val_mse"] < mses[-1] and longer["stop_epoch"] == 3
     assert (c["values"]["lr"], c["epochs"], c["stop_epoch"], c["val_mse"]) == (
-        pytest.approx(8 * lr), 4, 4, longer["val_mse"])
+        pytest.approx(8 * lr), 3, 3, longer["val_mse"])
     assert sorted(c["edge"]) == ["epochs", "lr"]
     assert tuning.edges(record) == {("base", "-", "sgd", 3): ["epochs", "lr"]}
-    assert tuned[TunedKey("base", "-", "sgd", 0, 3)] == {"lr": c["values"]["lr"], "epochs": 4, "stop_epoch": 4,
+    assert tuned[TunedKey("base", "-", "sgd", 0, 3)] == {"lr": c["values"]["lr"], "epochs": 3, "stop_epoch": 3,
                                                       "batch_size": 16}
     assert "*edge*: lr, epochs" in (out / "tuning.md").read_text()
     assert "On the edge of its range" in runner.tuning_note(record, out)
@@ -341,7 +341,7 @@ def test_an_extension_that_wins_inside_is_no_edge_nor_a_longer_schedule_that_los
     """Validation curves given (no training): the best lr is 2.5 times below the lowest trial, at the low end of
     the range; the extension's first step wins, its second loses and the walk stops there (the optimum is
     bracketed: no edge, and x8 is never trained). The 2-epoch curves still fall at
-    their last epoch, but the 4-epoch schedule does worse: the stopping epoch is no edge either."""
+    their last epoch, but the 3-epoch schedule does worse: the stopping epoch is no edge either."""
     lo, hi = 1e-3, 1e-1
     target = {}
 
@@ -367,7 +367,7 @@ def test_an_extension_that_wins_inside_is_no_edge_nor_a_longer_schedule_that_los
     assert ext_lr["trials"][1]["val_mse"] > ext_lr["trials"][0]["val_mse"]
     assert c["values"]["lr"] == pytest.approx(lr / 2) and (c["epochs"], c["stop_epoch"]) == (2, 2)
     (longer,) = ext_epochs["trials"]
-    assert longer["epochs"] == 4 and longer["val_mse"] > c["val_mse"]
+    assert longer["epochs"] == 3 and longer["val_mse"] > c["val_mse"]
     assert c["edge"] == [] and tuning.edges(record) == {}
     assert tuned[TunedKey("base", "-", "sgd", 0, 1)] == {"lr": c["values"]["lr"], "epochs": 2, "stop_epoch": 2,
                                                       "batch_size": 16}
@@ -559,3 +559,7 @@ def test_reuse_refuses_a_choice_that_is_not_the_best_recorded_trial_even_with_it
         with pytest.raises(ValueError, match="is not the best of its recorded trials"):
             tuning.reuse(forged(out, tmp_path, change), p, stamp)
     assert tuning.reuse(forged(out, tmp_path, lambda r: None), p, stamp)[0] == tuning.chosen_settings(record, p)
+
+
+def test_a_longer_schedule_is_half_as_long_again_rounded_up_and_at_least_one_epoch_more():
+    assert [S.longer_schedule(e) for e in (1, 2, 5, 10, 20)] == [2, 3, 8, 15, 30]

@@ -20,6 +20,7 @@ ALIASES = {"mu_nu": ("mu", "nu")}
 NONE_AT_LOW = ("weight_decay", "mu_nu", "mu", "nu", "alpha", "beta", "l1")  # a range's low end means "none"
 EDGE = 0.05            # the outer share of a log-range (each end) that counts as its edge
 EXTEND = (2.0, 4.0, 8.0)  # the values tried past an edge, as multiples of the chosen one (in turn, while each wins)
+EXTEND_SCHEDULE = 1.5     # a stopping epoch at its schedule's end: the schedule tried this many times as long
 PRUNE_STARTUP = 4      # trials per study before median pruning starts
 
 # --- the search space ------------------------------------------------------------------------------------
@@ -112,6 +113,11 @@ def _train_trial(study: Study, values: dict, epochs: int, x_fit, x_val, report=N
     hist = train(model, x_fit, x_val, cfg, seed=derive_seed(study.rseed, "batches"), progress=False,
                  report=report, score_train=False)
     return [e["test_mse"] for e in hist[1:]]
+
+
+def longer_schedule(epochs: int) -> int:
+    """The schedule tried past a stopping epoch at the end of ``epochs`` (at least one epoch more)."""
+    return max(epochs + 1, math.ceil(EXTEND_SCHEDULE * epochs))
 
 
 def _best_epoch(curve: list[float], tunes_stop: bool = True) -> tuple[float, int]:
@@ -240,17 +246,18 @@ def _extend_edges(study: Study, choice: dict, score) -> None:
 
 
 def _extend_schedule(choice: dict, epochs: int, score) -> None:
-    """A choice that stops at its schedule's last epoch: try twice the schedule (``score(values, epochs)``), kept
-    when it scores better."""
-    mse, stop = score(choice["values"], 2 * epochs)
+    """A choice that stops at its schedule's last epoch: try a schedule EXTEND_SCHEDULE times as long
+    (``score(values, epochs)``), kept when it scores better."""
+    longer = longer_schedule(epochs)
+    mse, stop = score(choice["values"], longer)
     choice["extended"].append({"setting": "epochs", "side": "high", "trials": [
-        {"values": dict(choice["values"]), "epochs": 2 * epochs, "val_mse": mse if math.isfinite(mse) else None,
+        {"values": dict(choice["values"]), "epochs": longer, "val_mse": mse if math.isfinite(mse) else None,
          "stop_epoch": stop}]})
     if mse < choice["val_mse"]:
-        choice.update(epochs=2 * epochs, stop_epoch=stop, val_mse=mse)
+        choice.update(epochs=longer, stop_epoch=stop, val_mse=mse)
     # on the edge when the longer schedule wins and again stops at its last epoch (when it loses, the
     # validation MSE rose after the last epoch of the shorter one: that stopping epoch is no edge)
-    if choice["epochs"] == 2 * epochs and choice["stop_epoch"] == choice["epochs"]:
+    if choice["epochs"] == longer and choice["stop_epoch"] == choice["epochs"]:
         choice["edge"].append("epochs")
 
 

@@ -30,7 +30,7 @@ The rules (docs/DESIGN.md, section 5), the same for every method:
 - **Edges.** A chosen number in the outer ``study.EDGE`` of its log-range (an end that means "none" excepted:
   ``study.NONE_AT_LOW``), or a stopping epoch equal to ``epochs``, is *on the edge*: the range is extended past it
   once (the value times 2, then 4, then 8 beyond the end while each step wins, the other settings kept; for the
-  epoch, a trial with a schedule twice as long). If the best is then the outermost extension (for the epoch: the longer schedule,
+  epoch, a trial with a schedule half as long again, ``study.EXTEND_SCHEDULE``). If the best is then the outermost extension (for the epoch: the longer schedule,
   stopping at its last epoch), the setting is marked *edge* in the record and a claim that rests on it is at most
   inconclusive.
 - **Resuming.** Every study is kept in an Optuna journal file (``<out>/studies/``); an interrupted tuning goes
