@@ -18,10 +18,9 @@ below, and the report lists every command.
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from common.experiments.config import (at_least, boolean, configure, each, in_ra
 from common.experiments.e1_8d import between_8d_summary
 from common.experiments.experiment import RunSpec
 from common.experiments.report import by_budget, evaluated
+from common.infra.jobs import Job, run_jobs
 from common.maths import theory
 
 # --- profiles ------------------------------------------------------------------------------------
@@ -158,19 +158,6 @@ def add(cid, category, statement, source, ran, numbers, rule, verdict=None, prot
     print(f"[{verdict:>13}] {cid}{per}: {statement}", flush=True)
 
 
-@dataclass
-class Job:
-    """A project script to run: recorded under ``tag``; ``alone``: with no other script running (its timings are
-    judged); ``after``: tags that must have finished first."""
-
-    tag: str
-    cmd: list
-    alone: bool = False
-    after: tuple = ()
-    started: float = 0.0     # when it started (perf_counter)
-    log: Path | None = None  # where its output goes
-
-
 jobs: list[Job] = []
 
 
@@ -187,42 +174,10 @@ def script(tag, name, args, out, alone=False, after=()):
 
 def run_scripts():
     """Run the queued scripts in order, SCRIPTS_AT_ONCE at a time (each trains in single-thread worker processes;
-    two at once fill the cores while the other loads data or draws figures), a job marked ``alone`` with nothing
-    beside it; each script's output goes to <out>/logs/<tag>.log. Raises naming the script and its log if one
+    two at once fill the cores while the other loads data or draws figures), the full-data runs alone, each
+    script's output in <out>/logs/<tag>.log (common/infra/jobs.py). Raises naming the script and its log if one
     fails (the others are stopped)."""
-    logs = OUT / "logs"
-    pending, running = list(jobs), {}
-    while pending or running:
-        while pending and len(running) < SCRIPTS_AT_ONCE and not any(j.alone for j in running.values()):
-            # the first job in order whose prerequisites have finished; a job to run alone waits for an empty machine
-            # and holds back the ones after it
-            ready = next((j for j in pending if j.alone or all(t in commands for t in j.after)), None)
-            if ready is None or (ready.alone and running) or any(t not in commands for t in ready.after):
-                break
-            job = ready
-            pending.remove(job)
-            log = logs / f"{job.tag.replace('/', '_')}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"$ {' '.join(job.cmd[1:])}   (output: {rel(log)})", flush=True)
-            with open(log, "w") as f:
-                proc = subprocess.Popen(job.cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-            running[proc] = job
-            job.started, job.log = time.perf_counter(), log
-        time.sleep(0.5)
-        for proc, job in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[proc]
-            wall = time.perf_counter() - job.started
-            commands[job.tag] = {"command": " ".join(["python"] + job.cmd[1:]), "wall_time": wall,
-                                 "returncode": proc.returncode, "log": rel(job.log)}
-            print(f"  done in {wall:.0f} s: {job.tag}" if proc.returncode == 0 else f"  FAILED: {job.tag}", flush=True)
-            if proc.returncode != 0:
-                for other in running:
-                    other.terminate()
-                tail = job.log.read_text()[-3000:]
-                raise RuntimeError(f"{job.cmd[1]} ({job.tag}) failed with exit code {proc.returncode}; its output: "
-                                   f"{job.log}\n{tail}")
+    commands.update(run_jobs(jobs, SCRIPTS_AT_ONCE, OUT / "logs", ROOT, describe=rel))
     jobs.clear()
 
 
