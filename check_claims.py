@@ -53,7 +53,7 @@ EVAL_EVERY = 5               # fast profile: the ablation runs' test metrics eve
                              # the base runs every epoch (the equal-time view needs each)
 MNIST_BASE_EPOCHS = 3        # fast profile: the full-data runs (equal-epochs / equal-time claims; the script's 50)
 MNIST_TUNE_EPOCHS = 5        # modern protocol: the tuned runs' schedule (the stopping epoch is tuned within it)
-MNIST_MIN_STEPS = 500        # modern protocol, fractions: no schedule under this many optimiser steps (smaller batches;
+MNIST_MIN_STEPS = 300        # modern protocol, fractions: no schedule under this many optimiser steps (smaller batches;
                              # with a batch of 128, 1% of MNIST makes 5 steps an epoch)
 MNIST_WEIGHT_DECAYS = (1e-3, 1e-2)  # fast profile: the judged ones (the script's: 0, 1e-5, 1e-4, 1e-3, 1e-2)
 MNIST_SUBSET = 6000          # fast profile: weight-decay / updates / mu-nu ablations on this many images
@@ -75,7 +75,7 @@ LLM_EVAL_TOKENS = 128        # fast profile: held-out tokens on which each E3 fr
 LLM_MIN_STEPS = 50           # fast profile: no E3 run's schedule under this many optimiser steps (smaller batches)
 LLM_WEIGHT_DECAYS = (1e-3, 1e-2)  # fast profile: the judged ones
 E4_N_TRAINS = (256, 1024, 4096)  # fast profile of the ground-truth experiment: its training-set sizes
-E4_STEPS = 500               # fast profile: Adam steps per ground-truth run
+E4_STEPS = 300               # fast profile: Adam steps per ground-truth run (the script: 1000)
 E4_FEW_SAMPLES = 4096        # ground truth: "few samples" = at most this many (16 per latent at 256 latents)
 LLM_ARGS = ""                # extra overrides for the E3 script, e.g. "--MODEL=smollm2" (space separated)
 SEED = 0

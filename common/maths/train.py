@@ -50,6 +50,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo  # noqa: F401  torch.optim imports it with the first optimiser (~1 s); imported here, before the
+#                      scripts fork their worker processes, every worker inherits it instead of importing it again
 from tqdm.auto import tqdm
 
 from ..experiments.recipe import centre_of
