@@ -62,7 +62,7 @@ PAM_UPDATES = (1, 5)         # fast profile: PAM's encoder updates per mini-batc
 CONVERGENCE_EPOCHS = 100     # PAM's objective over many epochs (on MNIST_SUBSET images)
 # E3's fast profile is the paper's E3 scaled down by 4 in the dictionary, keeping the ratios that decide PAM's
 # exact decoder solve: samples per latent (with fewer samples than latents the solve interpolates the training
-# set; test error peaks where they are equal) and K per latent. See README, "What the claims check found here".
+# set; test error peaks where they are equal) and K per latent.
 LLM_N_LATENTS = 1024         # fast profile (the paper: 4096 with K 320; PAM's exact solve is cubic in it)
 LLM_K = 80                   # fast profile: the paper's K / N_LATENTS ratio (320 / 4096)
 LLM_KS = (20, 80, 320)       # fast profile (the paper's 15 ... 1280 of 4096 spans the same ratios)
