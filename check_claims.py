@@ -331,7 +331,7 @@ def mnist_runs():
     for protocol in PROTOCOLS:
         d = OUT / protocol
         for act in ("topk", "relu"):
-            # the modern protocol's fractions: its schedule (MIN_STEPS sizes the batch for the script's epochs)
+            # the modern protocol's fractions: the tuned schedule's epochs, MIN_STEPS sizing the batch over them
             own = (fast(f"--MIN_STEPS={MNIST_MIN_STEPS}", f"--EPOCHS={MNIST_TUNE_EPOCHS}", f"--EVAL_EVERY={EVAL_EVERY}")
                    if protocol == "modern" else epochs)
             script(f"{protocol}/e2_{act}", E2, [f"--ACTIVATIONS={act}", "--ONLY=fraction"] + fracs + own

@@ -242,6 +242,25 @@ def test_the_tuning_schedule_sizes_the_min_steps_batch_and_the_judged_run_trains
     assert row["batch_size"] == 4 and row["steps"] == row["stop_epoch"] * 12
 
 
+def test_a_min_steps_no_batch_can_give_is_refused_not_run_short():
+    """48 rows over a schedule of 2 epochs make at most 96 steps (a batch of one): MIN_STEPS = 97 is refused with
+    what was asked and what is possible, for the judged runs and for the tuning's plan alike; 96 is met."""
+    n_rows = []  # the scripts' rule waits for the data: the protocol is built before they are loaded
+
+    def fraction(need):
+        return Ablation(("fraction",), (0.5,), then=lambda s, f: runner.min_steps_batch(s, f, n_rows, need))
+
+    met, short = protocol({"fraction": fraction(96)}, epochs=2), protocol({"fraction": fraction(97)}, epochs=8)
+    n_rows.append(96)
+    assert met.settings("fraction", 0.5, "sgd")["batch_size"] == 1
+    with pytest.raises(ValueError, match=r"MIN_STEPS=97 cannot be met at fraction 0.5: its 48 training rows over "
+                                         r"2 epochs make at most 96 steps"):
+        tuning.plan_studies(short, SPACE, (2,), 2, n_train=96, val_fraction=0.25, seed=0)   # a schedule of 2
+    assert short.settings("fraction", 0.5, "sgd")["batch_size"] == 3   # its own 8 epochs: 16 steps each, 128 >= 97
+    with pytest.raises(ValueError, match="cannot be met"):
+        short.settings("fraction", 0.5, "sgd", schedule=2)
+
+
 def test_the_base_run_keeps_its_whole_schedule_and_its_epochs_are_no_edge(tmp_path, monkeypatch):
     """The scripts' base run (equal-epochs and equal-time claims): a trial scores its last epoch, not its best, the
     judged run trains every epoch, and a curve still falling at its end gets no longer schedule and no edge mark."""

@@ -101,10 +101,15 @@ def ablations(table: dict, constants: dict, only) -> dict:
 def min_steps_batch(settings: dict, fraction: float, n_rows: list, min_steps: int) -> None:
     """A script's MIN_STEPS rule for a training fraction (an ablation's ``then``): with ``min_steps`` > 0, a
     fraction whose rows make fewer than ``min_steps`` optimiser steps over its schedule (``settings["epochs"]``)
-    takes the largest batch (at most its own) that gives it ``min_steps``. ``n_rows``: [the training rows], empty
-    until the data are loaded (the rule then waits for them)."""
+    takes the largest batch (at most its own) that gives it ``min_steps``; ValueError when even a batch of one
+    cannot (fewer rows times epochs than ``min_steps``). ``n_rows``: [the training rows], empty until the data are
+    loaded (the rule then waits for them)."""
     if min_steps and n_rows:
         rows = max(1, math.floor(fraction * n_rows[0])) if fraction < 1.0 else n_rows[0]
+        if rows * settings["epochs"] < min_steps:
+            raise ValueError(f"--MIN_STEPS={min_steps} cannot be met at fraction {fraction:g}: its {rows} training "
+                             f"rows over {settings['epochs']} epochs make at most {rows * settings['epochs']} steps "
+                             "(a batch of one); lower MIN_STEPS or raise the epochs")
         per_epoch = math.ceil(min_steps / settings["epochs"])
         settings["batch_size"] = max(1, min(settings["batch_size"], rows // per_epoch))
 
